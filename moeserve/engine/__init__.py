@@ -1,0 +1,1 @@
+"""The generation engine: sequences, KV cache, scheduler, model runner, sampler and the LLM class."""

@@ -1,0 +1,145 @@
+"""`LLM`: the public offline API — load a checkpoint, then `generate`, `chat` and `score`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence as Seq
+
+import torch
+from tqdm import tqdm
+
+from moeserve.config import parse_dtype_option
+from moeserve.engine.llm_engine import LLMEngine
+from moeserve.engine.outputs import RequestOutput
+from moeserve.engine.sampling_params import SamplingParams
+from moeserve.errors import InputError, ModelLoadError
+from moeserve.loader import load_model, resolve_model_dir
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """A loaded MoE model and its engine.
+
+    model: a local Hugging Face checkpoint directory; None = the embedded default model.
+    device: "cpu", "cuda" or "cuda:N"; None = CUDA when available, else CPU.
+    dtype: compute dtype ("bfloat16", "float16", "float32"); None = the checkpoint's dtype.
+    max_model_len: the context in tokens; None = the model's max_position_embeddings.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        seed: int = 0,
+    ):
+        self.device = _resolve_device(device)
+        self.model_dir = resolve_model_dir(model)
+        loaded = load_model(self.model_dir, self.device, parse_dtype_option(dtype))
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model = loaded.model
+        self.experts = loaded.experts
+        context = self.config.max_position_embeddings
+        if max_model_len is not None:
+            if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
+                raise ModelLoadError(f"max_model_len must be an integer in 2..{context} for this model, got {max_model_len!r}.")
+            context = max_model_len
+        self.engine = LLMEngine(
+            self.model,
+            self.experts,
+            self.tokenizer,
+            self.device,
+            max_model_len=context,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            seed=seed,
+        )
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (text or token ids); outputs are in prompt order."""
+        prompt_list = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(prompt_list))
+        seqs = [self.engine.make_sequence(p, sp) for p, sp in zip(prompt_list, params)]
+        for seq in seqs:
+            self.engine.submit(seq)
+        with tqdm(total=len(seqs), disable=not use_tqdm, desc="generate", unit="req") as bar:
+            while self.engine.has_unfinished():
+                bar.update(len(self.engine.step()))
+        return [RequestOutput.from_sequence(seq) for seq in seqs]
+
+    def chat(
+        self,
+        conversations: list[dict[str, Any]] | Seq[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Like `generate`, for conversations rendered through the model's chat template."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        if self.tokenizer is None:
+            raise InputError("this model directory has no tokenizer.json, so chat cannot be used; pass token ids.")
+        prompts = [self.tokenizer.encode_chat(list(messages)) for messages in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def score(self, prompt: Prompt) -> torch.Tensor:
+        """float32 logits [T, vocab] at every prompt position (row t predicts token t+1), on CPU."""
+        seq = self.engine.make_sequence(prompt, SamplingParams(max_tokens=1))
+        try:
+            (logits,) = self.engine.runner.extend([seq], [True])
+        finally:
+            self.engine.runner.release(seq)
+        return logits.cpu()
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"device {device!r} is not a valid device; use 'cpu' or 'cuda'.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} was requested but no CUDA GPU is available; use device='cpu'.")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ModelLoadError(f"device {device!r} is not supported; use 'cpu' or 'cuda'.")
+    return resolved
+
+
+def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError("no prompts were given; pass a prompt or a list of prompts.")
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+        return [prompts]  # one prompt given as token ids
+    for p in prompts:
+        if not isinstance(p, (str, list, tuple)):
+            raise InputError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}.")
+    return [p if isinstance(p, str) else list(p) for p in prompts]
+
+
+def _as_params_list(params: SamplingParams | Seq[SamplingParams] | None, count: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * count
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params = list(params)
+    if len(params) != count:
+        raise InputError(f"got {len(params)} sampling params for {count} prompts; pass one, or one per prompt.")
+    return params

@@ -1,0 +1,170 @@
+"""The synchronous engine loop: schedule → run → sample → post-process, one step at a time.
+
+In:  requests (prompt ids + `SamplingParams`) as `Sequence`s.
+Out: the same sequences, advanced by one token per step until they finish.
+
+`LLM.generate` drives it to completion; the HTTP server's async scheduler calls `step()` from
+its own loop. Everything here runs on the host except the model step (compute device).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from moeserve.engine.runner import ModelRunner
+from moeserve.engine.sampler import sample, token_logprobs
+from moeserve.engine.sampling_params import SamplingParams
+from moeserve.engine.scheduler import Scheduler
+from moeserve.engine.sequence import Sequence
+from moeserve.errors import InputError
+from moeserve.experts import ExpertProvider
+from moeserve.models.decoder import MoeCausalLM
+from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: MoeCausalLM,
+        experts: ExpertProvider,
+        tokenizer: Tokenizer | None,
+        device: torch.device,
+        max_model_len: int,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        seed: int = 0,
+    ):
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.runner = ModelRunner(model, experts, device, max_model_len)
+        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
+        self.eos_token_ids = set(self.config.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        self._ids = itertools.count()
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        """Validate one request and wrap it; nothing is queued yet."""
+        if not isinstance(params, SamplingParams):
+            raise InputError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
+        text = None
+        if isinstance(prompt, str):
+            text = prompt
+            prompt_ids = self._require_tokenizer("text prompts").encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+        self._check_prompt(prompt_ids)
+        if params.stop and self.tokenizer is None:
+            self._require_tokenizer("stop strings")
+        detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        return Sequence(
+            seq_id=next(self._ids),
+            prompt_ids=prompt_ids,
+            params=params,
+            max_len=self.max_model_len,
+            detokenizer=detokenizer,
+            generator=generator,
+            prompt=text,
+        )
+
+    def submit(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancel a request (e.g. its client went away) and free its cache row."""
+        if seq.is_finished:
+            return
+        self.scheduler.abort(seq)
+        self.scheduler.remove_finished()
+        self.runner.release(seq)
+
+    def step(self) -> list[Sequence]:
+        """Run one step; return the sequences that finished in it."""
+        step = self.scheduler.schedule()
+        if step is None:
+            return []
+        seqs = step.seqs
+        if step.is_decode:
+            logits = self.runner.decode(seqs)  # [B, V]
+        else:
+            wants_prompt = [seq.params.prompt_logprobs is not None for seq in seqs]
+            per_seq = self.runner.extend(seqs, wants_prompt)
+            for seq, rows, wanted in zip(seqs, per_seq, wants_prompt):
+                if wanted:
+                    self._record_prompt_logprobs(seq, rows[:-1])
+            logits = torch.cat([rows[-1:] for rows in per_seq])  # [B, V]
+        tokens = sample(logits, seqs, self._generator)
+        logprobs = token_logprobs(logits, tokens, [seq.params.logprobs for seq in seqs])
+        for seq, token, lp in zip(seqs, tokens, logprobs):
+            self._append(seq, token, lp)
+        finished = self.scheduler.remove_finished()
+        for seq in finished:
+            self.runner.release(seq)
+        return finished
+
+    def _append(self, seq: Sequence, token: int, logprobs) -> None:
+        params = seq.params
+        seq.output_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
+        if token in params.stop_token_ids:
+            seq.finish("stop", token)
+            return
+        if not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish("stop")
+            return
+        if seq.detokenizer is not None:
+            delta = seq.detokenizer.add(token)
+            seq.text = seq.detokenizer.text
+            if params.stop and delta and self._stop_string_hit(seq, len(delta)):
+                return
+        if params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
+            seq.finish("length")
+        elif seq.num_tokens >= seq.max_len:
+            seq.finish("length")
+
+    @staticmethod
+    def _stop_string_hit(seq: Sequence, delta_len: int) -> bool:
+        text = seq.text
+        longest = max(len(s) for s in seq.params.stop)
+        # Only a match that ends inside the new text is new; search just the tail that could hold one.
+        window = max(0, len(text) - delta_len - longest + 1)
+        hits = [(pos, stop) for stop in seq.params.stop if (pos := text.find(stop, window)) >= 0]
+        if not hits:
+            return False
+        pos, stop = min(hits)
+        seq.text = text[:pos]
+        seq.finish("stop", stop)
+        return True
+
+    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """logits [P-1, V]: row j predicts prompt token j+1."""
+        targets = seq.prompt_ids[1:]
+        entries = token_logprobs(logits, targets, [seq.params.prompt_logprobs] * len(targets)) if targets else []
+        seq.prompt_logprobs = [None, *entries]
+
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise InputError("the prompt is empty; send at least one token.")
+        vocab = self.config.vocab_size
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InputError(f"prompt token id {bad!r} is not in the vocabulary (ids 0..{vocab - 1}).")
+        if len(prompt_ids) >= self.max_model_len:
+            raise InputError(
+                f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len} "
+                f"(prompt plus at least one generated token); shorten the prompt."
+            )
+
+    def _require_tokenizer(self, what: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InputError(f"this model directory has no tokenizer.json, so {what} cannot be used; pass token ids.")
+        return self.tokenizer

@@ -1,0 +1,34 @@
+"""What `LLM.generate` returns for each prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moeserve.engine.sequence import Sequence, TokenLogprobs
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated tokens only (a final EOS / stop token included)
+    text: str  # generated text, without special tokens and without a matched stop string
+    finish_reason: str  # "stop" (EOS, stop token or stop string) or "length" (max_tokens / context)
+    stop_reason: str | int | None  # the stop string or stop token id that ended it, if any
+    logprobs: list[TokenLogprobs] | None  # per generated token, when requested
+    prompt_logprobs: list[TokenLogprobs | None] | None  # per prompt token (first is None), when requested
+
+    @classmethod
+    def from_sequence(cls, seq: Sequence) -> RequestOutput:
+        return cls(
+            request_id=seq.seq_id,
+            prompt=seq.prompt,
+            prompt_token_ids=list(seq.prompt_ids),
+            token_ids=list(seq.output_ids),
+            text=seq.text,
+            finish_reason=seq.finish_reason or "length",
+            stop_reason=seq.stop_reason,
+            logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+            prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
+        )

@@ -1,0 +1,79 @@
+"""Runs one forward step of the model for a batch of sequences.
+
+In:  the sequences of a step (from the scheduler); each brings its uncached tokens.
+Out: float32 logits for the positions that need them; the K/V of the step stay in the cache.
+
+Owns the per-step `StepContext` (host-built metadata) and the KV cache on the compute device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeserve.engine.context import StepContext
+from moeserve.engine.kv_cache import KVCache
+from moeserve.engine.sequence import Sequence
+from moeserve.experts import ExpertProvider
+from moeserve.models.decoder import MoeCausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: MoeCausalLM, experts: ExpertProvider, device: torch.device, max_len: int):
+        config = model.config
+        self.model = model
+        self.experts = experts
+        self.device = device
+        self.cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, max_len, config.dtype, device)
+
+    def extend(self, seqs: list[Sequence], all_positions: list[bool]) -> list[torch.Tensor]:
+        """Run every uncached token of `seqs`. Per sequence: logits [n, V] for all its new
+        positions where `all_positions[i]`, else [1, V] for its last position only."""
+        for seq in seqs:
+            if seq.kv_row < 0:
+                self.cache.allocate(seq, seq.num_tokens)
+        self.cache.reserve(max(seq.num_tokens for seq in seqs))
+        ids, positions, wanted, spans = [], [], [], []
+        for seq, everything in zip(seqs, all_positions):
+            new = seq.all_ids[seq.num_cached :]
+            base = len(ids)
+            ids.extend(new)
+            positions.extend(range(seq.num_cached, seq.num_tokens))
+            first = base if everything else base + len(new) - 1
+            spans.append((len(wanted), len(wanted) + base + len(new) - first))
+            wanted.extend(range(first, base + len(new)))
+        ctx = StepContext(
+            cache=self.cache,
+            positions=torch.tensor(positions, device=self.device),
+            rows=[seq.kv_row for seq in seqs],
+            query_lens=[seq.num_tokens - seq.num_cached for seq in seqs],
+            cached_lens=[seq.num_cached for seq in seqs],
+            is_decode=False,
+        )
+        logits = self.model(
+            torch.tensor(ids, device=self.device), ctx, self.experts, torch.tensor(wanted, device=self.device)
+        )  # [N, V]
+        for seq in seqs:
+            seq.num_cached = seq.num_tokens
+        return [logits[a:b] for a, b in spans]
+
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One new token per sequence (each has exactly one uncached token) → logits [B, V]."""
+        self.cache.reserve(max(seq.num_tokens for seq in seqs))
+        ctx = StepContext(
+            cache=self.cache,
+            positions=torch.tensor([seq.num_cached for seq in seqs], device=self.device),
+            rows=[seq.kv_row for seq in seqs],
+            query_lens=[1] * len(seqs),
+            cached_lens=[seq.num_cached for seq in seqs],
+            is_decode=True,
+        )
+        ids = torch.tensor([seq.output_ids[-1] for seq in seqs], device=self.device)
+        logits = self.model(ids, ctx, self.experts)  # [B, V]
+        for seq in seqs:
+            seq.num_cached += 1
+        return logits
+
+    def release(self, seq: Sequence) -> None:
+        if seq.kv_row >= 0:
+            self.cache.free(seq)
+        seq.num_cached = 0

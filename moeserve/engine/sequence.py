@@ -1,0 +1,56 @@
+"""One request's state as it moves through the engine: waiting → running → finished."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from moeserve.engine.sampling_params import SamplingParams
+from moeserve.tokenizer import IncrementalDetokenizer
+
+TokenLogprobs = dict[int, float]  # token id → log-probability; the sampled token first
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_len: int  # prompt + generated tokens may not exceed this (the context)
+    detokenizer: IncrementalDetokenizer | None
+    generator: torch.Generator | None  # per-request RNG when `seed` is set
+    prompt: str | None = None
+    output_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    kv_row: int = -1
+    num_cached: int = 0  # leading tokens whose K/V are in the cache
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        self.status = SequenceStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason

@@ -1,0 +1,116 @@
+"""Self-attention over the KV cache, for prefill/extend steps and batched decode steps.
+
+In:  hidden states [T, D] of the step and its `StepContext`.
+Out: [T, D]. Side effect: this step's K/V are written into the context's cache rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.config import ModelConfig
+from moeserve.engine.context import StepContext
+from moeserve.layers.norms import RMSNorm
+from moeserve.layers.rotary import apply_rotary
+
+# Legend: T = tokens in the step, B = sequences, H = query heads, G = kv heads, Dh = head dim,
+# L = cached positions attended to.
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.window = config.sliding_windows[layer_id]
+        self.clip_qkv = config.clip_qkv
+        self.qk_norm = config.qk_norm
+        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        if self.qk_norm == "per_head":
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        elif self.qk_norm == "full":
+            self.q_norm = RMSNorm(q_size, config.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, H*Dh], [T, G*Dh], [T, G*Dh]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        if ctx.is_decode:
+            out = self._decode(q, k, v, ctx)
+        else:
+            out = self._extend(q, k, v, ctx)
+        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
+        B = q.shape[0]
+        rows = torch.tensor(ctx.rows, device=q.device)
+        k_cache[rows, :, ctx.positions] = k  # [B, G, Dh] written at each sequence's position
+        v_cache[rows, :, ctx.positions] = v
+        longest = max(ctx.total_lens)
+        if ctx.rows == list(range(B)):
+            keys, values = k_cache[:B, :, :longest], v_cache[:B, :, :longest]  # [B, G, L, Dh]
+        else:
+            keys, values = k_cache[rows, :, :longest], v_cache[rows, :, :longest]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [B, H, 1, Dh]
+            keys,
+            values,
+            attn_mask=ctx.decode_mask(self.window),
+            enable_gqa=True,
+        )  # [B, H, 1, Dh]
+        return out.squeeze(2)
+
+    def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
+        outputs = []
+        start = 0
+        for row, cached, new in zip(ctx.rows, ctx.cached_lens, ctx.query_lens):
+            end = start + new
+            total = cached + new
+            k_cache[row, :, cached:total] = k[start:end].transpose(0, 1)  # [G, new, Dh]
+            v_cache[row, :, cached:total] = v[start:end].transpose(0, 1)
+            keys = k_cache[row, :, :total].unsqueeze(0)  # [1, G, total, Dh]
+            values = v_cache[row, :, :total].unsqueeze(0)
+            query = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, new, Dh]
+            mask = _extend_mask(cached, new, self.window, q.device)
+            out = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )  # [1, H, new, Dh]
+            outputs.append(out[0].transpose(0, 1))  # [new, H, Dh]
+            start = end
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def _extend_mask(cached: int, new: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """[new, cached+new] bool causal (and sliding-window) mask; None when plain causal suffices."""
+    if cached == 0 and window is None:
+        return None
+    query_pos = torch.arange(cached, cached + new, device=device)[:, None]
+    key_pos = torch.arange(cached + new, device=device)[None, :]
+    allowed = key_pos <= query_pos
+    if window is not None:
+        allowed &= key_pos > query_pos - window
+    return allowed

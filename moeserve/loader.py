@@ -1,0 +1,150 @@
+"""A Hugging Face MoE checkpoint directory → a filled model, its routed experts and its tokenizer.
+
+In:  a local directory (config.json, safetensors shard(s), tokenizer files), a device and dtype.
+Out: `LoadedModel`: the resident model (attention, norms, embeddings, routers, dense and shared
+     MLPs) on the device, and the routed experts behind a `DenseExpertProvider`.
+
+Tensors are taken one at a time from the memory-mapped files and converted in place of the
+model's meta-device parameters, so peak memory is one copy of the weights plus one tensor;
+when no conversion is needed (CPU, stored dtype) the parameters stay views of the mapped file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from moeserve.checkpoint import CheckpointTensors
+from moeserve.config import ModelConfig, parse_model_config, read_config_json
+from moeserve.errors import ModelLoadError
+from moeserve.experts import DenseExpertProvider, ExpertWeights
+from moeserve.models import build_model
+from moeserve.models.decoder import MoeCausalLM
+from moeserve.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model_dir: Path
+    config: ModelConfig
+    model: MoeCausalLM
+    experts: DenseExpertProvider
+    tokenizer: Tokenizer | None
+    checkpoint: CheckpointTensors
+
+
+def resolve_model_dir(model: str | Path | None) -> Path:
+    if model is None:
+        from moeserve.assets import default_model_dir
+
+        return default_model_dir()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist; pass a local checkpoint directory.")
+    if not path.is_dir():
+        raise ModelLoadError(f"model path {str(path)!r} is a file, not a directory; pass the checkpoint's directory.")
+    return path
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    config = parse_model_config(read_config_json(model_dir), source=str(model_dir / "config.json"))
+    generation = model_dir / "generation_config.json"
+    if generation.is_file():
+        eos = json.loads(generation.read_text()).get("eos_token_id")
+        if eos is not None:
+            eos_ids = (eos,) if isinstance(eos, int) else tuple(eos)
+            config = replace(config, eos_token_ids=tuple(dict.fromkeys(eos_ids + config.eos_token_ids)))
+    return config
+
+
+def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | None = None) -> LoadedModel:
+    config = load_config(model_dir)
+    if dtype is not None:
+        config = replace(config, dtype=dtype)
+    checkpoint = CheckpointTensors(model_dir)
+    model = build_model(config)
+    _fill_resident(model, checkpoint, config, device)
+    experts = {
+        layer: [_to_device(w, device, config.dtype) for w in weights]
+        for layer, weights in iter_stored_experts(model, checkpoint, config)
+    }
+    return LoadedModel(
+        model_dir=model_dir,
+        config=config,
+        model=model.eval(),
+        experts=DenseExpertProvider(experts),
+        tokenizer=load_tokenizer(model_dir),
+        checkpoint=checkpoint,
+    )
+
+
+def iter_stored_experts(
+    model: MoeCausalLM, checkpoint: CheckpointTensors, config: ModelConfig
+) -> Iterator[tuple[int, list[ExpertWeights]]]:
+    """Per MoE layer, its experts as stored in the checkpoint (stored dtype, CPU, mapped views)."""
+    d, i = config.hidden_size, config.moe_intermediate_size
+    for layer in config.moe_layer_ids:
+        gate_up_name, down_name = model.fused_expert_tensor_names(layer)
+        if model.expert_tensor_names(layer, 0)[0] not in checkpoint and gate_up_name in checkpoint:
+            gate_up = _checked(checkpoint, gate_up_name, (config.num_experts, 2 * i, d))
+            down = _checked(checkpoint, down_name, (config.num_experts, d, i))
+            yield layer, [ExpertWeights(gate_up[e, :i], gate_up[e, i:], down[e]) for e in range(config.num_experts)]
+            continue
+        weights = []
+        for expert in range(config.num_experts):
+            gate, up, down = model.expert_tensor_names(layer, expert)
+            weights.append(
+                ExpertWeights(
+                    _checked(checkpoint, gate, (i, d)),
+                    _checked(checkpoint, up, (i, d)),
+                    _checked(checkpoint, down, (d, i)),
+                )
+            )
+        yield layer, weights
+
+
+def _fill_resident(model: MoeCausalLM, checkpoint: CheckpointTensors, config: ModelConfig, device: torch.device):
+    for name, param in list(model.named_parameters()):
+        source = name
+        if name == "lm_head.weight" and (config.tie_word_embeddings or name not in checkpoint):
+            if not config.tie_word_embeddings:
+                raise ModelLoadError(
+                    f"checkpoint {checkpoint.model_dir} is missing tensor 'lm_head.weight' and config.json "
+                    f"does not set tie_word_embeddings; re-export the checkpoint."
+                )
+            source = "model.embed_tokens.weight"
+        tensor = _checked(checkpoint, source, tuple(param.shape))
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, attr, nn.Parameter(_convert(tensor, device, config.dtype), requires_grad=False))
+
+
+def _checked(checkpoint: CheckpointTensors, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    if name not in checkpoint:
+        raise ModelLoadError(
+            f"checkpoint {checkpoint.model_dir} is missing tensor {name!r} (expected shape {list(shape)}); "
+            f"re-export the checkpoint or check that config.json matches it."
+        )
+    found = checkpoint.shape(name)
+    if found != shape:
+        raise ModelLoadError(
+            f"tensor {name!r} has shape {list(found)} but config.json implies {list(shape)}; "
+            f"the checkpoint and its config.json do not match."
+        )
+    return checkpoint.get(name)
+
+
+def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        raise ModelLoadError(f"a weight tensor has integer dtype {tensor.dtype}; quantized checkpoints are not supported.")
+    return tensor.to(device=device, dtype=dtype)
+
+
+def _to_device(w: ExpertWeights, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
+    return ExpertWeights(*(_convert(t, device, dtype) for t in (w.gate, w.up, w.down)))
+

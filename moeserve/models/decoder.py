@@ -1,0 +1,98 @@
+"""The decoder-only MoE transformer every supported family shares.
+
+In:  token ids [T] of one step (any mix of sequences), its `StepContext`, an `ExpertProvider`,
+     and which token positions need logits.
+Out: float32 logits [N, vocab] for those positions.
+
+Module and parameter names mirror the Hugging Face checkpoints (`model.layers.3.self_attn.q_proj`),
+so the loader maps tensors by name. Routed experts are not parameters: each family only says
+where its experts live in the checkpoint (`expert_tensor_names`) and the provider supplies them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moeserve.config import ModelConfig
+from moeserve.engine.context import StepContext
+from moeserve.experts import ExpertProvider
+from moeserve.layers.attention import Attention
+from moeserve.layers.mlp import GatedMLP
+from moeserve.layers.moe import MoeBlock
+from moeserve.layers.norms import RMSNorm
+from moeserve.layers.rotary import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, moe_attr: str):
+        super().__init__()
+        self.moe_attr = moe_attr
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_id)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.moe_layers[layer_id]:
+            setattr(self, moe_attr, MoeBlock(config, layer_id))
+        else:
+            # Dense layers of qwen2_moe / qwen3_moe (mlp_only_layers, decoder_sparse_step) are named `mlp`.
+            self.mlp = GatedMLP(config.hidden_size, config.dense_intermediate_size, config.hidden_act)
+        self.is_moe = config.moe_layers[layer_id]
+
+    def forward(self, x: torch.Tensor, rope, ctx: StepContext, experts: ExpertProvider) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            return x + getattr(self, self.moe_attr)(h, experts)
+        return x + self.mlp(h)
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig, moe_attr: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, moe_attr) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MoeCausalLM(nn.Module):
+    """Base class of the families; subclasses name where their routed experts are stored."""
+
+    moe_attr = "mlp"  # attribute (and checkpoint path segment) of the MoE block in a layer
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config, self.moe_attr)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_linear_factor)
+
+    @classmethod
+    def expert_tensor_names(cls, layer: int, expert: int) -> tuple[str, str, str]:
+        """Checkpoint names of (gate, up, down) of one routed expert."""
+        prefix = f"model.layers.{layer}.{cls.moe_attr}.experts.{expert}"
+        return f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight", f"{prefix}.down_proj.weight"
+
+    @classmethod
+    def fused_expert_tensor_names(cls, layer: int) -> tuple[str, str]:
+        """Names of the stacked layout some exporters write: gate_up [E, 2I, D] and down [E, D, I]."""
+        prefix = f"model.layers.{layer}.{cls.moe_attr}.experts"
+        return f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+
+    def moe_block(self, layer: int) -> MoeBlock:
+        return getattr(self.model.layers[layer], self.moe_attr)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        ctx: StepContext,
+        experts: ExpertProvider,
+        logits_indices: torch.Tensor | None = None,  # [N]; None = every position
+    ) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)  # [T, D]
+        rope = self.rotary.cos_sin(ctx.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, rope, ctx, experts)
+        if logits_indices is not None:
+            x = x[logits_indices]  # [N, D]: the vocabulary projection only where it is needed
+        return self.lm_head(self.model.norm(x)).float()  # [N, vocab]
