@@ -1,0 +1,101 @@
+"""The `moeserve` command line: one subcommand per job, each a thin layer over the Python API.
+
+A user error (`MoeServeError`) prints one line, `error: ...`, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from moeserve.errors import MoeServeError
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: the embedded model)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
+
+
+def _load_llm(args: argparse.Namespace):
+    from moeserve import LLM
+
+    return LLM(model=args.model, device=args.device, dtype=args.dtype)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from moeserve import SamplingParams
+
+    llm = _load_llm(args)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop or [],
+    )
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        (out,) = llm.chat([messages], params)
+    else:
+        (out,) = llm.generate([args.prompt], params)
+    if args.json:
+        print(json.dumps({"token_ids": out.token_ids, "text": out.text, "finish_reason": out.finish_reason}))
+    else:
+        print(out.text)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from moeserve.eval.evaluate import evaluate
+
+    llm = _load_llm(args)
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    report = evaluate(llm, split=args.split, tasks=tasks, limit=args.limit, progress=not args.json)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeserve", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate a completion for one prompt")
+    _add_model_options(gen)
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--json", action="store_true", help="print token ids, text and finish reason as JSON")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.set_defaults(run=_cmd_generate)
+
+    ev = commands.add_parser("eval", help="exact-match accuracy on the task suite")
+    _add_model_options(ev)
+    ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    ev.add_argument("--tasks", default=None, help="comma-separated skills (default: all)")
+    ev.add_argument("--limit", type=int, default=None, help="items per skill")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(run=_cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MoeServeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

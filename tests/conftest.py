@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random checkpoints written by transformers' own save_pretrained."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+FAMILY_CONFIGS = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
+    "qwen2_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        intermediate_size=40,
+        shared_expert_intermediate_size=32,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+    ),
+    "qwen3_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=24, clip_qkv=8.0, eos_token_id=None),
+}
+VOCAB = 128
+
+
+def make_hf_model(model_type: str, seed: int = 0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(FAMILY_CONFIGS[model_type])
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    # Random init gives routers near-uniform scores; a larger scale makes routing decisive, so
+    # a wrong expert choice would show in the logits.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("gate.weight") and param.shape[0] > 1:
+                param.normal_(0, 0.5)
+    return model
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A small byte-level BPE tokenizer with a chat template, so text prompts work."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|end|>", "<|user|>", "<|assistant|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(["hello world, the quick brown fox jumps over the lazy dog. 0123456789"] * 20, trainer)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|end|>", "chat_template": template})
+    )
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory):
+    """checkpoint_factory(model_type, **options) → (directory, HF model), cached per options."""
+    cache: dict[tuple, tuple[Path, object]] = {}
+
+    def make(model_type: str, dtype=torch.float32, shard: bool = False, tokenizer: bool = False, **overrides):
+        key = (model_type, str(dtype), shard, tokenizer, json.dumps(overrides, sort_keys=True))
+        if key not in cache:
+            model = make_hf_model(model_type, **overrides).to(dtype)
+            directory = tmp_path_factory.mktemp(f"{model_type}-ckpt")
+            model.save_pretrained(directory, max_shard_size="20KB" if shard else "5GB")
+            if tokenizer:
+                write_tokenizer(directory)
+            cache[key] = (directory, model)
+        return cache[key]
+
+    return make

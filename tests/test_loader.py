@@ -1,0 +1,95 @@
+"""The loader maps safetensors files instead of copying them, and reads every layout."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+
+import torch
+
+from moeserve import LLM
+from moeserve.checkpoint import CheckpointTensors
+from moeserve.config import parse_model_config
+
+
+def _mapped_ranges(checkpoint: CheckpointTensors) -> list[tuple[int, int]]:
+    ranges = []
+    for mapping in checkpoint._maps.values():
+        start = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+        ranges.append((start, start + len(mapping)))
+    return ranges
+
+
+def test_same_dtype_cpu_load_keeps_weights_in_the_mapped_file(checkpoint_factory):
+    from moeserve.loader import load_model
+
+    directory, _ = checkpoint_factory("qwen3_moe")
+    loaded = load_model(directory, torch.device("cpu"))
+    ranges = _mapped_ranges(loaded.checkpoint)
+    assert ranges
+    tensors = [p for p in loaded.model.parameters()]
+    tensors += [t for layer in loaded.experts._experts.values() for w in layer for t in (w.gate, w.up, w.down)]
+    for tensor in tensors:
+        assert any(lo <= tensor.data_ptr() < hi for lo, hi in ranges), "a weight was copied out of the mapped file"
+
+
+def test_converted_load_frees_nothing_twice(checkpoint_factory):
+    # bf16 → fp32 must convert tensor by tensor: every result is a fresh fp32 tensor, none mapped.
+    from moeserve.loader import load_model
+
+    directory, _ = checkpoint_factory("mixtral", dtype=torch.bfloat16)
+    loaded = load_model(directory, torch.device("cpu"), torch.float32)
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+
+
+def test_fused_expert_layout_is_read(checkpoint_factory, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory, hf_model = checkpoint_factory("qwen3_moe")
+    tensors = load_file(directory / "model.safetensors")
+    config = json.loads((directory / "config.json").read_text())
+    cfg = parse_model_config(config)
+    for layer in cfg.moe_layer_ids:
+        prefix = f"model.layers.{layer}.mlp.experts"
+        gate_up, down = [], []
+        for e in range(cfg.num_experts):
+            gate = tensors.pop(f"{prefix}.{e}.gate_proj.weight")
+            up = tensors.pop(f"{prefix}.{e}.up_proj.weight")
+            down.append(tensors.pop(f"{prefix}.{e}.down_proj.weight"))
+            gate_up.append(torch.cat([gate, up]))
+        tensors[f"{prefix}.gate_up_proj"] = torch.stack(gate_up)
+        tensors[f"{prefix}.down_proj"] = torch.stack(down)
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = [4, 8, 15, 16, 23, 42]
+    fused, per_expert = LLM(tmp_path, device="cpu").score(ids), LLM(directory, device="cpu").score(ids)
+    assert torch.allclose(fused, per_expert, atol=1e-6, rtol=0)
+
+
+def test_legacy_config_keys_are_understood():
+    # transformers 4.x wrote rope_theta at the top level and num_experts for qwen3_moe.
+    cfg = parse_model_config(
+        {
+            "model_type": "qwen3_moe",
+            "hidden_size": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "vocab_size": 100,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 16,
+            "intermediate_size": 64,
+            "rope_theta": 1000000.0,
+            "sliding_window": 4096,
+            "use_sliding_window": False,
+            "mlp_only_layers": [0],
+            "decoder_sparse_step": 1,
+            "torch_dtype": "bfloat16",
+        }
+    )
+    assert cfg.rope_theta == 1e6 and cfg.head_dim == 32 and cfg.num_experts == 8
+    assert cfg.sliding_windows == (None,) * 4
+    assert cfg.moe_layers == (False, True, True, True)
+    assert cfg.dtype == torch.bfloat16
