@@ -1,0 +1,144 @@
+// szp CPU decoder: chunks in parallel (OpenMP), blocks in order inside a chunk.
+//
+// Every offset read from the payload is bounds-checked, so a malformed payload raises FormatError instead of
+// reading out of bounds; well-formedness beyond that is the Blob checksum's job.
+#include <atomic>
+#include <cstring>
+
+#include "szp_codec.h"
+#include "szp_simd.h"
+
+namespace szp {
+
+namespace {
+
+szp_u32 load_u32(const szp_u8* p) {
+    szp_u32 v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+szp_u64 load_u64(const szp_u8* p) {
+    szp_u64 v;
+    std::memcpy(&v, p, 8);
+    return v;
+}
+
+// 64 bits of the sign stream starting at byte `byte`, zero past `len` (the stream is only 4-byte padded).
+szp_u64 sign_window(const szp_u8* signs, szp_u64 byte, szp_u64 len) {
+    szp_u64 w = 0;
+    std::memcpy(&w, signs + byte, len - byte < 8 ? len - byte : 8);
+    return w;
+}
+
+// The sign stream holds one bit per nonzero value; move those bits onto the positions set in nz (a pdep).
+szp_u32 spread_signs(szp_u64 window, szp_u32 nz) {
+    if (nz == 0xffffffffu) return szp_u32(window);
+    szp_u32 s = 0;
+    for (szp_u32 m = nz; m; m &= m - 1, window >>= 1) s |= szp_u32(window & 1u) << __builtin_ctz(m);
+    return s;
+}
+
+// One coded block: magnitudes from the bit-planes (bit i of plane p is bit p of value i), signs from the
+// spread sign mask, then the reconstruction rule. Writes all 32 values to dst.
+template <class S, class O>
+void decode_block(const szp_u8* planes, int n_planes, szp_u32 signs, float step, typename O::bits* dst) {
+    u32x4 mag[kVecs] = {};
+    for (int p = 0; p < n_planes; ++p) {
+        const u32x4 w = splat(load_u32(planes + 4 * p)), bit = splat(1u << p);
+        for (int j = 0; j < kVecs; ++j) mag[j] |= u32x4((w & kLaneBit[j]) != 0) & bit;
+    }
+    float v[kBlockValues];
+    const u32x4 s = splat(signs);
+    for (int j = 0; j < kVecs; ++j) {
+        const i32x4 neg = (s & kLaneBit[j]) != 0;  // -1 where negative
+        const f32x4 f = __builtin_convertvector((i32x4(mag[j]) ^ neg) - neg, f32x4) * step;
+        std::memcpy(v + 4 * j, &f, sizeof(f));
+    }
+    for (int i = 0; i < kBlockValues; ++i) dst[i] = emit<S, O>(v[i]);
+}
+
+// Decodes chunk c; returns false if its bytes are inconsistent with its rates and table entries.
+template <class S, class O>
+bool decode_chunk(const szp_u8* payload, const Layout& l, const Header& h, szp_u64 c, typename O::bits* out) {
+    typedef typename S::bits T;
+    const szp_u64 off0 = load_u64(payload + l.table_off + 8 * c), off1 = load_u64(payload + l.table_off + 8 * (c + 1));
+    if (off0 > off1 || off1 > h.data_bytes) return false;
+    const szp_u64 b0 = c * kChunkBlocks, b_end = b0 + kChunkBlocks < l.blocks ? b0 + kChunkBlocks : l.blocks;
+    const szp_u8* rates = payload + l.rates_off;
+    szp_u64 plane_bytes = 0;
+    for (szp_u64 b = b0; b < b_end; ++b) {
+        if (!rate_is_valid(rates[b])) return false;
+        plane_bytes += block_bytes(rates[b], sizeof(T));
+    }
+    if (plane_bytes > off1 - off0) return false;
+    const szp_u8* cursor = payload + l.data_off + off0;
+    const szp_u8* signs = cursor + plane_bytes;
+    const szp_u64 sign_len = off1 - off0 - plane_bytes;
+    szp_u64 sign_pos = 0;  // bit index into this chunk's sign stream
+    for (szp_u64 b = b0; b < b_end; ++b) {
+        const szp_u64 base = b * kBlockValues;
+        const int count = h.n - base < kBlockValues ? int(h.n - base) : kBlockValues;
+        typename O::bits* dst = out + base;
+        if (rates[b] == kRawRate) {
+            for (int i = 0; i < count; ++i) {
+                T v;
+                std::memcpy(&v, cursor + i * sizeof(T), sizeof(T));
+                dst[i] = emit<S, O>(S::to_float(v));
+            }
+            cursor += kBlockValues * sizeof(T);
+            continue;
+        }
+        const int n_planes = rates[b] & kMaxRate;
+        szp_u32 nz = 0;  // bit i set iff value i is nonzero: the OR of the planes
+        for (int p = 0; p < n_planes; ++p) nz |= load_u32(cursor + 4 * p);
+        const int nnz = __builtin_popcount(nz);
+        if (sign_pos + nnz > 8 * sign_len) return false;
+        const szp_u64 window = nnz ? sign_window(signs, sign_pos >> 3, sign_len) >> (sign_pos & 7) : 0;
+        const float step = block_step(rates[b], h.step);
+        if (count == kBlockValues) {
+            decode_block<S, O>(cursor, n_planes, spread_signs(window, nz), step, dst);
+        } else {
+            typename O::bits tail[kBlockValues];
+            decode_block<S, O>(cursor, n_planes, spread_signs(window, nz), step, tail);
+            std::memcpy(dst, tail, count * sizeof(tail[0]));
+        }
+        cursor += 4 * n_planes;
+        sign_pos += nnz;
+    }
+    return 4 * ((sign_pos + 31) / 32) == sign_len;
+}
+
+template <class S, class O>
+void decode_all(const szp_u8* payload, const Layout& l, const Header& h, void* out) {
+    std::atomic<bool> ok{load_u64(payload + l.table_off) == 0 &&
+                         load_u64(payload + l.table_off + 8 * l.chunks) == h.data_bytes};
+#pragma omp parallel for schedule(static)
+    for (long long c = 0; c < (long long)l.chunks; ++c)
+        if (!decode_chunk<S, O>(payload, l, h, c, static_cast<typename O::bits*>(out))) ok = false;
+    if (!ok) throw FormatError("the szp payload's chunk table, rates and data disagree; the blob is corrupt");
+}
+
+template <class S>
+void decode_to(const szp_u8* payload, const Layout& l, const Header& h, void* out, int out_dtype) {
+    switch (out_dtype) {
+        case kF32: return decode_all<S, F32>(payload, l, h, out);
+        case kF16: return decode_all<S, F16>(payload, l, h, out);
+        case kBF16: return decode_all<S, BF16>(payload, l, h, out);
+    }
+    throw FormatError("unknown output dtype code");
+}
+
+}  // namespace
+
+void decode(const szp_u8* payload, size_t size, void* out, int out_dtype) {
+    const Header h = read_header(payload, size);
+    const Layout l = layout_for(h.n);
+    switch (h.dtype) {
+        case kF32: return decode_to<F32>(payload, l, h, out, out_dtype);
+        case kF16: return decode_to<F16>(payload, l, h, out, out_dtype);
+        case kBF16: return decode_to<BF16>(payload, l, h, out, out_dtype);
+    }
+}
+
+}  // namespace szp

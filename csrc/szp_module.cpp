@@ -1,0 +1,117 @@
+// Python binding of the szp CPU codec (module moeserve._szp_cpu).
+//
+// In: numpy arrays owned by moeserve.codecs.szp (values as raw bit patterns, payload as uint8).
+// Out: a new uint8 payload (encode) or values written into the caller's array (decode_into).
+// The GIL is released around every pass over the data.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "szp_codec.h"
+
+namespace py = pybind11;
+
+namespace {
+
+size_t dtype_size(int code) {
+    if (code == szp::kF32) return 4;
+    if (code == szp::kF16 || code == szp::kBF16) return 2;
+    throw std::invalid_argument("unknown szp dtype code " + std::to_string(code));
+}
+
+const void* values_of(const py::array& x, int dtype) {
+    if (!(x.flags() & py::array::c_style) || size_t(x.itemsize()) != dtype_size(dtype))
+        throw std::invalid_argument("szp needs a C-contiguous array whose item size matches its dtype code");
+    return x.data();
+}
+
+py::array_t<uint8_t> encode(const py::array& x, int dtype, float step, double eb) {
+    const void* values = values_of(x, dtype);
+    if (!(step > 0.0f) || !(eb >= 0.0))
+        throw std::invalid_argument("szp needs a positive step and a non-negative error bound");
+    const szp::Layout l = szp::layout_for(x.size());
+    std::vector<szp_u8> rates(l.blocks);
+    std::vector<szp_u64> table(l.chunks + 1, 0);
+    {
+        py::gil_scoped_release nogil;
+        szp::encode_sizes(dtype, values, l.n, step, eb, rates.data(), table.data() + 1);
+        for (szp_u64 c = 1; c <= l.chunks; ++c) table[c] += table[c - 1];  // chunk sizes -> offsets
+    }
+    const szp::Header h{l.n, step, dtype, table[l.chunks]};
+    py::array_t<uint8_t> out(l.data_off + h.data_bytes);
+    szp_u8* p = out.mutable_data();
+    {
+        py::gil_scoped_release nogil;
+        std::memset(p, 0, out.size());
+        szp::write_header(h, p);
+        std::memcpy(p + l.table_off, table.data(), 8 * table.size());
+        std::memcpy(p + l.rates_off, rates.data(), rates.size());
+        szp::encode_data(dtype, values, l.n, step, eb, rates.data(), table.data(), p + l.data_off);
+    }
+    return out;
+}
+
+void decode_into(const py::array_t<uint8_t, py::array::c_style>& payload, py::array& out, int out_dtype) {
+    if (!(out.flags() & py::array::c_style) || !out.writeable() || size_t(out.itemsize()) != dtype_size(out_dtype))
+        throw std::invalid_argument("szp decodes into a writable C-contiguous array matching the output dtype code");
+    const szp::Header h = szp::read_header(payload.data(), payload.size());
+    if (h.n != szp_u64(out.size()))
+        throw std::invalid_argument("the output array's size differs from the number of values in the payload");
+    void* dst = out.mutable_data();
+    py::gil_scoped_release nogil;
+    szp::decode(payload.data(), payload.size(), dst, out_dtype);
+}
+
+py::tuple read_header(const py::array_t<uint8_t, py::array::c_style>& payload) {
+    const szp::Header h = szp::read_header(payload.data(), payload.size());
+    return py::make_tuple(h.n, h.step, h.dtype, h.data_bytes);
+}
+
+py::bytes write_header(szp_u64 n, float step, int dtype, szp_u64 data_bytes) {
+    char buf[szp::kHeaderBytes];
+    szp::write_header(szp::Header{n, step, dtype, data_bytes}, reinterpret_cast<szp_u8*>(buf));
+    return py::bytes(buf, sizeof(buf));
+}
+
+py::dict layout(szp_u64 n) {
+    const szp::Layout l = szp::layout_for(n);
+    py::dict d;
+    d["blocks"] = l.blocks;
+    d["chunks"] = l.chunks;
+    d["table_off"] = l.table_off;
+    d["rates_off"] = l.rates_off;
+    d["data_off"] = l.data_off;
+    return d;
+}
+
+int openmp_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_szp_cpu, m) {
+    m.doc() = "szp CPU codec (C++/OpenMP); see docs/szp-format.md";
+    py::register_exception<szp::FormatError>(m, "FormatError", PyExc_ValueError);
+    m.def("encode", &encode, py::arg("values"), py::arg("dtype"), py::arg("step"), py::arg("eb"));
+    m.def("decode_into", &decode_into, py::arg("payload"), py::arg("out"), py::arg("out_dtype"));
+    m.def("read_header", &read_header, py::arg("payload"));
+    m.def("write_header", &write_header, py::arg("n"), py::arg("step"), py::arg("dtype"), py::arg("data_bytes"));
+    m.def("layout", &layout, py::arg("n"));
+    m.def("openmp_threads", &openmp_threads);
+    m.attr("BLOCK_VALUES") = szp::kBlockValues;
+    m.attr("CHUNK_BLOCKS") = szp::kChunkBlocks;
+    m.attr("RAW_RATE") = int(szp::kRawRate);
+    m.attr("MAX_RATE") = szp::kMaxRate;
+}
