@@ -1,0 +1,49 @@
+"""The codec interface: what every codec implements, and the one error type codecs raise.
+
+A codec turns a finite, contiguous CPU tensor into a payload (uint8 numpy array) and writes a payload back
+into a caller-owned tensor. The Blob (blob.py) carries everything else (dtype, shape, bound), so a codec
+never sees bytes it did not write. Bound modes are resolved before a codec runs (bounds.py): `eb` here is
+always absolute.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+
+from moeserve.errors import MoeServeError
+
+if TYPE_CHECKING:
+    from moeserve.codecs.blob import Blob
+
+
+class CodecError(MoeServeError):
+    """A tensor, bound or blob that a codec cannot encode or decode (one sentence, shown as is)."""
+
+
+class Codec(ABC):
+    """One compression method. Stateless: instances live in the registry and are shared."""
+
+    name: ClassVar[str]
+    bounded: ClassVar[bool]  # True: takes an error bound and guarantees max |decode(encode(x)) - x| <= eb
+    encodes_on_cuda: ClassVar[bool] = False  # True: encode() accepts a CUDA tensor and encodes it there
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, eb: float | None) -> np.ndarray:
+        """x: contiguous, finite, fp32/fp16/bf16, numel > 0, on the CPU (or CUDA if encodes_on_cuda).
+        eb: absolute bound (None for unbounded codecs). Returns the payload as a 1-D uint8 array."""
+
+    @abstractmethod
+    def decode_cpu(self, blob: Blob, out: torch.Tensor) -> None:
+        """Writes blob's values into out: contiguous CPU tensor of blob.shape, any float dtype."""
+
+    def decode_cuda(self, blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
+        """Writes into a CUDA tensor, ordered on `stream`. Default: decode on the CPU, then one copy."""
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        self.decode_cpu(blob, host)
+        with torch.cuda.stream(stream):
+            # Safe to drop `host` afterwards: torch's pinned allocator holds the block until the copy is done.
+            out.copy_(host, non_blocking=True)
