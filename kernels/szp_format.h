@@ -6,22 +6,26 @@
 #pragma once
 
 #if defined(__CUDACC__) || defined(__HIPCC__) || defined(__CUDACC_RTC__) || defined(__HIPCC_RTC__)
-#define SZP_DEVICE_COMPILE 1
 #define SZP_HD __host__ __device__ __forceinline__
 #else
 #define SZP_HD inline
+#endif
+
+// The device pass of a GPU compiler: use its intrinsics. The host pass and host compilers use <cmath>.
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#define SZP_DEVICE_COMPILE 1
+#endif
+#if !defined(__CUDACC_RTC__) && !defined(__HIPCC_RTC__)
 #include <cmath>
 #include <cstring>
 #endif
 
-// NVRTC has no <cstdint>; these widths hold on every target we build for (checked on the host below).
+// Runtime compilers have no <cstdint>; these widths hold on every target we build for.
 typedef unsigned char szp_u8;
 typedef unsigned short szp_u16;
 typedef unsigned int szp_u32;
 typedef unsigned long long szp_u64;
-#ifndef SZP_DEVICE_COMPILE
 static_assert(sizeof(szp_u16) == 2 && sizeof(szp_u32) == 4 && sizeof(szp_u64) == 8, "szp needs 16/32/64-bit ints");
-#endif
 
 namespace szp {
 
