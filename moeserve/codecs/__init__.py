@@ -30,15 +30,15 @@ def encode(tensor: torch.Tensor, codec: str = "szp", mode: str = "abs", error_bo
     impl = get(codec)
     if not isinstance(tensor, torch.Tensor) or tensor.dtype not in DTYPES:
         got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise CodecError(f"codecs encode float32, float16 or bfloat16 tensors, got {got}; convert the tensor first")
+        raise CodecError(f"codecs encode float32, float16 or bfloat16 tensors, got {got}; convert the tensor first.")
     if not impl.bounded and error_bound is not None:
-        raise CodecError(f"codec {codec!r} has no error bound; leave error_bound unset or use szp, sz3 or zfp")
+        raise CodecError(f"codec {codec!r} has no error bound; leave error_bound unset or use szp, sz3 or zfp.")
     if impl.bounded and error_bound is None:
-        raise CodecError(f"codec {codec!r} needs an error bound; pass error_bound=, e.g. 1e-3")
+        raise CodecError(f"codec {codec!r} needs an error bound; pass error_bound=, e.g. 1e-3.")
     x = tensor.detach()
     x = (x if impl.encodes_on_cuda and x.is_cuda else x.cpu()).contiguous()
     if not bool(torch.isfinite(x).all()):
-        raise CodecError("the tensor contains NaN or Inf values, which no codec stores; clean the weights first")
+        raise CodecError("the tensor contains NaN or Inf values, which no codec stores; clean the weights first.")
     eb = resolve(mode, error_bound, x) if impl.bounded else None
     payload = impl.encode(x, eb) if x.numel() else torch.empty(0, dtype=torch.uint8).numpy()
     return Blob(
@@ -66,12 +66,12 @@ def decode_into(blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream | None 
     the current stream) and the call returns without waiting for it; szp decodes there with its own
     kernel and no device allocation after the first call; other codecs decode on the CPU and copy."""
     if not isinstance(blob, Blob):
-        raise CodecError(f"decode takes a Blob, got {type(blob).__name__}; use Blob.from_bytes on stored bytes")
+        raise CodecError(f"decode takes a Blob, got {type(blob).__name__}; use Blob.from_bytes on stored bytes.")
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != blob.shape or out.dtype not in DTYPES:
         got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise CodecError(f"decode_into needs a float32/float16/bfloat16 tensor of shape {blob.shape}, got {got}")
+        raise CodecError(f"decode_into needs a float32/float16/bfloat16 tensor of shape {blob.shape}, got {got}.")
     if not out.is_contiguous():
-        raise CodecError("decode_into writes contiguous tensors only; pass a contiguous buffer and copy afterwards")
+        raise CodecError("decode_into writes contiguous tensors only; pass a contiguous buffer and copy afterwards.")
     if out.numel() == 0:
         return out
     impl = get(blob.codec)
@@ -80,7 +80,7 @@ def decode_into(blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream | None 
     elif out.device.type == "cpu":
         impl.decode_cpu(blob, out)
     else:
-        raise CodecError(f"codecs decode to cpu or cuda tensors, got a tensor on {out.device}; move it first")
+        raise CodecError(f"codecs decode to cpu or cuda tensors, got a tensor on {out.device}; move it first.")
     return out
 
 
@@ -88,8 +88,8 @@ def _device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise CodecError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from None
+        raise CodecError(f"unknown device {device!r}; use 'cpu' or 'cuda'.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CodecError(f"device {device!r} was asked for but no CUDA device is available; decode to 'cpu'")
+        raise CodecError(f"device {device!r} was asked for but no CUDA device is available; decode to 'cpu'.")
     return dev
 

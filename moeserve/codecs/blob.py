@@ -73,7 +73,7 @@ class Blob:
     def with_payload(self, payload: np.ndarray | torch.Tensor) -> Blob:
         """The same blob with its payload moved, e.g. into pinned host memory or onto a device."""
         if payload.dtype not in (np.uint8, torch.uint8) or payload.ndim != 1 or len(payload) != self.payload_nbytes:
-            raise CodecError(f"a relocated payload must be 1-D uint8 of {self.payload_nbytes} bytes; copy it whole")
+            raise CodecError(f"a relocated payload must be 1-D uint8 of {self.payload_nbytes} bytes; copy it whole.")
         return dataclasses.replace(self, payload=payload)
 
     def _header(self, crc: int) -> bytes:
@@ -94,22 +94,22 @@ class Blob:
         """Parses and verifies a blob; the payload is a read-only view of `data`, not a copy."""
         view = memoryview(data).cast("B")
         if len(view) < _FIXED.size or bytes(view[:4]) != MAGIC:
-            raise CodecError("these bytes are not a moeserve codec blob (bad magic); pass bytes made by bytes(blob)")
+            raise CodecError("these bytes are not a moeserve codec blob (bad magic); pass bytes made by bytes(blob).")
         magic, version, head_len, codec, dtype, mode, ndim, _, eb, abs_eb, n_payload, crc, _ = _FIXED.unpack_from(view)
         if version != VERSION:
-            raise CodecError(f"this blob has format version {version}, this moeserve reads {VERSION}; re-encode it")
+            raise CodecError(f"this blob has format version {version}, this moeserve reads {VERSION}; re-encode it.")
         if head_len != _FIXED.size + 8 * ndim or len(view) != head_len + n_payload:
             raise CodecError(
                 f"this blob is {len(view)} bytes but its header describes {head_len + n_payload}; it is truncated or "
-                "padded, so re-read or re-encode it"
+                "padded, so re-read or re-encode it."
             )
         payload = np.frombuffer(view, dtype=np.uint8, offset=head_len)
         header = bytearray(view[:head_len])
         struct.pack_into("<I", header, _FIXED.size - 8, 0)
         if zlib.crc32(payload, zlib.crc32(header)) != crc:
-            raise CodecError("this blob fails its checksum (corrupted bytes); re-read or re-encode it")
+            raise CodecError("this blob fails its checksum (corrupted bytes); re-read or re-encode it.")
         if dtype >= len(DTYPES) or mode >= len(MODES):
-            raise CodecError("this blob records an unknown dtype or bound mode; re-encode it with this moeserve")
+            raise CodecError("this blob records an unknown dtype or bound mode; re-encode it with this moeserve.")
         return cls(
             codec=codec.rstrip(b"\0").decode("ascii"),
             dtype=DTYPES[dtype],

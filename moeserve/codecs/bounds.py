@@ -22,11 +22,11 @@ MODES = ("abs", "rel", "mean_abs")
 def resolve(mode: str, error_bound: float, x: torch.Tensor) -> float:
     """Absolute bound for tensor x (finite, any float dtype); statistics are taken in float64."""
     if mode not in MODES:
-        raise CodecError(f"unknown error-bound mode {mode!r}; use one of {', '.join(MODES)}")
+        raise CodecError(f"unknown error-bound mode {mode!r}; use one of {', '.join(MODES)}.")
     if isinstance(error_bound, bool) or not isinstance(error_bound, (int, float)):
-        raise CodecError(f"error_bound must be a number, got {error_bound!r}; pass e.g. error_bound=1e-3")
+        raise CodecError(f"error_bound must be a number, got {error_bound!r}; pass e.g. error_bound=1e-3.")
     if not (math.isfinite(error_bound) and error_bound > 0):
-        raise CodecError(f"error_bound must be a finite number above 0, got {error_bound!r}")
+        raise CodecError(f"error_bound must be a finite number above 0, got {error_bound!r}.")
     if mode == "abs":
         return float(error_bound)
     x64 = x.double()

@@ -47,7 +47,7 @@ def kernel_dir() -> Path:
     for candidate in (here.parents[1] / "_kernels", here.parents[2] / "kernels"):
         if (candidate / "szp_format.h").is_file():
             return candidate
-    raise CodecError("the szp GPU kernel sources are missing from this install; reinstall moeserve")
+    raise CodecError("the szp GPU kernel sources are missing from this install; reinstall moeserve.")
 
 
 KERNEL_SOURCE = '#include "szp_decode.cu"\n#include "szp_encode.cu"\n'
@@ -62,7 +62,7 @@ def _cupy():
     try:
         import cupy
     except ImportError:
-        raise CodecError("szp on CUDA needs cupy; install it with `pip install moeserve[gpu]`") from None
+        raise CodecError("szp on CUDA needs cupy; install it with `pip install moeserve[gpu]`.") from None
     return cupy
 
 
@@ -109,12 +109,12 @@ def szp_decode_into(blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream) ->
     payload = blob.payload
     if isinstance(payload, torch.Tensor) and payload.is_cuda:
         if payload.device != out.device:
-            raise CodecError(f"the blob's payload is on {payload.device} but the output on {out.device}; move one")
+            raise CodecError(f"the blob's payload is on {payload.device} but the output on {out.device}; move one.")
         device_payload = payload
     else:
         n, header_step, stored, _ = cpu_module().read_header(blob.payload_numpy())
         if n != blob.numel or header_step != step or DTYPES[stored] != blob.dtype:
-            raise CodecError("this szp blob's payload does not match its header fields; re-encode the tensor")
+            raise CodecError("this szp blob's payload does not match its header fields; re-encode the tensor.")
         device_payload = _stage(blob.payload_tensor(), out.device, stream)
     chunks = cpu_module().layout(blob.numel)["chunks"]
     kernel = decode_kernel(DTYPES.index(blob.dtype), DTYPES.index(out.dtype))

@@ -18,7 +18,7 @@ def get(name: str) -> Codec:
     try:
         return _CODECS[name]
     except KeyError:
-        raise CodecError(f"unknown codec {name!r}; use one of {', '.join(names())}") from None
+        raise CodecError(f"unknown codec {name!r}; use one of {', '.join(names())}.") from None
 
 
 def names() -> list[str]:

@@ -39,7 +39,7 @@ def cpu_module():
     try:
         from moeserve import _szp_cpu
     except ImportError as e:
-        raise CodecError("the szp C++ extension is not built; run `pip install -e .` in the moeserve checkout") from e
+        raise CodecError("the szp C++ extension is not built; run `pip install -e .` in the moeserve checkout.") from e
     return _szp_cpu
 
 
@@ -59,7 +59,7 @@ class SzpCodec(Codec):
         try:
             cpu_module().decode_into(blob.payload_numpy(), bits_view(out).numpy(), DTYPES.index(out.dtype))
         except ValueError as e:  # a malformed payload that passed the checksum (hand-made bytes)
-            raise CodecError(f"this szp blob is malformed ({e}); re-encode the tensor") from None
+            raise CodecError(f"this szp blob is malformed ({e}); re-encode the tensor.") from None
 
     def decode_cuda(self, blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
         from moeserve.codecs import gpu

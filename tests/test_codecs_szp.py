@@ -1,0 +1,165 @@
+"""szp specifics: the C++ codec against a decoder written from docs/szp-format.md, the block rules
+(zero blocks, half-step and raw blocks), output dtypes, conversions, malformed payloads, and ratio."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from moeserve.codecs import Blob, CodecError, decode, decode_into, encode
+from moeserve.codecs.szp import cpu_module, grid_step
+
+STORED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def spec_decode(payload: np.ndarray) -> torch.Tensor:
+    """A slow decoder that follows docs/szp-format.md line by line. Returns values in the stored dtype."""
+    buf = payload.tobytes()
+    magic, block, chunk, n, step, code, data_bytes = struct.unpack_from("<IHHQfB3xQ", buf)
+    assert (magic, block, chunk) == (0x31505A53, 32, 256)
+    dtype, size = STORED[code], (4, 2, 2)[code]
+    n_blocks, n_chunks = -(-n // 32), -(-n // 8192)
+    table = np.frombuffer(buf, "<u8", n_chunks + 1, 32)
+    rates = np.frombuffer(buf, np.uint8, n_blocks, 32 + 8 * (n_chunks + 1)).astype(int)
+    data = 32 + 8 * (n_chunks + 1) + 16 * -(-n_blocks // 16)
+    assert data + int(table[-1]) == len(buf) == data + data_bytes
+    values = []
+    for c in range(n_chunks):
+        blocks = range(256 * c, min(n_blocks, 256 * c + 256))
+        pos = data + int(table[c])
+        sign_at = 8 * (pos + sum(32 * size if rates[b] == 255 else 4 * (rates[b] & 31) for b in blocks))
+        for b in blocks:
+            rate = int(rates[b])
+            if rate == 255:
+                raw = np.frombuffer(buf, np.int32 if size == 4 else np.int16, 32, pos)
+                values.append(torch.from_numpy(raw.copy()).view(dtype).float())
+                pos += 32 * size
+                continue
+            planes = np.frombuffer(buf, "<u4", rate & 31, pos).astype(np.int64)
+            pos += 4 * (rate & 31)
+            q = np.zeros(32, np.int64)
+            for p, word in enumerate(planes):
+                q |= ((word >> np.arange(32)) & 1) << p
+            for i in np.nonzero(q)[0]:
+                if (buf[sign_at // 8] >> (sign_at % 8)) & 1:
+                    q[i] = -q[i]
+                sign_at += 1
+            s = np.float32(step) * np.float32(0.5 if rate & 32 else 1.0)
+            values.append(torch.from_numpy(q.astype(np.float32) * s).to(dtype).float())
+    return torch.cat(values)[:n].to(dtype) if values else torch.empty(0, dtype=dtype)
+
+
+def outlier_weights(n, dtype, seed=0, sigma=0.02):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * sigma
+    outliers = torch.rand(n, generator=g) < 0.002
+    x[outliers] = torch.randn(int(outliers.sum()), generator=g) * sigma * 25
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", STORED)
+@pytest.mark.parametrize("n,eb", [(20000, 1e-3), (8192 + 31, 3e-5), (500, 1e-9), (70, 1.0)])
+def test_cpp_decoder_matches_the_written_spec(dtype, n, eb):
+    x = outlier_weights(n, dtype)
+    blob = encode(x, codec="szp", error_bound=eb)
+    assert torch.equal(decode(blob), spec_decode(blob.payload_numpy()))
+
+
+def rates_of(blob: Blob) -> np.ndarray:
+    layout = cpu_module().layout(blob.numel)
+    return blob.payload_numpy()[layout["rates_off"] : layout["rates_off"] + layout["blocks"]]
+
+
+def test_an_all_zero_block_costs_one_byte():
+    x = torch.zeros(32 * 300)
+    x[32 * 7 + 3] = 0.5  # one coded block among 299 zero blocks
+    blob = encode(x, codec="szp", error_bound=1e-3)
+    rates = rates_of(blob)
+    assert (rates == 0).sum() == 299
+    _, _, _, data_bytes = cpu_module().read_header(blob.payload_numpy())
+    assert data_bytes == 4 * rates[7] + 4  # the one block's planes and one word of sign stream
+
+
+def test_bf16_outliers_use_the_half_step_grid_not_raw_blocks():
+    x = outlier_weights(64 * 1024, torch.bfloat16)
+    blob = encode(x, codec="szp", mode="mean_abs", error_bound=0.1)
+    rates = rates_of(blob)
+    assert np.any(rates & 32) and not np.any(rates == 255)
+
+
+def test_values_beyond_the_grid_range_go_raw():
+    x = torch.tensor([1e30, -3e29] + [0.01] * 62)
+    blob = encode(x, codec="szp", error_bound=1e-6)
+    assert rates_of(blob)[0] == 255 and rates_of(blob)[1] != 255  # only the block holding 1e30 is raw
+    assert (decode(blob).double() - x.double()).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("stored", STORED)
+@pytest.mark.parametrize("out", STORED)
+def test_decode_into_any_compute_dtype(stored, out):
+    x = outlier_weights(3000, stored).reshape(30, 100)
+    blob = encode(x, codec="szp", error_bound=2e-3)
+    y = decode_into(blob, torch.empty(30, 100, dtype=out))
+    assert torch.equal(y, decode(blob).to(out))  # the stored-dtype values, cast once
+
+
+def test_conversions_match_torch_for_every_half_precision_value():
+    # A tiny bound stores raw blocks, so decoding them exercises the codec's own dtype conversions.
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = every.view(dtype)
+        x = x[torch.isfinite(x)]
+        blob = encode(x, codec="szp", error_bound=1e-45)
+        for out in STORED:
+            assert torch.equal(decode_into(blob, torch.empty(x.shape, dtype=out)), x.to(out)), (dtype, out)
+
+
+def test_float32_to_half_rounding_matches_torch():
+    g = torch.Generator().manual_seed(1)
+    bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32)
+    x = x[torch.isfinite(x)]
+    x = torch.cat([x, torch.tensor([65519.996, 65520.0, 2.0**-25, 2.0**-24 * 1.5, -2.0**-25 * 1.0001])])
+    blob = encode(x, codec="szp", error_bound=1e-45)
+    for out in (torch.float16, torch.bfloat16):
+        assert torch.equal(decode_into(blob, torch.empty(x.shape, dtype=out)), x.to(out)), out
+
+
+def test_encoding_is_deterministic():
+    x = outlier_weights(100_000, torch.bfloat16)
+    assert bytes(encode(x, codec="szp", error_bound=1e-3)) == bytes(encode(x, codec="szp", error_bound=1e-3))
+
+
+def test_grid_step_is_the_largest_float32_within_twice_the_bound():
+    for eb in (1e-3, 0.1, 1 / 3, 1e-30, 1e30):
+        step = grid_step(eb)
+        assert step <= 2 * eb and float(np.nextafter(np.float32(step), np.float32(np.inf))) > 2 * eb
+    assert grid_step(0.0) == grid_step(1e-300) == float(np.finfo(np.float32).tiny)
+    assert grid_step(1e300) == float(np.finfo(np.float32).max)
+
+
+def test_a_malformed_payload_behind_a_valid_checksum_is_refused():
+    blob = encode(outlier_weights(5000, torch.float32), codec="szp", error_bound=1e-3)
+    for tamper in ("rate", "table"):
+        payload = blob.payload_numpy().copy()
+        layout = cpu_module().layout(blob.numel)
+        if tamper == "rate":
+            payload[layout["rates_off"] + 3] = 77
+        else:
+            payload[layout["table_off"] + 8] ^= 0x04
+        forged = Blob.from_bytes(bytes(blob.with_payload(payload)))  # checksum recomputed over the forgery
+        with pytest.raises(CodecError, match="malformed"):
+            decode(forged)
+
+
+def test_ratio_within_20_percent_of_sz3_on_weight_like_tensors():
+    x = outlier_weights(512 * 1024, torch.float32).reshape(512, 1024)
+    for alpha in (0.03, 0.1, 0.3, 0.5):
+        szp = encode(x, codec="szp", mode="mean_abs", error_bound=alpha).bits_per_value
+        sz3 = encode(x, codec="sz3", mode="mean_abs", error_bound=alpha).bits_per_value
+        assert szp <= 1.2 * sz3, (alpha, szp, sz3)
+    assert math.isfinite(szp)
