@@ -31,11 +31,28 @@ szp_u64 sign_window(const szp_u8* signs, szp_u64 byte, szp_u64 len) {
     return w;
 }
 
-// The sign stream holds one bit per nonzero value; move those bits onto the positions set in nz (a pdep).
+// kSpread.bits[m][w]: the low bits of w moved onto the set bits of the 4-bit mask m (a 4-bit pdep).
+struct SpreadTable {
+    szp_u8 bits[16][16];
+    constexpr SpreadTable() : bits() {
+        for (int m = 0; m < 16; ++m)
+            for (int w = 0; w < 16; ++w)
+                for (int i = 0, k = 0; i < 4; ++i)
+                    if (m >> i & 1) bits[m][w] |= szp_u8(((w >> k++) & 1) << i);
+    }
+};
+constexpr SpreadTable kSpread;
+
+// The sign stream holds one bit per nonzero value; move those bits onto the positions set in nz (a pdep),
+// four positions at a time.
 szp_u32 spread_signs(szp_u64 window, szp_u32 nz) {
     if (nz == 0xffffffffu) return szp_u32(window);
     szp_u32 s = 0;
-    for (szp_u32 m = nz; m; m &= m - 1, window >>= 1) s |= szp_u32(window & 1u) << __builtin_ctz(m);
+    for (int shift = 0; shift < kBlockValues; shift += 4) {
+        const szp_u32 m = (nz >> shift) & 15u;
+        s |= szp_u32(kSpread.bits[m][window & 15u]) << shift;
+        window >>= (0x4332322132212110ull >> (4 * m)) & 15u;  // popcount of the nibble m
+    }
     return s;
 }
 
@@ -43,8 +60,10 @@ szp_u32 spread_signs(szp_u64 window, szp_u32 nz) {
 // spread sign mask, then the reconstruction rule. Writes all 32 values to dst.
 template <class S, class O>
 void decode_block(const szp_u8* planes, int n_planes, szp_u32 signs, float step, typename O::bits* dst) {
-    u32x4 mag[kVecs] = {};
-    for (int p = 0; p < n_planes; ++p) {
+    u32x4 mag[kVecs];
+    const u32x4 w0 = splat(n_planes ? load_u32(planes) : 0u);  // plane 0 initializes, later planes OR in
+    for (int j = 0; j < kVecs; ++j) mag[j] = u32x4((w0 & kLaneBit[j]) != 0) & 1u;
+    for (int p = 1; p < n_planes; ++p) {
         const u32x4 w = splat(load_u32(planes + 4 * p)), bit = splat(1u << p);
         for (int j = 0; j < kVecs; ++j) mag[j] |= u32x4((w & kLaneBit[j]) != 0) & bit;
     }
@@ -53,9 +72,11 @@ void decode_block(const szp_u8* planes, int n_planes, szp_u32 signs, float step,
     for (int j = 0; j < kVecs; ++j) {
         const i32x4 neg = (s & kLaneBit[j]) != 0;  // -1 where negative
         const f32x4 f = __builtin_convertvector((i32x4(mag[j]) ^ neg) - neg, f32x4) * step;
-        std::memcpy(v + 4 * j, &f, sizeof(f));
+        if constexpr (kVectorEmit<S, O>) emit4<S, O>(f, dst + 4 * j);
+        else std::memcpy(v + 4 * j, &f, sizeof(f));
     }
-    for (int i = 0; i < kBlockValues; ++i) dst[i] = emit<S, O>(v[i]);
+    if constexpr (!kVectorEmit<S, O>)
+        for (int i = 0; i < kBlockValues; ++i) dst[i] = emit<S, O>(v[i]);
 }
 
 // Decodes chunk c; returns false if its bytes are inconsistent with its rates and table entries.
@@ -113,7 +134,7 @@ template <class S, class O>
 void decode_all(const szp_u8* payload, const Layout& l, const Header& h, void* out) {
     std::atomic<bool> ok{load_u64(payload + l.table_off) == 0 &&
                          load_u64(payload + l.table_off + 8 * l.chunks) == h.data_bytes};
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 4)
     for (long long c = 0; c < (long long)l.chunks; ++c)
         if (!decode_chunk<S, O>(payload, l, h, c, static_cast<typename O::bits*>(out))) ok = false;
     if (!ok) throw FormatError("the szp payload's chunk table, rates and data disagree; the blob is corrupt");

@@ -99,6 +99,14 @@ int openmp_threads() {
 #endif
 }
 
+// Threads of later encode/decode calls made from the calling thread (e.g. 1 per worker thread of a pool).
+void set_openmp_threads(int n) {
+    if (n < 1) throw std::invalid_argument("the number of threads must be at least 1");
+#ifdef _OPENMP
+    omp_set_num_threads(n);
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_szp_cpu, m) {
@@ -110,6 +118,7 @@ PYBIND11_MODULE(_szp_cpu, m) {
     m.def("write_header", &write_header, py::arg("n"), py::arg("step"), py::arg("dtype"), py::arg("data_bytes"));
     m.def("layout", &layout, py::arg("n"));
     m.def("openmp_threads", &openmp_threads);
+    m.def("set_openmp_threads", &set_openmp_threads, py::arg("n"));
     m.attr("BLOCK_VALUES") = szp::kBlockValues;
     m.attr("CHUNK_BLOCKS") = szp::kChunkBlocks;
     m.attr("RAW_RATE") = int(szp::kRawRate);

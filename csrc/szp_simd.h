@@ -21,4 +21,28 @@ constexpr u32x4 kLaneBit[kVecs] = {SZP_LANE_BITS(0), SZP_LANE_BITS(1), SZP_LANE_
 
 inline u32x4 splat(szp_u32 v) { return u32x4{} + v; }
 
+// BF16::from_float of szp_format.h on 4 lanes (same rounding, same NaN rule), result in the low 16 bits.
+inline u32x4 bf16_bits(f32x4 f) {
+    const u32x4 u = u32x4(f);
+    const u32x4 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? (u >> 16) | 0x40u : rounded;
+}
+
+// emit<S, O> of szp_format.h on 4 lanes, for the dtype pairs without fp16 (fp16 rounding stays scalar).
+template <class S, class O>
+constexpr bool kVectorEmit = S::kCode != kF16 && O::kCode != kF16;
+
+template <class S, class O>
+inline void emit4(f32x4 v, typename O::bits* dst) {
+    const u32x4 bits = S::kCode == kBF16 || O::kCode == kBF16 ? bf16_bits(v) : u32x4(v);
+    if constexpr (O::kCode == kF32) {
+        const u32x4 out = S::kCode == kBF16 ? bits << 16 : bits;  // bf16 -> fp32 is exact
+        std::memcpy(dst, &out, sizeof(out));
+    } else {
+        typedef szp_u16 u16x4 __attribute__((vector_size(8)));
+        const u16x4 out = __builtin_convertvector(bits, u16x4);
+        std::memcpy(dst, &out, sizeof(out));
+    }
+}
+
 }  // namespace szp
