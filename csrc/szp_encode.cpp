@@ -24,14 +24,14 @@ template <class S>
 bool code_on_grid(const typename S::bits* x, int count, Grid g, double eb, BlockCode* bc) {
     double xs[kBlockValues];
     for (int i = 0; i < kBlockValues; ++i) xs[i] = i < count ? double(S::to_float(x[i])) : 0.0;
-    int missed = 0;
+    szp_u32 missed = 0;  // bit i: value i needs quantize()'s second candidate
     for (int i = 0; i < kBlockValues; ++i) {
         bc->q[i] = nearest_q(xs[i], g);
-        missed |= !within_bound<S>(bc->q[i], xs[i], g.step, eb);
+        missed |= szp_u32(!within_bound<S>(bc->q[i], xs[i], g.step, eb)) << i;
     }
-    if (missed) {
-        for (int i = 0; i < count; ++i)
-            if (!quantize<S>(x[i], g, eb, &bc->q[i])) return false;
+    for (; missed; missed &= missed - 1) {
+        const int i = __builtin_ctz(missed);
+        if (!quantize<S>(x[i], g, eb, &bc->q[i])) return false;
     }
     szp_u32 any_bits = 0;  // OR of magnitudes: its highest bit is the highest bit of the maximum
     int nnz = 0;

@@ -29,6 +29,8 @@ def resolve(mode: str, error_bound: float, x: torch.Tensor) -> float:
         raise CodecError(f"error_bound must be a finite number above 0, got {error_bound!r}.")
     if mode == "abs":
         return float(error_bound)
-    x64 = x.double()
-    scale = (x64.max() - x64.min()).item() if mode == "rel" else x64.abs().mean().item()
+    if mode == "rel":  # max and min are exact in x's dtype; only their difference needs float64
+        scale = x.max().double().item() - x.min().double().item()
+    else:
+        scale = x.abs().mean(dtype=torch.float64).item()
     return float(error_bound) * scale
