@@ -134,3 +134,14 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
         self.text += delta
         return delta
+
+    def flush(self) -> str:
+        """At the end of generation: emit held-back text even if it ends in an incomplete character."""
+        if self._read_offset == len(self.ids):
+            return ""
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)
+        delta = decode(self.ids[self._prefix_offset :], self.skip_special_tokens)[len(prefix) :]
+        self._prefix_offset = self._read_offset = len(self.ids)
+        self.text += delta
+        return delta

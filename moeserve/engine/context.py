@@ -22,6 +22,7 @@ class StepContext:
     query_lens: list[int]  # new tokens of each sequence in this step
     cached_lens: list[int]  # tokens of each sequence already in the cache
     is_decode: bool
+    row_index: torch.Tensor | None = None  # [B] long: `rows` on the device, for decode-step cache writes
     _decode_masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
 
     @property

@@ -117,19 +117,21 @@ class LLMEngine:
             seq.logprobs.append(logprobs)
         if token in params.stop_token_ids:
             seq.finish("stop", token)
-            return
-        if not params.ignore_eos and token in self.eos_token_ids:
+        elif not params.ignore_eos and token in self.eos_token_ids:
             seq.finish("stop")
-            return
-        if seq.detokenizer is not None:
-            delta = seq.detokenizer.add(token)
+        else:
+            if seq.detokenizer is not None:
+                delta = seq.detokenizer.add(token)
+                seq.text = seq.detokenizer.text
+                if params.stop and delta and self._stop_string_hit(seq, len(delta)):
+                    return
+            if params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
+                seq.finish("length")
+            elif seq.num_tokens >= seq.max_len:
+                seq.finish("length")
+        if seq.is_finished and seq.detokenizer is not None:
+            seq.detokenizer.flush()
             seq.text = seq.detokenizer.text
-            if params.stop and delta and self._stop_string_hit(seq, len(delta)):
-                return
-        if params.max_tokens is not None and len(seq.output_ids) >= params.max_tokens:
-            seq.finish("length")
-        elif seq.num_tokens >= seq.max_len:
-            seq.finish("length")
 
     @staticmethod
     def _stop_string_hit(seq: Sequence, delta_len: int) -> bool:

@@ -66,6 +66,7 @@ class ModelRunner:
             query_lens=[1] * len(seqs),
             cached_lens=[seq.num_cached for seq in seqs],
             is_decode=True,
+            row_index=torch.tensor([seq.kv_row for seq in seqs], device=self.device),
         )
         ids = torch.tensor([seq.output_ids[-1] for seq in seqs], device=self.device)
         logits = self.model(ids, ctx, self.experts)  # [B, V]

@@ -66,7 +66,7 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
         B = q.shape[0]
-        rows = torch.tensor(ctx.rows, device=q.device)
+        rows = ctx.row_index
         k_cache[rows, :, ctx.positions] = k  # [B, G, Dh] written at each sequence's position
         v_cache[rows, :, ctx.positions] = v
         longest = max(ctx.total_lens)

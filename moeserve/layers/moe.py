@@ -61,7 +61,9 @@ class MoeBlock(nn.Module):
             tokens = token_of[start:end]
             h = x[tokens]  # [n, D]
             y = F.linear(self.act(F.linear(h, w.gate)) * F.linear(h, w.up), w.down)  # [n, D]
-            out.index_add_(0, tokens, (y * weight_of[start:end, None]).to(x.dtype))
+            # index_put_ with accumulate: same sum as index_add_, without index_add_'s large fixed
+            # cost on CPU for small index sets (milliseconds per call in torch 2.13).
+            out.index_put_((tokens,), (y * weight_of[start:end, None]).to(x.dtype), accumulate=True)
             start = end
 
         if self.shared_expert is not None:

@@ -1,6 +1,7 @@
 """RMSNorm, computed in float32 and cast back, exactly as the Hugging Face reference does."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -11,7 +12,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., size] → same shape and dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         # The reference casts back before scaling; doing it in that order keeps bf16 results identical.
-        return self.weight * x32.to(x.dtype)
+        return self.weight * normed.to(x.dtype)
