@@ -1,7 +1,9 @@
 """The one narrow interface through which MoE blocks get their expert weights.
 
-In:  (layer id, sorted expert ids) from the MoE block of that layer, once per forward step.
-Out: the experts' gate / up / down matrices on the compute device, in the compute dtype.
+In:  (layer id, sorted expert ids) from the MoE block of that layer, once per forward step;
+     optionally a prediction of the next MoE layer's experts, made while this one computes.
+Out: the experts' gate / up / down matrices on the compute device, in the compute dtype, one
+     expert at a time (so a provider with fewer cache slots than requested experts still works).
 
 The model never owns routed-expert weights. `DenseExpertProvider` simply holds them all on the
 device; the offloading runtime implements the same protocol on top of a compressed host store
@@ -11,7 +13,7 @@ and a bounded device cache, without the model code changing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Iterable, Protocol, Sequence
 
 import torch
 
@@ -28,20 +30,33 @@ class ExpertWeights:
 
 
 class ExpertProvider(Protocol):
-    def fetch(self, layer: int, experts: Sequence[int]) -> Sequence[ExpertWeights]:
-        """Weights of `experts` (ascending ids) of MoE layer `layer`, valid until the next `fetch`."""
+    # True: the model calls `prefetch` with its guess of the next MoE layer's experts.
+    wants_predictions: bool
+
+    def fetch(self, layer: int, experts: Sequence[int]) -> Iterable[tuple[int, ExpertWeights]]:
+        """Yield each of `experts` (ascending ids) of MoE layer `layer` once, in any order; the
+        weights of one item are valid until the next item is requested."""
+        ...
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        """A hint that `layer` will soon fetch `experts`; may be ignored."""
         ...
 
 
 class DenseExpertProvider:
     """All experts resident on the compute device: the uncompressed, unlimited-memory baseline."""
 
+    wants_predictions = False
+
     def __init__(self, experts: dict[int, list[ExpertWeights]]):
         self._experts = experts  # layer id → experts in id order
 
-    def fetch(self, layer: int, experts: Sequence[int]) -> list[ExpertWeights]:
+    def fetch(self, layer: int, experts: Sequence[int]) -> Iterable[tuple[int, ExpertWeights]]:
         table = self._experts[layer]
-        return [table[e] for e in experts]
+        return [(e, table[e]) for e in experts]
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        pass
 
     @property
     def nbytes(self) -> int:

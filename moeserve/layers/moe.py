@@ -6,6 +6,8 @@ Out: [T, D], the routing-weighted sum of each token's top-k experts (+ the gated
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,28 +46,33 @@ class MoeBlock(nn.Module):
         return weights, ids
 
     def forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
+        T, D = x.shape
         weights, ids = self.route(x)
         # Group the T*K (token, slot) pairs by expert with one sort, so the step syncs with the
         # host once (for the counts) instead of once per expert.
         flat_ids = ids.flatten()  # [T*K]
-        order = torch.argsort(flat_ids, stable=True)  # [T*K]
+        order = torch.argsort(flat_ids, stable=True)  # [T*K] pair index, grouped by expert
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         used = [e for e, c in enumerate(counts) if c]
+        starts = dict(zip(used, itertools.accumulate([0] + [counts[e] for e in used])))
         token_of = order // self.top_k  # [T*K] token index of each sorted pair
         weight_of = weights.flatten()[order]  # [T*K]
 
-        out = torch.zeros_like(x)
-        start = 0
-        for expert_id, w in zip(used, experts.fetch(self.layer_id, used)):
-            end = start + counts[expert_id]
-            tokens = token_of[start:end]
-            h = x[tokens]  # [n, D]
+        # Each (token, slot) pair gets its own row, summed over K at the end in a fixed order, so
+        # the result does not depend on the order in which the provider hands out experts.
+        per_pair = x.new_zeros(T * self.top_k, D)  # [T*K, D], indexed like flat_ids
+        for expert_id, w in experts.fetch(self.layer_id, used):
+            start = starts[expert_id]
+            pairs = order[start : start + counts[expert_id]]
+            h = x[token_of[start : start + counts[expert_id]]]  # [n, D]
             y = F.linear(self.act(F.linear(h, w.gate)) * F.linear(h, w.up), w.down)  # [n, D]
-            # index_put_ with accumulate: same sum as index_add_, without index_add_'s large fixed
-            # cost on CPU for small index sets (milliseconds per call in torch 2.13).
-            out.index_put_((tokens,), (y * weight_of[start:end, None]).to(x.dtype), accumulate=True)
-            start = end
+            per_pair[pairs] = (y * weight_of[start : start + counts[expert_id], None]).to(x.dtype)
+        out = per_pair.view(T, self.top_k, D).sum(dim=1)  # [T, D]
 
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def predict(self, x: torch.Tensor) -> list[int]:
+        """The experts this router would pick for hidden states x [T, D] (ascending ids)."""
+        return torch.unique(self.route(x)[1]).tolist()

@@ -38,12 +38,18 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(config.hidden_size, config.dense_intermediate_size, config.hidden_act)
         self.is_moe = config.moe_layers[layer_id]
 
-    def forward(self, x: torch.Tensor, rope, ctx: StepContext, experts: ExpertProvider) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
+    def attend(self, x: torch.Tensor, rope, ctx: StepContext) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), rope, ctx)
+
+    def feed_forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             return x + getattr(self, self.moe_attr)(h, experts)
         return x + self.mlp(h)
+
+    def predict_experts(self, x: torch.Tensor) -> list[int]:
+        """This (MoE) layer's router applied to an earlier layer's hidden states x [T, D]."""
+        return getattr(self, self.moe_attr).predict(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
@@ -65,6 +71,9 @@ class MoeCausalLM(nn.Module):
         self.model = Backbone(config, self.moe_attr)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_linear_factor)
+        moe_ids = config.moe_layer_ids
+        # layer id → the next MoE layer after it (whose experts are worth prefetching), or None
+        self.next_moe_layer = {i: next((m for m in moe_ids if m > i), None) for i in range(config.num_layers)}
 
     @classmethod
     def expert_tensor_names(cls, layer: int, expert: int) -> tuple[str, str, str]:
@@ -91,8 +100,15 @@ class MoeCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, D]
         rope = self.rotary.cos_sin(ctx.positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, rope, ctx, experts)
+        layers = self.model.layers
+        for i, layer in enumerate(layers):
+            x = layer.attend(x, rope, ctx)
+            upcoming = self.next_moe_layer[i]
+            if experts.wants_predictions and upcoming is not None:
+                # While this layer's experts compute, the next MoE layer's router on the current
+                # hidden states names the experts worth loading ahead of time.
+                experts.prefetch(upcoming, layers[upcoming].predict_experts(x))
+            x = layer.feed_forward(x, experts)
         if logits_indices is not None:
             x = x[logits_indices]  # [N, D]: the vocabulary projection only where it is needed
         return self.lm_head(self.model.norm(x)).float()  # [N, vocab]
