@@ -2,7 +2,8 @@
 
 In:  a local directory (config.json, safetensors shard(s), tokenizer files), a device and dtype.
 Out: `LoadedModel`: the resident model (attention, norms, embeddings, routers, dense and shared
-     MLPs) on the device, and the routed experts behind a `DenseExpertProvider`.
+     MLPs) on the device; the routed experts stay in the mapped files until `load_dense_experts`
+     (all resident) or the offloading runtime (compressed store) takes them.
 
 Tensors are taken one at a time from the memory-mapped files and converted in place of the
 model's meta-device parameters, so peak memory is one copy of the weights plus one tensor;
@@ -33,7 +34,6 @@ class LoadedModel:
     model_dir: Path
     config: ModelConfig
     model: MoeCausalLM
-    experts: DenseExpertProvider
     tokenizer: Tokenizer | None
     checkpoint: CheckpointTensors
 
@@ -69,17 +69,23 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | None 
     checkpoint = CheckpointTensors(model_dir)
     model = build_model(config)
     _fill_resident(model, checkpoint, config, device)
-    experts = {
-        layer: [_to_device(w, device, config.dtype) for w in weights]
-        for layer, weights in iter_stored_experts(model, checkpoint, config)
-    }
     return LoadedModel(
         model_dir=model_dir,
         config=config,
         model=model.eval(),
-        experts=DenseExpertProvider(experts),
         tokenizer=load_tokenizer(model_dir),
         checkpoint=checkpoint,
+    )
+
+
+def load_dense_experts(loaded: LoadedModel, device: torch.device) -> DenseExpertProvider:
+    """Every routed expert on the device in the compute dtype (no offloading)."""
+    dtype = loaded.config.dtype
+    return DenseExpertProvider(
+        {
+            layer: [_to_device(w, device, dtype) for w in weights]
+            for layer, weights in iter_stored_experts(loaded.model, loaded.checkpoint, loaded.config)
+        }
     )
 
 

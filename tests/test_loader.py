@@ -21,14 +21,15 @@ def _mapped_ranges(checkpoint: CheckpointTensors) -> list[tuple[int, int]]:
 
 
 def test_same_dtype_cpu_load_keeps_weights_in_the_mapped_file(checkpoint_factory):
-    from moeserve.loader import load_model
+    from moeserve.loader import load_dense_experts, load_model
 
     directory, _ = checkpoint_factory("qwen3_moe")
     loaded = load_model(directory, torch.device("cpu"))
+    experts = load_dense_experts(loaded, torch.device("cpu"))
     ranges = _mapped_ranges(loaded.checkpoint)
     assert ranges
     tensors = [p for p in loaded.model.parameters()]
-    tensors += [t for layer in loaded.experts._experts.values() for w in layer for t in (w.gate, w.up, w.down)]
+    tensors += [t for layer in experts._experts.values() for w in layer for t in (w.gate, w.up, w.down)]
     for tensor in tensors:
         assert any(lo <= tensor.data_ptr() < hi for lo, hi in ranges), "a weight was copied out of the mapped file"
 

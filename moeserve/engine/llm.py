@@ -13,7 +13,9 @@ from moeserve.engine.llm_engine import LLMEngine
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.errors import InputError, ModelLoadError
-from moeserve.loader import load_model, resolve_model_dir
+from moeserve.loader import load_dense_experts, load_model, resolve_model_dir
+from moeserve.offload.cache import EVICTION_POLICIES
+from moeserve.offload.runtime import OffloadRuntime, build_offload_runtime, is_compressed_dir
 
 Prompt = str | list[int]
 
@@ -25,6 +27,11 @@ class LLM:
     device: "cpu", "cuda" or "cuda:N"; None = CUDA when available, else CPU.
     dtype: compute dtype ("bfloat16", "float16", "float32"); None = the checkpoint's dtype.
     max_model_len: the context in tokens; None = the model's max_position_embeddings.
+    policy: per-layer error-bound policy (YAML/JSON path or text, or a dict); experts are then kept
+        compressed in host memory and decoded into a bounded cache. None = lossless (`codec: raw`)
+        when offloading, or no offloading at all when `expert_cache` is None too.
+    expert_cache: decoded-expert budget: "25%" of all experts, "512MiB", or bytes; None = all.
+    eviction: "lru" or "lfu". prefetch: predict and load the next layer's experts ahead of time.
     """
 
     def __init__(
@@ -37,6 +44,11 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
         seed: int = 0,
+        policy: str | Path | dict | None = None,
+        expert_cache: str | int | None = None,
+        eviction: str = "lru",
+        prefetch: bool = True,
+        progress: bool = True,
     ):
         self.device = _resolve_device(device)
         self.model_dir = resolve_model_dir(model)
@@ -44,7 +56,18 @@ class LLM:
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model = loaded.model
-        self.experts = loaded.experts
+        self.offload: OffloadRuntime | None = None
+        if policy is not None or expert_cache is not None or is_compressed_dir(self.model_dir):
+            if eviction not in EVICTION_POLICIES:
+                raise ModelLoadError(f"eviction {eviction!r} is not known; use one of {', '.join(EVICTION_POLICIES)}.")
+            self.offload = build_offload_runtime(
+                loaded.model, self.config, self.model_dir, loaded.checkpoint, policy, expert_cache,
+                self.device, eviction=eviction, prefetch=prefetch, progress=progress,
+            )
+            self.experts = self.offload.provider
+        else:
+            self.experts = load_dense_experts(loaded, self.device)
+        self.loaded = loaded  # resident weights and the mapped checkpoint (e.g. for `moeserve compress`)
         context = self.config.max_position_embeddings
         if max_model_len is not None:
             if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:

@@ -1,0 +1,126 @@
+"""`OffloadedExpertProvider`: the expert provider backed by the compressed store and the cache.
+
+In:  fetch(layer, experts) from a MoE block; prefetch(layer, predicted) from the model.
+Out: decoded experts from cache slots, one at a time: hits first, then misses, whose loads run
+     `lookahead` deep so decoding the next overlaps computing the current.
+
+Prefetch hints are held until the next fetch has pinned that layer's resident experts and started
+its own misses, so a guess about layer l+1 can never evict what layer l is about to use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Iterator, Sequence
+
+from moeserve.experts import ExpertWeights
+from moeserve.offload.cache import ExpertCache, ExpertKey, SlotEntry, SlotPool
+from moeserve.offload.stats import OffloadStats
+from moeserve.offload.store import CompressedStore
+
+
+class OffloadedExpertProvider:
+    def __init__(
+        self,
+        store: CompressedStore,
+        pool: SlotPool,
+        cache: ExpertCache,
+        filler,
+        stats: OffloadStats,
+        prefetch: bool = True,
+        lookahead: int = 2,
+    ):
+        self.store, self.pool, self.cache, self.filler, self.stats = store, pool, cache, filler, stats
+        self.wants_predictions = prefetch
+        self.lookahead = max(1, lookahead)
+        self._hint: tuple[int, Sequence[int]] | None = None
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        self._hint = (layer, experts)
+
+    def fetch(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        resident: list[SlotEntry] = []
+        missing: deque[ExpertKey] = deque()
+        for expert in experts:
+            entry = self.cache.get((layer, expert))
+            if entry is None:
+                missing.append((layer, expert))
+            else:
+                entry.pins += 1
+                resident.append(entry)
+        self.stats.hits += len(resident)
+        self.stats.misses += len(missing)
+        in_flight: deque[SlotEntry] = deque()
+        held = resident + self._start_misses(missing, in_flight)  # pinned by this fetch, not yet released
+        self._issue_hint()
+        # Ready experts first: computing them hides the loads still in flight.
+        resident.sort(key=lambda entry: not entry.ready.done())
+        try:
+            for entry in resident:
+                yield self._use(entry)
+                self._release(entry, held)
+            while in_flight:
+                entry = in_flight.popleft()
+                yield self._use(entry)
+                self._release(entry, held)
+                held += self._start_misses(missing, in_flight)
+        finally:
+            # A consumer that stops early (an exception in compute) must not leave slots pinned.
+            for entry in held:
+                entry.pins -= 1
+
+    @staticmethod
+    def _release(entry: SlotEntry, held: list[SlotEntry]) -> None:
+        entry.pins -= 1
+        held.remove(entry)
+
+    def _use(self, entry: SlotEntry) -> tuple[int, ExpertWeights]:
+        if not entry.ready.done():
+            start = time.perf_counter()
+            entry.ready.wait()
+            self.stats.wait_seconds += time.perf_counter() - start
+        else:
+            entry.ready.wait()  # orders a GPU compute stream after the fill; immediate on CPU
+        self.cache.touch(entry.key)
+        if entry.prefetched:
+            entry.prefetched = False
+            self.stats.prefetches_used += 1
+        return entry.key[1], self.pool.weights(entry.slot)
+
+    def _start_misses(self, missing: deque[ExpertKey], in_flight: deque[SlotEntry]) -> list[SlotEntry]:
+        """Start loads for the next misses, keeping `lookahead` in flight; returns the new, pinned entries."""
+        started = []
+        while missing and len(in_flight) < self.lookahead:
+            entry = self._start(missing[0], prefetched=False)
+            if entry is None:
+                if not in_flight:
+                    raise RuntimeError("every expert cache slot is pinned; the cache is smaller than one expert")
+                break
+            missing.popleft()
+            entry.pins += 1
+            in_flight.append(entry)
+            started.append(entry)
+        return started
+
+    def _issue_hint(self) -> None:
+        if self._hint is None:
+            return
+        layer, experts = self._hint
+        self._hint = None
+        for expert in experts:
+            key = (layer, expert)
+            if self.cache.get(key) is not None:
+                continue
+            if self._start(key, prefetched=True) is None:
+                return  # every slot is busy: the rest of the guess would only evict useful experts
+            self.stats.prefetches_issued += 1
+
+    def _start(self, key: ExpertKey, prefetched: bool) -> SlotEntry | None:
+        entry = self.cache.claim(key, prefetched)
+        if entry is not None:
+            entry.ready = self.filler.start(self.store.experts[key], entry.slot)
+        return entry
+
+    def close(self) -> None:
+        self.filler.close()

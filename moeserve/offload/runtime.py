@@ -1,0 +1,182 @@
+"""Assembles the offloading runtime for one loaded model: store, slot pool, cache, filler, provider.
+
+In:  the checkpoint's stored experts (or a compressed store written by `moeserve compress`), a
+     policy, a cache budget ("25%", "512MiB", bytes) and the compute device.
+Out: an `OffloadedExpertProvider` for the model, plus the resolved policy and store for reporting.
+
+Compressed stores are cached on disk under $MOESERVE_CACHE_DIR (default ~/.cache/moeserve),
+keyed by the checkpoint's files and the resolved policy, so a restart does not recompress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeserve.config import ModelConfig
+from moeserve.errors import MoeServeError
+from moeserve.offload.cache import ExpertCache, SlotPool
+from moeserve.offload.filler import CpuSlotFiller, CudaSlotFiller
+from moeserve.offload.policy import Policy, ResolvedPolicy, load_policy
+from moeserve.offload.provider import OffloadedExpertProvider
+from moeserve.offload.stats import OffloadStats
+from moeserve.offload.store import CompressedStore
+
+STORE_FILE = "experts.msstore"
+STORE_MARKER = "moeserve_store.json"  # present in directories written by `moeserve compress`
+_STORE_FORMAT = 1
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+class OffloadError(MoeServeError):
+    """A cache budget or offloading option that cannot be served."""
+
+
+@dataclass
+class OffloadRuntime:
+    provider: OffloadedExpertProvider
+    policy: ResolvedPolicy
+    policy_source: Policy
+    store: CompressedStore
+    stats: OffloadStats
+    budget_bytes: int
+    num_slots: int
+
+
+def is_compressed_dir(model_dir: Path) -> bool:
+    return (model_dir / STORE_MARKER).is_file()
+
+
+def parse_budget(spec: str | int | float, total_bytes: int) -> int:
+    """'25%' of all decoded experts, '512MiB' / '2GB', or a number of bytes → bytes."""
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        value = int(spec)
+    elif isinstance(spec, str) and spec.strip().endswith("%"):
+        try:
+            value = int(total_bytes * float(spec.strip()[:-1]) / 100)
+        except ValueError:
+            value = -1
+    else:
+        match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(spec))
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _UNITS:
+            raise OffloadError(f"expert cache size {spec!r} is not understood; use e.g. '25%', '512MiB' or a byte count.")
+        value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise OffloadError(f"expert cache size {spec!r} must be positive; use e.g. '25%' or '512MiB'.")
+    return value
+
+
+def checkpoint_identity(model_dir: Path) -> str:
+    """Names, sizes and modification times of the weight files and config: cheap, and any
+    re-export changes it."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]:
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
+def store_cache_path(model_dir: Path, policy: ResolvedPolicy) -> Path:
+    root = Path(os.environ.get("MOESERVE_CACHE_DIR", Path.home() / ".cache" / "moeserve"))
+    key = hashlib.sha256(
+        f"{_STORE_FORMAT}:{checkpoint_identity(model_dir.resolve())}:{policy.fingerprint()}".encode()
+    ).hexdigest()[:32]
+    return root / "stores" / f"{key}.msstore"
+
+
+def build_offload_runtime(
+    model,
+    config: ModelConfig,
+    model_dir: Path,
+    checkpoint,
+    policy_source,
+    expert_cache,
+    device: torch.device,
+    eviction: str = "lru",
+    prefetch: bool = True,
+    progress: bool = True,
+) -> OffloadRuntime:
+    from moeserve.loader import iter_stored_experts
+
+    pin = device.type == "cuda"
+    compressed_dir = is_compressed_dir(model_dir)
+    if compressed_dir:
+        store = CompressedStore.load(model_dir / STORE_FILE, pin=pin, progress=progress)
+        stored_policy = load_policy(store.policy_yaml)
+        if policy_source is not None and load_policy(policy_source).resolve(
+            config.moe_layer_ids, config.num_layers, config.num_experts
+        ).fingerprint() != store.fingerprint:
+            raise OffloadError(
+                f"{model_dir} was compressed with its own policy; serve it without --policy, "
+                f"or pass the original checkpoint to use another policy."
+            )
+        policy_source = stored_policy
+    else:
+        policy_source = load_policy(policy_source) if policy_source is not None else Policy.default_policy()
+    resolved = policy_source.resolve(config.moe_layer_ids, config.num_layers, config.num_experts)
+
+    if not compressed_dir:
+        cached = store_cache_path(model_dir, resolved)
+        if cached.is_file():
+            store = CompressedStore.load(cached, pin=pin, progress=progress)
+        else:
+            total = len(config.moe_layer_ids) * config.num_experts
+            stored = iter_stored_experts(model, checkpoint, config)
+            store = CompressedStore.build(stored, resolved, policy_source.to_yaml(), total, pin=pin, progress=progress)
+            _save_quietly(store, cached)
+
+    slot_bytes = SlotPool.slot_nbytes(config.hidden_size, config.moe_intermediate_size, config.dtype)
+    total_experts = len(store.experts)
+    budget = parse_budget(expert_cache if expert_cache is not None else "100%", total_experts * slot_bytes)
+    num_slots = min(budget // slot_bytes, total_experts)
+    if num_slots < config.top_k:
+        raise OffloadError(
+            f"an expert cache of {budget} bytes holds {budget // slot_bytes} experts but one layer's top-k needs "
+            f"{config.top_k}; give at least {config.top_k * slot_bytes} bytes."
+        )
+    stats = OffloadStats(bits_per_value={layer: s.bits_per_value for layer, s in store.layer_sizes().items()})
+    pool = SlotPool(num_slots, config.hidden_size, config.moe_intermediate_size, config.dtype, device)
+    if device.type == "cuda":
+        filler = CudaSlotFiller(pool, stats, max(p.nbytes for p in store.experts.values()))
+    else:
+        filler = CpuSlotFiller(pool, stats)
+    cache = ExpertCache(num_slots, eviction)
+    provider = OffloadedExpertProvider(store, pool, cache, filler, stats, prefetch=prefetch)
+    return OffloadRuntime(provider, resolved, policy_source, store, stats, budget, num_slots)
+
+
+def _save_quietly(store: CompressedStore, path: Path) -> None:
+    """The disk cache only saves time: a read-only or full disk must not stop serving."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        store.save(path)
+    except OSError as exc:
+        print(f"moeserve: could not cache the compressed store at {path} ({exc}); continuing.", file=sys.stderr)
+
+
+def write_compressed_dir(runtime: OffloadRuntime, model, checkpoint, source_dir: Path, out_dir: Path) -> None:
+    """`moeserve compress`: resident weights, the store, config and tokenizer files in one directory."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resident = {}
+    for name, _ in model.named_parameters():
+        if name in checkpoint:
+            resident[name] = checkpoint.get(name).contiguous()
+    save_file(resident, out_dir / "resident.safetensors", metadata={"format": "pt"})
+    runtime.store.save(out_dir / STORE_FILE)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (source_dir / name).is_file():
+            (out_dir / name).write_bytes((source_dir / name).read_bytes())
+    (out_dir / "policy.yaml").write_text(runtime.store.policy_yaml)
+    (out_dir / STORE_MARKER).write_text(
+        json.dumps({"format": _STORE_FORMAT, "source": str(source_dir.resolve()), "policy_fingerprint": runtime.store.fingerprint})
+    )

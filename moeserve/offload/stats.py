@@ -1,0 +1,39 @@
+"""Counters of the offloading runtime, read by benchmarks and exported by the server's /metrics."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class OffloadStats:
+    hits: int = 0  # requested experts already in (or on their way into) a cache slot
+    misses: int = 0  # requested experts that had to be loaded on demand
+    prefetches_issued: int = 0
+    prefetches_used: int = 0  # prefetched experts that a later fetch actually consumed
+    bytes_transferred: int = 0  # compressed bytes moved host → decode (H2D on a GPU)
+    decode_seconds: float = 0.0  # time spent decoding, summed over workers / streams
+    wait_seconds: float = 0.0  # time compute blocked waiting for an expert
+    bits_per_value: dict[int, float] = field(default_factory=dict)  # per MoE layer, from the store
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_decode_time(self, seconds: float) -> None:
+        with self._lock:  # decode workers run in parallel
+            self.decode_seconds += seconds
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def snapshot(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+        data["bits_per_value"] = dict(self.bits_per_value)
+        data["hit_rate"] = self.hit_rate
+        return data
+
+    def reset(self) -> None:
+        with self._lock:
+            self.hits = self.misses = self.prefetches_issued = self.prefetches_used = self.bytes_transferred = 0
+            self.decode_seconds = self.wait_seconds = 0.0

@@ -1,0 +1,163 @@
+"""The compressed host store: every routed expert encoded per the policy, one packed buffer each.
+
+In:  the checkpoint's stored expert tensors (memory-mapped, any dtype) and a resolved policy.
+Out: `PackedExpert`s in host memory (pinned when a GPU serves), each one contiguous uint8 buffer
+     holding its gate, up and down blobs at 8-byte-aligned offsets, so one copy moves one expert
+     and a device-side decoder can read each blob in place.
+
+Owned by the host for the whole run and never written after it is built: evicting a decoded
+expert never writes back. `save` / `load` keep it on disk (one file, every blob checksummed).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from moeserve.codecs import Blob, encode
+from moeserve.errors import ModelLoadError
+from moeserve.experts import ExpertWeights
+from moeserve.offload.policy import PROJECTIONS, ResolvedPolicy
+
+ExpertKey = tuple[int, int]  # (layer, expert)
+_ALIGN = 8  # device decoders read blob payloads as 64-bit words
+_MAGIC = b"MSSTORE1"
+
+
+@dataclass(frozen=True)
+class PackedExpert:
+    data: torch.Tensor  # uint8 [nbytes]: the three payloads, aligned
+    blobs: tuple[Blob, Blob, Blob]  # gate, up, down; payloads are views into `data`
+    offsets: tuple[int, int, int]  # byte offset of each payload in `data`
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel()
+
+    @property
+    def numel(self) -> int:
+        return sum(b.numel for b in self.blobs)
+
+    @classmethod
+    def pack(cls, blobs: tuple[Blob, Blob, Blob], pin: bool = False) -> PackedExpert:
+        offsets, end = [], 0
+        for blob in blobs:
+            offsets.append(end)
+            end = -(-(end + blob.payload_nbytes) // _ALIGN) * _ALIGN
+        data = torch.zeros(end, dtype=torch.uint8, pin_memory=pin)
+        host = data.numpy()
+        placed = []
+        for blob, offset in zip(blobs, offsets):
+            n = blob.payload_nbytes
+            host[offset : offset + n] = blob.payload_numpy()
+            placed.append(blob.with_payload(host[offset : offset + n]))
+        return cls(data=data, blobs=tuple(placed), offsets=tuple(offsets))
+
+
+@dataclass
+class LayerSize:
+    nbytes: int = 0  # compressed bytes, headers included
+    numel: int = 0
+
+    @property
+    def bits_per_value(self) -> float:
+        return 8 * self.nbytes / self.numel if self.numel else 0.0
+
+
+class CompressedStore:
+    def __init__(self, experts: dict[ExpertKey, PackedExpert], policy_yaml: str, fingerprint: str):
+        self.experts = experts
+        self.policy_yaml = policy_yaml
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def build(
+        cls,
+        stored: Iterator[tuple[int, list[ExpertWeights]]],
+        policy: ResolvedPolicy,
+        policy_yaml: str,
+        total: int,
+        pin: bool = False,
+        progress: bool = True,
+    ) -> CompressedStore:
+        """Encode every expert (`total` of them, for the progress bar) from the stored tensors."""
+        experts: dict[ExpertKey, PackedExpert] = {}
+        with tqdm(total=total, desc="compressing experts", unit="expert", disable=not progress) as bar:
+            for layer, weights in stored:
+                for expert, w in enumerate(weights):
+                    blobs = []
+                    for projection, tensor in zip(PROJECTIONS, (w.gate, w.up, w.down)):
+                        setting = policy.setting(layer, expert, projection)
+                        blobs.append(encode(tensor, setting.codec, setting.mode, setting.error_bound))
+                    experts[(layer, expert)] = PackedExpert.pack(tuple(blobs), pin)
+                    bar.update()
+        return cls(experts, policy_yaml, policy.fingerprint())
+
+    def layer_sizes(self) -> dict[int, LayerSize]:
+        sizes: dict[int, LayerSize] = {}
+        for (layer, _), packed in sorted(self.experts.items()):
+            size = sizes.setdefault(layer, LayerSize())
+            size.nbytes += sum(b.nbytes for b in packed.blobs)
+            size.numel += packed.numel
+        return sizes
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held by the store (packed buffers)."""
+        return sum(p.nbytes for p in self.experts.values())
+
+    def save(self, path: Path) -> None:
+        """One file: magic, index length, JSON index, then each expert's three serialized blobs."""
+        index, chunks, offset = [], [], 0
+        for (layer, expert), packed in sorted(self.experts.items()):
+            parts = [bytes(b) for b in packed.blobs]
+            index.append([layer, expert, offset, [len(p) for p in parts]])
+            chunks.extend(parts)
+            offset += sum(len(p) for p in parts)
+        header = json.dumps({"policy_fingerprint": self.fingerprint, "policy": self.policy_yaml, "experts": index})
+        tmp = path.with_suffix(path.suffix + ".partial")
+        with open(tmp, "wb") as out:
+            out.write(_MAGIC + struct.pack("<Q", len(header)) + header.encode())
+            for chunk in chunks:
+                out.write(chunk)
+        tmp.replace(path)  # a crash mid-write never leaves a store that looks complete
+
+    @classmethod
+    def load(cls, path: Path, pin: bool = False, progress: bool = True) -> CompressedStore:
+        with open(path, "rb") as handle:
+            # Read-only map; it closes itself once the last blob view into it is packed and dropped.
+            mapped = memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ))
+        if bytes(mapped[: len(_MAGIC)]) != _MAGIC:
+            raise ModelLoadError(f"{path} is not a moeserve compressed store; recreate it with `moeserve compress`.")
+        (header_len,) = struct.unpack_from("<Q", mapped, len(_MAGIC))
+        start = len(_MAGIC) + 8
+        header = json.loads(bytes(mapped[start : start + header_len]))
+        data = mapped[start + header_len :]
+        experts = {}
+        for layer, expert, offset, lengths in tqdm(
+            header["experts"], desc="loading compressed experts", unit="expert", disable=not progress
+        ):
+            blobs, at = [], offset
+            for n in lengths:
+                if at + n > len(data):
+                    raise ModelLoadError(f"{path} is truncated; recreate it with `moeserve compress`.")
+                blobs.append(Blob.from_bytes(data[at : at + n]))
+                at += n
+            experts[(layer, expert)] = PackedExpert.pack(tuple(blobs), pin)
+        return cls(experts, header["policy"], header["policy_fingerprint"])
+
+
+def packed_payload_view(packed: PackedExpert, device_data: torch.Tensor) -> tuple[Blob, Blob, Blob]:
+    """The expert's blobs with payloads pointing into a device copy of its packed buffer."""
+    return tuple(
+        blob.with_payload(device_data[offset : offset + blob.payload_nbytes])
+        for blob, offset in zip(packed.blobs, packed.offsets)
+    )
+
