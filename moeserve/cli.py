@@ -16,12 +16,24 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: the embedded model)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    parser.add_argument("--policy", default=None, help="per-layer error-bound policy YAML: keep experts compressed")
+    parser.add_argument("--expert-cache", default=None, help="decoded-expert budget: '25%%', '512MiB' or bytes")
+    parser.add_argument("--eviction", default="lru", choices=["lru", "lfu"])
+    parser.add_argument("--no-prefetch", action="store_true", help="load experts only when a layer asks for them")
 
 
 def _load_llm(args: argparse.Namespace):
     from moeserve import LLM
 
-    return LLM(model=args.model, device=args.device, dtype=args.dtype)
+    return LLM(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        policy=args.policy,
+        expert_cache=args.expert_cache,
+        eviction=args.eviction,
+        prefetch=not args.no_prefetch,
+    )
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -60,6 +72,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moeserve.offload.runtime import write_compressed_dir
+
+    llm = _load_llm(args)
+    out = Path(args.out)
+    write_compressed_dir(llm.offload, llm.model, llm.loaded.checkpoint, llm.model_dir, out)
+    store = llm.offload.store
+    print(f"wrote {out}: {len(store.experts)} experts, {store.nbytes / 2**20:.1f} MiB compressed")
+    return 0
+
+
+def _cmd_policy_show(args: argparse.Namespace) -> int:
+    from moeserve.offload.report import format_policy_table
+
+    args.policy = args.policy_file
+    args.expert_cache = None
+    print(format_policy_table(_load_llm(args).offload))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="items per skill")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(run=_cmd_eval)
+
+    comp = commands.add_parser("compress", help="write the compressed expert store and resident weights to a directory")
+    _add_model_options(comp)
+    comp.add_argument("--out", required=True, help="output directory; serve it with --model OUT")
+    comp.set_defaults(run=_cmd_compress)
+
+    pol = commands.add_parser("policy", help="inspect error-bound policies")
+    pol_commands = pol.add_subparsers(dest="policy_command", required=True)
+    show = pol_commands.add_parser("show", help="print the resolved per-layer policy with bits/value and bytes")
+    _add_model_options(show)
+    show.add_argument("policy_file", metavar="POLICY.yaml")
+    show.set_defaults(run=_cmd_policy_show)
     return parser
 
 
