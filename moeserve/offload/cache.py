@@ -109,12 +109,20 @@ class ExpertCache:
     def touch(self, key: ExpertKey) -> None:
         self._eviction.touch(key)
 
-    def claim(self, key: ExpertKey, prefetched: bool) -> SlotEntry | None:
-        """A slot for `key`: a free one, else the best evictable one; None if every slot is busy."""
+    def claim(self, key: ExpertKey, prefetched: bool, protected_layers: tuple[int, ...] = ()) -> SlotEntry | None:
+        """A slot for `key`: a free one, else the best evictable one outside `protected_layers`;
+        None if every candidate is busy."""
         if self._free:
             slot = self._free.pop()
         else:
-            victim = next((k for k in self._eviction.victims() if self._evictable(self.entries[k])), None)
+            victim = next(
+                (
+                    k
+                    for k in self._eviction.victims()
+                    if k[0] not in protected_layers and self._evictable(self.entries[k])
+                ),
+                None,
+            )
             if victim is None:
                 return None
             slot = self.entries.pop(victim).slot

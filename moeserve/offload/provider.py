@@ -1,8 +1,9 @@
 """`OffloadedExpertProvider`: the expert provider backed by the compressed store and the cache.
 
 In:  fetch(layer, experts) from a MoE block; prefetch(layer, predicted) from the model.
-Out: decoded experts from cache slots, one at a time: hits first, then misses, whose loads run
-     `lookahead` deep so decoding the next overlaps computing the current.
+Out: decoded experts from cache slots, one at a time: hits first, then misses. Every miss starts
+     loading at once (as far as free slots allow), ahead of any prefetch, so demand loads never
+     queue behind guesses and decoding the next overlaps computing the current.
 
 Prefetch hints are held until the next fetch has pinned that layer's resident experts and started
 its own misses, so a guess about layer l+1 can never evict what layer l is about to use.
@@ -29,11 +30,9 @@ class OffloadedExpertProvider:
         filler,
         stats: OffloadStats,
         prefetch: bool = True,
-        lookahead: int = 2,
     ):
         self.store, self.pool, self.cache, self.filler, self.stats = store, pool, cache, filler, stats
         self.wants_predictions = prefetch
-        self.lookahead = max(1, lookahead)
         self._hint: tuple[int, Sequence[int]] | None = None
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
@@ -53,7 +52,7 @@ class OffloadedExpertProvider:
         self.stats.misses += len(missing)
         in_flight: deque[SlotEntry] = deque()
         held = resident + self._start_misses(missing, in_flight)  # pinned by this fetch, not yet released
-        self._issue_hint()
+        self._issue_hint(current_layer=layer)
         # Ready experts first: computing them hides the loads still in flight.
         resident.sort(key=lambda entry: not entry.ready.done())
         try:
@@ -89,9 +88,9 @@ class OffloadedExpertProvider:
         return entry.key[1], self.pool.weights(entry.slot)
 
     def _start_misses(self, missing: deque[ExpertKey], in_flight: deque[SlotEntry]) -> list[SlotEntry]:
-        """Start loads for the next misses, keeping `lookahead` in flight; returns the new, pinned entries."""
+        """Start loads for as many misses as slots allow; returns the new, pinned entries."""
         started = []
-        while missing and len(in_flight) < self.lookahead:
+        while missing:
             entry = self._start(missing[0], prefetched=False)
             if entry is None:
                 if not in_flight:
@@ -103,21 +102,24 @@ class OffloadedExpertProvider:
             started.append(entry)
         return started
 
-    def _issue_hint(self) -> None:
+    def _issue_hint(self, current_layer: int) -> None:
         if self._hint is None:
             return
         layer, experts = self._hint
         self._hint = None
+        # A guess may only displace other layers' experts: evicting the current layer's or the
+        # target layer's own residents would trade a likely hit for a possible one.
+        protected = (current_layer, layer)
         for expert in experts:
             key = (layer, expert)
             if self.cache.get(key) is not None:
                 continue
-            if self._start(key, prefetched=True) is None:
+            if self._start(key, prefetched=True, protected_layers=protected) is None:
                 return  # every slot is busy: the rest of the guess would only evict useful experts
             self.stats.prefetches_issued += 1
 
-    def _start(self, key: ExpertKey, prefetched: bool) -> SlotEntry | None:
-        entry = self.cache.claim(key, prefetched)
+    def _start(self, key: ExpertKey, prefetched: bool, protected_layers: tuple[int, ...] = ()) -> SlotEntry | None:
+        entry = self.cache.claim(key, prefetched, protected_layers)
         if entry is not None:
             entry.ready = self.filler.start(self.store.experts[key], entry.slot)
         return entry
