@@ -50,7 +50,7 @@ class BuildPy(build_py):
         super().run()
         dst = Path(self.build_lib) / "moeserve" / "_kernels"
         dst.mkdir(parents=True, exist_ok=True)
-        for src in Path("kernels").iterdir():
+        for src in Path("kernels").glob("*"):
             if src.suffix in (".cu", ".cuh", ".h"):
                 shutil.copy2(src, dst / src.name)
 

@@ -10,6 +10,7 @@ byte-identical to the C++ encoder's.
 from __future__ import annotations
 
 import functools
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,18 +69,30 @@ def _cupy():
 
 @functools.cache
 def _module(device_index: int):
+    """All szp kernels for one device, compiled by NVRTC on first use (cupy caches the binary on disk)."""
+    return _cupy().RawModule(code=KERNEL_SOURCE, options=compile_options(), name_expressions=KERNELS)
+
+
+@functools.cache
+def _kernel(device_index: int, name: str):
+    with _cupy().cuda.Device(device_index):
+        return _module(device_index).get_function(name)
+
+
+@functools.cache
+def _cupy_stream(handle: int, device_index: int):
+    """cupy's view of a torch stream (a handle wrapper, cached so launches create nothing)."""
     cupy = _cupy()
-    with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=KERNEL_SOURCE, options=compile_options(), name_expressions=KERNELS)
+    with warnings.catch_warnings():  # cupy 14 prefers Stream.from_external, which cupy 13 lacks
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(handle, device_index)
 
 
 def _launch(device: torch.device, name: str, grid: int, args: tuple, stream: torch.cuda.Stream) -> None:
     """One checked launch: cupy raises on a launch error; the kernel is ordered on `stream`."""
-    cupy = _cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
-    with cupy.cuda.Device(index):
-        kernel = _module(index).get_function(name)
-        kernel((grid,), (THREADS,), args, stream=cupy.cuda.ExternalStream(stream.cuda_stream, index))
+    with _cupy().cuda.Device(index):
+        _kernel(index, name)((grid,), (THREADS,), args, stream=_cupy_stream(stream.cuda_stream, index))
 
 
 def _ptr(t: torch.Tensor, offset: int = 0) -> np.uint64:
@@ -110,6 +123,8 @@ def szp_decode_into(blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream) ->
     if isinstance(payload, torch.Tensor) and payload.is_cuda:
         if payload.device != out.device:
             raise CodecError(f"the blob's payload is on {payload.device} but the output on {out.device}; move one.")
+        if payload.data_ptr() % 8:  # the kernel reads the chunk table as 64-bit words
+            raise CodecError("a device payload must start 8-byte aligned; place it at an aligned offset.")
         device_payload = payload
     else:
         n, header_step, stored, _ = cpu_module().read_header(blob.payload_numpy())
