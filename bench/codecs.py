@@ -172,38 +172,36 @@ def gbs(nbytes: int, seconds: float) -> str:
     return f"{nbytes / seconds / 1e9:.2f}" if seconds > 0 else "—"
 
 
-def run(args) -> str:
-    gpu = gpu_available()
-    cpu = cpu_module()
+def tensor_groups(args) -> tuple[list[tuple[str, list[torch.Tensor]]], str]:
+    """(label, tensors) per table group, and a note when the checkpoint has no experts to add."""
     shapes = [(1024, 3584), (2048, 768)] if args.quick else [(4096, 14336), (2048, 768)]
-    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
-    groups: list[tuple[str, list[torch.Tensor]]] = [
-        (f"synthetic {r}x{c} {str(d).removeprefix('torch.')}", [synthetic((r, c), d)]) for r, c in shapes for d in dtypes
-    ]
-    model_note = ""
-    experts = expert_tensors(Path(args.model), args.max_experts) if Path(args.model).is_dir() else []
-    if experts:
-        dtype = str(experts[0][1].dtype).removeprefix("torch.")
-        groups.append((f"{Path(args.model).name} experts ({len(experts)} tensors, {dtype})", [t for _, t in experts]))
-    else:
-        model_note = f"No expert tensors found in `{args.model}` (the default model is not there yet), so part (b) has no rows."
+    groups = []
+    for rows, cols in shapes:
+        for name in args.dtypes.split(","):
+            groups.append((f"synthetic {rows}x{cols} {name}", [synthetic((rows, cols), getattr(torch, name))]))
+    model = Path(args.model)
+    experts = expert_tensors(model, args.max_experts) if model.is_dir() else []
+    if not experts:
+        return groups, f"No expert tensors (`*.experts.N.*_proj.weight`) in `{model}`, so the model part has no rows."
+    dtype = str(experts[0][1].dtype).removeprefix("torch.")
+    groups.append((f"{model.name} experts ({len(experts)} tensors, {dtype})", [t for _, t in experts]))
+    return groups, ""
 
-    head = "| tensors | codec | eb / mean\\|w\\| | bits/value | vs sz3 | max err / eb | max err / mean\\|w\\| | CPU enc GB/s | CPU dec GB/s |"
-    rule = "|---|---|---|---|---|---|---|---|---|"
-    if gpu:
-        head += " GPU enc GB/s | GPU dec GB/s |"
-        rule += "---|---|"
-    rows, speed_rows = [head, rule], []
+
+def table(groups, args, gpu: bool, cpu) -> tuple[list[str], list[str]]:
+    """Rows of the main table and of the szp-vs-pysz decode table."""
+    head = "| tensors | codec | eb / mean\\|w\\| | bits/value | vs sz3 | max err / eb | max err / mean\\|w\\| |"
+    head += " CPU enc GB/s | CPU dec GB/s |" + (" GPU enc GB/s | GPU dec GB/s |" if gpu else "")
+    rows, speed_rows = [head, "|---" * (11 if gpu else 9) + "|"], []
     for label, tensors in groups:
         print(f"# {label}", file=sys.stderr)
         for alpha in [float(a) for a in args.bounds.split(",")] + [None]:
             results: dict[str, Result] = {}
             for codec in BOUNDED if alpha is not None else BASELINES:
-                total = Result()
+                results[codec] = Result()
                 for x in tensors:
-                    total.add(measure(x, codec, alpha, args.repeat, gpu))
-                results[codec] = total
-                print(f"  {codec} alpha={alpha}: {total.bits:.3f} bits", file=sys.stderr)
+                    results[codec].add(measure(x, codec, alpha, args.repeat, gpu))
+                print(f"  {codec} alpha={alpha}: {results[codec].bits:.3f} bits", file=sys.stderr)
             for codec, r in results.items():
                 vs = f"{r.bits / results['sz3'].bits - 1:+.0%}" if "sz3" in results and codec != "sz3" else ""
                 err_eb = "—" if r.max_err_over_eb is None else f"{r.max_err_over_eb:.4f}"
@@ -217,13 +215,22 @@ def run(args) -> str:
                 rows.append(row)
             if alpha is not None and tensors[0].dtype == torch.float32:
                 speed_rows.append(decode_speed_row(label, tensors, alpha, results["szp"], args.repeat, cpu))
+    return rows, speed_rows
+
+
+def run(args) -> str:
+    gpu, cpu = gpu_available(), cpu_module()
+    groups, model_note = tensor_groups(args)
+    rows, speed_rows = table(groups, args, gpu, cpu)
     threads = cpu.openmp_threads()
+    command = " ".join(["python bench/codecs.py", *sys.argv[1:]])
+    gpu_name = torch.cuda.get_device_name() if gpu else "none (no GPU columns)"
     lines = [
         "## Codecs",
         "",
-        f"Measured {datetime.date.today()} with `python bench/codecs.py {' '.join(sys.argv[1:])}`".rstrip() + ".",
+        f"Measured {datetime.date.today()} with `{command}`.",
         f"CPU: {cpu_name()}, {os.cpu_count()} cores visible, szp on {threads} OpenMP threads "
-        f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); pysz and zfpy are single-threaded. GPU: {torch.cuda.get_device_name() if gpu else 'none (no GPU columns)'}. "
+        f"(OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}); pysz and zfpy are single-threaded. GPU: {gpu_name}. "
         f"torch {torch.__version__}, Python {platform.python_version()}.",
         "",
         "eb = alpha x mean|w| per tensor. bits/value counts the whole blob (header included). max err is taken in "
@@ -232,10 +239,9 @@ def run(args) -> str:
         "",
         *rows,
         "",
-        f"szp CPU decode against pysz's own `sz.decompress` (no moeserve wrapper), float32 tensors, same run:",
+        "szp CPU decode against pysz's own `sz.decompress` (no moeserve wrapper), float32 tensors, same run:",
         "",
-        "| tensors | eb / mean\\|w\\| | szp GB/s (" + str(threads) + " threads) | szp GB/s (1 thread) | pysz GB/s | "
-        "szp / pysz |",
+        f"| tensors | eb / mean\\|w\\| | szp GB/s ({threads} threads) | szp GB/s (1 thread) | pysz GB/s | szp / pysz |",
         "|---|---|---|---|---|---|",
         *speed_rows,
     ]

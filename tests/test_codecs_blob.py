@@ -48,8 +48,9 @@ def test_blob_is_self_describing(codec, dtype):
 
 @pytest.mark.parametrize("codec", ALL)
 def test_empty_and_scalar_tensors(codec):
-    empty = Blob.from_bytes(bytes(encode(torch.empty(0, 7), codec=codec, error_bound=BOUND.get(codec))))
-    assert decode(empty).shape == (0, 7)
+    for mode in ("abs", "rel", "mean_abs"):
+        empty = Blob.from_bytes(bytes(encode(torch.empty(0, 7), codec=codec, mode=mode, error_bound=BOUND.get(codec))))
+        assert decode(empty).shape == (0, 7)
     scalar = Blob.from_bytes(bytes(encode(torch.tensor(0.25), codec=codec, error_bound=BOUND.get(codec))))
     y = decode(scalar)
     assert y.shape == () and abs(y.item() - 0.25) <= 1e-3

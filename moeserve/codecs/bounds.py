@@ -29,6 +29,8 @@ def resolve(mode: str, error_bound: float, x: torch.Tensor) -> float:
         raise CodecError(f"error_bound must be a finite number above 0, got {error_bound!r}.")
     if mode == "abs":
         return float(error_bound)
+    if x.numel() == 0:  # nothing to bound; max/min/mean of nothing are undefined
+        return 0.0
     if mode == "rel":  # max and min are exact in x's dtype; only their difference needs float64
         scale = x.max().double().item() - x.min().double().item()
     else:

@@ -23,7 +23,7 @@ Decompress = Callable[[bytes, tuple[int, ...]], np.ndarray]
 
 
 def encode(x: torch.Tensor, eb: float, compress: Compress, decompress: Decompress) -> np.ndarray:
-    shape = _inner_shape(x)
+    shape = _inner_shape(tuple(x.shape))
     inner = compress(x.float().numpy().reshape(shape))
     y = torch.from_numpy(decompress(inner, shape)).reshape(-1).to(x.dtype)
     flat = x.reshape(-1)
@@ -44,7 +44,7 @@ def decode(payload: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...], deco
     k = int(payload[k_at : k_at + 8].view(_U64)[0])
     idx = torch.from_numpy(payload[k_at + 8 : k_at + 8 + 8 * k].view(_U64).astype(np.int64))
     bits = payload[k_at + 8 + 8 * k :].view(np.int32 if dtype == torch.float32 else np.int16)
-    y = torch.from_numpy(decompress(inner, _inner_shape_of(shape))).reshape(-1).to(dtype)
+    y = torch.from_numpy(decompress(inner, _inner_shape(shape))).reshape(-1).to(dtype)
     y[idx] = torch.from_numpy(bits.copy()).view(dtype)
     out.view(-1).copy_(y)
 
@@ -53,11 +53,7 @@ def _u64_bytes(values) -> np.ndarray:
     return np.asarray(values, dtype=_U64).view(np.uint8)
 
 
-def _inner_shape(x: torch.Tensor) -> tuple[int, ...]:
-    return _inner_shape_of(tuple(x.shape))
-
-
-def _inner_shape_of(shape: tuple[int, ...]) -> tuple[int, ...]:
+def _inner_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """Rows x last dimension: both compressors predict along rows, and neither takes size-1 or >4-D shapes."""
     dims = [d for d in shape if d > 1]
     if len(dims) <= 1:
