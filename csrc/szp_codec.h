@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <stdexcept>
+#include <vector>
 
 #include "szp_format.h"
 
@@ -27,13 +28,21 @@ struct FormatError : std::runtime_error {
 void write_header(const Header& h, szp_u8* out);
 Header read_header(const szp_u8* payload, size_t size);  // checks magic, constants and the total size
 
-// Pass 1: rate byte of every block and data bytes of every chunk. dtype is a valid code (the binding checks);
-// a non-finite value would simply be stored raw, but the Python layer refuses those before calling.
-void encode_sizes(int dtype, const void* x, szp_u64 n, float step, double eb, szp_u8* rates, szp_u64* chunk_bytes);
+// Encoding, in two calls so the caller can allocate the payload in between (dtype is a valid code; a
+// non-finite value would simply be stored raw, but the Python layer refuses those before calling).
+struct EncodePlan {
+    Layout layout;
+    Header header;
+    std::vector<szp_u8> rates;    // rate byte of every block
+    std::vector<szp_u64> table;   // chunk offsets in the data region, then its size
+    size_t payload_bytes() const { return layout.data_off + header.data_bytes; }
+};
 
-// Pass 2: write the data region, given the rates of pass 1 and the chunk offsets (exclusive scan of pass 1).
-void encode_data(int dtype, const void* x, szp_u64 n, float step, double eb, const szp_u8* rates,
-                 const szp_u64* chunk_offsets, szp_u8* data);
+// Pass 1: rates and chunk sizes (in parallel), then the chunk table.
+EncodePlan plan_encode(int dtype, const void* x, szp_u64 n, float step, double eb);
+
+// Pass 2: the whole payload (header, table, rates, data) into out, plan.payload_bytes() long.
+void write_payload(const EncodePlan& plan, const void* x, double eb, szp_u8* out);
 
 // Decode a whole payload into out (out_dtype values, n of them). Throws FormatError on a malformed payload.
 void decode(const szp_u8* payload, size_t size, void* out, int out_dtype);

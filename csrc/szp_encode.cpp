@@ -127,20 +127,36 @@ void data(const typename S::bits* x, szp_u64 n, float step, double eb, const szp
 
 double inv_step_of(float step) { return 1.0 / double(step); }
 
-void encode_sizes(int dtype, const void* x, szp_u64 n, float step, double eb, szp_u8* rates, szp_u64* chunk_bytes) {
+EncodePlan plan_encode(int dtype, const void* x, szp_u64 n, float step, double eb) {
+    EncodePlan plan;
+    plan.layout = layout_for(n);
+    plan.rates.resize(plan.layout.blocks);
+    plan.table.assign(plan.layout.chunks + 1, 0);
+    szp_u64* chunk_bytes = plan.table.data() + 1;
     switch (dtype) {
-        case kF32: sizes<F32>(static_cast<const szp_u32*>(x), n, step, eb, rates, chunk_bytes); return;
-        case kF16: sizes<F16>(static_cast<const szp_u16*>(x), n, step, eb, rates, chunk_bytes); return;
-        case kBF16: sizes<BF16>(static_cast<const szp_u16*>(x), n, step, eb, rates, chunk_bytes); return;
+        case kF32: sizes<F32>(static_cast<const szp_u32*>(x), n, step, eb, plan.rates.data(), chunk_bytes); break;
+        case kF16: sizes<F16>(static_cast<const szp_u16*>(x), n, step, eb, plan.rates.data(), chunk_bytes); break;
+        case kBF16: sizes<BF16>(static_cast<const szp_u16*>(x), n, step, eb, plan.rates.data(), chunk_bytes); break;
     }
+    for (size_t c = 1; c < plan.table.size(); ++c) plan.table[c] += plan.table[c - 1];  // sizes -> offsets
+    plan.header = Header{n, step, dtype, plan.table.back()};
+    return plan;
 }
 
-void encode_data(int dtype, const void* x, szp_u64 n, float step, double eb, const szp_u8* rates,
-                 const szp_u64* chunk_offsets, szp_u8* out) {
-    switch (dtype) {
-        case kF32: data<F32>(static_cast<const szp_u32*>(x), n, step, eb, rates, chunk_offsets, out); return;
-        case kF16: data<F16>(static_cast<const szp_u16*>(x), n, step, eb, rates, chunk_offsets, out); return;
-        case kBF16: data<BF16>(static_cast<const szp_u16*>(x), n, step, eb, rates, chunk_offsets, out); return;
+void write_payload(const EncodePlan& plan, const void* x, double eb, szp_u8* out) {
+    const Layout& l = plan.layout;
+    const Header& h = plan.header;
+    std::memset(out, 0, plan.payload_bytes());
+    write_header(h, out);
+    std::memcpy(out + l.table_off, plan.table.data(), 8 * plan.table.size());
+    std::memcpy(out + l.rates_off, plan.rates.data(), plan.rates.size());
+    const szp_u8* rates = plan.rates.data();
+    const szp_u64* offsets = plan.table.data();
+    szp_u8* region = out + l.data_off;
+    switch (h.dtype) {
+        case kF32: return data<F32>(static_cast<const szp_u32*>(x), h.n, h.step, eb, rates, offsets, region);
+        case kF16: return data<F16>(static_cast<const szp_u16*>(x), h.n, h.step, eb, rates, offsets, region);
+        case kBF16: return data<BF16>(static_cast<const szp_u16*>(x), h.n, h.step, eb, rates, offsets, region);
     }
 }
 

@@ -6,9 +6,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
-#include <cstring>
 #include <string>
-#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -36,24 +34,16 @@ py::array_t<uint8_t> encode(const py::array& x, int dtype, float step, double eb
     const void* values = values_of(x, dtype);
     if (!(step > 0.0f) || !(eb >= 0.0))
         throw std::invalid_argument("szp needs a positive step and a non-negative error bound");
-    const szp::Layout l = szp::layout_for(x.size());
-    std::vector<szp_u8> rates(l.blocks);
-    std::vector<szp_u64> table(l.chunks + 1, 0);
+    szp::EncodePlan plan;
     {
         py::gil_scoped_release nogil;
-        szp::encode_sizes(dtype, values, l.n, step, eb, rates.data(), table.data() + 1);
-        for (szp_u64 c = 1; c <= l.chunks; ++c) table[c] += table[c - 1];  // chunk sizes -> offsets
+        plan = szp::plan_encode(dtype, values, x.size(), step, eb);
     }
-    const szp::Header h{l.n, step, dtype, table[l.chunks]};
-    py::array_t<uint8_t> out(l.data_off + h.data_bytes);
+    py::array_t<uint8_t> out(plan.payload_bytes());
     szp_u8* p = out.mutable_data();
     {
         py::gil_scoped_release nogil;
-        std::memset(p, 0, out.size());
-        szp::write_header(h, p);
-        std::memcpy(p + l.table_off, table.data(), 8 * table.size());
-        std::memcpy(p + l.rates_off, rates.data(), rates.size());
-        szp::encode_data(dtype, values, l.n, step, eb, rates.data(), table.data(), p + l.data_off);
+        szp::write_payload(plan, values, eb, p);
     }
     return out;
 }

@@ -154,19 +154,11 @@ std::vector<szp_u8> kernel_encode(const typename S::bits* x, szp_u64 n, float st
     return buf;
 }
 
-// The sequence of csrc/szp_module.cpp's encode.
 std::vector<szp_u8> cpp_encode(int code, const void* x, szp_u64 n, float step, double eb) {
-    const Layout l = layout_for(n);
-    std::vector<szp_u8> rates(l.blocks);
-    std::vector<szp_u64> table(l.chunks + 1, 0);
-    encode_sizes(code, x, n, step, eb, rates.data(), table.data() + 1);
-    for (szp_u64 c = 1; c <= l.chunks; ++c) table[c] += table[c - 1];
-    std::vector<szp_u8> p(l.data_off + table[l.chunks], 0);
-    write_header(Header{n, step, code, table[l.chunks]}, p.data());
-    std::memcpy(p.data() + l.table_off, table.data(), 8 * table.size());
-    std::memcpy(p.data() + l.rates_off, rates.data(), rates.size());
-    encode_data(code, x, n, step, eb, rates.data(), table.data(), p.data() + l.data_off);
-    return p;
+    const EncodePlan plan = plan_encode(code, x, n, step, eb);
+    std::vector<szp_u8> payload(plan.payload_bytes());
+    write_payload(plan, x, eb, payload.data());
+    return payload;
 }
 
 template <class S, class O>
