@@ -4,7 +4,7 @@ Builds a random Qwen3-MoE checkpoint (8 layers, 16 experts, top-2, hidden 256 by
 transformers, then times greedy generation of both engines in one run, batch 1 and batch 8,
 after a warm-up. Prints tokens/s and the ratio; the issue's target is >= 1.5x at batch 1.
 
-    python bench/engine_vs_transformers.py [--layers 8 --experts 16 --hidden 256 --new-tokens 64]
+    python bench/engine_vs_transformers.py [--layers 8 --experts 16 --hidden 256 --new-tokens 64 --threads N]
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM
 

@@ -1,4 +1,4 @@
-"""RMSNorm, computed in float32 and cast back, exactly as the Hugging Face reference does."""
+"""RMSNorm with the Hugging Face reference's rounding: statistics in float32, cast, then scale."""
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., size] → same shape and dtype
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        # The reference casts back before scaling; doing it in that order keeps bf16 results identical.
-        return self.weight * normed.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # Nothing to cast: one fused op computes the same expression.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # The reference casts back before scaling; that order keeps bf16/fp16 results identical.
+        return self.weight * x32.to(x.dtype)
