@@ -170,3 +170,23 @@ def test_eviction_skips_pinned_and_loading_slots():
     c.pins = 1
     assert cache.claim((0, 3), False) is None  # everything pinned: no slot, nothing evicted
     assert len(cache) == 2
+
+
+def test_more_experts_than_slots_in_one_layer(checkpoint):
+    # Two slots, both holding residents this fetch also needs, plus a miss: the residents are
+    # served first, released, and their slots reused for the miss.
+    probe = LLM(checkpoint, device="cpu", policy=RAW, progress=False)
+    two_slots = 2 * _slot_bytes(probe)
+    llm = LLM(checkpoint, device="cpu", policy=RAW, expert_cache=two_slots, prefetch=False, progress=False)
+    provider = llm.offload.provider
+    assert llm.offload.num_slots == 2
+    list(provider.fetch(0, [0, 1]))
+    served = {e: w.down.clone() for e, w in provider.fetch(0, [0, 1, 2, 3])}
+    assert sorted(served) == [0, 1, 2, 3]
+    dense = probe.loaded
+    from moeserve.loader import iter_stored_experts
+
+    stored = dict(iter_stored_experts(dense.model, dense.checkpoint, dense.config))[0]
+    for e, down in served.items():
+        assert torch.equal(down, stored[e].down.to(down.dtype))
+    assert all(entry.pins == 0 for entry in provider.cache.entries.values())

@@ -59,7 +59,14 @@ class OffloadedExpertProvider:
             for entry in resident:
                 yield self._use(entry)
                 self._release(entry, held)
-            while in_flight:
+            while missing or in_flight:
+                if not in_flight:
+                    # Every slot was held by this layer's residents or by prefetches still filling;
+                    # the residents are released now, so wait for the fills and claim again.
+                    self._wait_for_fills()
+                    held += self._start_misses(missing, in_flight)
+                    if not in_flight:
+                        raise RuntimeError("no expert cache slot can be freed; the cache holds no unpinned slot")
                 entry = in_flight.popleft()
                 yield self._use(entry)
                 self._release(entry, held)
@@ -93,14 +100,17 @@ class OffloadedExpertProvider:
         while missing:
             entry = self._start(missing[0], prefetched=False)
             if entry is None:
-                if not in_flight:
-                    raise RuntimeError("every expert cache slot is pinned; the cache is smaller than one expert")
                 break
             missing.popleft()
             entry.pins += 1
             in_flight.append(entry)
             started.append(entry)
         return started
+
+    def _wait_for_fills(self) -> None:
+        for entry in list(self.cache.entries.values()):
+            if not entry.ready.done():
+                entry.ready.wait()
 
     def _issue_hint(self, current_layer: int) -> None:
         if self._hint is None:
