@@ -20,6 +20,7 @@ from moeserve.codecs.base import Codec, CodecError
 from moeserve.codecs.blob import DTYPES, Blob
 from moeserve.codecs.bounds import resolve
 from moeserve.codecs.registry import get, names
+from moeserve.devices import resolve_device
 
 __all__ = ["Blob", "Codec", "CodecError", "decode", "decode_into", "encode", "names"]
 
@@ -54,7 +55,7 @@ def encode(tensor: torch.Tensor, codec: str = "szp", mode: str = "abs", error_bo
 
 def decode(blob: Blob, device: str | torch.device = "cpu") -> torch.Tensor:
     """A new tensor with the blob's dtype and shape on `device` ("cpu" or a CUDA device)."""
-    out = torch.empty(blob.shape, dtype=blob.dtype, device=_device(device))
+    out = torch.empty(blob.shape, dtype=blob.dtype, device=resolve_device(device))
     return decode_into(blob, out)
 
 
@@ -82,14 +83,3 @@ def decode_into(blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream | None 
     else:
         raise CodecError(f"codecs decode to cpu or cuda tensors, got a tensor on {out.device}; move it first.")
     return out
-
-
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise CodecError(f"unknown device {device!r}; use 'cpu' or 'cuda'.") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CodecError(f"device {device!r} was asked for but no CUDA device is available; decode to 'cpu'.")
-    return dev
-

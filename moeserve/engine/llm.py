@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from moeserve.config import parse_dtype_option
+from moeserve.devices import resolve_device
 from moeserve.engine.llm_engine import LLMEngine
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
@@ -50,7 +51,7 @@ class LLM:
         prefetch: bool = True,
         progress: bool = True,
     ):
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.model_dir = resolve_model_dir(model)
         loaded = load_model(self.model_dir, self.device, parse_dtype_option(dtype))
         self.config = loaded.config
@@ -127,20 +128,6 @@ class LLM:
         finally:
             self.engine.runner.release(seq)
         return logits.cpu()
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ModelLoadError(f"device {device!r} is not a valid device; use 'cpu' or 'cuda'.") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} was requested but no CUDA GPU is available; use device='cpu'.")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ModelLoadError(f"device {device!r} is not supported; use 'cpu' or 'cuda'.")
-    return resolved
 
 
 def _as_prompt_list(prompts: Prompt | Seq[Prompt]) -> list[Prompt]:

@@ -1,0 +1,22 @@
+"""The one place a user's device string becomes a torch.device."""
+
+from __future__ import annotations
+
+import torch
+
+from moeserve.errors import MoeServeError
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """"cpu", "cuda" or "cuda:N"; None = CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MoeServeError(f"device {device!r} is not a valid device; use 'cpu' or 'cuda'.") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise MoeServeError(f"device {device!r} is not supported; use 'cpu' or 'cuda'.")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MoeServeError(f"device {device!r} was requested but no CUDA GPU is available; use 'cpu'.")
+    return resolved
