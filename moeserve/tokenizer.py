@@ -108,10 +108,11 @@ def _raise_template_exception(message: str):
 
 
 class IncrementalDetokenizer:
-    """Decodes generated ids as they arrive; `text` always equals `decode(ids)` of what was added.
+    """Decodes generated ids as they arrive; after `flush`, `text` equals `decode(ids)`.
 
-    A token may end in the middle of a multi-byte character; its text is held back (the decoder
-    yields U+FFFD) until the following tokens complete it.
+    A token may end in the middle of a multi-byte character, which decodes as a trailing U+FFFD
+    until the following tokens complete it; only that unstable tail is held back, so text before
+    it (and any stop string in it) is seen as soon as it is generated.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -120,28 +121,29 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self.text = ""
         self._prefix_offset = 0  # start of the window re-decoded for context
-        self._read_offset = 0  # end of the part already emitted
+        self._read_offset = 0  # ids up to here are fully emitted
+        self._emitted_past_read = 0  # characters emitted from ids beyond `_read_offset`
 
     def add(self, token_id: int) -> str:
-        """Append one id; return the text it completes (possibly empty)."""
+        """Append one id; return the text it makes final (possibly empty)."""
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)
-        full = decode(self.ids[self._prefix_offset :], self.skip_special_tokens)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""
-        delta = full[len(prefix) :]
-        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
-        self.text += delta
-        return delta
+        return self._emit(final=False)
 
     def flush(self) -> str:
         """At the end of generation: emit held-back text even if it ends in an incomplete character."""
-        if self._read_offset == len(self.ids):
-            return ""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self._prefix_offset : self._read_offset], self.skip_special_tokens)
-        delta = decode(self.ids[self._prefix_offset :], self.skip_special_tokens)[len(prefix) :]
-        self._prefix_offset = self._read_offset = len(self.ids)
+        full = decode(self.ids[self._prefix_offset :], self.skip_special_tokens)
+        stable = full if final else full.rstrip("\ufffd")
+        start = len(prefix) + self._emitted_past_read
+        delta = stable[start:] if len(stable) > start else ""
         self.text += delta
+        if stable == full:
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+            self._emitted_past_read = 0
+        else:
+            self._emitted_past_read += len(delta)
         return delta

@@ -92,11 +92,13 @@ def test_prefetch_is_used_and_cuts_waiting(checkpoint_factory):
     )
     prompt = [list(range(1, 9))]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    # sz3 decodes slowly enough that loading, not compute, dominates: the regime prefetch is for.
+    policy = {"default": {"codec": "sz3", "mode": "rel", "error_bound": 1e-2}}
 
     def wait_and_used(prefetch: bool) -> tuple[float, int]:
         best = (float("inf"), 0)
         for _ in range(2):  # the better of two runs, against load from other processes
-            llm = LLM(directory, device="cpu", policy=LOSSY, expert_cache="50%", prefetch=prefetch, progress=False)
+            llm = LLM(directory, device="cpu", policy=policy, expert_cache="50%", prefetch=prefetch, progress=False)
             llm.generate(prompt, params)
             stats = llm.offload.stats
             best = min(best, (stats.wait_seconds, stats.prefetches_used))

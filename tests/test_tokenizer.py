@@ -22,10 +22,14 @@ def tokenizer(tmp_path_factory):
 
 def test_incremental_text_equals_full_decode(tokenizer):
     rng = random.Random(0)
-    for _ in range(50):
-        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 30))]
+    for _ in range(300):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 40))]
         detok = IncrementalDetokenizer(tokenizer)
-        pieces = [detok.add(i) for i in ids]
+        pieces = []
+        for n, token in enumerate(ids, start=1):
+            pieces.append(detok.add(token))
+            # Only an incomplete trailing character may be held back, nothing before it.
+            assert detok.text == tokenizer.decode(ids[:n]).rstrip("\ufffd")
         pieces.append(detok.flush())
         assert "".join(pieces) == detok.text == tokenizer.decode(ids)
 
