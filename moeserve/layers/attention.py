@@ -66,9 +66,13 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
         B = q.shape[0]
-        rows = ctx.row_index
-        k_cache[rows, :, ctx.positions] = k  # [B, G, Dh] written at each sequence's position
-        v_cache[rows, :, ctx.positions] = v
+        if B == 1:  # plain slicing: cheaper than the index tensors below
+            row, position = ctx.rows[0], ctx.cached_lens[0]
+            k_cache[row, :, position] = k[0]
+            v_cache[row, :, position] = v[0]
+        else:
+            k_cache[ctx.row_index, :, ctx.positions] = k  # [B, G, Dh] at each sequence's position
+            v_cache[ctx.row_index, :, ctx.positions] = v
         longest = max(ctx.total_lens)
         if ctx.rows == list(range(B)):
             keys, values = k_cache[:B, :, :longest], v_cache[:B, :, :longest]  # [B, G, L, Dh]

@@ -48,6 +48,28 @@ class MoeBlock(nn.Module):
     def forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
         T, D = x.shape
         weights, ids = self.route(x)
+        if T == 1:
+            out = self._single_token(x, weights, ids, experts)
+        else:
+            out = self._many_tokens(x, weights, ids, experts)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out
+
+    def _expert(self, h: torch.Tensor, w) -> torch.Tensor:  # [n, D] → [n, D]
+        return F.linear(self.act(F.linear(h, w.gate)) * F.linear(h, w.up), w.down)
+
+    def _single_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider):
+        """Decode at batch 1: no grouping needed, just the K experts of one token."""
+        chosen = ids[0].tolist()  # K distinct expert ids, in slot order
+        per_slot: list[torch.Tensor | None] = [None] * self.top_k
+        for expert_id, w in experts.fetch(self.layer_id, sorted(chosen)):
+            slot = chosen.index(expert_id)
+            per_slot[slot] = (self._expert(x, w) * weights[0, slot]).to(x.dtype)  # [1, D]
+        return torch.stack(per_slot).sum(dim=0)  # [K, 1, D] → [1, D], summed in slot order
+
+    def _many_tokens(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider):
+        T, D = x.shape
         # Group the T*K (token, slot) pairs by expert with one sort, so the step syncs with the
         # host once (for the counts) instead of once per expert.
         flat_ids = ids.flatten()  # [T*K]
@@ -64,14 +86,9 @@ class MoeBlock(nn.Module):
         for expert_id, w in experts.fetch(self.layer_id, used):
             start = starts[expert_id]
             pairs = order[start : start + counts[expert_id]]
-            h = x[token_of[start : start + counts[expert_id]]]  # [n, D]
-            y = F.linear(self.act(F.linear(h, w.gate)) * F.linear(h, w.up), w.down)  # [n, D]
+            y = self._expert(x[token_of[start : start + counts[expert_id]]], w)  # [n, D]
             per_pair[pairs] = (y * weight_of[start : start + counts[expert_id], None]).to(x.dtype)
-        out = per_pair.view(T, self.top_k, D).sum(dim=1)  # [T, D]
-
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return per_pair.view(T, self.top_k, D).sum(dim=1)  # [T, D]
 
     def predict(self, x: torch.Tensor) -> list[int]:
         """The experts this router would pick for hidden states x [T, D] (ascending ids)."""
