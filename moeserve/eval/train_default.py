@@ -33,9 +33,9 @@ from moeserve.eval.train_data import IGNORE, make_batch
 from moeserve.eval.train_model import MoeConfig, MoeForCausalLM, packed_layout
 
 # Training mixture (relative shares of examples), set from single-skill pilots: reversing and
-# sorting are learned from ~10k examples and facts from ~20k, while two-digit arithmetic and the
+# sorting are learned from ~10k examples and facts from ~20k, while multi-digit arithmetic and the
 # word problems need several times more.
-DEFAULT_WEIGHTS = {"add": 1.4, "sub": 1.4, "mul": 1.6, "sort": 0.8, "reverse": 0.5, "facts": 0.9, "word": 1.6}
+DEFAULT_WEIGHTS = {"add": 2.0, "sub": 1.3, "mul": 1.5, "sort": 0.7, "reverse": 0.5, "facts": 0.9, "word": 1.5}
 
 
 @dataclass
@@ -165,6 +165,8 @@ def write_training_record(args: TrainArgs, totals: dict, wall_time_s: float) -> 
     record = {
         "command": "OMP_WAIT_POLICY=PASSIVE python -m moeserve.eval.train_default " + " ".join(sys.argv[1:]),
         "wall_time_s": round(wall_time_s),
+        # CPU time over wall time shows how much of the machine the run actually had (shared CPUs).
+        "cpu_time_s": round(time.process_time()),
         "hardware": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                     f"{args.threads} torch threads, torch {torch.__version__}",
         "mixture": ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHTS.items()),
