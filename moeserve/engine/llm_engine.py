@@ -72,8 +72,10 @@ class LLMEngine:
             prompt=text,
         )
 
-    def submit(self, seq: Sequence) -> None:
-        self.scheduler.add(seq)
+    def submit(self, seq: Sequence, experts: ExpertProvider | None = None) -> None:
+        """Queue `seq`; it runs wholly on `experts` (None: the runner's provider). Steps never mix
+        providers, so a server can hold several policy variants over one model and one KV cache."""
+        self.scheduler.add(seq, group=experts)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -91,12 +93,12 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if step is None:
             return []
-        seqs = step.seqs
+        seqs, experts = step.seqs, step.group  # the group is the expert provider given to `submit`
         if step.is_decode:
-            logits = self.runner.decode(seqs)  # [B, V]
+            logits = self.runner.decode(seqs, experts)  # [B, V]
         else:
             wants_prompt = [seq.params.prompt_logprobs is not None for seq in seqs]
-            per_seq = self.runner.extend(seqs, wants_prompt)
+            per_seq = self.runner.extend(seqs, wants_prompt, experts)
             for seq, rows, wanted in zip(seqs, per_seq, wants_prompt):
                 if wanted:
                     self._record_prompt_logprobs(seq, rows[:-1])

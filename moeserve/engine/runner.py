@@ -25,9 +25,12 @@ class ModelRunner:
         self.device = device
         self.cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, max_len, config.dtype, device)
 
-    def extend(self, seqs: list[Sequence], all_positions: list[bool]) -> list[torch.Tensor]:
+    def extend(
+        self, seqs: list[Sequence], all_positions: list[bool], experts: ExpertProvider | None = None
+    ) -> list[torch.Tensor]:
         """Run every uncached token of `seqs`. Per sequence: logits [n, V] for all its new
-        positions where `all_positions[i]`, else [1, V] for its last position only."""
+        positions where `all_positions[i]`, else [1, V] for its last position only.
+        `experts`: the provider for this step (None: `self.experts`)."""
         for seq in seqs:
             if seq.kv_row < 0:
                 self.cache.allocate(seq, seq.num_tokens)
@@ -49,14 +52,15 @@ class ModelRunner:
             cached_lens=[seq.num_cached for seq in seqs],
             is_decode=False,
         )
+        experts = self.experts if experts is None else experts
         logits = self.model(
-            torch.tensor(ids, device=self.device), ctx, self.experts, torch.tensor(wanted, device=self.device)
+            torch.tensor(ids, device=self.device), ctx, experts, torch.tensor(wanted, device=self.device)
         )  # [N, V]
         for seq in seqs:
             seq.num_cached = seq.num_tokens
         return [logits[a:b] for a, b in spans]
 
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+    def decode(self, seqs: list[Sequence], experts: ExpertProvider | None = None) -> torch.Tensor:
         """One new token per sequence (each has exactly one uncached token) → logits [B, V]."""
         self.cache.reserve(max(seq.num_tokens for seq in seqs))
         ctx = StepContext(
@@ -69,7 +73,7 @@ class ModelRunner:
             row_index=torch.tensor([seq.kv_row for seq in seqs], device=self.device),
         )
         ids = torch.tensor([seq.output_ids[-1] for seq in seqs], device=self.device)
-        logits = self.model(ids, ctx, self.experts)  # [B, V]
+        logits = self.model(ids, ctx, self.experts if experts is None else experts)  # [B, V]
         for seq in seqs:
             seq.num_cached += 1
         return logits
