@@ -7,16 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from moeserve.errors import MoeServeError
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, policy_variants: bool = False) -> None:
     parser.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: the embedded model)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
-    parser.add_argument("--policy", default=None, help="per-layer error-bound policy YAML: keep experts compressed")
+    if policy_variants:
+        parser.add_argument(
+            "--policy", action="append", default=[], metavar="[NAME=]FILE",
+            help="error-bound policy YAML; NAME=FILE (repeatable) also serves it as the model MODEL@NAME",
+        )
+    else:
+        parser.add_argument("--policy", default=None, help="per-layer error-bound policy YAML: keep experts compressed")
     parser.add_argument("--expert-cache", default=None, help="decoded-expert budget: '25%%', '512MiB' or bytes")
     parser.add_argument("--eviction", default="lru", choices=["lru", "lfu"])
     parser.add_argument("--no-prefetch", action="store_true", help="load experts only when a layer asks for them")
@@ -94,6 +101,59 @@ def _cmd_policy_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from moeserve import LLM
+    from moeserve.server.app import ServerConfig, serve
+
+    base, named = _split_policies(args.policy)
+    base_name = None
+    if base is None and named:
+        base_name, base = next(iter(named.items()))  # MODEL serves the first named policy
+    llm = LLM(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        policy=base,
+        expert_cache=args.expert_cache,
+        eviction=args.eviction,
+        prefetch=not args.no_prefetch,
+    )
+    config = ServerConfig(
+        model_name=args.served_model_name,
+        policies=named,
+        base_policy_name=base_name,
+        api_key=args.api_key,
+        max_waiting=args.max_waiting,
+        max_body_bytes=args.max_body_bytes,
+        expert_cache=args.expert_cache,
+        eviction=args.eviction,
+        prefetch=not args.no_prefetch,
+        drain_timeout=args.drain_timeout,
+    )
+    serve(llm, config, host=args.host, port=args.port)
+    return 0
+
+
+def _split_policies(values: list[str]) -> tuple[str | None, dict[str, str]]:
+    """`--policy FILE` (at most once) and `--policy NAME=FILE` (any number, distinct names)."""
+    import re
+
+    base, named = None, {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if sep and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+            if name in named:
+                raise MoeServeError(f"--policy {name}=... is given twice; give each variant name once.")
+            named[name] = path
+        elif base is None:
+            base = value
+        else:
+            raise MoeServeError("--policy FILE without a name is given twice; name the variants as --policy NAME=FILE.")
+    return base, named
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(comp)
     comp.add_argument("--out", required=True, help="output directory; serve it with --model OUT")
     comp.set_defaults(run=_cmd_compress)
+
+    srv = commands.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics, policy API)")
+    _add_model_options(srv, policy_variants=True)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--api-key", default=os.environ.get("MOESERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOESERVE_API_KEY)",
+    )
+    srv.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory's name)")
+    srv.add_argument("--max-model-len", type=int, default=None, help="context in tokens (default: the model's)")
+    srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (running limit)")
+    srv.add_argument("--max-waiting", type=int, default=256, help="sequences queued beyond the running ones (then 429)")
+    srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted (413 beyond)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish running requests on shutdown")
+    srv.set_defaults(run=_cmd_serve)
 
     pol = commands.add_parser("policy", help="inspect error-bound policies")
     pol_commands = pol.add_subparsers(dest="policy_command", required=True)

@@ -1,0 +1,154 @@
+"""`create_app(llm, config)`: the FastAPI app around one loaded model; `serve(...)`: run it with uvicorn.
+
+    HTTP ─► BodyLimitMiddleware ─► ApiKeyMiddleware ─► routes ─► CompletionServing / ChatServing
+                                                                     │ prompts + SamplingParams
+                                                                     ▼
+                   variants (policy per served name) ─────────► AsyncEngine ─► step thread ─► LLMEngine
+                   PolicyJobs (PUT /v1/policy) ─ switch ─────────┘
+
+The app owns its AsyncEngine, metrics registry, variants and policy jobs; the step thread starts
+with the app (lifespan) and drains on shutdown: new requests get 503, running ones finish (up to
+`drain_timeout` seconds), then the thread stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from moeserve.engine.llm import LLM
+from moeserve.offload.runtime import build_offload_runtime
+from moeserve.server.async_engine import AsyncEngine
+from moeserve.server.auth import ApiKeyMiddleware, BodyLimitMiddleware
+from moeserve.server.errors import install_error_handlers
+from moeserve.server.metrics import ServerMetrics
+from moeserve.server.policy_jobs import PolicyJobs
+from moeserve.server.protocol import Limits
+from moeserve.server.routes_admin import router as admin_router
+from moeserve.server.routes_openai import router as openai_router
+from moeserve.server.serving_chat import ChatServing
+from moeserve.server.serving_common import TokenText
+from moeserve.server.serving_completions import CompletionServing
+from moeserve.server.variants import VariantTable
+
+logger = logging.getLogger("moeserve.server")
+
+
+@dataclass
+class ServerConfig:
+    model_name: str | None = None  # served name; None: the model directory's name
+    policies: dict[str, object] = field(default_factory=dict)  # NAME → policy (path, text, dict): MODEL@NAME
+    base_policy_name: str | None = None  # the LLM was loaded with this named policy: MODEL aliases MODEL@NAME
+    api_key: str | None = None
+    max_waiting: int = 256  # sequences queued beyond the running limit; more → 429
+    max_body_bytes: int = 4 * 2**20
+    max_n: int = 16
+    max_logprobs: int = 20
+    expert_cache: str | int | None = None  # budget of runtimes built for variants and policy switches
+    eviction: str = "lru"
+    prefetch: bool = True
+    drain_timeout: float = 30.0
+
+
+@dataclass
+class ServerState:
+    llm: LLM
+    config: ServerConfig
+    engine: AsyncEngine
+    variants: VariantTable
+    metrics: ServerMetrics
+    completions: CompletionServing
+    chat: ChatServing
+    jobs: PolicyJobs
+    started: int = field(default_factory=lambda: int(time.time()))
+
+
+def default_model_name(llm: LLM) -> str:
+    from moeserve.assets import DEFAULT_MODEL_DIR
+
+    directory = Path(llm.model_dir).resolve()
+    return "moeserve-default" if directory == DEFAULT_MODEL_DIR.resolve() else directory.name
+
+
+def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
+    config = config or ServerConfig()
+    metrics = ServerMetrics()
+    engine = AsyncEngine(llm.engine, metrics, max_waiting=config.max_waiting)
+    variants = VariantTable(llm, config.model_name or default_model_name(llm), config.base_policy_name)
+    for name, policy in config.policies.items():
+        if name == config.base_policy_name:
+            continue  # that one is the LLM's own runtime
+        runtime = build_offload_runtime(
+            llm.model,
+            llm.config,
+            llm.model_dir,
+            llm.loaded.checkpoint,
+            policy,
+            config.expert_cache,
+            llm.device,
+            eviction=config.eviction,
+            prefetch=config.prefetch,
+            progress=False,
+        )
+        variants.add(name, runtime)
+    engine._on_release = lambda old, current: _drop_base_experts(llm, old, current)
+    metrics.watch(engine.counts, lambda: variants.variants.values())
+    limits = Limits(
+        max_model_len=llm.max_model_len,
+        max_n=config.max_n,
+        max_choices=engine.capacity,
+        max_logprobs=config.max_logprobs,
+    )
+    token_text = TokenText(llm.tokenizer)
+    state = ServerState(
+        llm=llm,
+        config=config,
+        engine=engine,
+        variants=variants,
+        metrics=metrics,
+        completions=CompletionServing(engine, variants, limits, token_text),
+        chat=ChatServing(engine, variants, limits, llm.tokenizer, token_text),
+        jobs=PolicyJobs(llm, engine, variants, config.expert_cache, config.eviction, config.prefetch),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            state.jobs.shutdown()
+            await engine.shutdown(config.drain_timeout)
+
+    app = FastAPI(title="moeserve", version="0.1.0", lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    app.include_router(openai_router)
+    app.include_router(admin_router)
+    if config.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)  # added last: runs first
+    return app
+
+
+def _drop_base_experts(llm: LLM, old, current) -> None:
+    """Step thread, when a generation retires: if it was the LLM's own provider (e.g. the resident
+    experts before the first policy switch), point the LLM at the current one so its memory goes."""
+    if llm.experts is old.experts:
+        llm.experts = llm.engine.runner.experts = current.experts
+        llm.offload = current.runtime
+
+
+def serve(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the app until SIGINT / SIGTERM, then drain."""
+    import uvicorn
+
+    if config.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("serving on %s without --api-key: anyone who can reach the port can use it", host)
+    app = create_app(llm, config)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(config.drain_timeout) + 1)

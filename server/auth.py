@@ -1,0 +1,68 @@
+"""Edge guards that run before any route reads the request: API key and body size.
+
+In:  every HTTP request (ASGI scope, receive).
+Out: the request passed on unchanged, or a 401 / 413 with OpenAI's error JSON.
+
+- `ApiKeyMiddleware`: with --api-key, /v1/* needs `Authorization: Bearer KEY` (compared in constant
+  time); /health and /metrics stay open for probes and scrapers, as in vLLM.
+- `BodyLimitMiddleware`: refuses a declared Content-Length over the limit at once, and stops a
+  body without one (chunked) as soon as it passes the limit.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from moeserve.server.errors import error_response
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self._key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):
+                problem = "is missing" if not header else "is wrong"
+                response = error_response(
+                    401,
+                    f"the API key {problem}; send it as the header 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+        self._message = f"the request body is larger than {max_bytes} bytes; send a smaller request."
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await error_response(413, self._message, code="request_too_large")(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    # Raised inside the route's body read: FastAPI passes HTTPExceptions through to
+                    # the app's handler, which answers with the error JSON.
+                    raise HTTPException(413, self._message)
+            return message
+
+        await self.app(scope, counting_receive, send)
