@@ -151,3 +151,25 @@ def test_kv_cache_rows_stay_dense():
         assert bool((cache.k[1][owner.kv_row] == i).all())
     cache.reserve(40)  # grows past the initial length but never past max_len
     assert cache.k[0].shape[2] == 16
+
+
+def test_decode_of_a_subset_of_cache_rows(llm):
+    # A step may decode some running sequences but not others (e.g. one policy variant at a
+    # time): rows 2 and 0, out of order, must give what each sequence gives alone.
+    engine, runner = llm.engine, llm.engine.runner
+
+    def prepared(prompts):
+        seqs = [engine.make_sequence(p, GREEDY) for p in prompts]
+        runner.extend(seqs, [False] * len(seqs))
+        for seq in seqs:
+            seq.output_ids.append(5)
+        return seqs
+
+    seqs = prepared(PROMPTS[:3])
+    subset = runner.decode([seqs[2], seqs[0]])  # [2, V]
+    for seq in seqs:
+        runner.release(seq)
+    for row, prompt in zip(subset, (PROMPTS[2], PROMPTS[0])):
+        (alone,) = prepared([prompt])
+        assert torch.allclose(row, runner.decode([alone])[0], atol=1e-5)
+        runner.release(alone)

@@ -77,7 +77,7 @@ class Attention(nn.Module):
         if ctx.rows == list(range(B)):
             keys, values = k_cache[:B, :, :longest], v_cache[:B, :, :longest]  # [B, G, L, Dh]
         else:
-            keys, values = k_cache[rows, :, :longest], v_cache[rows, :, :longest]
+            keys, values = k_cache[ctx.row_index, :, :longest], v_cache[ctx.row_index, :, :longest]
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # [B, H, 1, Dh]
             keys,
