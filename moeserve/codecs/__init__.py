@@ -55,7 +55,7 @@ def encode(tensor: torch.Tensor, codec: str = "szp", mode: str = "abs", error_bo
 
 def decode(blob: Blob, device: str | torch.device = "cpu") -> torch.Tensor:
     """A new tensor with the blob's dtype and shape on `device` ("cpu" or a CUDA device)."""
-    out = torch.empty(blob.shape, dtype=blob.dtype, device=resolve_device(device))
+    out = torch.empty(blob.shape, dtype=blob.dtype, device=resolve_device(device, CodecError))
     return decode_into(blob, out)
 
 

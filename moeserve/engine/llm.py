@@ -51,7 +51,7 @@ class LLM:
         prefetch: bool = True,
         progress: bool = True,
     ):
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, ModelLoadError)
         self.model_dir = resolve_model_dir(model)
         loaded = load_model(self.model_dir, self.device, parse_dtype_option(dtype))
         self.config = loaded.config
