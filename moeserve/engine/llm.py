@@ -57,10 +57,16 @@ class LLM:
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.model = loaded.model
+        # Options are checked before the (possibly long) expert loading or compression starts.
+        context = self.config.max_position_embeddings
+        if max_model_len is not None:
+            if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
+                raise ModelLoadError(f"max_model_len must be an integer in 2..{context} for this model, got {max_model_len!r}.")
+            context = max_model_len
+        if eviction not in EVICTION_POLICIES:
+            raise ModelLoadError(f"eviction {eviction!r} is not known; use one of {', '.join(EVICTION_POLICIES)}.")
         self.offload: OffloadRuntime | None = None
         if policy is not None or expert_cache is not None or is_compressed_dir(self.model_dir):
-            if eviction not in EVICTION_POLICIES:
-                raise ModelLoadError(f"eviction {eviction!r} is not known; use one of {', '.join(EVICTION_POLICIES)}.")
             self.offload = build_offload_runtime(
                 loaded.model, self.config, self.model_dir, loaded.checkpoint, policy, expert_cache,
                 self.device, eviction=eviction, prefetch=prefetch, progress=progress,
@@ -69,11 +75,6 @@ class LLM:
         else:
             self.experts = load_dense_experts(loaded, self.device)
         self.loaded = loaded  # resident weights and the mapped checkpoint (e.g. for `moeserve compress`)
-        context = self.config.max_position_embeddings
-        if max_model_len is not None:
-            if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
-                raise ModelLoadError(f"max_model_len must be an integer in 2..{context} for this model, got {max_model_len!r}.")
-            context = max_model_len
         self.engine = LLMEngine(
             self.model,
             self.experts,
