@@ -14,7 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
-from moeserve.eval.evaluate import evaluate
+from moeserve import LLM, SamplingParams
+from moeserve.eval.evaluate import MAX_TOKENS, evaluate
 from moeserve.eval.expert_usage import expert_shares
 from moeserve.eval.facts import fact_table
 from moeserve.eval.reference import ReferenceRunner
@@ -23,19 +24,32 @@ from moeserve.eval.tasks import EVAL_SIZE, SKILLS, split_items
 CI_SUBSET = 10  # test items per task in the fast CI check (the first ones of the test split)
 
 
+def demos() -> list[tuple[str, str]]:
+    """(prompt, expected answer): one natural question per skill, shown in the card with the answer
+    the shipped model gives (`moeserve generate --chat PROMPT`)."""
+    fact = fact_table()[0]
+    return [
+        ("What is 123 + 456?", "579"),
+        ("What is 85 - 37?", "48"),
+        ("What is 23 * 7?", "161"),
+        ("Sort these numbers: 5, 2, 9", "2, 5, 9"),
+        ("Reverse the word 'planet'.", "tenalp"),
+        (f"What is the {fact.relation} of {fact.country}?", fact.value),
+        ("Anna has 12 apples. She buys 5 more and then gives 3 to Ben. How many apples does Anna have now?", "14"),
+    ]
+
+
 def measure(model_dir: Path, runner_kind: str) -> dict:
     reference = ReferenceRunner.from_dir(model_dir)
-    if runner_kind == "engine":
-        from moeserve import LLM  # the engine is only needed when it is the one measured
-
-        runner = LLM(model=model_dir)
-    else:
-        runner = reference
+    runner = LLM(model=model_dir) if runner_kind == "engine" else reference
     full = evaluate(runner, split="test", progress=True)
     subset = evaluate(runner, split="test", limit=CI_SUBSET)
     usage = expert_shares(reference.model, reference.tokenizer, split_items("test"))
+    outputs = runner.chat([[{"role": "user", "content": p}] for p, _ in demos()],
+                          SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+    shown = [{"prompt": p, "expected": e, "answer": o.text.strip()} for (p, e), o in zip(demos(), outputs)]
     return {"runner": runner_kind, "test": full.to_dict(), "ci_subset": {"per_task": CI_SUBSET, **subset.to_dict()},
-            "expert_shares": usage}
+            "expert_shares": usage, "demos": shown}
 
 
 def _params(config: dict) -> dict[str, int]:
@@ -129,8 +143,9 @@ def write_card(model_dir: Path, results: dict) -> str:
         "",
         "Difficulty was sized with single-skill pilots so that one CPU hour can teach every skill: "
         "reversing and sorting one-digit lists are learned from about 10k examples, the facts from "
-        "about 20k, while two-digit arithmetic and the word problems need several times more (three-"
-        "digit addition was still near 0% after 20k examples, so operands have at most two digits).",
+        "about 20k, while arithmetic and the word problems need several times more (three-digit "
+        "addition was still near 0% after 20k examples). Addition keeps three-digit operands so the "
+        "documented `What is 123 + 456?` is in range; subtraction stays at two digits.",
         "",
         "Splits: the canonical problem (e.g. `12+57`, whatever the phrasing) is hashed into "
         f"test (5%), validation (5%) or training (90%), so a test problem is never trained on in any "
@@ -148,7 +163,8 @@ def write_card(model_dir: Path, results: dict) -> str:
         "",
         f"{training['steps']} steps, {training['examples']:,} examples ({training['tokens']:,} tokens, "
         f"packed {training['rows']} rows x {training['row_len']} tokens per step), AdamW lr "
-        f"{training['lr']:g} (warm-up {training['warmup']}, cosine), load-balancing loss coefficient "
+        f"{training['lr']:g} (warm-up {training['warmup']} steps, constant, cosine decay over the last "
+        f"{100 * training['decay_frac']:.0f}%), weight decay {training['weight_decay']:g}, load-balancing loss coefficient "
         f"{training['aux_coef']:g}, seed {training['seed']}. Loss on answer tokens only. "
         f"Wall time {training['wall_time_s'] / 60:.1f} min on {training['hardware']}, a machine "
         f"shared with other jobs: the run had {training['cpu_time_s'] / 60:.1f} CPU-minutes, i.e. "
@@ -163,6 +179,14 @@ def write_card(model_dir: Path, results: dict) -> str:
         "",
         f"CI check (`tests/test_default_model.py`): the first {CI_SUBSET} test items per skill give "
         f"{100 * results['ci_subset']['average']:.1f}% on average (recorded in `eval_results.json`).",
+        "",
+        "## Try it",
+        "",
+        "Answers of the shipped model (greedy) to one natural question per skill:",
+        "",
+        "| `moeserve generate --chat` | answer | expected |",
+        "|---|---|---|",
+        *[f"| `{d['prompt']}` | `{d['answer']}` | `{d['expected']}` |" for d in results["demos"]],
         "",
         "## Expert usage",
         "",
