@@ -9,14 +9,21 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from moeserve.errors import MoeServeError
 
 
-def _add_model_options(parser: argparse.ArgumentParser, policy_variants: bool = False) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, policy_variants: bool = False, offload: bool = True,
+                       default_dtype: str | None = None) -> None:
     parser.add_argument("--model", default=None, help="Hugging Face checkpoint directory (default: the embedded model)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    parser.add_argument(
+        "--dtype", default=default_dtype,
+        help=f"bfloat16, float16 or float32 (default: {default_dtype or 'the checkpoint' + chr(39) + 's'})",
+    )
+    if not offload:
+        return
     if policy_variants:
         parser.add_argument(
             "--policy", action="append", default=[], metavar="[NAME=]FILE",
@@ -79,9 +86,71 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_compress(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _split_list(value: str | None, convert=str, option: str = "") -> tuple | None:
+    if value is None:
+        return None
+    try:
+        return tuple(convert(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise MoeServeError(f"{option} {value!r} is not a comma-separated list of numbers; write e.g. 1e-4,1e-3,1e-2.") from None
 
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from moeserve import LLM
+    from moeserve.eval.bench import BenchOptions, run_bench
+
+    given = {
+        "codecs": _split_list(args.codecs),
+        "modes": _split_list(args.modes),
+        "error_bounds": _split_list(args.error_bounds, float, "--error-bounds"),
+        "layers": _split_list(args.layers),
+        "experts": args.experts,
+        "simulate": args.simulate,
+        "tasks": _split_list(args.tasks),
+        "limit": args.limit,
+        "split": args.split,
+        "quality_items": args.quality_items,
+    }
+    defaults = {f.name for f in fields(BenchOptions)}
+    options = BenchOptions(**{k: v for k, v in given.items() if v is not None and k in defaults})
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    rows = run_bench(llm, options, Path(args.out), progress=not args.quiet)
+    print(f"wrote {len(rows)} rows to {Path(args.out) / 'results.json'}, report.md and plots in {args.out}")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from moeserve import LLM
+    from moeserve.eval.tune import Tuner, TuneOptions, policy_yaml
+
+    options = TuneOptions(
+        max_accuracy_drop=args.max_accuracy_drop,
+        metric=args.metric,
+        codec=args.codec,
+        mode=args.mode,
+        ladder=_split_list(args.ladder, float, "--ladder") or TuneOptions.ladder,
+        tasks=_split_list(args.tasks),
+        calibration_limit=args.calibration_limit,
+        heldout_limit=args.heldout_limit,
+    )
+    out = Path(args.out)
+    if out.parent and not out.parent.is_dir():
+        raise MoeServeError(f"--out {out}: the directory {out.parent} does not exist; create it first.")
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
+    result = Tuner(llm, options, progress=not args.quiet).run()
+    text = policy_yaml(result, llm.model_dir.name)
+    try:
+        out.write_text(text)
+    except OSError as exc:
+        raise MoeServeError(f"--out {out} cannot be written ({exc.strerror}); choose a writable path.") from None
+    print("".join(line[2:] + "\n" for line in text.splitlines() if line.startswith("# ")), end="")
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
     from moeserve.offload.runtime import write_compressed_dir
 
     llm = _load_llm(args)
@@ -179,6 +248,36 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="items per skill")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(run=_cmd_eval)
+
+    bench = commands.add_parser("bench", help="accuracy and quality versus error bound per codec and layer group")
+    _add_model_options(bench, offload=False, default_dtype="float32")
+    bench.add_argument("--codecs", default=None, help="comma-separated (default: szp,int8,int4); any of szp,sz3,zfp,int8,int4,raw")
+    bench.add_argument("--modes", default=None, help="bound modes, comma-separated (default: rel); any of rel,abs,mean_abs")
+    bench.add_argument("--error-bounds", default=None, help="comma-separated (default: 1e-4,1e-3,1e-2,3e-2,1e-1)")
+    bench.add_argument("--layers", default=None, help="layer groups (default: all,shallow,middle,deep); also ids and ranges: 5, 0-3")
+    bench.add_argument("--experts", default=None, help="all (default) or most-used:K (usage counted on the validation split)")
+    bench.add_argument("--simulate", default=None, choices=["gaussian"], help="also run N(0, eb) noise, the study's stand-in")
+    bench.add_argument("--tasks", default=None, help="comma-separated skills (default: all)")
+    bench.add_argument("--limit", type=int, default=None, help="items per skill (default: the whole split)")
+    bench.add_argument("--split", default="test", choices=["validation", "test"])
+    bench.add_argument("--quality-items", type=int, default=None, help="held-out chats per skill for KL / perplexity (default 20)")
+    bench.add_argument("--out", required=True, help="output directory (results.json, report.md, plots); reruns resume")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    bench.set_defaults(run=_cmd_bench)
+
+    tune = commands.add_parser("tune", help="write a per-layer policy YAML that meets an accuracy budget")
+    _add_model_options(tune, offload=False, default_dtype="float32")
+    tune.add_argument("--max-accuracy-drop", type=float, default=0.01, help="fraction: 0.01 is one point (default)")
+    tune.add_argument("--metric", default="accuracy", choices=["accuracy", "kl"], help="per-layer sensitivity measure")
+    tune.add_argument("--codec", default="szp", help="bounded codec of the policy: szp (default), sz3 or zfp")
+    tune.add_argument("--mode", default="rel", help="bound mode: rel (default), abs or mean_abs")
+    tune.add_argument("--ladder", default=None, help="error bounds to choose from (default: 1e-4,3e-4,1e-3,3e-3,1e-2,3e-2,1e-1)")
+    tune.add_argument("--tasks", default=None, help="comma-separated skills (default: all)")
+    tune.add_argument("--calibration-limit", type=int, default=None, help="validation items per skill (default: all 50)")
+    tune.add_argument("--heldout-limit", type=int, default=None, help="test items per skill (default: all 200)")
+    tune.add_argument("--out", required=True, help="policy YAML to write")
+    tune.add_argument("--quiet", action="store_true", help="no progress output")
+    tune.set_defaults(run=_cmd_tune)
 
     comp = commands.add_parser("compress", help="write the compressed expert store and resident weights to a directory")
     _add_model_options(comp)

@@ -58,6 +58,19 @@ class DenseExpertProvider:
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         pass
 
+    def with_overrides(self, overrides: dict[tuple[int, int], ExpertWeights]) -> DenseExpertProvider:
+        """A provider serving `overrides[(layer, expert)]` where given and this one's experts elsewhere
+        (shared, not copied): how `moeserve bench` runs a model with some experts perturbed."""
+        unknown = [key for key in overrides if key[0] not in self._experts or not 0 <= key[1] < len(self._experts[key[0]])]
+        if unknown:
+            raise ValueError(f"no expert {unknown[0][1]} in MoE layer {unknown[0][0]}")
+        return DenseExpertProvider({
+            layer: [overrides.get((layer, e), w) for e, w in enumerate(table)] for layer, table in self._experts.items()
+        })
+
+    def expert(self, layer: int, expert: int) -> ExpertWeights:
+        return self._experts[layer][expert]
+
     @property
     def nbytes(self) -> int:
         return sum(w.nbytes for layer in self._experts.values() for w in layer)

@@ -14,6 +14,7 @@ from moeserve.engine.llm_engine import LLMEngine
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.errors import InputError, ModelLoadError
+from moeserve.experts import ExpertProvider
 from moeserve.loader import load_dense_experts, load_model, resolve_model_dir
 from moeserve.offload.cache import EVICTION_POLICIES
 from moeserve.offload.runtime import OffloadRuntime, build_offload_runtime, is_compressed_dir
@@ -95,13 +96,16 @@ class LLM:
         prompts: Prompt | Seq[Prompt],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        experts: ExpertProvider | None = None,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (text or token ids); outputs are in prompt order."""
+        """Generate for each prompt (text or token ids); outputs are in prompt order.
+        `experts`: run on this expert provider instead of the model's own (e.g. `moeserve bench`
+        running the model with some experts compressed); None: the model's own."""
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         seqs = [self.engine.make_sequence(p, sp) for p, sp in zip(prompt_list, params)]
         for seq in seqs:
-            self.engine.submit(seq)
+            self.engine.submit(seq, experts)
         with tqdm(total=len(seqs), disable=not use_tqdm, desc="generate", unit="req") as bar:
             while self.engine.has_unfinished():
                 bar.update(len(self.engine.step()))
@@ -112,6 +116,7 @@ class LLM:
         conversations: list[dict[str, Any]] | Seq[list[dict[str, Any]]],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        experts: ExpertProvider | None = None,
     ) -> list[RequestOutput]:
         """Like `generate`, for conversations rendered through the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
@@ -119,13 +124,14 @@ class LLM:
         if self.tokenizer is None:
             raise InputError("this model directory has no tokenizer.json, so chat cannot be used; pass token ids.")
         prompts = [self.tokenizer.encode_chat(list(messages)) for messages in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm, experts)
 
-    def score(self, prompt: Prompt) -> torch.Tensor:
-        """float32 logits [T, vocab] at every prompt position (row t predicts token t+1), on CPU."""
+    def score(self, prompt: Prompt, experts: ExpertProvider | None = None) -> torch.Tensor:
+        """float32 logits [T, vocab] at every prompt position (row t predicts token t+1), on CPU.
+        `experts` as in `generate`."""
         seq = self.engine.make_sequence(prompt, SamplingParams(max_tokens=1))
         try:
-            (logits,) = self.engine.runner.extend([seq], [True])
+            (logits,) = self.engine.runner.extend([seq], [True], experts)
         finally:
             self.engine.runner.release(seq)
         return logits.cpu()

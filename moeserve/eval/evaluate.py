@@ -34,6 +34,8 @@ class EvalReport:
     per_task: dict[str, TaskScore]
     # Up to 3 wrong answers per task as (prompt, expected, got): enough to see how a model fails.
     mistakes: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)
+    # Right / wrong per item, in item order: lets two models be compared item by item (paired).
+    outcomes: dict[str, list[bool]] = field(default_factory=dict)
 
     @property
     def average(self) -> float:
@@ -62,6 +64,7 @@ def score(split: str, items: list[Item], predictions: list[str]) -> EvalReport:
     for item, got in zip(items, predictions, strict=True):
         task = report.per_task.setdefault(item.skill, TaskScore(0, 0))
         task.total += 1
+        report.outcomes.setdefault(item.skill, []).append(got.strip() == item.answer)
         if got.strip() == item.answer:
             task.correct += 1
         elif len(report.mistakes.setdefault(item.skill, [])) < 3:
@@ -70,14 +73,16 @@ def score(split: str, items: list[Item], predictions: list[str]) -> EvalReport:
 
 
 def evaluate(llm, split: str = "test", tasks: list[str] | None = None, limit: int | None = None,
-             progress: bool = False) -> EvalReport:
-    """Accuracy on the first `limit` items of each task of `split` (default and most: all of them)."""
+             progress: bool = False, experts=None) -> EvalReport:
+    """Accuracy on the first `limit` items of each task of `split` (default and most: all of them).
+    `experts`: an expert provider to run the `LLM` on instead of its own (moeserve bench / tune)."""
     size = split_size(split)
     items = split_items(split, tasks, per_task=size if limit is None else max(1, min(limit, size)))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     predictions: list[str] = []
     for start in tqdm(range(0, len(items), CHUNK), disable=not progress, desc=f"eval {split}", unit="chunk"):
         chunk = items[start:start + CHUNK]
-        outputs = llm.chat([[{"role": "user", "content": it.prompt}] for it in chunk], params)
+        conversations = [[{"role": "user", "content": it.prompt}] for it in chunk]
+        outputs = llm.chat(conversations, params) if experts is None else llm.chat(conversations, params, experts=experts)
         predictions.extend(out.text for out in outputs)
     return score(split, items, predictions)
