@@ -3,7 +3,8 @@
     python -m moeserve.eval.train_default --out DIR [--steps N] [--seed S] ...
 
 Writes into DIR: tokenizer.json / tokenizer_config.json (trained first), then, at the end,
-config.json, generation_config.json and model.safetensors (bf16) as a Qwen3-MoE checkpoint.
+config.json, generation_config.json and model.safetensors (bf16 tensors; config dtype float32, the
+compute dtype on load) as a Qwen3-MoE checkpoint.
 train_state.pt (weights + optimizer at the last validation) lets an interrupted run resume with
 --resume and continue bit for bit: batches depend only on (seed, step).
 Validation accuracy is printed through `evaluate`, the same code `moeserve eval` runs.
@@ -140,7 +141,8 @@ def train(args: TrainArgs) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f}M; args {asdict(args)}", flush=True)
 
-    t0 = time.time() - totals["elapsed"]  # wall time counts the interrupted part too
+    t0 = time.time() - totals["elapsed"]  # wall and CPU time count the interrupted part too
+    cpu0 = time.process_time() - totals.get("cpu_time", 0.0)
     for step in range(start, args.steps):
         batch = make_batch(tokenizer, args.seed, step, args.rows, args.row_len, DEFAULT_WEIGHTS)
         positions, mask = packed_layout(batch.segments)
@@ -162,20 +164,24 @@ def train(args: TrainArgs) -> None:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             print(f"step {step + 1} {validate(model, tokenizer, args)} elapsed {time.time() - t0:.0f}s", flush=True)
             totals["elapsed"] = time.time() - t0
+            totals["cpu_time"] = time.process_time() - cpu0
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
                         "totals": totals}, state_path)
     export_checkpoint(model, args, eos_id, pad_id)
-    write_training_record(args, totals, time.time() - t0)
+    write_training_record(args, totals, time.time() - t0, time.process_time() - cpu0)
     print(f"done: {args.steps} steps in {time.time() - t0:.0f}s; checkpoint in {args.out}", flush=True)
 
 
-def write_training_record(args: TrainArgs, totals: dict, wall_time_s: float) -> None:
+def write_training_record(args: TrainArgs, totals: dict, wall_time_s: float, cpu_time_s: float) -> None:
     """training.json: what the model card reports about this run."""
     record = {
-        "command": "OMP_WAIT_POLICY=PASSIVE python -m moeserve.eval.train_default " + " ".join(sys.argv[1:]),
+        # Without --resume: a resumed run is bit-identical to an uninterrupted one (batches depend
+        # only on seed and step), so the command that reproduces it is the plain one.
+        "command": "OMP_WAIT_POLICY=PASSIVE python -m moeserve.eval.train_default "
+                   + " ".join(a for a in sys.argv[1:] if a != "--resume"),
         "wall_time_s": round(wall_time_s),
         # CPU time over wall time shows how much of the machine the run actually had (shared CPUs).
-        "cpu_time_s": round(time.process_time()),
+        "cpu_time_s": round(cpu_time_s),
         "hardware": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                     f"{args.threads} torch threads, torch {torch.__version__}",
         "mixture": ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHTS.items()),
