@@ -133,6 +133,20 @@ def build_offload_runtime(
             store = CompressedStore.build(stored, resolved, policy_source.to_yaml(), total, pin=pin, progress=progress)
             _save_quietly(store, cached)
 
+    provider, budget = provider_for_store(store, config, expert_cache, device, eviction, prefetch)
+    return OffloadRuntime(provider, resolved, policy_source, store, provider.stats, budget, provider.pool.num_slots)
+
+
+def provider_for_store(
+    store: CompressedStore,
+    config: ModelConfig,
+    expert_cache,
+    device: torch.device,
+    eviction: str = "lru",
+    prefetch: bool = True,
+) -> tuple[OffloadedExpertProvider, int]:
+    """Slot pool, cache, filler and provider over a store already in memory; also the budget in bytes.
+    Public so that benchmarks can serve a store they built without a checkpoint on disk."""
     slot_bytes = SlotPool.slot_nbytes(config.hidden_size, config.moe_intermediate_size, config.dtype)
     total_experts = len(store.experts)
     budget = parse_budget(expert_cache if expert_cache is not None else "100%", total_experts * slot_bytes)
@@ -149,8 +163,7 @@ def build_offload_runtime(
     else:
         filler = CpuSlotFiller(pool, stats)
     cache = ExpertCache(num_slots, eviction)
-    provider = OffloadedExpertProvider(store, pool, cache, filler, stats, prefetch=prefetch)
-    return OffloadRuntime(provider, resolved, policy_source, store, stats, budget, num_slots)
+    return OffloadedExpertProvider(store, pool, cache, filler, stats, prefetch=prefetch), budget
 
 
 def _save_quietly(store: CompressedStore, path: Path) -> None:

@@ -1,0 +1,76 @@
+"""Baseline (b) of bench/throughput.py: naive offload, the pattern of mixtral-offloading and of accelerate.
+
+In:  every routed expert uncompressed in the compute dtype (bf16 for the presets), one host buffer per
+     expert laid out like a cache slot (gate | up | down), pinned when the compute device is a GPU, so a
+     miss is one copy; a budget of device slots.
+Out: the `ExpertProvider` protocol: fetch(layer, experts) yields each expert from a slot. A miss takes the
+     least recently used slot and copies the expert into it synchronously (the host waits until the copy
+     has landed) on the compute stream, so every missed byte sits on the critical path: no prefetch, no
+     overlap with compute, no compression.
+
+Counters go to an `OffloadStats` like the compressed runtime's: hits, misses, bytes copied, and the time
+compute waited for copies (all of the copy time, since the copy is synchronous).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from moeserve.experts import ExpertWeights
+from moeserve.offload.cache import ExpertCache, ExpertKey, SlotPool
+from moeserve.offload.stats import OffloadStats
+
+# Legend: D = hidden size, I = expert width, N = 3 * I * D values of one expert.
+
+
+class NaiveOffloadProvider:
+    wants_predictions = False  # loads happen only when a layer asks
+
+    def __init__(self, host: dict[ExpertKey, torch.Tensor], pool: SlotPool):
+        self.host = host  # (layer, expert) → [N] in the compute dtype, host memory
+        self.pool = pool
+        self.cache = ExpertCache(pool.num_slots, eviction="lru")
+        self.stats = OffloadStats()
+
+    def fetch(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        for expert in experts:
+            key = (layer, expert)
+            entry = self.cache.get(key)
+            if entry is not None:
+                self.stats.hits += 1
+                self.cache.touch(key)
+            else:
+                self.stats.misses += 1
+                # Nothing is pinned here, so the LRU slot is always free to take: the expert it held
+                # was consumed earlier, and the copy below is ordered after that compute on the stream.
+                entry = self.cache.claim(key, prefetched=False)
+                source = self.host[key]
+                start = time.perf_counter()
+                self.pool.memory[entry.slot].copy_(source)  # blocking: returns once the bytes are on the device
+                self.stats.wait_seconds += time.perf_counter() - start
+                self.stats.bytes_transferred += source.numel() * source.element_size()
+            yield expert, self.pool.weights(entry.slot)
+
+    def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        pass
+
+
+def host_copies(
+    experts: Iterator[tuple[int, Iterable[ExpertWeights]]], dtype: torch.dtype, pin: bool
+) -> dict[ExpertKey, torch.Tensor]:
+    """Every expert as one host row, taken from the experts' source one expert at a time."""
+    return {(layer, expert): host_copy(w, dtype, pin) for layer, weights in experts for expert, w in enumerate(weights)}
+
+
+def host_copy(w: ExpertWeights, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """One expert as a slot row [N]: gate | up | down, in `dtype`, in (pinned) host memory."""
+    parts = (w.gate, w.up, w.down)
+    row = torch.empty(sum(t.numel() for t in parts), dtype=dtype, pin_memory=pin)
+    at = 0
+    for t in parts:
+        row[at : at + t.numel()].copy_(t.reshape(-1))  # from the device or a mapped file; casts if needed
+        at += t.numel()
+    return row
