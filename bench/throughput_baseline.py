@@ -1,8 +1,9 @@
 """Baseline (b) of bench/throughput.py: naive offload, the pattern of mixtral-offloading and of accelerate.
 
-In:  every routed expert uncompressed in the compute dtype (bf16 for the presets), one host buffer per
-     expert laid out like a cache slot (gate | up | down), pinned when the compute device is a GPU, so a
-     miss is one copy; a budget of device slots.
+In:  every routed expert uncompressed in its stored dtype (bf16 for the presets and most checkpoints), one
+     host buffer per expert laid out like a cache slot (gate | up | down), pinned when the compute device is
+     a GPU, so a miss is one copy (converted to the compute dtype on the way when the two differ); a budget
+     of device slots.
 Out: the `ExpertProvider` protocol: fetch(layer, experts) yields each expert from a slot. A miss takes the
      least recently used slot and copies the expert into it synchronously (the host waits until the copy
      has landed) on the compute stream, so every missed byte sits on the critical path: no prefetch, no
@@ -30,7 +31,7 @@ class NaiveOffloadProvider:
     wants_predictions = False  # loads happen only when a layer asks
 
     def __init__(self, host: dict[ExpertKey, torch.Tensor], pool: SlotPool):
-        self.host = host  # (layer, expert) → [N] in the compute dtype, host memory
+        self.host = host  # (layer, expert) → [N] in the stored dtype, host memory
         self.pool = pool
         self.cache = ExpertCache(pool.num_slots, eviction="lru")
         self.stats = OffloadStats()
@@ -49,7 +50,8 @@ class NaiveOffloadProvider:
                 entry = self.cache.claim(key, prefetched=False)
                 source = self.host[key]
                 start = time.perf_counter()
-                self.pool.memory[entry.slot].copy_(source)  # blocking: returns once the bytes are on the device
+                # Blocking: returns once the bytes are on the device (and in the compute dtype).
+                self.pool.memory[entry.slot].copy_(source)
                 self.stats.wait_seconds += time.perf_counter() - start
                 self.stats.bytes_transferred += source.numel() * source.element_size()
             yield expert, self.pool.weights(entry.slot)
@@ -58,19 +60,17 @@ class NaiveOffloadProvider:
         pass
 
 
-def host_copies(
-    experts: Iterator[tuple[int, Iterable[ExpertWeights]]], dtype: torch.dtype, pin: bool
-) -> dict[ExpertKey, torch.Tensor]:
+def host_copies(experts: Iterator[tuple[int, Iterable[ExpertWeights]]], pin: bool) -> dict[ExpertKey, torch.Tensor]:
     """Every expert as one host row, taken from the experts' source one expert at a time."""
-    return {(layer, expert): host_copy(w, dtype, pin) for layer, weights in experts for expert, w in enumerate(weights)}
+    return {(layer, expert): host_copy(w, pin) for layer, weights in experts for expert, w in enumerate(weights)}
 
 
-def host_copy(w: ExpertWeights, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    """One expert as a slot row [N]: gate | up | down, in `dtype`, in (pinned) host memory."""
+def host_copy(w: ExpertWeights, pin: bool) -> torch.Tensor:
+    """One expert as a slot row [N]: gate | up | down, in its stored dtype, in (pinned) host memory."""
     parts = (w.gate, w.up, w.down)
-    row = torch.empty(sum(t.numel() for t in parts), dtype=dtype, pin_memory=pin)
+    row = torch.empty(sum(t.numel() for t in parts), dtype=w.gate.dtype, pin_memory=pin)
     at = 0
     for t in parts:
-        row[at : at + t.numel()].copy_(t.reshape(-1))  # from the device or a mapped file; casts if needed
+        row[at : at + t.numel()].copy_(t.reshape(-1))  # from the device or a mapped file
         at += t.numel()
     return row

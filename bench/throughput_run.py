@@ -110,10 +110,10 @@ class WorkloadRun:
         release(self.device)
 
     def naive(self) -> None:
-        """(b): uncompressed host copies, LRU slots, synchronous copy on a miss."""
+        """(b): uncompressed host copies (the stored dtype), LRU slots, synchronous copy on a miss."""
         c = self.config
         start = time.perf_counter()
-        host = host_copies(self.workload.experts(), c.dtype, pin=self.device.type == "cuda")
+        host = host_copies(self.workload.experts(), pin=self.device.type == "cuda")
         self.info["naive_host_bytes"] = sum(t.numel() * t.element_size() for t in host.values())
         self.info["naive_build_s"] = time.perf_counter() - start
         for budget in self.usable:

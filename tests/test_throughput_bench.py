@@ -73,11 +73,30 @@ def test_naive_offload_computes_what_the_resident_experts_compute():
     prompts = [[5, 9, 200, 31, 7], [1, 2, 3, 4, 5, 6, 7, 8]]
     resident = DenseExpertProvider({layer: list(weights) for layer, weights in workload.experts()})
     pool = SlotPool(c.top_k, c.hidden_size, c.moe_intermediate_size, c.dtype, CPU)  # the smallest cache
-    naive = NaiveOffloadProvider(host_copies(workload.experts(), c.dtype, pin=False), pool)
+    naive = NaiveOffloadProvider(host_copies(workload.experts(), pin=False), pool)
     assert _greedy_tokens(engine, naive, prompts) == _greedy_tokens(engine, resident, prompts)
     stats = naive.stats
     assert stats.misses > 0 and stats.wait_seconds > 0
     assert stats.bytes_transferred == stats.misses * workload.expert_nbytes
+
+
+def test_naive_offload_converts_stored_bf16_to_a_float32_compute_dtype(checkpoint_factory):
+    from throughput_models import checkpoint_workload
+
+    model_dir, _ = checkpoint_factory("qwen3_moe", dtype=torch.bfloat16)
+    workload = checkpoint_workload(model_dir, CPU, torch.float32)  # like the embedded model: bf16 stored
+    c = workload.config
+    engine = LLMEngine(workload.model, None, None, CPU, max_model_len=64, max_num_seqs=4)
+    resident = DenseExpertProvider(
+        {layer: [type(w)(*(t.float() for t in (w.gate, w.up, w.down))) for w in weights]
+         for layer, weights in workload.experts()}
+    )
+    host = host_copies(workload.experts(), pin=False)
+    assert all(row.dtype == torch.bfloat16 for row in host.values())  # bf16 is what crosses the link
+    naive = NaiveOffloadProvider(host, SlotPool(c.top_k, c.hidden_size, c.moe_intermediate_size, c.dtype, CPU))
+    prompts = [[5, 9, 100, 31, 7]]
+    assert _greedy_tokens(engine, naive, prompts) == _greedy_tokens(engine, resident, prompts)
+    assert naive.stats.bytes_transferred == naive.stats.misses * workload.expert_nbytes // 2
 
 
 def test_a_tiny_run_writes_every_configuration(tmp_path, checkpoint_factory, capsys):
