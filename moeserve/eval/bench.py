@@ -46,7 +46,7 @@ class BenchError(MoeServeError):
 class BenchOptions:
     codecs: tuple[str, ...] = ("szp", "int8", "int4")
     modes: tuple[str, ...] = ("rel",)
-    error_bounds: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 3e-2, 1e-1)
+    error_bounds: tuple[float, ...] = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     layers: tuple[str, ...] = ("all", "shallow", "middle", "deep")
     experts: str = "all"  # or "most-used:K"
     simulate: str | None = None  # "gaussian": also run N(0, eb) noise for every mode and bound
