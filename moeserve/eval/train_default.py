@@ -36,13 +36,17 @@ from moeserve.eval.train_model import MoeConfig, MoeForCausalLM, packed_layout
 # Training mixture (relative shares of examples), set from single-skill pilots: reversing and
 # sorting are learned from ~10k examples and facts from ~20k, while multi-digit arithmetic and the
 # word problems need several times more.
-DEFAULT_WEIGHTS = {"add": 2.6, "sub": 1.4, "mul": 1.5, "sort": 0.4, "reverse": 0.6, "facts": 1.2, "word": 1.0}
+DEFAULT_WEIGHTS = {"add": 2.0, "sub": 2.4, "mul": 1.7, "sort": 0.45, "reverse": 0.4, "facts": 1.2, "word": 1.15}
+# A last phase at the final (lowest) lr on the skills still weakest after the main run: multiplication
+# (only 432 distinct training problems) and the word problems; the others keep a share so they stay.
+FINAL_WEIGHTS = {"add": 1.0, "sub": 1.2, "mul": 3.0, "sort": 0.3, "reverse": 0.3, "facts": 1.2, "word": 1.5}
 
 
 @dataclass
 class TrainArgs:
     out: Path
-    steps: int = 7200
+    steps: int = 11000  # the main run: warm-up, constant, decay
+    final_steps: int = 1000  # then this many at the final lr with FINAL_WEIGHTS
     rows: int = 12  # rows per batch
     row_len: int = 96  # tokens per row (several examples each)
     lr: float = 4e-3
@@ -52,7 +56,7 @@ class TrainArgs:
     weight_decay: float = 0.1  # discourages memorising the small problem sets (mul, sub, word)
     aux_coef: float = 0.01  # weight of the load-balancing loss
     seed: int = 0
-    eval_every: int = 1800
+    eval_every: int = 2750
     eval_items: int = 30  # validation items per task at each evaluation
     threads: int = 2
     resume: bool = False
@@ -83,6 +87,8 @@ def lr_at(args: TrainArgs, step: int) -> float:
     A long constant phase keeps learning fast while the arithmetic skills are still far from
     learned; the final decay is where the accuracy on held-out problems jumps.
     """
+    if step >= args.steps:  # the final phase
+        return args.lr * args.min_lr_ratio
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
     decay_start = args.steps * (1 - args.decay_frac)
@@ -143,8 +149,10 @@ def train(args: TrainArgs) -> None:
 
     t0 = time.time() - totals["elapsed"]  # wall and CPU time count the interrupted part too
     cpu0 = time.process_time() - totals.get("cpu_time", 0.0)
-    for step in range(start, args.steps):
-        batch = make_batch(tokenizer, args.seed, step, args.rows, args.row_len, DEFAULT_WEIGHTS)
+    total_steps = args.steps + args.final_steps
+    for step in range(start, total_steps):
+        weights = DEFAULT_WEIGHTS if step < args.steps else FINAL_WEIGHTS
+        batch = make_batch(tokenizer, args.seed, step, args.rows, args.row_len, weights)
         positions, mask = packed_layout(batch.segments)
         logits, router_logits = model(batch.ids, positions, mask)
         lm_loss = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE)
@@ -161,7 +169,7 @@ def train(args: TrainArgs) -> None:
             elapsed = time.time() - t0
             print(f"step {step} loss {lm_loss.item():.4f} aux {aux.item():.3f} lr {lr_at(args, step):.2e} "
                   f"examples {batch.examples} elapsed {elapsed:.0f}s", flush=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.eval_every == 0 or step + 1 in (args.steps, total_steps):
             print(f"step {step + 1} {validate(model, tokenizer, args)} elapsed {time.time() - t0:.0f}s", flush=True)
             totals["elapsed"] = time.time() - t0
             totals["cpu_time"] = time.process_time() - cpu0
@@ -169,7 +177,7 @@ def train(args: TrainArgs) -> None:
                         "totals": totals}, state_path)
     export_checkpoint(model, args, eos_id, pad_id)
     write_training_record(args, totals, time.time() - t0, time.process_time() - cpu0)
-    print(f"done: {args.steps} steps in {time.time() - t0:.0f}s; checkpoint in {args.out}", flush=True)
+    print(f"done: {total_steps} steps in {time.time() - t0:.0f}s; checkpoint in {args.out}", flush=True)
 
 
 def write_training_record(args: TrainArgs, totals: dict, wall_time_s: float, cpu_time_s: float) -> None:
@@ -185,6 +193,7 @@ def write_training_record(args: TrainArgs, totals: dict, wall_time_s: float, cpu
         "hardware": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
                     f"{args.threads} torch threads, torch {torch.__version__}",
         "mixture": ", ".join(f"{k} {v:g}" for k, v in DEFAULT_WEIGHTS.items()),
+        "final_mixture": ", ".join(f"{k} {v:g}" for k, v in FINAL_WEIGHTS.items()),
         "examples": totals["examples"],
         "tokens": totals["tokens"],
         **{k: v for k, v in asdict(args).items() if k not in ("out", "model", "resume")},
@@ -196,7 +205,7 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     defaults = TrainArgs(out=Path("."))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    for name in ("steps", "rows", "row_len", "warmup", "seed", "eval_every", "eval_items", "threads"):
+    for name in ("steps", "final_steps", "rows", "row_len", "warmup", "seed", "eval_every", "eval_items", "threads"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
     for name in ("lr", "decay_frac", "min_lr_ratio", "weight_decay", "aux_coef"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
