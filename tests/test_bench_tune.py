@@ -65,6 +65,8 @@ def test_bench_options_refuse_bad_input_in_one_sentence():
         BenchOptions(experts="top:2")
     with pytest.raises(BenchError, match="--modes"):
         BenchOptions(modes=("relative",))
+    with pytest.raises(BenchError, match="--quality-items"):
+        BenchOptions(quality_items=0)
 
 
 def test_bench_writes_rows_report_and_plots_and_resumes(llm, tmp_path, monkeypatch):
@@ -163,6 +165,8 @@ def test_tune_options_refuse_unbounded_codec():
 
     with pytest.raises(TuneError, match="not an error-bounded codec"):
         TuneOptions(codec="int8")
+    with pytest.raises(TuneError, match="not an error-bounded codec"):
+        TuneOptions(codec="lz4")
     with pytest.raises(TuneError, match="fraction"):
         TuneOptions(max_accuracy_drop=1.0)
 

@@ -74,6 +74,8 @@ class BenchOptions:
             resolve_tasks(list(self.tasks))
         if self.limit is not None and self.limit < 1:
             raise BenchError(f"--limit must be at least 1, got {self.limit}.")
+        if self.quality_items < 1:
+            raise BenchError(f"--quality-items must be at least 1, got {self.quality_items}.")
 
     def settings(self) -> list[Perturbation]:
         """Every setting of the grid, the uncompressed baseline first."""

@@ -29,6 +29,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from moeserve.codecs import names as codec_names
 from moeserve.codecs.bounds import MODES
 from moeserve.codecs.registry import get as get_codec
 from moeserve.errors import MoeServeError
@@ -66,11 +67,7 @@ class TuneOptions:
             raise TuneError(f"--max-accuracy-drop is a fraction in (0, 1), e.g. 0.01 for one point; got {self.max_accuracy_drop}.")
         if self.metric not in ("accuracy", "kl"):
             raise TuneError(f"--metric {self.metric!r} is not known; use accuracy or kl.")
-        try:
-            bounded = get_codec(self.codec).bounded
-        except Exception:
-            bounded = None
-        if not bounded:
+        if self.codec not in codec_names() or not get_codec(self.codec).bounded:
             raise TuneError(f"--codec {self.codec!r} is not an error-bounded codec; use szp, sz3 or zfp.")
         if self.mode not in MODES:
             raise TuneError(f"--mode {self.mode!r} is not known; use one of {', '.join(MODES)}.")
