@@ -96,8 +96,6 @@ def _split_list(value: str | None, convert=str, option: str = "") -> tuple | Non
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
     from moeserve import LLM
     from moeserve.eval.bench import BenchOptions, run_bench
 
@@ -113,8 +111,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "split": args.split,
         "quality_items": args.quality_items,
     }
-    defaults = {f.name for f in fields(BenchOptions)}
-    options = BenchOptions(**{k: v for k, v in given.items() if v is not None and k in defaults})
+    # Options left out keep BenchOptions' defaults.
+    options = BenchOptions(**{k: v for k, v in given.items() if v is not None})
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, progress=not args.quiet)
     rows = run_bench(llm, options, Path(args.out), progress=not args.quiet)
     print(f"wrote {len(rows)} rows to {Path(args.out) / 'results.json'}, report.md and plots in {args.out}")
