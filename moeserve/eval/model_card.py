@@ -172,7 +172,10 @@ def write_card(model_dir: Path, results: dict) -> str:
         f"Wall time {training['wall_time_s'] / 60:.1f} min on {training['hardware']}; the process used "
         f"{training['cpu_time_s'] / 60:.1f} CPU-minutes, i.e. {training['cpu_time_s'] / training['wall_time_s']:.2f} "
         f"cores on average. "
-        f"Training mixture (relative weights): {training['mixture']}.",
+        f"Training mixture (relative weights): {training['mixture']}."
+        + (f" Then {training['final_steps']} more steps at the final lr "
+           f"({training['lr'] * training['min_lr_ratio']:g}) with the mixture {training['final_mixture']}; "
+           f"the example and token counts above include them." if training.get("final_steps") else ""),
         "",
         f"## Accuracy on the test split ({EVAL_SIZE} items per skill)",
         "",
