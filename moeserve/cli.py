@@ -36,10 +36,12 @@ def _add_model_options(parser: argparse.ArgumentParser, policy_variants: bool = 
     parser.add_argument("--no-prefetch", action="store_true", help="load experts only when a layer asks for them")
 
 
-def _load_llm(args: argparse.Namespace):
+def _load_llm(args: argparse.Namespace, **overrides):
+    """The LLM the model options describe; `overrides` replace or add LLM arguments (serve passes the
+    policy it split off its variants, and its engine limits)."""
     from moeserve import LLM
 
-    return LLM(
+    options = dict(
         model=args.model,
         device=args.device,
         dtype=args.dtype,
@@ -48,6 +50,7 @@ def _load_llm(args: argparse.Namespace):
         eviction=args.eviction,
         prefetch=not args.no_prefetch,
     )
+    return LLM(**{**options, **overrides})
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -169,24 +172,13 @@ def _cmd_policy_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from moeserve import LLM
     from moeserve.server.app import ServerConfig, serve
 
     base, named = _split_policies(args.policy)
     base_name = None
     if base is None and named:
         base_name, base = next(iter(named.items()))  # MODEL serves the first named policy
-    llm = LLM(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        policy=base,
-        expert_cache=args.expert_cache,
-        eviction=args.eviction,
-        prefetch=not args.no_prefetch,
-    )
+    llm = _load_llm(args, policy=base, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
     config = ServerConfig(
         model_name=args.served_model_name,
         policies=named,

@@ -18,7 +18,7 @@ from moeserve.errors import InputError
 from moeserve.server.async_engine import AsyncEngine, RequestHandle
 from moeserve.server.errors import error_event
 from moeserve.server.protocol import ChatCompletionRequest, Limits, stream_usage
-from moeserve.server.serving_common import Choice, TokenText, chat_logprobs, merge, now, usage
+from moeserve.server.serving_common import Choice, collect_choices, TokenText, chat_logprobs, merge, now, usage
 from moeserve.server.streaming import DONE, EventStream, TextStreamer, sse, unless_disconnected
 from moeserve.server.variants import VariantTable
 from moeserve.tokenizer import Tokenizer
@@ -49,21 +49,10 @@ class ChatServing:
         top_n = request.top_logprobs or 0
         if request.stream:
             return EventStream(self._stream(handle, request, model, top_n), on_close=handle.abort)
-        choices = await unless_disconnected(raw.receive, self._collect(handle))
+        choices = await unless_disconnected(raw.receive, collect_choices(handle))
         if choices is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         return JSONResponse(self._response(handle, request, model, choices, top_n))
-
-    @staticmethod
-    async def _collect(handle: RequestHandle) -> list[Choice]:
-        choices = [Choice() for _ in handle.seqs]
-        try:
-            async for batch in handle.updates():
-                for update in batch:
-                    choices[update.index].absorb(update)
-        finally:
-            handle.abort()  # no-op once finished; frees the sequences if we were cancelled
-        return choices
 
     def _head(self, handle: RequestHandle, model: str) -> dict:
         return {

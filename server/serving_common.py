@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from moeserve.engine.sequence import TokenLogprobs
-from moeserve.server.async_engine import SeqUpdate
+from moeserve.server.async_engine import RequestHandle, SeqUpdate
 from moeserve.tokenizer import Tokenizer
 
 
@@ -33,6 +33,18 @@ class Choice:
             self.prompt_logprobs = update.prompt_logprobs
         if update.finish_reason is not None:
             self.finish_reason, self.stop_reason = update.finish_reason, update.stop_reason
+
+
+async def collect_choices(handle: RequestHandle) -> list[Choice]:
+    """Every choice of a non-streaming request, once all have finished."""
+    choices = [Choice() for _ in handle.seqs]
+    try:
+        async for batch in handle.updates():
+            for update in batch:
+                choices[update.index].absorb(update)
+    finally:
+        handle.abort()  # no-op once finished; frees the sequences if we were cancelled
+    return choices
 
 
 def merge(batch: list[SeqUpdate]) -> dict[int, SeqUpdate]:

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from moeserve.server.async_engine import AsyncEngine, RequestHandle
 from moeserve.server.errors import error_event
 from moeserve.server.protocol import CompletionRequest, EngineRequest, Limits, stream_usage
-from moeserve.server.serving_common import Choice, TokenText, completion_logprobs, merge, now, usage
+from moeserve.server.serving_common import Choice, collect_choices, TokenText, completion_logprobs, merge, now, usage
 from moeserve.server.streaming import DONE, EventStream, TextStreamer, sse, unless_disconnected
 from moeserve.server.variants import VariantTable
 
@@ -32,21 +32,10 @@ class CompletionServing:
         model = request.model or variant.name
         if request.stream:
             return EventStream(self._stream(handle, request, engine_request, model), on_close=handle.abort)
-        choices = await unless_disconnected(raw.receive, self._collect(handle))
+        choices = await unless_disconnected(raw.receive, collect_choices(handle))
         if choices is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         return JSONResponse(self._response(handle, engine_request, model, choices))
-
-    @staticmethod
-    async def _collect(handle: RequestHandle) -> list[Choice]:
-        choices = [Choice() for _ in handle.seqs]
-        try:
-            async for batch in handle.updates():
-                for update in batch:
-                    choices[update.index].absorb(update)
-        finally:
-            handle.abort()  # no-op once finished; frees the sequences if we were cancelled
-        return choices
 
     def _prompt_text(self, handle: RequestHandle, engine_request: EngineRequest, index: int) -> str:
         prompt = engine_request.prompts[index // engine_request.n]
