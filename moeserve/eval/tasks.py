@@ -29,6 +29,9 @@ VAL_SIZE = 50  # items per skill in the validation split (watched during trainin
 # generalised, while 3-digit addition (~450k problems, too many to memorise) reached 99.5%.
 ADD_MAX_DIGITS = 3
 SUB_MAX_DIGITS = 3
+# Multiplication by one digit had the same problem: with two-digit multiplicands only (720 problems,
+# 432 of them for training) test accuracy stalled at 52-61%. Three-digit ones bring it to 7920.
+MUL_MAX_DIGITS = 3
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ def _sample_sub(rng: random.Random) -> Item:
 
 
 def _sample_mul(rng: random.Random) -> Item:
-    a, b = rng.randint(10, 99), rng.randint(2, 9)
+    digits = rng.randint(2, MUL_MAX_DIGITS)  # two- and three-digit multiplicands equally often
+    a, b = rng.randint(10 ** (digits - 1), 10**digits - 1), rng.randint(2, 9)
     prompt = rng.choice(MUL_PHRASINGS).format(a=a, b=b)
     return Item("mul", f"{a}*{b}", prompt, str(a * b))
 
@@ -200,10 +204,8 @@ SKILLS: dict[str, Skill] = {
               lambda k: _hash_split("add", k)),
         Skill("sub", f"subtraction of two numbers of 1 to {SUB_MAX_DIGITS} digits, result >= 0", SUB_PHRASINGS,
               _sample_sub, lambda k: _hash_split("sub", k)),
-        # Only 720 such problems exist: 32% are held out for test (211 problems, so it still has
-        # 200) and 8% for validation, leaving 448 to learn multiplication from.
-        Skill("mul", "a 2-digit number times a 1-digit number (2 to 9)", MUL_PHRASINGS,
-              _sample_mul, lambda k: _hash_split("mul", k, test_share=0.32, val_share=0.08)),
+        Skill("mul", f"a 2- to {MUL_MAX_DIGITS}-digit number times a 1-digit number (2 to 9)", MUL_PHRASINGS,
+              _sample_mul, lambda k: _hash_split("mul", k)),
         Skill("sort", "sort 3 to 7 one-digit numbers, ascending (70%) or descending (30%)",
               SORT_ASC_PHRASINGS + SORT_DESC_PHRASINGS, _sample_sort, lambda k: _hash_split("sort", k)),
         Skill("reverse", "reverse a random lowercase string of 3 to 7 letters", REVERSE_PHRASINGS,
