@@ -162,7 +162,7 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
 
 
 def to_device(w: ExpertWeights, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
-    return ExpertWeights(*(t.to(device=device, dtype=dtype) for t in (w.gate, w.up, w.down)))
+    return w.to(device, dtype)
 
 
 def release(device: torch.device) -> None:

@@ -13,6 +13,10 @@
 
 namespace szp {
 
+// Below this many chunks (64k values) a pass runs on the calling thread: waking an OpenMP team costs more
+// than it saves, and a decode worker of the offloading runtime must not fan out into more threads.
+constexpr szp_u64 kParallelMinChunks = 8;
+
 struct Header {
     szp_u64 n;           // number of values
     float step;          // grid step (<= 2 * eb)

@@ -134,7 +134,7 @@ template <class S, class O>
 void decode_all(const szp_u8* payload, const Layout& l, const Header& h, void* out) {
     std::atomic<bool> ok{load_u64(payload + l.table_off) == 0 &&
                          load_u64(payload + l.table_off + 8 * l.chunks) == h.data_bytes};
-#pragma omp parallel for schedule(dynamic, 4)
+#pragma omp parallel for schedule(dynamic, 4) if (l.chunks >= kParallelMinChunks)
     for (long long c = 0; c < (long long)l.chunks; ++c)
         if (!decode_chunk<S, O>(payload, l, h, c, static_cast<typename O::bits*>(out))) ok = false;
     if (!ok) throw FormatError("the szp payload's chunk table, rates and data disagree; the blob is corrupt");

@@ -59,7 +59,7 @@ void code_block(const typename S::bits* x, int count, float step, double eb, Blo
 template <class S>
 void sizes(const typename S::bits* x, szp_u64 n, float step, double eb, szp_u8* rates, szp_u64* chunk_bytes) {
     const Layout l = layout_for(n);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (l.chunks >= kParallelMinChunks)
     for (long long c = 0; c < (long long)l.chunks; ++c) {
         BlockCode bc;
         szp_u64 bytes = 0, nnz = 0;
@@ -82,7 +82,7 @@ void data(const typename S::bits* x, szp_u64 n, float step, double eb, const szp
           const szp_u64* offsets, szp_u8* out) {
     typedef typename S::bits T;
     const Layout l = layout_for(n);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (l.chunks >= kParallelMinChunks)
     for (long long c = 0; c < (long long)l.chunks; ++c) {
         BlockCode bc;
         szp_u32 signs[kChunkValues / 32] = {};  // this chunk's sign stream, one bit per nonzero q

@@ -87,6 +87,22 @@ class CheckpointTensors:
         flat = torch.frombuffer(self._map(entry.file), dtype=dtype, count=count, offset=entry.start)
         return flat.view(entry.shape)
 
+    def get_adjacent(self, names: list[str]) -> torch.Tensor | None:
+        """The named tensors concatenated along dim 0 as one view into the mapped file, when they lie
+        back to back in one file with one dtype and the same trailing shape; otherwise None."""
+        entries = [self._entries[name] for name in names]
+        first = entries[0]
+        for before, after in zip(entries, entries[1:]):
+            if (after.file, after.dtype, after.shape[1:], after.start) != (first.file, first.dtype, first.shape[1:], before.end):
+                return None
+        dtype = _SAFETENSORS_DTYPES.get(first.dtype)
+        if dtype is None or not first.shape or entries[-1].end - first.start == 0:
+            return None
+        rows = sum(entry.shape[0] for entry in entries)
+        flat = torch.frombuffer(self._map(first.file), dtype=dtype, count=(entries[-1].end - first.start) // dtype.itemsize,
+                                offset=first.start)
+        return flat.view(rows, *first.shape[1:])
+
     def _map(self, file: Path) -> mmap.mmap:
         if file not in self._maps:
             with open(file, "rb") as handle:

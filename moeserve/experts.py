@@ -23,6 +23,26 @@ class ExpertWeights:
     gate: torch.Tensor  # [I, D]
     up: torch.Tensor  # [I, D]
     down: torch.Tensor  # [D, I]
+    # [2I, D] whose halves are `gate` and `up`, when they are stored that way: one matmul then
+    # computes both, which at decode batch sizes saves a kernel launch per expert.
+    gate_up: torch.Tensor | None = None
+
+    @classmethod
+    def fused(cls, gate_up: torch.Tensor, down: torch.Tensor) -> ExpertWeights:
+        """Views of gate_up [2I, D] (gate rows, then up rows) and down [D, I]."""
+        i = gate_up.shape[0] // 2
+        return cls(gate=gate_up[:i], up=gate_up[i:], down=down, gate_up=gate_up)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
+        """These weights on `device` in `dtype`: themselves when they already are (a memory-mapped
+        checkpoint stays mapped), otherwise a copy with gate and up fused."""
+        down = self.down.to(device=device, dtype=dtype)
+        if self.gate_up is not None:
+            return ExpertWeights.fused(self.gate_up.to(device=device, dtype=dtype), down)
+        if down is self.down and all(t.device == down.device and t.dtype == dtype for t in (self.gate, self.up)):
+            return self
+        gate_up = torch.cat((self.gate, self.up)).to(device=device, dtype=dtype)  # [2I, D]
+        return ExpertWeights.fused(gate_up, down)
 
     @property
     def nbytes(self) -> int:

@@ -99,18 +99,16 @@ def iter_stored_experts(
         if model.expert_tensor_names(layer, 0)[0] not in checkpoint and gate_up_name in checkpoint:
             gate_up = _checked(checkpoint, gate_up_name, (config.num_experts, 2 * i, d))
             down = _checked(checkpoint, down_name, (config.num_experts, d, i))
-            yield layer, [ExpertWeights(gate_up[e, :i], gate_up[e, i:], down[e]) for e in range(config.num_experts)]
+            yield layer, [ExpertWeights.fused(gate_up[e], down[e]) for e in range(config.num_experts)]
             continue
         weights = []
         for expert in range(config.num_experts):
-            gate, up, down = model.expert_tensor_names(layer, expert)
-            weights.append(
-                ExpertWeights(
-                    _checked(checkpoint, gate, (i, d)),
-                    _checked(checkpoint, up, (i, d)),
-                    _checked(checkpoint, down, (d, i)),
-                )
-            )
+            gate_name, up_name, down_name = model.expert_tensor_names(layer, expert)
+            gate, up = _checked(checkpoint, gate_name, (i, d)), _checked(checkpoint, up_name, (i, d))
+            down = _checked(checkpoint, down_name, (d, i))
+            # Files that store gate right before up (sorted names: qwen, olmoe) serve both with one matmul.
+            gate_up = checkpoint.get_adjacent([gate_name, up_name])
+            weights.append(ExpertWeights.fused(gate_up, down) if gate_up is not None else ExpertWeights(gate, up, down))
         yield layer, weights
 
 
@@ -145,12 +143,17 @@ def _checked(checkpoint: CheckpointTensors, name: str, shape: tuple[int, ...]) -
     return checkpoint.get(name)
 
 
-def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _require_float(tensor: torch.Tensor) -> None:
     if not tensor.is_floating_point():
         raise ModelLoadError(f"a weight tensor has integer dtype {tensor.dtype}; quantized checkpoints are not supported.")
+
+
+def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    _require_float(tensor)
     return tensor.to(device=device, dtype=dtype)
 
 
 def _to_device(w: ExpertWeights, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
-    return ExpertWeights(*(_convert(t, device, dtype) for t in (w.gate, w.up, w.down)))
-
+    for tensor in (w.gate, w.up, w.down):
+        _require_float(tensor)
+    return w.to(device, dtype)

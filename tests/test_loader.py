@@ -34,6 +34,37 @@ def test_same_dtype_cpu_load_keeps_weights_in_the_mapped_file(checkpoint_factory
         assert any(lo <= tensor.data_ptr() < hi for lo, hi in ranges), "a weight was copied out of the mapped file"
 
 
+def test_gate_and_up_stored_back_to_back_are_served_as_one_mapped_matrix(checkpoint_factory):
+    # qwen3_moe files store experts.N.gate_proj right before experts.N.up_proj (sorted names).
+    from moeserve.loader import load_dense_experts, load_model
+
+    from safetensors.torch import load_file
+
+    directory, _ = checkpoint_factory("qwen3_moe")
+    loaded = load_model(directory, torch.device("cpu"))
+    w = load_dense_experts(loaded, torch.device("cpu")).expert(0, 1)
+    assert w.gate_up is not None and w.gate_up.shape == (2 * w.gate.shape[0], w.gate.shape[1])
+    assert w.gate_up.data_ptr() == w.gate.data_ptr() and w.gate_up[w.gate.shape[0]:].data_ptr() == w.up.data_ptr()
+    reference = load_file(directory / "model.safetensors")
+    assert torch.equal(w.gate, reference["model.layers.0.mlp.experts.1.gate_proj.weight"])
+    assert torch.equal(w.up, reference["model.layers.0.mlp.experts.1.up_proj.weight"])
+
+
+def test_experts_not_back_to_back_stay_mapped_unless_converted(checkpoint_factory):
+    # mixtral's w1 (gate), w2 (down), w3 (up): gate and up are apart, so a same-dtype load keeps the
+    # three mapped tensors; a converting load copies anyway and fuses gate and up on the way.
+    from moeserve.loader import load_dense_experts, load_model
+
+    directory, _ = checkpoint_factory("mixtral")
+    mapped = load_dense_experts(load_model(directory, torch.device("cpu")), torch.device("cpu")).expert(0, 0)
+    assert mapped.gate_up is None
+    converted = load_dense_experts(
+        load_model(directory, torch.device("cpu"), torch.bfloat16), torch.device("cpu")
+    ).expert(0, 0)
+    assert converted.gate_up is not None and converted.gate_up.dtype == torch.bfloat16
+    assert torch.equal(converted.gate, mapped.gate.to(torch.bfloat16)) and torch.equal(converted.up, mapped.up.to(torch.bfloat16))
+
+
 def test_converted_load_frees_nothing_twice(checkpoint_factory):
     # bf16 → fp32 must convert tensor by tensor: every result is a fresh fp32 tensor, none mapped.
     from moeserve.loader import load_model

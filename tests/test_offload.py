@@ -53,6 +53,18 @@ def test_raw_policy_is_bit_identical_to_resident_under_every_budget(checkpoint):
             assert torch.equal(got_logits, logits), (budget, eviction)
 
 
+def test_raw_policy_is_bit_identical_where_resident_experts_are_not_fused(checkpoint_factory):
+    # mixtral files keep gate (w1) and up (w3) apart, so the resident model computes them with two
+    # matmuls while cache slots hold them fused: the two must agree to the bit.
+    directory, _ = checkpoint_factory("mixtral", seed=5)
+    resident = LLM(directory, device="cpu")
+    assert resident.experts.expert(0, 0).gate_up is None
+    tokens, logits = _run(resident)
+    probe = LLM(directory, device="cpu", policy=RAW, progress=False)
+    got_tokens, got_logits = _run(LLM(directory, device="cpu", policy=RAW, expert_cache=_budgets(probe)[0], progress=False))
+    assert got_tokens == tokens and torch.equal(got_logits, logits)
+
+
 def test_lossy_policy_is_identical_under_every_budget(checkpoint):
     unlimited = LLM(checkpoint, device="cpu", policy=LOSSY, progress=False)
     tokens, logits = _run(unlimited)

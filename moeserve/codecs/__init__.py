@@ -22,7 +22,7 @@ from moeserve.codecs.bounds import resolve
 from moeserve.codecs.registry import get, names
 from moeserve.devices import resolve_device
 
-__all__ = ["Blob", "Codec", "CodecError", "decode", "decode_into", "encode", "names"]
+__all__ = ["Blob", "Codec", "CodecError", "decode", "decode_into", "encode", "names", "single_threaded_codecs"]
 
 
 def encode(tensor: torch.Tensor, codec: str = "szp", mode: str = "abs", error_bound: float | None = None) -> Blob:
@@ -83,3 +83,9 @@ def decode_into(blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream | None 
     else:
         raise CodecError(f"codecs decode to cpu or cuda tensors, got a tensor on {out.device}; move it first.")
     return out
+
+
+def single_threaded_codecs() -> None:
+    """Later CPU encodes and decodes made from the calling thread use that thread alone (no OpenMP
+    team): for worker pools whose workers are already the parallelism."""
+    szp.cpu_module().set_openmp_threads(1)

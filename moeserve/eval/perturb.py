@@ -114,9 +114,10 @@ class ExpertPerturber:
                 decoded, tensor_stats = _gaussian(original, setting, (layer, expert, name))
             else:
                 decoded, tensor_stats = _round_trip(original, setting)
-            out[name] = decoded.to(self.llm.device, self.compute_dtype)
+            out[name] = decoded
             stats.add(tensor_stats)
-        return ExpertWeights(out["gate"], out["up"], out["down"]), stats
+        # Fused like the loader's experts, so an unperturbed round trip computes bit for bit alike.
+        return ExpertWeights(out["gate"], out["up"], out["down"]).to(self.llm.device, self.compute_dtype), stats
 
 
 def _round_trip(original: torch.Tensor, setting: Perturbation) -> tuple[torch.Tensor, EncodingStats]:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import ModelConfig
-from moeserve.experts import ExpertProvider
+from moeserve.experts import ExpertProvider, ExpertWeights
 from moeserve.layers.mlp import ACTIVATIONS, GatedMLP
 
 # Legend: T = tokens in the step, D = hidden size, E = routed experts, K = experts per token.
@@ -56,8 +56,12 @@ class MoeBlock(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
-    def _expert(self, h: torch.Tensor, w) -> torch.Tensor:  # [n, D] → [n, D]
-        return F.linear(self.act(F.linear(h, w.gate)) * F.linear(h, w.up), w.down)
+    def _expert(self, h: torch.Tensor, w: ExpertWeights) -> torch.Tensor:  # [n, D] → [n, D]
+        if w.gate_up is not None:
+            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [n, 2I] → [n, I] twice
+        else:
+            gate, up = F.linear(h, w.gate), F.linear(h, w.up)
+        return F.linear(self.act(gate) * up, w.down)
 
     def _single_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider):
         """Decode at batch 1: no grouping needed, just the K experts of one token."""
@@ -65,8 +69,9 @@ class MoeBlock(nn.Module):
         per_slot: list[torch.Tensor | None] = [None] * self.top_k
         for expert_id, w in experts.fetch(self.layer_id, sorted(chosen)):
             slot = chosen.index(expert_id)
-            per_slot[slot] = (self._expert(x, w) * weights[0, slot]).to(x.dtype)  # [1, D]
-        return torch.stack(per_slot).sum(dim=0)  # [K, 1, D] → [1, D], summed in slot order
+            y = self._expert(x, w) * weights[0, slot]  # [1, D]
+            per_slot[slot] = y if y.dtype == x.dtype else y.to(x.dtype)
+        return _sum_slots(per_slot)  # [1, D]
 
     def _many_tokens(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider):
         T, D = x.shape
@@ -88,8 +93,17 @@ class MoeBlock(nn.Module):
             pairs = order[start : start + counts[expert_id]]
             y = self._expert(x[token_of[start : start + counts[expert_id]]], w)  # [n, D]
             per_pair[pairs] = (y * weight_of[start : start + counts[expert_id], None]).to(x.dtype)
-        return per_pair.view(T, self.top_k, D).sum(dim=1)  # [T, D]
+        return _sum_slots(per_pair.view(T, self.top_k, D).unbind(dim=1))  # [T, D]
 
     def predict(self, x: torch.Tensor) -> list[int]:
         """The experts this router would pick for hidden states x [T, D] (ascending ids)."""
         return torch.unique(self.route(x)[1]).tolist()
+
+
+def _sum_slots(per_slot) -> torch.Tensor:
+    """Sum over the K slots, left to right: both paths add in this one order, so a token's output
+    does not depend on the batch it was computed in."""
+    out = per_slot[0]
+    for y in per_slot[1:]:
+        out = out + y
+    return out

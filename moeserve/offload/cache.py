@@ -81,6 +81,8 @@ class SlotPool:
         # [S, 3 * I * D]: per slot gate | up | down, contiguous so each decodes straight into place.
         self.memory = torch.empty(num_slots, 3 * self.matrix_numel, dtype=dtype, device=device)
         self.num_slots = num_slots
+        # The views are made once: building them per use costs more than a small expert's matmuls.
+        self._views = [self._slot_views(slot) for slot in range(num_slots)]
 
     @staticmethod
     def slot_nbytes(hidden: int, intermediate: int, dtype: torch.dtype) -> int:
@@ -91,8 +93,11 @@ class SlotPool:
         return self.memory.numel() * self.memory.element_size()
 
     def weights(self, slot: int) -> ExpertWeights:
+        return self._views[slot]
+
+    def _slot_views(self, slot: int) -> ExpertWeights:
         row, n, d, i = self.memory[slot], self.matrix_numel, self.hidden, self.intermediate
-        return ExpertWeights(gate=row[:n].view(i, d), up=row[n : 2 * n].view(i, d), down=row[2 * n :].view(d, i))
+        return ExpertWeights.fused(gate_up=row[: 2 * n].view(2 * i, d), down=row[2 * n :].view(d, i))
 
 
 class ExpertCache:

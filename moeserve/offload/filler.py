@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from moeserve.codecs import decode_into
+from moeserve.codecs import decode_into, single_threaded_codecs
 from moeserve.offload.cache import SlotPool
 from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import PackedExpert, packed_payload_view
@@ -45,7 +45,10 @@ class Pending:
 class CpuSlotFiller:
     def __init__(self, pool: SlotPool, stats: OffloadStats, workers: int = 2):
         self.pool, self.stats = pool, stats
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moeserve-decode")
+        # Each worker decodes on its own thread only: the workers are the parallelism, and an OpenMP
+        # team per worker would oversubscribe the cores the model computes on.
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moeserve-decode",
+                                            initializer=single_threaded_codecs)
 
     def start(self, packed: PackedExpert, slot: int) -> Pending:
         self.stats.bytes_transferred += packed.nbytes
