@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moeserve import LLM, MoeServeError, SamplingParams
+from moeserve.layers.moe import MoeBlock
 from moeserve.offload.cache import ExpertCache, SlotPool
 from moeserve.offload.runtime import parse_budget
 from moeserve.offload.store import CompressedStore
@@ -204,3 +205,13 @@ def test_more_experts_than_slots_in_one_layer(checkpoint):
     for e, down in served.items():
         assert torch.equal(down, stored[e].down.to(down.dtype))
     assert all(entry.pins == 0 for entry in provider.cache.entries.values())
+
+
+def test_prefetch_prediction_names_exactly_the_routed_experts(checkpoint):
+    llm = LLM(checkpoint, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    blocks = [m for m in llm.model.modules() if isinstance(m, MoeBlock)]
+    assert blocks
+    for block in blocks:
+        x = torch.randn(7, llm.config.hidden_size, generator=generator)  # [T, D]
+        assert block.predict(x) == sorted(set(block.route(x)[1].flatten().tolist()))

@@ -97,7 +97,9 @@ class MoeBlock(nn.Module):
 
     def predict(self, x: torch.Tensor) -> list[int]:
         """The experts this router would pick for hidden states x [T, D] (ascending ids)."""
-        return torch.unique(self.route(x)[1]).tolist()
+        # Only which experts: softmax is monotonic, so the top-k of the logits are the same ids.
+        ids = torch.topk(self.gate(x), self.top_k, dim=-1).indices  # [T, K]
+        return sorted(set(ids.flatten().tolist()))
 
 
 def _sum_slots(per_slot) -> torch.Tensor:
