@@ -1,7 +1,8 @@
 // Python binding of the szp CPU codec (module moeserve._szp_cpu).
 //
 // In: numpy arrays owned by moeserve.codecs.szp (values as raw bit patterns, payload as uint8).
-// Out: a new uint8 payload (encode) or values written into the caller's array (decode_into).
+// Out: a new uint8 payload (encode) or values written into the caller's array (decode_into, or later by a
+//      DecodePool thread: submit returns a PendingDecode to poll or wait on).
 // The GIL is released around every pass over the data.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -13,6 +14,7 @@
 #endif
 
 #include "szp_codec.h"
+#include "szp_decode_pool.h"
 
 namespace py = pybind11;
 
@@ -48,15 +50,65 @@ py::array_t<uint8_t> encode(const py::array& x, int dtype, float step, double eb
     return out;
 }
 
-void decode_into(const py::array_t<uint8_t, py::array::c_style>& payload, py::array& out, int out_dtype) {
+// The decode of `payload` into `out`, after checking that out can receive it.
+szp::DecodeTask decode_task(const py::array_t<uint8_t, py::array::c_style>& payload, py::array& out, int out_dtype) {
     if (!(out.flags() & py::array::c_style) || !out.writeable() || size_t(out.itemsize()) != dtype_size(out_dtype))
         throw std::invalid_argument("szp decodes into a writable C-contiguous array matching the output dtype code");
     const szp::Header h = szp::read_header(payload.data(), payload.size());
     if (h.n != szp_u64(out.size()))
         throw std::invalid_argument("the output array's size differs from the number of values in the payload");
-    void* dst = out.mutable_data();
+    return szp::DecodeTask{payload.data(), size_t(payload.size()), out.mutable_data(), out_dtype};
+}
+
+void decode_into(const py::array_t<uint8_t, py::array::c_style>& payload, py::array& out, int out_dtype) {
+    const szp::DecodeTask t = decode_task(payload, out, out_dtype);
     py::gil_scoped_release nogil;
-    szp::decode(payload.data(), payload.size(), dst, out_dtype);
+    szp::decode(t.payload, t.size, t.out, t.out_dtype);
+}
+
+// A submitted job plus the arrays it reads and writes, which must outlive it: dropping the handle early
+// waits for the job instead of letting a worker write into freed memory.
+class PendingDecode {
+  public:
+    PendingDecode(std::shared_ptr<szp::DecodeJob> job, std::vector<py::object> buffers)
+        : job_(std::move(job)), buffers_(std::move(buffers)) {}
+    ~PendingDecode() {
+        if (!job_->done()) {
+            py::gil_scoped_release nogil;
+            job_->wait();
+        }
+    }
+    bool done() const { return job_->done(); }
+    void wait() {
+        const std::string* error;
+        {
+            py::gil_scoped_release nogil;
+            error = &job_->wait();
+        }
+        if (!error->empty()) throw szp::FormatError(*error);
+    }
+    double seconds() const { return job_->seconds(); }
+
+  private:
+    std::shared_ptr<szp::DecodeJob> job_;
+    std::vector<py::object> buffers_;
+};
+
+// jobs: (payload, out, out_dtype) triples, decoded in order by one worker; urgent jobs jump the queue.
+std::unique_ptr<PendingDecode> submit(szp::DecodePool& pool, const py::list& jobs, bool urgent) {
+    std::vector<szp::DecodeTask> tasks;
+    std::vector<py::object> buffers;
+    for (const py::handle item : jobs) {
+        const py::tuple job = item.cast<py::tuple>();
+        auto payload = job[0].cast<py::array_t<uint8_t, py::array::c_style>>();
+        auto out = job[1].cast<py::array>();
+        tasks.push_back(decode_task(payload, out, job[2].cast<int>()));
+        buffers.push_back(payload);
+        buffers.push_back(out);
+    }
+    auto pending = std::make_shared<szp::DecodeJob>(std::move(tasks));
+    pool.submit(pending, urgent);
+    return std::make_unique<PendingDecode>(std::move(pending), std::move(buffers));
 }
 
 py::tuple read_header(const py::array_t<uint8_t, py::array::c_style>& payload) {
@@ -109,6 +161,15 @@ PYBIND11_MODULE(_szp_cpu, m) {
     m.def("layout", &layout, py::arg("n"));
     m.def("openmp_threads", &openmp_threads);
     m.def("set_openmp_threads", &set_openmp_threads, py::arg("n"));
+    py::class_<szp::DecodePool>(m, "DecodePool", "Threads that decode szp payloads without holding the GIL.")
+        .def(py::init<int>(), py::arg("threads"))
+        .def("submit", &submit, py::arg("jobs"), py::arg("urgent") = false,
+             "Queue (payload, out, out_dtype) decodes (urgent: ahead of the queue); returns a PendingDecode.")
+        .def("close", &szp::DecodePool::close, py::call_guard<py::gil_scoped_release>());
+    py::class_<PendingDecode>(m, "PendingDecode")
+        .def("done", &PendingDecode::done)
+        .def("wait", &PendingDecode::wait, "Blocks until decoded; raises FormatError for a malformed payload.")
+        .def_property_readonly("seconds", &PendingDecode::seconds);
     m.attr("BLOCK_VALUES") = szp::kBlockValues;
     m.attr("CHUNK_BLOCKS") = szp::kChunkBlocks;
     m.attr("RAW_RATE") = int(szp::kRawRate);

@@ -11,6 +11,8 @@ namespace szp {
 typedef szp_u32 u32x4 __attribute__((vector_size(16)));
 typedef int i32x4 __attribute__((vector_size(16)));
 typedef float f32x4 __attribute__((vector_size(16)));
+typedef szp_u16 u16x8 __attribute__((vector_size(16)));
+typedef szp_u16 u16x4 __attribute__((vector_size(8)));
 constexpr int kVecs = kBlockValues / 4;
 
 // kLaneBit[j] holds, per lane, the bit of value 4j + l in a plane word or a per-value mask word.
@@ -39,7 +41,6 @@ inline void emit4(f32x4 v, typename O::bits* dst) {
         const u32x4 out = S::kCode == kBF16 ? bits << 16 : bits;  // bf16 -> fp32 is exact
         std::memcpy(dst, &out, sizeof(out));
     } else {
-        typedef szp_u16 u16x4 __attribute__((vector_size(8)));
         const u16x4 out = __builtin_convertvector(bits, u16x4);
         std::memcpy(dst, &out, sizeof(out));
     }

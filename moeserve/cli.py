@@ -40,6 +40,7 @@ def _load_llm(args: argparse.Namespace, **overrides):
     """The LLM the model options describe; `overrides` replace or add LLM arguments (serve passes the
     policy it split off its variants, and its engine limits)."""
     from moeserve import LLM
+    from moeserve.offload.filler import leave_cores_for_decoding
 
     options = dict(
         model=args.model,
@@ -50,7 +51,11 @@ def _load_llm(args: argparse.Namespace, **overrides):
         eviction=args.eviction,
         prefetch=not args.no_prefetch,
     )
-    return LLM(**{**options, **overrides})
+    llm = LLM(**{**options, **overrides})
+    if llm.offload is not None and llm.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # This process serves one model: give the decode workers their cores (OMP_NUM_THREADS overrides).
+        leave_cores_for_decoding(llm.offload.provider.filler.workers)
+    return llm
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -69,6 +69,20 @@ def test_cpp_decoder_matches_the_written_spec(dtype, n, eb):
     assert torch.equal(decode(blob), spec_decode(blob.payload_numpy()))
 
 
+def test_every_plane_count_decodes_exactly():
+    # Block k holds integers up to 2^k on a step-1 grid, so it needs k + 1 planes: this walks the decoder's
+    # table-lookup path (up to 16 planes) and its wide path (17 and more) across their boundary.
+    g = torch.Generator().manual_seed(1)
+    blocks = [torch.randint(-(2**k), 2**k + 1, (32,), generator=g) for k in range(24)]
+    for block, k in zip(blocks, range(24)):
+        block[0] = 2**k  # the block's largest magnitude sets its plane count
+    x = torch.cat(blocks).float()
+    blob = encode(x, codec="szp", mode="abs", error_bound=0.5)
+    assert set(range(1, 25)) <= {int(r) & 31 for r in rates_of(blob)}
+    assert torch.equal(decode(blob), x)
+    assert torch.equal(decode(blob), spec_decode(blob.payload_numpy()))
+
+
 def rates_of(blob: Blob) -> np.ndarray:
     layout = cpu_module().layout(blob.numel)
     return blob.payload_numpy()[layout["rates_off"] : layout["rates_off"] + layout["blocks"]]

@@ -215,3 +215,47 @@ def test_prefetch_prediction_names_exactly_the_routed_experts(checkpoint):
     for block in blocks:
         x = torch.randn(7, llm.config.hidden_size, generator=generator)  # [T, D]
         assert block.predict(x) == sorted(set(block.route(x)[1].flatten().tolist()))
+
+
+def test_a_miss_evicts_the_expert_whose_layer_runs_again_last(checkpoint):
+    # 4 MoE layers, 2 slots each. Plain LRU would evict layer 3's experts (the oldest), which the very next
+    # layer needs; the layer cycle says layer 1's, which ran last, are needed last.
+    probe = LLM(checkpoint, device="cpu", policy=RAW, progress=False)
+    llm = LLM(checkpoint, device="cpu", policy=RAW, expert_cache=8 * _slot_bytes(probe), prefetch=False, progress=False)
+    provider = llm.offload.provider
+    for layer in range(4):
+        list(provider.fetch(layer, [0, 1]))
+    list(provider.fetch(0, [2, 3]))  # evicts layer 0's own unused experts
+    list(provider.fetch(1, [0, 5]))  # evicts (1, 1), layer 1's unused one
+    list(provider.fetch(2, [4, 5, 6]))  # layer 2's two unused slots, then one more from the layer run longest ago
+    resident = set(provider.cache.entries)
+    assert {(0, 2), (0, 3), (2, 4), (2, 5), (2, 6), (3, 0), (3, 1)} <= resident
+    assert len(resident & {(1, 0), (1, 5)}) == 1 and len(resident) == 8
+
+
+def test_predictions_stop_once_every_expert_is_cached(checkpoint):
+    llm = LLM(checkpoint, device="cpu", policy=LOSSY, expert_cache="100%", progress=False)
+    provider = llm.offload.provider
+    assert provider.wants_predictions
+    llm.generate(PROMPTS, GREEDY)
+    for layer, expert in list(provider.store.experts):
+        list(provider.fetch(layer, [expert]))
+    assert not provider.wants_predictions
+    assert not LLM(checkpoint, device="cpu", policy=LOSSY, prefetch=False, progress=False).offload.provider.wants_predictions
+
+
+def test_decode_workers_get_their_cores_from_torch(monkeypatch):
+    from moeserve.offload import filler
+
+    assert filler.default_decode_workers(2) == 2 and filler.default_decode_workers(32) == 4
+    before = torch.get_num_threads()
+    monkeypatch.setattr(filler, "usable_cores", lambda: 4)
+    try:
+        torch.set_num_threads(4)
+        filler.leave_cores_for_decoding(2)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        filler.leave_cores_for_decoding(2)  # only ever lowered, never below 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

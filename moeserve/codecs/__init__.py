@@ -22,7 +22,17 @@ from moeserve.codecs.bounds import resolve
 from moeserve.codecs.registry import get, names
 from moeserve.devices import resolve_device
 
-__all__ = ["Blob", "Codec", "CodecError", "decode", "decode_into", "encode", "names", "single_threaded_codecs"]
+__all__ = [
+    "Blob",
+    "Codec",
+    "CodecError",
+    "check_decode_target",
+    "decode",
+    "decode_into",
+    "encode",
+    "names",
+    "single_threaded_codecs",
+]
 
 
 def encode(tensor: torch.Tensor, codec: str = "szp", mode: str = "abs", error_bound: float | None = None) -> Blob:
@@ -66,13 +76,7 @@ def decode_into(blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream | None 
     dtype adds that dtype's rounding, as any cast would. On CUDA the work is ordered on `stream` (default:
     the current stream) and the call returns without waiting for it; szp decodes there with its own
     kernel and no device allocation after the first call; other codecs decode on the CPU and copy."""
-    if not isinstance(blob, Blob):
-        raise CodecError(f"decode takes a Blob, got {type(blob).__name__}; use Blob.from_bytes on stored bytes.")
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != blob.shape or out.dtype not in DTYPES:
-        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
-        raise CodecError(f"decode_into needs a float32/float16/bfloat16 tensor of shape {blob.shape}, got {got}.")
-    if not out.is_contiguous():
-        raise CodecError("decode_into writes contiguous tensors only; pass a contiguous buffer and copy afterwards.")
+    check_decode_target(blob, out)
     if out.numel() == 0:
         return out
     impl = get(blob.codec)
@@ -83,6 +87,19 @@ def decode_into(blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream | None 
     else:
         raise CodecError(f"codecs decode to cpu or cuda tensors, got a tensor on {out.device}; move it first.")
     return out
+
+
+def check_decode_target(blob: Blob, out: torch.Tensor, cpu_only: bool = False) -> None:
+    """Raises CodecError unless `out` can receive `blob`: a contiguous fp32/fp16/bf16 tensor of its shape."""
+    if not isinstance(blob, Blob):
+        raise CodecError(f"decode takes a Blob, got {type(blob).__name__}; use Blob.from_bytes on stored bytes.")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != blob.shape or out.dtype not in DTYPES:
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise CodecError(f"decode_into needs a float32/float16/bfloat16 tensor of shape {blob.shape}, got {got}.")
+    if not out.is_contiguous():
+        raise CodecError("decode_into writes contiguous tensors only; pass a contiguous buffer and copy afterwards.")
+    if cpu_only and out.device.type != "cpu":
+        raise CodecError(f"this decoder writes CPU tensors, got a tensor on {out.device}; use decode_into for CUDA.")
 
 
 def single_threaded_codecs() -> None:

@@ -43,6 +43,15 @@ def cpu_module():
     return _szp_cpu
 
 
+def decode_args(blob: Blob, out: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
+    """(payload, out, out dtype code): what the C++ decoder and its DecodePool take for one tensor."""
+    return blob.payload_numpy(), bits_view(out).numpy(), DTYPES.index(out.dtype)
+
+
+def malformed(error: ValueError) -> CodecError:
+    return CodecError(f"this szp blob is malformed ({error}); re-encode the tensor.")
+
+
 class SzpCodec(Codec):
     name = "szp"
     bounded = True
@@ -57,9 +66,9 @@ class SzpCodec(Codec):
 
     def decode_cpu(self, blob: Blob, out: torch.Tensor) -> None:
         try:
-            cpu_module().decode_into(blob.payload_numpy(), bits_view(out).numpy(), DTYPES.index(out.dtype))
+            cpu_module().decode_into(*decode_args(blob, out))
         except ValueError as e:  # a malformed payload that passed the checksum (hand-made bytes)
-            raise CodecError(f"this szp blob is malformed ({e}); re-encode the tensor.") from None
+            raise malformed(e) from None
 
     def decode_cuda(self, blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
         from moeserve.codecs import gpu

@@ -5,7 +5,8 @@ that num_slots * slot bytes <= the byte budget. Nothing else ever holds decoded 
 host's compressed copy is immutable, so evicting a slot only forgets it (no write-back).
 
 Eviction is pluggable (LRU by default, LFU); a slot that is pinned (in use by the current layer)
-or still being filled is never chosen.
+or still being filled is never chosen. A caller that knows more about when each expert is needed
+next (the provider knows the layer cycle) ranks the candidates; the policy's order breaks ties.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import itertools
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -114,20 +116,23 @@ class ExpertCache:
     def touch(self, key: ExpertKey) -> None:
         self._eviction.touch(key)
 
-    def claim(self, key: ExpertKey, prefetched: bool, protected_layers: tuple[int, ...] = ()) -> SlotEntry | None:
-        """A slot for `key`: a free one, else the best evictable one outside `protected_layers`;
-        None if every candidate is busy."""
+    def claim(
+        self, key: ExpertKey, prefetched: bool, rank: Callable[[ExpertKey], int] | None = None
+    ) -> SlotEntry | None:
+        """A slot for `key`: a free one, else the evictable entry with the highest `rank` (ties, or no rank:
+        the eviction policy's order); None if every entry is pinned or still filling."""
         if self._free:
             slot = self._free.pop()
         else:
-            victim = next(
-                (
-                    k
-                    for k in self._eviction.victims()
-                    if k[0] not in protected_layers and self._evictable(self.entries[k])
-                ),
-                None,
-            )
+            victim, best = None, None
+            for candidate in self._eviction.victims():
+                if not self._evictable(self.entries[candidate]):
+                    continue
+                score = rank(candidate) if rank is not None else 0
+                if best is None or score > best:
+                    victim, best = candidate, score
+                    if rank is None:
+                        break
             if victim is None:
                 return None
             slot = self.entries.pop(victim).slot

@@ -6,7 +6,9 @@ Out: decoded experts from cache slots, one at a time: hits first, then misses. E
      queue behind guesses and decoding the next overlaps computing the current.
 
 Prefetch hints are held until the next fetch has pinned that layer's resident experts and started
-its own misses, so a guess about layer l+1 can never evict what layer l is about to use.
+its own misses, so a guess about layer l+1 can never evict what layer l is about to use. Every
+eviction takes the expert whose layer runs again last in the cycle of MoE layers (the eviction
+policy breaks ties), so neither a miss nor a guess evicts what the next layers are about to reuse.
 """
 
 from __future__ import annotations
@@ -32,8 +34,15 @@ class OffloadedExpertProvider:
         prefetch: bool = True,
     ):
         self.store, self.pool, self.cache, self.filler, self.stats = store, pool, cache, filler, stats
-        self.wants_predictions = prefetch
+        self._prefetch = prefetch
         self._hint: tuple[int, Sequence[int]] | None = None
+        # MoE layer id -> its position in the per-step cycle of MoE layers
+        self._cycle = {layer: i for i, layer in enumerate(sorted({layer for layer, _ in store.experts}))}
+
+    @property
+    def wants_predictions(self) -> bool:
+        """Whether the model should predict the next layer's experts: not once every expert is cached."""
+        return self._prefetch and len(self.cache) < len(self.store.experts)
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         self._hint = (layer, experts)
@@ -51,7 +60,8 @@ class OffloadedExpertProvider:
         self.stats.hits += len(resident)
         self.stats.misses += len(missing)
         in_flight: deque[SlotEntry] = deque()
-        held = resident + self._start_misses(missing, in_flight)  # pinned by this fetch, not yet released
+        rank = self._rank_for(layer)
+        held = resident + self._start_misses(missing, in_flight, rank)  # pinned by this fetch, not yet released
         self._issue_hint(current_layer=layer)
         # Ready experts first: computing them hides the loads still in flight.
         resident.sort(key=lambda entry: not entry.ready.done())
@@ -64,13 +74,13 @@ class OffloadedExpertProvider:
                     # Every slot was held by this layer's residents or by prefetches still filling;
                     # the residents are released now, so wait for the fills and claim again.
                     self._wait_for_fills()
-                    held += self._start_misses(missing, in_flight)
+                    held += self._start_misses(missing, in_flight, rank)
                     if not in_flight:
                         raise RuntimeError("no expert cache slot can be freed; the cache holds no unpinned slot")
                 entry = in_flight.popleft()
                 yield self._use(entry)
                 self._release(entry, held)
-                held += self._start_misses(missing, in_flight)
+                held += self._start_misses(missing, in_flight, rank)
         finally:
             # A consumer that stops early (an exception in compute) must not leave slots pinned.
             for entry in held:
@@ -94,11 +104,11 @@ class OffloadedExpertProvider:
             self.stats.prefetches_used += 1
         return entry.key[1], self.pool.weights(entry.slot)
 
-    def _start_misses(self, missing: deque[ExpertKey], in_flight: deque[SlotEntry]) -> list[SlotEntry]:
+    def _start_misses(self, missing: deque[ExpertKey], in_flight: deque[SlotEntry], rank) -> list[SlotEntry]:
         """Start loads for as many misses as slots allow; returns the new, pinned entries."""
         started = []
         while missing:
-            entry = self._start(missing[0], prefetched=False)
+            entry = self._start(missing[0], prefetched=False, rank=rank)
             if entry is None:
                 break
             missing.popleft()
@@ -117,21 +127,33 @@ class OffloadedExpertProvider:
             return
         layer, experts = self._hint
         self._hint = None
-        # A guess may only displace other layers' experts: evicting the current layer's or the
-        # target layer's own residents would trade a likely hit for a possible one.
-        protected = (current_layer, layer)
+        guessed, by_distance = set(experts), self._rank_for(current_layer)
+
+        def rank(key: ExpertKey) -> int:
+            # The guessed layer's own experts outside the guess go first: if the guess is right they are
+            # not needed before the next token.
+            return len(self._cycle) + 1 if key[0] == layer and key[1] not in guessed else by_distance(key)
+
         for expert in experts:
             key = (layer, expert)
             if self.cache.get(key) is not None:
                 continue
-            if self._start(key, prefetched=True, protected_layers=protected) is None:
-                return  # every slot is busy: the rest of the guess would only evict useful experts
+            if self._start(key, prefetched=True, rank=rank) is None:
+                return  # every slot is pinned or filling: the real routing will load what is missing
             self.stats.prefetches_issued += 1
 
-    def _start(self, key: ExpertKey, prefetched: bool, protected_layers: tuple[int, ...] = ()) -> SlotEntry | None:
-        entry = self.cache.claim(key, prefetched, protected_layers)
+    def _rank_for(self, current_layer: int):
+        """Eviction rank while `current_layer` runs: how many MoE layers until an entry's layer runs again
+        (a whole cycle for the current layer's own unused experts). Layers run in a fixed cycle each
+        step, so the farthest next use is the best victim; plain LRU would pick the next layer's
+        experts, the ones needed soonest."""
+        now, cycle = self._cycle[current_layer], len(self._cycle)
+        return lambda key: (self._cycle[key[0]] - now) % cycle or cycle
+
+    def _start(self, key: ExpertKey, prefetched: bool, rank=None) -> SlotEntry | None:
+        entry = self.cache.claim(key, prefetched, rank)
         if entry is not None:
-            entry.ready = self.filler.start(self.store.experts[key], entry.slot)
+            entry.ready = self.filler.start(self.store.experts[key], entry.slot, urgent=not prefetched)
         return entry
 
     def close(self) -> None:

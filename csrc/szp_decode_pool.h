@@ -1,0 +1,74 @@
+// A fixed pool of threads that run the szp decoder without Python, for the offloading runtime's CPU filler.
+//
+// In:  a job: the payloads of one expert's tensors and the slot memory each decodes into (raw pointers; the
+//      binding keeps the buffers alive until the job is done).
+// Out: the slot memory written; done() / wait() report completion and the first malformed payload's error.
+// Workers never take the GIL, so decoding the next expert does not stall the model's Python thread, and each
+// worker decodes on its own thread only (no OpenMP team on top of the pool).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "szp_format.h"
+
+namespace szp {
+
+struct DecodeTask {
+    const szp_u8* payload;
+    size_t size;
+    void* out;
+    int out_dtype;
+};
+
+class DecodeJob {
+  public:
+    explicit DecodeJob(std::vector<DecodeTask> tasks) : tasks_(std::move(tasks)) {}
+    bool done() const { return done_.load(std::memory_order_acquire); }
+    // Blocks until the job has run; returns the error of its first malformed payload, empty if none.
+    const std::string& wait();
+    double seconds() const { return seconds_; }  // decode time, valid once done()
+
+  private:
+    friend class DecodePool;
+    void run();
+
+    std::vector<DecodeTask> tasks_;
+    std::atomic<bool> done_{false};
+    std::mutex mutex_;
+    std::condition_variable finished_;
+    std::string error_;
+    double seconds_ = 0.0;
+};
+
+class DecodePool {
+  public:
+    explicit DecodePool(int threads);
+    ~DecodePool() { close(); }
+    DecodePool(const DecodePool&) = delete;
+    DecodePool& operator=(const DecodePool&) = delete;
+
+    // An urgent job (a layer is waiting for it) runs before every queued one; others run in order.
+    void submit(std::shared_ptr<DecodeJob> job, bool urgent);
+    // Runs every job already submitted, then joins the threads; later submits are refused. Idempotent.
+    void close();
+
+  private:
+    void work();
+
+    std::vector<std::thread> threads_;
+    std::deque<std::shared_ptr<DecodeJob>> queue_;  // urgent jobs first, each group in submission order
+    size_t urgent_queued_ = 0;
+    std::mutex mutex_;
+    std::condition_variable wake_;
+    bool closing_ = false;
+};
+
+}  // namespace szp

@@ -1,0 +1,125 @@
+"""Background CPU decoding into caller-owned tensors, for the offloading runtime's slot filler.
+
+In:  one unit of work: (blob, out) pairs, e.g. an expert's gate, up and down and the slot views they fill.
+Out: a `DecodeHandle` to poll (done) or block on (wait); once done every out holds its decoded values.
+
+A unit whose blobs are all szp runs on C++ threads that never take the GIL (moeserve._szp_cpu.DecodePool),
+so decoding does not stall the model's Python thread between its torch calls. Other codecs run their
+Python decoders on threads of their own. Units a layer is waiting for run before queued guesses.
+Either way each worker decodes on its own thread only: the workers are
+the parallelism, and an OpenMP team per worker would oversubscribe the cores the model computes on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Sequence
+
+import torch
+
+from moeserve.codecs import check_decode_target, decode_into, single_threaded_codecs, szp
+from moeserve.codecs.blob import Blob
+
+
+class DecodeHandle:
+    def __init__(self, native=None, future: Future | None = None):
+        self._native, self._future = native, future
+
+    def done(self) -> bool:
+        return (self._native or self._future).done()
+
+    def wait(self) -> None:
+        """Blocks until decoded; raises CodecError for a malformed blob, here in the caller's thread."""
+        if self._native is None:
+            self._future.result()
+            return
+        try:
+            self._native.wait()
+        except ValueError as e:
+            raise szp.malformed(e) from None
+
+    @property
+    def seconds(self) -> float:
+        """Time the worker spent decoding; valid once done()."""
+        return self._native.seconds if self._native is not None else self._future.result()
+
+
+class CpuDecodePool:
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+        self._native = None  # made on first use, so a store without szp never starts its threads
+        self._python: _PythonDecodeThreads | None = None
+
+    def submit(self, work: Sequence[tuple[Blob, torch.Tensor]], urgent: bool = False) -> DecodeHandle:
+        """Queues one unit; an urgent one (something waits for it) runs before every queued unit that is not."""
+        for blob, out in work:
+            check_decode_target(blob, out, cpu_only=True)
+        work = [(blob, out) for blob, out in work if out.numel()]
+        if all(blob.codec == "szp" for blob, _ in work):
+            if self._native is None:
+                self._native = szp.cpu_module().DecodePool(self.threads)
+            jobs = [szp.decode_args(blob, out) for blob, out in work]
+            return DecodeHandle(native=self._native.submit(jobs, urgent))
+        if self._python is None:
+            self._python = _PythonDecodeThreads(self.threads)
+        return DecodeHandle(future=self._python.submit(work, urgent))
+
+    def close(self) -> None:
+        """Finishes every submitted unit, then stops the threads."""
+        if self._native is not None:
+            self._native.close()
+        if self._python is not None:
+            self._python.close()
+
+
+class _PythonDecodeThreads:
+    """Threads running the codecs' Python decoders, in the native pool's order: urgent units first."""
+
+    def __init__(self, threads: int):
+        self._queue: deque[tuple[list, Future]] = deque()
+        self._urgent_queued = 0
+        self._changed = threading.Condition()
+        self._closing = False
+        self._threads = [threading.Thread(target=self._work, name="moeserve-decode", daemon=True) for _ in range(threads)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, work: list[tuple[Blob, torch.Tensor]], urgent: bool) -> Future:
+        future: Future = Future()
+        with self._changed:
+            if self._closing:
+                raise RuntimeError("the decode threads are closed")
+            if urgent:
+                self._queue.insert(self._urgent_queued, (work, future))
+                self._urgent_queued += 1
+            else:
+                self._queue.append((work, future))
+            self._changed.notify()
+        return future
+
+    def close(self) -> None:
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def _work(self) -> None:
+        single_threaded_codecs()
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._closing or self._queue)
+                if not self._queue:
+                    return  # closing, and every submitted unit has run
+                work, future = self._queue.popleft()
+                self._urgent_queued = max(0, self._urgent_queued - 1)
+            try:
+                start = time.perf_counter()
+                for blob, out in work:
+                    decode_into(blob, out)
+                future.set_result(time.perf_counter() - start)
+            except BaseException as error:  # handed to the waiting caller, in its thread
+                future.set_exception(error)
