@@ -5,8 +5,9 @@ that num_slots * slot bytes <= the byte budget. Nothing else ever holds decoded 
 host's compressed copy is immutable, so evicting a slot only forgets it (no write-back).
 
 Eviction is pluggable (LRU by default, LFU); a slot that is pinned (in use by the current layer)
-or still being filled is never chosen. A caller that knows more about when each expert is needed
-next (the provider knows the layer cycle) ranks the candidates; the policy's order breaks ties.
+or still being filled is never chosen. A caller that knows which layers are needed last (the provider
+knows the cycle of MoE layers) names the order in which layers give up slots; the policy orders the
+experts within a layer.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import itertools
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable
+from typing import Container, Sequence
 
 import torch
 
@@ -36,17 +37,20 @@ class SlotEntry:
 class LruEviction:
     def __init__(self):
         self._order: OrderedDict[ExpertKey, None] = OrderedDict()
+        self._by_layer: dict[int, OrderedDict[ExpertKey, None]] = {}
 
     def touch(self, key: ExpertKey) -> None:
-        self._order[key] = None
-        self._order.move_to_end(key)
+        for order in (self._order, self._by_layer.setdefault(key[0], OrderedDict())):
+            order[key] = None
+            order.move_to_end(key)
 
     def forget(self, key: ExpertKey) -> None:
         self._order.pop(key, None)
+        self._by_layer.get(key[0], {}).pop(key, None)
 
-    def victims(self):
-        """Keys in eviction order, best victim first."""
-        return iter(list(self._order))
+    def victims(self, layer: int | None = None) -> list[ExpertKey]:
+        """Keys (all, or one layer's) in eviction order, best victim first."""
+        return list(self._order if layer is None else self._by_layer.get(layer, ()))
 
 
 class LfuEviction:
@@ -57,18 +61,19 @@ class LfuEviction:
         self._uses: dict[ExpertKey, int] = {}
         self._recency: dict[ExpertKey, int] = {}
         self._clock = itertools.count()
-        self._resident: set[ExpertKey] = set()
+        self._resident: dict[int, set[ExpertKey]] = {}
 
     def touch(self, key: ExpertKey) -> None:
         self._uses[key] = self._uses.get(key, 0) + 1
         self._recency[key] = next(self._clock)
-        self._resident.add(key)
+        self._resident.setdefault(key[0], set()).add(key)
 
     def forget(self, key: ExpertKey) -> None:
-        self._resident.discard(key)
+        self._resident.get(key[0], set()).discard(key)
 
-    def victims(self):
-        return iter(sorted(self._resident, key=lambda k: (self._uses[k], self._recency[k])))
+    def victims(self, layer: int | None = None) -> list[ExpertKey]:
+        keys = itertools.chain.from_iterable(self._resident.values()) if layer is None else self._resident.get(layer, ())
+        return sorted(keys, key=lambda k: (self._uses[k], self._recency[k]))
 
 
 EVICTION_POLICIES = {"lru": LruEviction, "lfu": LfuEviction}
@@ -117,22 +122,21 @@ class ExpertCache:
         self._eviction.touch(key)
 
     def claim(
-        self, key: ExpertKey, prefetched: bool, rank: Callable[[ExpertKey], int] | None = None
+        self,
+        key: ExpertKey,
+        prefetched: bool,
+        layer_order: Sequence[int] | None = None,
+        keep: Container[ExpertKey] = (),
     ) -> SlotEntry | None:
-        """A slot for `key`: a free one, else the evictable entry with the highest `rank` (ties, or no rank:
-        the eviction policy's order); None if every entry is pinned or still filling."""
+        """A slot for `key`: a free one, else the policy's best evictable entry outside `keep`, searching
+        the layers in `layer_order` one after another (None: all layers at once); None if there is none."""
         if self._free:
             slot = self._free.pop()
         else:
-            victim, best = None, None
-            for candidate in self._eviction.victims():
-                if not self._evictable(self.entries[candidate]):
-                    continue
-                score = rank(candidate) if rank is not None else 0
-                if best is None or score > best:
-                    victim, best = candidate, score
-                    if rank is None:
-                        break
+            groups = [self._eviction.victims()] if layer_order is None else map(self._eviction.victims, layer_order)
+            victim = next(
+                (k for group in groups for k in group if k not in keep and self._evictable(self.entries[k])), None
+            )
             if victim is None:
                 return None
             slot = self.entries.pop(victim).slot

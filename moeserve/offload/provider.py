@@ -6,9 +6,9 @@ Out: decoded experts from cache slots, one at a time: hits first, then misses. E
      queue behind guesses and decoding the next overlaps computing the current.
 
 Prefetch hints are held until the next fetch has pinned that layer's resident experts and started
-its own misses, so a guess about layer l+1 can never evict what layer l is about to use. Every
-eviction takes the expert whose layer runs again last in the cycle of MoE layers (the eviction
-policy breaks ties), so neither a miss nor a guess evicts what the next layers are about to reuse.
+its own misses, so a guess about layer l+1 can never evict what layer l is about to use. Slots are
+taken from the layers whose turn comes last in the cycle of MoE layers (the eviction policy picks
+within a layer), so neither a miss nor a guess evicts what the next layers are about to reuse.
 """
 
 from __future__ import annotations
@@ -36,8 +36,14 @@ class OffloadedExpertProvider:
         self.store, self.pool, self.cache, self.filler, self.stats = store, pool, cache, filler, stats
         self._prefetch = prefetch
         self._hint: tuple[int, Sequence[int]] | None = None
-        # MoE layer id -> its position in the per-step cycle of MoE layers
-        self._cycle = {layer: i for i, layer in enumerate(sorted({layer for layer, _ in store.experts}))}
+        # Loading an expert of layer l takes a slot from layer l's other experts first (unused this step,
+        # so not needed before the next one), then from the layers that ran most recently: each step runs
+        # the MoE layers in one cycle, so those run again last. Plain LRU would take the layer after l,
+        # the one needed next, and every eviction would cascade into the following layers' misses.
+        cycle = sorted({layer for layer, _ in store.experts})
+        self._give_up_order = {
+            layer: [cycle[(i - back) % len(cycle)] for back in range(len(cycle))] for i, layer in enumerate(cycle)
+        }
 
     @property
     def wants_predictions(self) -> bool:
@@ -60,9 +66,8 @@ class OffloadedExpertProvider:
         self.stats.hits += len(resident)
         self.stats.misses += len(missing)
         in_flight: deque[SlotEntry] = deque()
-        rank = self._rank_for(layer)
-        held = resident + self._start_misses(missing, in_flight, rank)  # pinned by this fetch, not yet released
-        self._issue_hint(current_layer=layer)
+        held = resident + self._start_misses(missing, in_flight)  # pinned by this fetch, not yet released
+        self._issue_hint()
         # Ready experts first: computing them hides the loads still in flight.
         resident.sort(key=lambda entry: not entry.ready.done())
         try:
@@ -74,13 +79,13 @@ class OffloadedExpertProvider:
                     # Every slot was held by this layer's residents or by prefetches still filling;
                     # the residents are released now, so wait for the fills and claim again.
                     self._wait_for_fills()
-                    held += self._start_misses(missing, in_flight, rank)
+                    held += self._start_misses(missing, in_flight)
                     if not in_flight:
                         raise RuntimeError("no expert cache slot can be freed; the cache holds no unpinned slot")
                 entry = in_flight.popleft()
                 yield self._use(entry)
                 self._release(entry, held)
-                held += self._start_misses(missing, in_flight, rank)
+                held += self._start_misses(missing, in_flight)
         finally:
             # A consumer that stops early (an exception in compute) must not leave slots pinned.
             for entry in held:
@@ -104,11 +109,11 @@ class OffloadedExpertProvider:
             self.stats.prefetches_used += 1
         return entry.key[1], self.pool.weights(entry.slot)
 
-    def _start_misses(self, missing: deque[ExpertKey], in_flight: deque[SlotEntry], rank) -> list[SlotEntry]:
+    def _start_misses(self, missing: deque[ExpertKey], in_flight: deque[SlotEntry]) -> list[SlotEntry]:
         """Start loads for as many misses as slots allow; returns the new, pinned entries."""
         started = []
         while missing:
-            entry = self._start(missing[0], prefetched=False, rank=rank)
+            entry = self._start(missing[0], prefetched=False)
             if entry is None:
                 break
             missing.popleft()
@@ -122,36 +127,21 @@ class OffloadedExpertProvider:
             if not entry.ready.done():
                 entry.ready.wait()
 
-    def _issue_hint(self, current_layer: int) -> None:
+    def _issue_hint(self) -> None:
         if self._hint is None:
             return
         layer, experts = self._hint
         self._hint = None
-        guessed, by_distance = set(experts), self._rank_for(current_layer)
-
-        def rank(key: ExpertKey) -> int:
-            # The guessed layer's own experts outside the guess go first: if the guess is right they are
-            # not needed before the next token.
-            return len(self._cycle) + 1 if key[0] == layer and key[1] not in guessed else by_distance(key)
-
-        for expert in experts:
-            key = (layer, expert)
+        guessed = {(layer, expert) for expert in experts}
+        for key in sorted(guessed):
             if self.cache.get(key) is not None:
                 continue
-            if self._start(key, prefetched=True, rank=rank) is None:
+            if self._start(key, prefetched=True, keep=guessed) is None:
                 return  # every slot is pinned or filling: the real routing will load what is missing
             self.stats.prefetches_issued += 1
 
-    def _rank_for(self, current_layer: int):
-        """Eviction rank while `current_layer` runs: how many MoE layers until an entry's layer runs again
-        (a whole cycle for the current layer's own unused experts). Layers run in a fixed cycle each
-        step, so the farthest next use is the best victim; plain LRU would pick the next layer's
-        experts, the ones needed soonest."""
-        now, cycle = self._cycle[current_layer], len(self._cycle)
-        return lambda key: (self._cycle[key[0]] - now) % cycle or cycle
-
-    def _start(self, key: ExpertKey, prefetched: bool, rank=None) -> SlotEntry | None:
-        entry = self.cache.claim(key, prefetched, rank)
+    def _start(self, key: ExpertKey, prefetched: bool, keep=()) -> SlotEntry | None:
+        entry = self.cache.claim(key, prefetched, self._give_up_order[key[0]], keep)
         if entry is not None:
             entry.ready = self.filler.start(self.store.experts[key], entry.slot, urgent=not prefetched)
         return entry
