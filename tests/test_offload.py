@@ -233,6 +233,22 @@ def test_a_miss_evicts_the_expert_whose_layer_runs_again_last(checkpoint):
     assert len(resident & {(1, 0), (1, 5)}) == 1 and len(resident) == 8
 
 
+def test_experts_their_layer_skipped_are_evicted_first(checkpoint):
+    # 12 slots for 4 layers: once the second step's misses fill the free slots, the experts each layer
+    # did not use on its latest pass go first, oldest first, before the layer cycle is consulted.
+    probe = LLM(checkpoint, device="cpu", policy=RAW, progress=False)
+    llm = LLM(checkpoint, device="cpu", policy=RAW, expert_cache=12 * _slot_bytes(probe), prefetch=False, progress=False)
+    provider = llm.offload.provider
+    for layer in range(4):
+        list(provider.fetch(layer, [0, 1]))
+    for layer in range(3):
+        list(provider.fetch(layer, [2, 3]))
+    resident = set(provider.cache.entries)
+    assert not resident & {(0, 0), (0, 1)}  # skipped by layer 0's second pass, and the oldest such
+    assert {(1, 0), (1, 1), (3, 0), (3, 1)} <= resident
+    assert {(layer, e) for layer in range(3) for e in (2, 3)} <= resident
+
+
 def test_predictions_stop_once_every_expert_is_cached(checkpoint):
     llm = LLM(checkpoint, device="cpu", policy=LOSSY, expert_cache="100%", progress=False)
     provider = llm.offload.provider

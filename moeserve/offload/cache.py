@@ -5,9 +5,9 @@ that num_slots * slot bytes <= the byte budget. Nothing else ever holds decoded 
 host's compressed copy is immutable, so evicting a slot only forgets it (no write-back).
 
 Eviction is pluggable (LRU by default, LFU); a slot that is pinned (in use by the current layer)
-or still being filled is never chosen. A caller that knows which layers are needed last (the provider
-knows the cycle of MoE layers) names the order in which layers give up slots; the policy orders the
-experts within a layer.
+or still being filled is never chosen. A caller that knows more (the provider knows the cycle of MoE
+layers) names entries to evict first and the order in which layers give up slots after them; the
+policy orders the experts within each group.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import itertools
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Container, Sequence
+from typing import Callable, Container, Sequence
 
 import torch
 
@@ -32,6 +32,7 @@ class SlotEntry:
     ready: Future | None  # set while the slot is being filled; done() once the weights are in
     prefetched: bool  # loaded on a prediction, not yet consumed
     pins: int = 0
+    pass_used: int = 0  # the pass of its layer (a count of that layer's fetches) that last used or wants it
 
 
 class LruEviction:
@@ -127,13 +128,17 @@ class ExpertCache:
         prefetched: bool,
         layer_order: Sequence[int] | None = None,
         keep: Container[ExpertKey] = (),
+        stale: Callable[[SlotEntry], bool] | None = None,
     ) -> SlotEntry | None:
-        """A slot for `key`: a free one, else the policy's best evictable entry outside `keep`, searching
-        the layers in `layer_order` one after another (None: all layers at once); None if there is none."""
+        """A slot for `key`: a free one, else the policy's best evictable entry outside `keep` among the
+        `stale` ones, else searching the layers in `layer_order` one after another (None: all layers at
+        once); None if there is none."""
         if self._free:
             slot = self._free.pop()
         else:
             groups = [self._eviction.victims()] if layer_order is None else map(self._eviction.victims, layer_order)
+            if stale is not None:
+                groups = itertools.chain([[k for k in self._eviction.victims() if stale(self.entries[k])]], groups)
             victim = next(
                 (k for group in groups for k in group if k not in keep and self._evictable(self.entries[k])), None
             )

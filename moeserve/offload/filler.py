@@ -57,7 +57,7 @@ def leave_cores_for_decoding(workers: int) -> None:
 
     Between its parallel regions torch's OpenMP threads spin on their cores, so a decode worker that
     shares a core with one gets it only part of the time: on 2 cores the embedded model at a 25% cache
-    ran at 0.43-0.62x resident speed with torch at 2 threads and 0.72x at 1 (bench/offload.py).
+    ran at 0.57-0.61x resident speed with torch at 2 threads and 0.69x at 1 (bench/offload.py).
     For process owners (the CLI, benchmarks) only: the setting is process-wide and matmul results
     depend on it, so a library call must not change it under a caller who compares runs."""
     limit = max(1, usable_cores() - workers)

@@ -36,11 +36,14 @@ class OffloadedExpertProvider:
         self.store, self.pool, self.cache, self.filler, self.stats = store, pool, cache, filler, stats
         self._prefetch = prefetch
         self._hint: tuple[int, Sequence[int]] | None = None
-        # Loading an expert of layer l takes a slot from layer l's other experts first (unused this step,
-        # so not needed before the next one), then from the layers that ran most recently: each step runs
-        # the MoE layers in one cycle, so those run again last. Plain LRU would take the layer after l,
-        # the one needed next, and every eviction would cascade into the following layers' misses.
+        # Where a slot comes from: first an expert that its layer did not use on its latest pass (the
+        # eviction policy's order across layers); with room for more than one step's experts, those are
+        # the least likely to be reused. Then layer l's own experts unused this step (not needed before
+        # the next step), then the layers that ran most recently: each step runs the MoE layers in one
+        # cycle, so those run again last. Plain LRU would take the layer after l, the one needed next,
+        # and every eviction would cascade into the following layers' misses.
         cycle = sorted({layer for layer, _ in store.experts})
+        self._passes = {layer: 0 for layer in cycle}  # fetches of each layer so far
         self._give_up_order = {
             layer: [cycle[(i - back) % len(cycle)] for back in range(len(cycle))] for i, layer in enumerate(cycle)
         }
@@ -54,6 +57,7 @@ class OffloadedExpertProvider:
         self._hint = (layer, experts)
 
     def fetch(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        self._passes[layer] += 1
         resident: list[SlotEntry] = []
         missing: deque[ExpertKey] = deque()
         for expert in experts:
@@ -104,6 +108,7 @@ class OffloadedExpertProvider:
         else:
             entry.ready.wait()  # orders a GPU compute stream after the fill; immediate on CPU
         self.cache.touch(entry.key)
+        entry.pass_used = self._passes[entry.key[0]]
         if entry.prefetched:
             entry.prefetched = False
             self.stats.prefetches_used += 1
@@ -141,10 +146,15 @@ class OffloadedExpertProvider:
             self.stats.prefetches_issued += 1
 
     def _start(self, key: ExpertKey, prefetched: bool, keep=()) -> SlotEntry | None:
-        entry = self.cache.claim(key, prefetched, self._give_up_order[key[0]], keep)
+        entry = self.cache.claim(key, prefetched, self._give_up_order[key[0]], keep, self._is_stale)
         if entry is not None:
+            # a guess is for its layer's next pass; a miss is for the pass running now
+            entry.pass_used = self._passes[key[0]] + (1 if prefetched else 0)
             entry.ready = self.filler.start(self.store.experts[key], entry.slot, urgent=not prefetched)
         return entry
+
+    def _is_stale(self, entry: SlotEntry) -> bool:
+        return entry.pass_used < self._passes[entry.key[0]]
 
     def close(self) -> None:
         self.filler.close()
