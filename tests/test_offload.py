@@ -217,17 +217,25 @@ def test_prefetch_prediction_names_exactly_the_routed_experts(checkpoint):
         assert block.predict(x) == sorted(set(block.route(x)[1].flatten().tolist()))
 
 
-def test_a_miss_evicts_the_expert_whose_layer_runs_again_last(checkpoint):
-    # 4 MoE layers, 2 slots each. Plain LRU would evict layer 3's experts (the oldest), which the very next
-    # layer needs; the layer cycle says layer 1's, which ran last, are needed last.
+def _provider_after_one_step(checkpoint, slots: int):
+    """A raw-policy provider with `slots` slots and no prefetch, after a step that used experts 0 and 1
+    of each of the checkpoint's 4 MoE layers."""
     probe = LLM(checkpoint, device="cpu", policy=RAW, progress=False)
-    llm = LLM(checkpoint, device="cpu", policy=RAW, expert_cache=8 * _slot_bytes(probe), prefetch=False, progress=False)
+    budget = slots * _slot_bytes(probe)
+    llm = LLM(checkpoint, device="cpu", policy=RAW, expert_cache=budget, prefetch=False, progress=False)
     provider = llm.offload.provider
     for layer in range(4):
         list(provider.fetch(layer, [0, 1]))
+    return provider
+
+
+def test_a_miss_evicts_the_expert_whose_layer_runs_again_last(checkpoint):
+    # 4 MoE layers, 2 slots each. Plain LRU would evict layer 3's experts (the oldest), which the very next
+    # layer needs; the layer cycle says layer 1's, which ran last, are needed last.
+    provider = _provider_after_one_step(checkpoint, slots=8)
     list(provider.fetch(0, [2, 3]))  # evicts layer 0's own unused experts
     list(provider.fetch(1, [0, 5]))  # evicts (1, 1), layer 1's unused one
-    list(provider.fetch(2, [4, 5, 6]))  # layer 2's two unused slots, then one more from the layer run longest ago
+    list(provider.fetch(2, [4, 5, 6]))  # layer 2's two unused slots, then one of layer 1, which ran last
     resident = set(provider.cache.entries)
     assert {(0, 2), (0, 3), (2, 4), (2, 5), (2, 6), (3, 0), (3, 1)} <= resident
     assert len(resident & {(1, 0), (1, 5)}) == 1 and len(resident) == 8
@@ -236,11 +244,7 @@ def test_a_miss_evicts_the_expert_whose_layer_runs_again_last(checkpoint):
 def test_experts_their_layer_skipped_are_evicted_first(checkpoint):
     # 12 slots for 4 layers: once the second step's misses fill the free slots, the experts each layer
     # did not use on its latest pass go first, oldest first, before the layer cycle is consulted.
-    probe = LLM(checkpoint, device="cpu", policy=RAW, progress=False)
-    llm = LLM(checkpoint, device="cpu", policy=RAW, expert_cache=12 * _slot_bytes(probe), prefetch=False, progress=False)
-    provider = llm.offload.provider
-    for layer in range(4):
-        list(provider.fetch(layer, [0, 1]))
+    provider = _provider_after_one_step(checkpoint, slots=12)
     for layer in range(3):
         list(provider.fetch(layer, [2, 3]))
     resident = set(provider.cache.entries)

@@ -83,7 +83,9 @@ class _PythonDecodeThreads:
         self._urgent_queued = 0
         self._changed = threading.Condition()
         self._closing = False
-        self._threads = [threading.Thread(target=self._work, name="moeserve-decode", daemon=True) for _ in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._work, name="moeserve-decode", daemon=True) for _ in range(threads)
+        ]
         for thread in self._threads:
             thread.start()
 

@@ -73,7 +73,8 @@ class LfuEviction:
         self._resident.get(key[0], set()).discard(key)
 
     def victims(self, layer: int | None = None) -> list[ExpertKey]:
-        keys = itertools.chain.from_iterable(self._resident.values()) if layer is None else self._resident.get(layer, ())
+        groups = self._resident.values() if layer is None else [self._resident.get(layer, ())]
+        keys = itertools.chain.from_iterable(groups)
         return sorted(keys, key=lambda k: (self._uses[k], self._recency[k]))
 
 
