@@ -6,8 +6,8 @@ Out: a `DecodeHandle` to poll (done) or block on (wait); once done every out hol
 A unit whose blobs are all szp runs on C++ threads that never take the GIL (moeserve._szp_cpu.DecodePool),
 so decoding does not stall the model's Python thread between its torch calls. Other codecs run their
 Python decoders on threads of their own. Units a layer is waiting for run before queued guesses.
-Either way each worker decodes on its own thread only: the workers are
-the parallelism, and an OpenMP team per worker would oversubscribe the cores the model computes on.
+Either way each worker decodes on its own thread only: the workers are the parallelism, and an
+OpenMP team per worker would oversubscribe the cores the model computes on.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class DecodeHandle:
         self._native, self._future = native, future
 
     def done(self) -> bool:
-        return (self._native or self._future).done()
+        return self._native.done() if self._native is not None else self._future.done()
 
     def wait(self) -> None:
         """Blocks until decoded; raises CodecError for a malformed blob, here in the caller's thread."""
