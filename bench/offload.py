@@ -6,9 +6,9 @@ the all-resident run in the same process), hit rate, prefetch use, wait time, an
 decoded cache + compressed store, as a fraction of the uncompressed experts. The issue's targets:
 rel 1e-3 at 25% cache >= 0.6x resident tokens/s; rel 1e-2 at 25% cache memory <= 60%.
 
-Threads: the resident run uses torch's default; the offloaded runs then get what `moeserve serve` and
-the other commands give offloaded CPU serving, a core left per decode worker (--threads N pins every
-run to N instead).
+Threads: the resident run uses torch's default; the offloaded runs then get what `moeserve generate`,
+`eval` and `serve` give offloaded CPU runs, a core left per decode worker (--threads N pins every run
+to N instead).
 
     python bench/offload.py [--model DIR] [--new-tokens 48] [--batch 1] [--threads N]
 """
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads for every run (default: torch's for the resident run, then "
-                             "what the CLI gives offloaded serving: a core left per decode worker)")
+                             "what the CLI gives offloaded runs: a core left per decode worker)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -40,7 +40,6 @@ def _load_llm(args: argparse.Namespace, **overrides):
     """The LLM the model options describe; `overrides` replace or add LLM arguments (serve passes the
     policy it split off its variants, and its engine limits)."""
     from moeserve import LLM
-    from moeserve.offload.filler import leave_cores_for_decoding
 
     options = dict(
         model=args.model,
@@ -51,9 +50,16 @@ def _load_llm(args: argparse.Namespace, **overrides):
         eviction=args.eviction,
         prefetch=not args.no_prefetch,
     )
-    llm = LLM(**{**options, **overrides})
+    return LLM(**{**options, **overrides})
+
+
+def _load_llm_to_run(args: argparse.Namespace, **overrides):
+    """`_load_llm` for the commands that run the model: offloaded on a CPU, the decode workers get their
+    cores from torch (this process runs one model; OMP_NUM_THREADS overrides)."""
+    from moeserve.offload.filler import leave_cores_for_decoding
+
+    llm = _load_llm(args, **overrides)
     if llm.offload is not None and llm.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # This process serves one model: give the decode workers their cores (OMP_NUM_THREADS overrides).
         leave_cores_for_decoding(llm.offload.provider.filler.workers)
     return llm
 
@@ -61,7 +67,7 @@ def _load_llm(args: argparse.Namespace, **overrides):
 def _cmd_generate(args: argparse.Namespace) -> int:
     from moeserve import SamplingParams
 
-    llm = _load_llm(args)
+    llm = _load_llm_to_run(args)
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -87,7 +93,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from moeserve.eval.evaluate import evaluate
 
-    llm = _load_llm(args)
+    llm = _load_llm_to_run(args)
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     report = evaluate(llm, split=args.split, tasks=tasks, limit=args.limit, progress=not args.json)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())
@@ -183,7 +189,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     base_name = None
     if base is None and named:
         base_name, base = next(iter(named.items()))  # MODEL serves the first named policy
-    llm = _load_llm(args, policy=base, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
+    llm = _load_llm_to_run(args, policy=base, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
     config = ServerConfig(
         model_name=args.served_model_name,
         policies=named,

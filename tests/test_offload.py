@@ -279,3 +279,27 @@ def test_decode_workers_get_their_cores_from_torch(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("omp_env", [None, "3"])
+def test_generate_gives_decode_workers_their_cores_unless_omp_threads_is_set(
+    checkpoint_factory, monkeypatch, capsys, omp_env
+):
+    from moeserve.cli import main
+    from moeserve.offload import filler
+
+    checkpoint, _ = checkpoint_factory("qwen3_moe", num_hidden_layers=2, num_experts=4, tokenizer=True)
+
+    monkeypatch.setattr(filler, "usable_cores", lambda: 4)
+    if omp_env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp_env)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        args = ["generate", "--model", str(checkpoint), "--device", "cpu", "--expert-cache", "25%", "--max-tokens", "2"]
+        assert main([*args, "hello"]) == 0
+        assert torch.get_num_threads() == (2 if omp_env is None else 4)  # 4 cores, 2 decode workers
+    finally:
+        torch.set_num_threads(before)
