@@ -36,8 +36,9 @@ def test_urgent_units_run_before_queued_ones():
     pool = CpuDecodePool(threads=1)
     big = encode(_weights(0, (2048, 1024)), codec="szp", error_bound=1e-4)
     small = encode(_weights(1), codec="szp", error_bound=1e-3)
+    medium = encode(_weights(5, (1024, 256)), codec="szp", error_bound=1e-4)  # 40 of them: tens of ms
     busy = pool.submit([(big, torch.empty(big.shape))])
-    queued = [pool.submit([(small, torch.empty(small.shape))]) for _ in range(40)]
+    queued = [pool.submit([(medium, torch.empty(medium.shape))]) for _ in range(40)]
     urgent = pool.submit([(small, torch.empty(small.shape))], urgent=True)
     urgent.wait()
     assert sum(handle.done() for handle in queued) < len(queued)
@@ -78,3 +79,15 @@ def test_dropping_a_handle_early_keeps_the_buffers_alive():
     pool.close()
     assert torch.equal(out, decode(blob))
     assert np.isfinite(out.numpy()).all()
+
+
+def test_a_failed_python_decode_reports_only_through_wait():
+    # sz3 runs on the Python threads; a payload it cannot read fails there, and only wait() raises it.
+    blob = encode(_weights(6), codec="sz3", mode="rel", error_bound=1e-3)
+    forged = blob.with_payload(np.zeros(blob.payload_nbytes, dtype=np.uint8))
+    pool = CpuDecodePool()
+    handle = pool.submit([(forged, torch.empty(forged.shape))])
+    with pytest.raises(Exception):  # whatever sz3 raises for zeroed bytes
+        handle.wait()
+    assert handle.done() and handle.seconds == 0.0
+    pool.close()

@@ -43,8 +43,11 @@ class DecodeHandle:
 
     @property
     def seconds(self) -> float:
-        """Time the worker spent decoding; valid once done()."""
-        return self._native.seconds if self._native is not None else self._future.result()
+        """Time the worker spent decoding; valid once done(). Never raises: a failed decode reports its
+        error from wait(), in the caller that needs the values."""
+        if self._native is not None:
+            return self._native.seconds
+        return self._future.result() if self._future.exception() is None else 0.0
 
 
 class CpuDecodePool:

@@ -139,7 +139,8 @@ class ExpertCache:
         else:
             groups = [self._eviction.victims()] if layer_order is None else map(self._eviction.victims, layer_order)
             if stale is not None:
-                groups = itertools.chain([[k for k in self._eviction.victims() if stale(self.entries[k])]], groups)
+                # lazily: the oldest entries are usually stale, so the scan stops early
+                groups = itertools.chain([(k for k in self._eviction.victims() if stale(self.entries[k]))], groups)
             victim = next(
                 (k for group in groups for k in group if k not in keep and self._evictable(self.entries[k])), None
             )

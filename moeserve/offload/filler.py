@@ -66,7 +66,8 @@ def leave_cores_for_decoding(workers: int) -> None:
 
 
 class CpuSlotFiller:
-    def __init__(self, pool: SlotPool, stats: OffloadStats, workers: int = 1):
+    def __init__(self, pool: SlotPool, stats: OffloadStats, workers: int | None = None):
+        workers = default_decode_workers() if workers is None else workers
         self.pool, self.stats, self.workers = pool, stats, workers
         self._decoders = CpuDecodePool(workers)
         self._running: list[DecodeHandle] = []

@@ -23,7 +23,7 @@ import torch
 from moeserve.config import ModelConfig
 from moeserve.errors import MoeServeError
 from moeserve.offload.cache import ExpertCache, SlotPool
-from moeserve.offload.filler import CpuSlotFiller, CudaSlotFiller, default_decode_workers
+from moeserve.offload.filler import CpuSlotFiller, CudaSlotFiller
 from moeserve.offload.policy import Policy, ResolvedPolicy, load_policy
 from moeserve.offload.provider import OffloadedExpertProvider
 from moeserve.offload.stats import OffloadStats
@@ -161,7 +161,7 @@ def provider_for_store(
     if device.type == "cuda":
         filler = CudaSlotFiller(pool, stats, max(p.nbytes for p in store.experts.values()))
     else:
-        filler = CpuSlotFiller(pool, stats, workers=default_decode_workers())
+        filler = CpuSlotFiller(pool, stats)
     cache = ExpertCache(num_slots, eviction)
     return OffloadedExpertProvider(store, pool, cache, filler, stats, prefetch=prefetch), budget
 
