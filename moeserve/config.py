@@ -1,25 +1,40 @@
 """config.json → `ModelConfig`: one normalised description of every supported MoE family.
 
-The four families spell the same idea differently (`num_local_experts` vs `num_experts`,
-`rope_theta` vs `rope_parameters`, per-head vs full-width q/k norms, dense layers by
-`decoder_sparse_step` / `mlp_only_layers`). Everything downstream (models, loader, offloading)
-reads only this dataclass, so family quirks live here and in `models/`.
+The families spell the same idea differently (`num_local_experts` vs `num_experts` vs
+`n_routed_experts`, `rope_theta` vs `rope_parameters`, per-head vs full-width q/k norms, dense
+layers by `decoder_sparse_step` / `mlp_only_layers` / `first_k_dense_replace`). Everything
+downstream (models, loader, offloading) reads only this dataclass, so family quirks live here,
+in config_families.py (rope scaling, latent attention, routers) and in `models/`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moeserve.config_families import (
+    DEEPSEEK_TYPES,
+    MlaConfig,
+    RopeConfig,
+    RouterConfig,
+    parse_mla,
+    parse_rope,
+    parse_router,
+    partial_rotary_dim,
+)
 from moeserve.errors import ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
-SUPPORTED_ROPE_TYPES = ("default", "linear")
+# Families whose routers and shared experts follow DeepSeek's MoE (n_routed_experts, shared_experts).
+DEEPSEEK_MOE_TYPES = (*DEEPSEEK_TYPES, "glm4_moe")
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -36,8 +51,7 @@ class ModelConfig:
     rms_norm_eps: float
     hidden_act: str
     max_position_embeddings: int
-    rope_theta: float
-    rope_linear_factor: float  # positions are divided by this ("linear" rope scaling); 1.0 = none
+    rope: RopeConfig
     attention_bias: bool
     qk_norm: str  # "none", "per_head" (qwen3_moe: over head_dim) or "full" (olmoe: over the projection)
     clip_qkv: float | None
@@ -56,10 +70,47 @@ class ModelConfig:
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     bos_token_id: int | None = None
+    router: RouterConfig = RouterConfig()
+    # True: qwen2_moe's `shared_expert` behind a sigmoid `shared_expert_gate`; False: DeepSeek's ungated
+    # `shared_experts`.
+    shared_expert_gated: bool = True
+    mlp_bias: bool = False  # dense MLPs and shared experts have biases (deepseek_v2's mlp_bias)
+    mla: MlaConfig | None = None  # set: multi-head latent attention (deepseek_v2 / deepseek_v3)
 
     @property
     def moe_layer_ids(self) -> list[int]:
         return [i for i, sparse in enumerate(self.moe_layers) if sparse]
+
+    @property
+    def kv_cache_layout(self) -> tuple[int, int, bool]:
+        """(heads, values per head, separate V) of one token's KV-cache entry in one layer. MLA caches
+        its latent as a single "head" that serves as both keys (all of it) and values (its first
+        kv_lora_rank values)."""
+        if self.mla is not None:
+            return 1, self.mla.latent_dim, False
+        return self.num_kv_heads, self.head_dim, True
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token takes over all layers, as this model caches it."""
+        heads, dim, separate_values = self.kv_cache_layout
+        return self.num_layers * heads * dim * (2 if separate_values else 1) * self.dtype.itemsize
+
+    @property
+    def full_kv_bytes_per_token(self) -> int:
+        """What expanded per-head K and V would take per token (the same as `kv_bytes_per_token`
+        except for MLA, whose per-head K and V are recomputed from the cached latent)."""
+        if self.mla is None:
+            return self.kv_bytes_per_token
+        per_layer = self.num_heads * (self.mla.qk_head_dim + self.mla.v_head_dim)
+        return self.num_layers * per_layer * self.dtype.itemsize
+
+    def describe_kv_cache(self) -> str:
+        """One line for logs and `moeserve generate --verbose`-style reports."""
+        line = f"KV cache: {self.kv_bytes_per_token} bytes/token"
+        if self.mla is not None:
+            line += f" (MLA latent; expanded per-head K/V would need {self.full_kv_bytes_per_token})"
+        return line
 
 
 def read_config_json(model_dir: Path) -> dict[str, Any]:
@@ -77,6 +128,11 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
 def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Normalise a Hugging Face config dict. `source` names the file in error messages."""
     model_type = raw.get("model_type")
+    if model_type == "deepseek_v32":
+        raise ModelLoadError(
+            f"{source}: model_type 'deepseek_v32' (DeepSeek-V3.2's sparse attention) is not supported; "
+            f"supported types are {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
             f"{source}: model_type {model_type!r} is not supported; supported types are "
@@ -89,11 +145,15 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
                 return raw[name]
         raise ModelLoadError(f"{source}: required key {key!r} is missing for model_type {model_type!r}.")
 
+    _reject_quantization(raw, source)
     hidden_size = int(need("hidden_size"))
     num_layers = int(need("num_hidden_layers"))
     num_heads = int(need("num_attention_heads"))
     num_kv_heads = int(raw.get("num_key_value_heads") or num_heads)
     head_dim = int(raw.get("head_dim") or hidden_size // num_heads)
+    mla_family = model_type in DEEPSEEK_TYPES
+    if mla_family:
+        num_kv_heads = num_heads  # MLA gives every head its own K and V (from one shared latent)
     if num_heads % num_kv_heads:
         raise ModelLoadError(
             f"{source}: num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}."
@@ -105,8 +165,23 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
             f"{source}: hidden_act {hidden_act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}."
         )
 
-    rope_theta, rope_linear_factor = _parse_rope(raw, source)
-    num_experts = int(need("num_local_experts" if model_type == "mixtral" else "num_experts", "num_local_experts"))
+    if mla_family:
+        interleaved = raw.get("rope_interleave", True)
+        layout = "complex" if model_type == "deepseek_v2" else ("interleaved" if interleaved else "half")
+        rope = parse_rope(raw, source, int(need("qk_rope_head_dim")), layout)
+        mla = parse_mla(raw, source, need, rope)
+        head_dim = mla.qk_head_dim
+    else:
+        rotary_dim = partial_rotary_dim(raw, head_dim) if model_type == "glm4_moe" else head_dim
+        rope, mla = parse_rope(raw, source, rotary_dim), None
+
+    deepseek_moe = model_type in DEEPSEEK_MOE_TYPES
+    if model_type == "mixtral":
+        num_experts = int(need("num_local_experts"))
+    elif deepseek_moe:
+        num_experts = int(need("n_routed_experts", "num_local_experts"))
+    else:
+        num_experts = int(need("num_experts", "num_local_experts"))
     top_k = int(need("num_experts_per_tok"))
     if not 0 < top_k <= num_experts:
         raise ModelLoadError(f"{source}: num_experts_per_tok={top_k} must be between 1 and the {num_experts} experts.")
@@ -115,6 +190,17 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         moe_intermediate = int(need("intermediate_size"))
     else:
         moe_intermediate = int(need("moe_intermediate_size", "intermediate_size"))
+    if model_type == "qwen2_moe":
+        shared_intermediate = int(raw.get("shared_expert_intermediate_size") or 0)
+    elif deepseek_moe:
+        shared_intermediate = moe_intermediate * int(raw.get("n_shared_experts") or 0)
+    else:
+        shared_intermediate = 0
+    if deepseek_moe and raw.get("num_nextn_predict_layers"):
+        log.warning(
+            "%s: ignoring %s multi-token-prediction layer(s) (num_nextn_predict_layers); moeserve decodes "
+            "one token per step.", source, raw["num_nextn_predict_layers"]
+        )
 
     return ModelConfig(
         model_type=model_type,
@@ -127,40 +213,53 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         hidden_act=hidden_act,
         max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
-        rope_theta=rope_theta,
-        rope_linear_factor=rope_linear_factor,
+        rope=rope,
         attention_bias=_attention_bias(raw, model_type),
-        qk_norm={"qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none"),
+        qk_norm=_qk_norm(raw, model_type),
         clip_qkv=float(raw["clip_qkv"]) if raw.get("clip_qkv") is not None else None,
         sliding_windows=_sliding_windows(raw, model_type, num_layers),
         num_experts=num_experts,
         top_k=top_k,
         moe_intermediate_size=moe_intermediate,
-        norm_topk_prob=True if model_type == "mixtral" else bool(raw.get("norm_topk_prob", False)),
-        routing_weights_in_float32=model_type == "mixtral",
+        norm_topk_prob=_norm_topk_prob(raw, model_type),
+        # transformers' DeepSeek / GLM experts, like Mixtral's, multiply by float32 routing weights.
+        routing_weights_in_float32=model_type == "mixtral" or deepseek_moe,
         moe_layers=_moe_layers(raw, model_type, num_layers, num_experts),
         dense_intermediate_size=int(raw.get("intermediate_size") or 0),
-        shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
-        if model_type == "qwen2_moe"
-        else 0,
+        shared_expert_intermediate_size=shared_intermediate,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         dtype=_parse_dtype(raw, source),
         eos_token_ids=_token_ids(raw.get("eos_token_id")),
         bos_token_id=raw.get("bos_token_id"),
+        router=parse_router(raw, source, model_type, num_experts, top_k) if deepseek_moe else RouterConfig(),
+        shared_expert_gated=not deepseek_moe,
+        mlp_bias=model_type == "deepseek_v2" and bool(raw.get("mlp_bias", False)),
+        mla=mla,
     )
 
 
-def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, float]:
-    # transformers >= 5 writes `rope_parameters`; older checkpoints use `rope_theta` + `rope_scaling`.
-    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
+def _reject_quantization(raw: dict[str, Any], source: str) -> None:
+    quantization = raw.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
         raise ModelLoadError(
-            f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}."
+            f"{source}: quantized checkpoints (quant_method {method!r}) are not supported; "
+            f"load a bf16, fp16 or fp32 export of the model."
         )
-    factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
-    return theta, factor
+
+
+def _qk_norm(raw: dict[str, Any], model_type: str) -> str:
+    if model_type == "glm4_moe":
+        return "per_head" if raw.get("use_qk_norm", False) else "none"
+    return {"qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none")
+
+
+def _norm_topk_prob(raw: dict[str, Any], model_type: str) -> bool:
+    if model_type == "mixtral":
+        return True
+    if model_type == "deepseek_v2":
+        return False  # transformers' DeepseekV2 router never renormalises its top-k weights
+    return bool(raw.get("norm_topk_prob", model_type in ("deepseek_v3", "glm4_moe")))
 
 
 def _attention_bias(raw: dict[str, Any], model_type: str) -> bool:
@@ -191,6 +290,9 @@ def _sliding_windows(raw: dict[str, Any], model_type: str, num_layers: int) -> t
 
 
 def _moe_layers(raw: dict[str, Any], model_type: str, num_layers: int, num_experts: int) -> tuple[bool, ...]:
+    if model_type in DEEPSEEK_MOE_TYPES:
+        first_sparse = int(raw.get("first_k_dense_replace") or 0)  # the first k layers have a dense MLP
+        return tuple(i >= first_sparse for i in range(num_layers))
     if model_type not in ("qwen2_moe", "qwen3_moe"):
         return (True,) * num_layers
     step = int(raw.get("decoder_sparse_step", 1) or 1)

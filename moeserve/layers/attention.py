@@ -99,7 +99,7 @@ class Attention(nn.Module):
             keys = k_cache[row, :, :total].unsqueeze(0)  # [1, G, total, Dh]
             values = v_cache[row, :, :total].unsqueeze(0)
             query = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, new, Dh]
-            mask = _extend_mask(cached, new, self.window, q.device)
+            mask = extend_mask(cached, new, self.window, q.device)
             out = F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
             )  # [1, H, new, Dh]
@@ -108,7 +108,7 @@ class Attention(nn.Module):
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
-def _extend_mask(cached: int, new: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+def extend_mask(cached: int, new: int, window: int | None, device: torch.device) -> torch.Tensor | None:
     """[new, cached+new] bool causal (and sliding-window) mask; None when plain causal suffices."""
     if cached == 0 and window is None:
         return None

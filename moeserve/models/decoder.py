@@ -18,6 +18,7 @@ from moeserve.config import ModelConfig
 from moeserve.engine.context import StepContext
 from moeserve.experts import ExpertProvider
 from moeserve.layers.attention import Attention
+from moeserve.layers.mla import MlaAttention
 from moeserve.layers.mlp import GatedMLP
 from moeserve.layers.moe import MoeBlock
 from moeserve.layers.norms import RMSNorm
@@ -29,13 +30,14 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.moe_attr = moe_attr
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_id)
+        self.self_attn = MlaAttention(config, layer_id) if config.mla is not None else Attention(config, layer_id)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.moe_layers[layer_id]:
             setattr(self, moe_attr, MoeBlock(config, layer_id))
         else:
-            # Dense layers of qwen2_moe / qwen3_moe (mlp_only_layers, decoder_sparse_step) are named `mlp`.
-            self.mlp = GatedMLP(config.hidden_size, config.dense_intermediate_size, config.hidden_act)
+            # Dense layers (qwen's mlp_only_layers / decoder_sparse_step, DeepSeek's and GLM's
+            # first_k_dense_replace) are named `mlp`.
+            self.mlp = GatedMLP(config.hidden_size, config.dense_intermediate_size, config.hidden_act, config.mlp_bias)
         self.is_moe = config.moe_layers[layer_id]
 
     def attend(self, x: torch.Tensor, rope, ctx: StepContext) -> torch.Tensor:
@@ -64,13 +66,15 @@ class MoeCausalLM(nn.Module):
     """Base class of the families; subclasses name where their routed experts are stored."""
 
     moe_attr = "mlp"  # attribute (and checkpoint path segment) of the MoE block in a layer
+    # Parameters (by name suffix) loaded in float32 whatever the compute dtype, as transformers keeps them.
+    float32_parameters: tuple[str, ...] = ()
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = Backbone(config, self.moe_attr)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_linear_factor)
+        self.rotary = RotaryEmbedding(config.rope)
         moe_ids = config.moe_layer_ids
         # layer id → the next MoE layer after it (whose experts are worth prefetching), or None
         self.next_moe_layer = {i: next((m for m in moe_ids if m > i), None) for i in range(config.num_layers)}
@@ -86,6 +90,10 @@ class MoeCausalLM(nn.Module):
         """Names of the stacked layout some exporters write: gate_up [E, 2I, D] and down [E, D, I]."""
         prefix = f"model.layers.{layer}.{cls.moe_attr}.experts"
         return f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+
+    @classmethod
+    def keeps_float32(cls, name: str) -> bool:
+        return name.endswith(cls.float32_parameters)
 
     def moe_block(self, layer: int) -> MoeBlock:
         return getattr(self.model.layers[layer], self.moe_attr)
