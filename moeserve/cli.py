@@ -178,7 +178,9 @@ def _cmd_policy_show(args: argparse.Namespace) -> int:
 
     args.policy = args.policy_file
     args.expert_cache = None
-    print(format_policy_table(_load_llm(args).offload))
+    llm = _load_llm(args)
+    print(format_policy_table(llm.offload))
+    print(llm.config.describe_kv_cache())
     return 0
 
 

@@ -106,7 +106,7 @@ class ModelConfig:
         return self.num_layers * per_layer * self.dtype.itemsize
 
     def describe_kv_cache(self) -> str:
-        """One line for logs and `moeserve generate --verbose`-style reports."""
+        """The line `moeserve policy show` prints under its table: what each token of context costs."""
         line = f"KV cache: {self.kv_bytes_per_token} bytes/token"
         if self.mla is not None:
             line += f" (MLA latent; expanded per-head K/V would need {self.full_kv_bytes_per_token})"
