@@ -24,6 +24,7 @@ FAMILY_CONFIGS = {
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=24, clip_qkv=8.0, eos_token_id=None),
     # MLA with q through q_lora_rank, YaRN; layer 0 dense; greedy softmax routing, two shared experts.
     "deepseek_v2": dict(
+        initializer_range=0.1,  # sharper attention than the default 0.02, so a wrong softmax scale shows
         num_key_value_heads=4,  # transformers' MLA needs one K/V head per query head
         q_lora_rank=16,
         kv_lora_rank=12,
@@ -43,6 +44,7 @@ FAMILY_CONFIGS = {
     ),
     # Moonlight's shape: one dense layer, a shared expert, sigmoid routing over 4 groups (2 chosen).
     "deepseek_v3": dict(
+        initializer_range=0.1,  # sharper attention than the default 0.02, so a wrong softmax scale shows
         num_key_value_heads=4,
         q_lora_rank=None,
         kv_lora_rank=12,
@@ -61,6 +63,7 @@ FAMILY_CONFIGS = {
         eos_token_id=None,
     ),
     "glm4_moe": dict(
+        initializer_range=0.1,  # sharper attention than the default 0.02, so a wrong softmax scale shows
         n_routed_experts=8,
         num_experts_per_tok=2,
         moe_intermediate_size=16,
