@@ -78,6 +78,20 @@ def test_only_routed_experts_are_offloaded_and_groups_span_moe_layers(checkpoint
     assert not any(".experts." in name and "shared" not in name for name in resident)
 
 
+def test_compressed_directory_serves_the_same_outputs(checkpoint_factory, tmp_path):
+    import yaml
+
+    directory = _checkpoint(checkpoint_factory, "deepseek_v3")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(LOSSY))
+    out = tmp_path / "compressed"
+    assert main(["compress", "--model", str(directory), "--policy", str(policy), "--out", str(out)]) == 0
+    served = LLM(out, device="cpu", expert_cache="25%", progress=False)
+    tokens, logits = _run(LLM(directory, device="cpu", policy=LOSSY, progress=False))
+    got_tokens, got_logits = _run(served)
+    assert got_tokens == tokens and torch.equal(got_logits, logits)
+
+
 def test_mla_kv_cache_holds_only_the_latent(checkpoint_factory):
     llm = LLM(_checkpoint(checkpoint_factory, "deepseek_v3"), device="cpu")
     config, mla = llm.config, llm.config.mla
@@ -154,3 +168,20 @@ def test_unsupported_variants_fail_at_load_with_one_sentence(checkpoint_factory,
         LLM(tmp_path, device="cpu")
     text = str(info.value)
     assert message in text and "\n" not in text and text.endswith(".")
+
+
+def test_server_serves_an_offloaded_deepseek_v3(checkpoint_factory):
+    import openai
+
+    from moeserve.server import ServerConfig, create_app
+    from moeserve.server.background import BackgroundServer
+
+    directory, _ = checkpoint_factory("deepseek_v3", tokenizer=True, num_hidden_layers=4, seed=7)
+    llm = LLM(directory, device="cpu", policy=LOSSY, expert_cache="25%", progress=False)
+    prompt = "the quick brown fox"
+    expected = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0].text
+    with BackgroundServer(create_app(llm, ServerConfig(model_name="tiny"))) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+    assert reply.choices[0].text == expected
