@@ -148,3 +148,41 @@ def test_staging_ring_waits_only_for_the_newest_overlapping_reader():
     assert ring.reserve(50, "e") == (0, "d")  # does not fit after d: wraps over c and d; d finished last
     with pytest.raises(ValueError, match="does not fit"):
         ring.reserve(101, "f")
+
+
+def test_unpinned_arena_holds_exactly_its_experts(store):
+    sizes = {}
+    for packed in store.experts.values():
+        sizes[id(packed.arena)] = packed.arena.nbytes
+    assert len(sizes) == LAYERS  # one arena per MoE layer
+    assert store.nbytes == sum(sizes.values())
+    assert store.nbytes < sum(p.nbytes for p in store.experts.values()) + 8 * 3 * len(store.experts)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_arena_is_page_locked_and_exact_size():
+    from moeserve.offload.host_memory import HostArena
+
+    nbytes = 3 * 2**20 + 5  # torch's pinned allocator would hold 4 MiB
+    arena = HostArena(nbytes, pin=True)
+    assert arena.nbytes == nbytes and arena.data.is_pinned()
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    arena.data.fill_(7)
+    device.copy_(arena.data, non_blocking=True)
+    torch.cuda.synchronize()
+    assert bool((device == 7).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("budget", ["10%", "25%", "50%"])
+def test_offloaded_generation_on_cuda_equals_resident(checkpoint_factory, budget):
+    from moeserve import LLM, SamplingParams
+
+    directory, _ = checkpoint_factory("qwen3_moe", num_hidden_layers=4, num_experts=8, seed=3)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(30, 50))]
+    resident = [o.token_ids for o in LLM(directory, device="cuda").generate(prompts, params)]
+    raw = LLM(directory, device="cuda", policy={"default": {"codec": "raw"}}, expert_cache=budget, progress=False)
+    assert [o.token_ids for o in raw.generate(prompts, params)] == resident
