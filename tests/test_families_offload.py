@@ -40,6 +40,7 @@ def _slot_bytes(llm) -> int:
     return SlotPool.slot_nbytes(c.hidden_size, c.moe_intermediate_size, c.dtype)
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_raw_policy_is_bit_identical_to_resident_under_small_budgets(checkpoint_factory, model_type):
     directory = _checkpoint(checkpoint_factory, model_type)
@@ -52,6 +53,7 @@ def test_raw_policy_is_bit_identical_to_resident_under_small_budgets(checkpoint_
         assert torch.equal(got_logits, logits), budget
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_lossy_policy_is_identical_under_every_budget(checkpoint_factory, model_type):
     directory = _checkpoint(checkpoint_factory, model_type)
@@ -78,6 +80,7 @@ def test_only_routed_experts_are_offloaded_and_groups_span_moe_layers(checkpoint
     assert not any(".experts." in name and "shared" not in name for name in resident)
 
 
+@pytest.mark.exact
 def test_compressed_directory_serves_the_same_outputs(checkpoint_factory, tmp_path):
     import yaml
 

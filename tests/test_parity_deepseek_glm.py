@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
+from parity_checks import assert_bf16_generation_matches, bf16_tolerance, hf_greedy, hf_logits
 
 PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], [1, 2], [42] * 6]
 SCORE_IDS = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
@@ -39,30 +40,17 @@ FAMILY_CASES = [
 ]
 
 
-def _hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0].float()
-
-
-def _hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 @pytest.mark.parametrize("model_type,overrides", FAMILY_CASES, ids=lambda v: str(v))
 def test_score_and_greedy_match_transformers(checkpoint_factory, model_type, overrides):
     directory, hf_model = checkpoint_factory(model_type, **overrides)
     llm = LLM(directory, device="cpu")
     ours = llm.score(SCORE_IDS)
     assert ours.dtype == torch.float32 and ours.shape == (len(SCORE_IDS), hf_model.config.vocab_size)
-    assert (ours - _hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
+    assert (ours - hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
 
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs):
-        assert out.token_ids == _hf_greedy(hf_model, prompt, 32)
+        assert out.token_ids == hf_greedy(hf_model, prompt, 32)[0]
 
 
 def test_variant_switches_reach_the_model(checkpoint_factory):
@@ -87,18 +75,6 @@ def test_variant_switches_reach_the_model(checkpoint_factory):
     assert glm_yarn.rope.rotary_dim == 12 and glm_yarn.rope.kind == "yarn" and glm_yarn.moe_layers == (False, False, True)
 
 
-def _bf16_tolerance(reference: torch.Tensor) -> float:
-    # bf16 keeps 8 bits of mantissa: a logit may be off by a few ulps of the logit scale.
-    return 4 * 2**-8 * reference.abs().max().item()
-
-
-def _hf_greedy_with_logits(hf_model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                                pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    return out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits).float()
-
-
 @pytest.mark.parametrize("model_type", ["deepseek_v2", "deepseek_v3", "glm4_moe"])
 def test_bf16_checkpoint_matches_within_bf16_tolerance(checkpoint_factory, model_type):
     """Greedy tokens equal transformers' up to its first step whose top-two logits are closer than the
@@ -109,13 +85,7 @@ def test_bf16_checkpoint_matches_within_bf16_tolerance(checkpoint_factory, model
     directory, hf_model = checkpoint_factory(model_type, dtype=torch.bfloat16, initializer_range=0.02)
     llm = LLM(directory, device="cpu")
     assert llm.config.dtype == torch.bfloat16
+    ref = hf_logits(hf_model, SCORE_IDS)
+    assert (llm.score(SCORE_IDS) - ref).abs().max().item() <= bf16_tolerance(ref)
     for prompt in PROMPTS[:2]:
-        hf_tokens, step_logits = _hf_greedy_with_logits(hf_model, prompt, 32)
-        ours = llm.generate([prompt], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))[0].token_ids
-        top2 = torch.topk(step_logits, 2, dim=-1).values
-        near_ties = ((top2[:, 0] - top2[:, 1]) < _bf16_tolerance(step_logits)).nonzero()
-        agree = int(near_ties[0, 0]) if len(near_ties) else len(hf_tokens)
-        assert ours[:agree] == hf_tokens[:agree]
-        sequence = prompt + hf_tokens
-        reference = _hf_logits(hf_model, sequence)
-        assert (llm.score(sequence) - reference).abs().max().item() <= _bf16_tolerance(reference)
+        assert_bf16_generation_matches(llm, hf_model, prompt, 32)
