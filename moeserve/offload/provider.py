@@ -123,6 +123,7 @@ class OffloadedExpertProvider:
         if entry.prefetched:
             entry.prefetched = False
             self.stats.prefetches_used += 1
+            self.stats.prefetch_used_bytes += self.store.experts[entry.key].nbytes
         return entry.key[1], self.pool.weights(entry.slot, self._gate_up_apart[entry.key])
 
     def _start_misses(self, missing: deque[ExpertKey], in_flight: deque[SlotEntry]) -> list[SlotEntry]:
@@ -173,7 +174,10 @@ class OffloadedExpertProvider:
         if entry is not None:
             # a guess is for its layer's next pass; a miss is for the pass running now
             entry.pass_used = self._passes[key[0]] + (1 if prefetched else 0)
-            entry.ready = self.filler.start(self.store.experts[key], entry.slot, urgent=not prefetched)
+            packed = self.store.experts[key]
+            entry.ready = self.filler.start(packed, entry.slot, urgent=not prefetched)
+            if not prefetched:
+                self.stats.miss_bytes += packed.nbytes
         return entry
 
     def _evicted(self, entry: SlotEntry) -> None:

@@ -18,6 +18,8 @@ class OffloadStats:
     # GPU timeline (measured with timing events when the runtime is built with timeline=True):
     copy_seconds: float = 0.0  # copy engine busy moving compressed bytes host → device
     compute_wait_seconds: float = 0.0  # time the compute stream stood still waiting for a decode
+    miss_bytes: int = 0  # compressed bytes of demand loads
+    prefetch_used_bytes: int = 0  # compressed bytes of guesses a fetch consumed
     prefetch_bytes: int = 0  # compressed bytes moved for guesses
     prefetch_bytes_wasted: int = 0  # of those, bytes of guesses evicted before any fetch used them
     bits_per_value: dict[int, float] = field(default_factory=dict)  # per MoE layer, from the store
@@ -31,6 +33,12 @@ class OffloadStats:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
+
+    @property
+    def needed_bytes(self) -> int:
+        """Bytes a perfect pipeline must move: the experts used that were not cached before they were
+        wanted (demand loads and consumed guesses). Wrong guesses are not in it: they cost, never count."""
+        return self.miss_bytes + self.prefetch_used_bytes
 
     @property
     def prefetch_precision(self) -> float:
@@ -47,5 +55,5 @@ class OffloadStats:
     def reset(self) -> None:
         with self._lock:
             self.hits = self.misses = self.prefetches_issued = self.prefetches_used = self.bytes_transferred = 0
-            self.prefetch_bytes = self.prefetch_bytes_wasted = 0
+            self.prefetch_bytes = self.prefetch_bytes_wasted = self.miss_bytes = self.prefetch_used_bytes = 0
             self.decode_seconds = self.wait_seconds = self.copy_seconds = self.compute_wait_seconds = 0.0
