@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moeserve.codecs import Blob, CodecError, decode, encode
-from moeserve.codecs.cpu_pool import CpuDecodePool
+from moeserve.offload.decode_pool import CpuDecodePool
 from moeserve.codecs.szp import cpu_module
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
-from moeserve.engine.kv_cache import KVCache
+from moeserve.kv.cache import KVCache
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = [[7, 8, 9, 10, 11, 12, 13], [3], [100, 101, 102], list(range(20, 45)), [9, 9]]

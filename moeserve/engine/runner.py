@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from moeserve.engine.context import StepContext
-from moeserve.engine.kv_cache import KVCache
+from moeserve.kv.context import StepContext
+from moeserve.kv.cache import KVCache
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider
 from moeserve.models.decoder import MoeCausalLM

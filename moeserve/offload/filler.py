@@ -17,7 +17,7 @@ import os
 import torch
 
 from moeserve.codecs import decode_into
-from moeserve.codecs.cpu_pool import CpuDecodePool, DecodeHandle
+from moeserve.offload.decode_pool import CpuDecodePool, DecodeHandle
 from moeserve.offload.cache import SlotPool
 from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import PackedExpert, packed_payload_view

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from moeserve.engine.llm import LLM
+from moeserve.llm import LLM
 from moeserve.offload.runtime import build_offload_runtime
 from moeserve.server.async_engine import AsyncEngine
 from moeserve.server.auth import ApiKeyMiddleware, BodyLimitMiddleware

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from moeserve.engine.llm import LLM
+from moeserve.llm import LLM
 from moeserve.errors import MoeServeError
 from moeserve.offload.policy import Policy, load_policy
 from moeserve.offload.runtime import build_offload_runtime, is_compressed_dir

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moeserve.engine.llm import LLM
+from moeserve.llm import LLM
 from moeserve.experts import ExpertProvider
 from moeserve.offload.runtime import OffloadRuntime
 from moeserve.offload.stats import OffloadStats
