@@ -3,7 +3,7 @@
 In:  a packed expert (host memory) and a free slot of the pool.
 Out: a `Pending` handle; once it is done the slot holds the decoded gate / up / down.
 
-CPU: decode threads (codecs/cpu_pool.py; for szp, C++ threads that never take the GIL) write
+CPU: decode threads (decode_pool.py; for szp, C++ threads that never take the GIL) write
 straight into the slot, so decoding overlaps the model's own compute. GPU: one host→device copy of the
 packed buffer into a staging ring and the device decoder into the slot, both on a dedicated
 prefetch stream; an event marks completion and the compute stream waits on it (the host does
