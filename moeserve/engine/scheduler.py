@@ -92,6 +92,9 @@ class Scheduler:
         return finished
 
     def abort(self, seq: Sequence) -> None:
+        """Finish `seq` as aborted (a running one leaves at the next `remove_finished`); a finished one stays as is."""
+        if seq.is_finished:
+            return
         if seq in self.waiting:
             self.waiting.remove(seq)
         seq.finish("abort")
