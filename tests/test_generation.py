@@ -182,7 +182,7 @@ def test_step_outputs_add_up_to_the_finished_sequence(llm):
     start = next(i for i in range(2, len(ref.text) - 3) if "\ufffd" not in ref.text[i - 2 : i + 3])
     stop = ref.text[start : start + 3]
     seqs = [
-        llm.engine.make_sequence("hello world", SamplingParams(max_tokens=24, temperature=0.0, stop=[stop], logprobs=1)),
+        llm.engine.make_sequence("hello world", SamplingParams(max_tokens=24, temperature=0, stop=[stop], logprobs=1)),
         llm.engine.make_sequence(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)),
     ]
     for seq in seqs:

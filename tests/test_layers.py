@@ -100,7 +100,10 @@ def test_the_walk_sees_imports_of_every_kind():
 
 
 def test_upward_imports_are_reported():
-    graph = {"moeserve.layers.attention": {"moeserve.kv.context", "moeserve.engine.sequence"}, "moeserve.cli": {"moeserve"}}
+    graph = {
+        "moeserve.layers.attention": {"moeserve.kv.context", "moeserve.engine.sequence"},
+        "moeserve.cli": {"moeserve"},
+    }
     assert upward_imports(graph) == ["moeserve.layers.attention (layers) imports moeserve.engine.sequence (engine)"]
 
 

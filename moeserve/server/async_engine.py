@@ -11,9 +11,10 @@
     handle.abort() (client gone) ──────────────► commands deque ─► engine.abort(seq): KV row freed
 
 Only the step thread touches the engine, its scheduler and the sequences' mutable state; it forwards
-the step's outputs, which share nothing with the engine. Commands to it are small dataclasses. Bookkeeping (in-flight counts, metrics, policy generations) lives on the
-event loop. One request may hold several sequences (n > 1, or a list of prompts); its updates
-arrive on one queue, tagged with the choice index.
+the step's outputs, which share nothing with the engine. Commands to it are small dataclasses.
+Bookkeeping (in-flight counts, metrics, policy generations) lives on the event loop. One request may
+hold several sequences (n > 1, or a list of prompts); its updates arrive on one queue, tagged with
+the choice index.
 """
 
 from __future__ import annotations
