@@ -45,7 +45,9 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self._ids = itertools.count()
-        self._generator = torch.Generator().manual_seed(seed)
+        # Unseeded sampled rows draw from this; seeded ones from their own (see `make_sequence`), all on
+        # the compute device so that sampling never leaves it.
+        self._generator = torch.Generator(device=device).manual_seed(seed)
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Validate one request and wrap it; nothing is queued yet."""
@@ -61,7 +63,9 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             self._require_tokenizer("stop strings")
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         return Sequence(
             seq_id=next(self._ids),
             prompt_ids=prompt_ids,
@@ -103,9 +107,8 @@ class LLMEngine:
                 if wanted:
                     self._record_prompt_logprobs(seq, rows[:-1])
             logits = torch.cat([rows[-1:] for rows in per_seq])  # [B, V]
-        tokens = sample(logits, seqs, self._generator)
-        logprobs = token_logprobs(logits, tokens, [seq.params.logprobs for seq in seqs])
-        for seq, token, lp in zip(seqs, tokens, logprobs):
+        sampled = sample(logits, seqs, self._generator)
+        for seq, token, lp in zip(seqs, sampled.tokens, sampled.logprobs):
             self._append(seq, token, lp)
         finished = self.scheduler.remove_finished()
         for seq in finished:

@@ -26,7 +26,7 @@ class Sequence:
     params: SamplingParams
     max_len: int  # prompt + generated tokens may not exceed this (the context)
     detokenizer: IncrementalDetokenizer | None
-    generator: torch.Generator | None  # per-request RNG when `seed` is set
+    generator: torch.Generator | None  # per-request RNG on the compute device when `seed` is set
     prompt: str | None = None
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
