@@ -4,21 +4,21 @@ For a preset of bench/throughput_models.py (random weights with a real model's s
 every expert resident on the device, and each batch size (--batches, default 1,8), one engine decodes
 greedy, then sampled (temperature 1, a seed per sequence), and reports per decode step:
 
-  ms per step, tokens/s      wall time of `LLMEngine.step()` over --steps steps (device synchronized)
+  ms per step, tokens/s      median wall time of `LLMEngine.step()` over --steps steps (device synchronized)
   weight bytes read          every resident weight except the embedding table (of which B rows are read),
                              plus the experts the step's tokens route to, counted on the routers
   KV bytes read              keys and values of every cached position of every sequence, every layer
   bound                      those bytes at the copy bandwidth measured in the same run (reads + writes of
                              a large device-to-device copy on a GPU, of a host memcpy on a CPU)
   fraction of the bound      bound ms / measured ms
-  launches per step          torch.profiler: CUDA kernels on a GPU, leaf ATen ops (one kernel call each) on a CPU
+  launches per step          torch.profiler: CUDA kernels on a GPU; on a CPU the ATen ops the step calls (not their callees)
   host syncs per step        GPU: cudaStreamSynchronize / cudaMemcpy / ... calls; CPU: n/a
 
 Before the timed passes, an untimed greedy pass over the same lengths warms every shape, so the figures
 are the steady state a server reaches once it has seen these lengths.
 
     python bench/decode_step.py                                   # GPU: mixtral-8x7b, 4 layers; CPU: tiny
-    python bench/decode_step.py --device cpu --preset tiny --out bench/results/decode_step_cpu.json
+    python bench/decode_step.py --device cpu --preset tiny --threads 1 --out bench/results/decode_step_cpu.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,6 +37,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
 from decode_step_profile import CPU_SYNCS_NA, copy_bandwidth, count_per_step  # noqa: E402
+from throughput import device_name  # noqa: E402
+from throughput_measure import synchronize  # noqa: E402
 from throughput_models import PRESETS, synthetic_workload  # noqa: E402
 
 from moeserve.engine.llm_engine import LLMEngine  # noqa: E402
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = DecodeBench(workload, provider, device, bandwidth, args)
     rows = [row for batch in args.batches for row in bench.batch_rows(batch)]
     results = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu {platform.processor()}",
+        "device": device_name(device),
         "command": " ".join(["python", "bench/decode_step.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
@@ -152,11 +154,7 @@ class DecodeBench:
             engine.submit(seq)
         engine.step()  # prefill
         self._steps(WARMUP_STEPS)
-        self._synchronize()
-        start = time.perf_counter()
-        self._steps(args.steps)
-        self._synchronize()
-        seconds = (time.perf_counter() - start) / args.steps
+        seconds = statistics.median(self._timed_step() for _ in range(args.steps))
         counts = count_per_step(lambda: self._steps(args.profile_steps), args.profile_steps, self.device)
         experts_per_layer = self._routing_census(self.census_steps)
         if engine.has_unfinished():
@@ -184,9 +182,14 @@ class DecodeBench:
         for _ in range(n):
             self.engine.step()
 
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def _timed_step(self) -> float:
+        """Seconds of one step, device work included. The step ends by reading its tokens on the host, so
+        synchronizing around it takes nothing from it that a server would overlap."""
+        synchronize(self.device)
+        start = time.perf_counter()
+        self.engine.step()
+        synchronize(self.device)
+        return time.perf_counter() - start
 
     def _routing_census(self, steps: int) -> float:
         """Mean distinct experts a MoE layer runs per step, over `steps` decode steps."""

@@ -1,9 +1,10 @@
 """What bench/decode_step.py counts besides time: the copy bandwidth, kernel launches and host syncs.
 
 In:  the compute device; a function that runs some decode steps.
-Out: the device's copy bandwidth (bytes/s), and per step: kernel launches (CUDA kernels on a GPU, leaf
-     ATen ops on a CPU, each one kernel call) and, on a GPU, host syncs and device→host copies, all
-     counted by torch.profiler.
+Out: the device's copy bandwidth (bytes/s), and per step: kernel launches (CUDA kernels on a GPU; on a
+     CPU, the ATen ops the step calls, not those they call in turn: each is one dispatch from the host,
+     the CPU's analogue of a launch) and, on a GPU, host syncs and device→host copies, all counted by
+     torch.profiler.
 """
 
 from __future__ import annotations
@@ -65,11 +66,22 @@ def count_per_step(run_steps, steps: int, device: torch.device) -> StepCounts:
             torch.cuda.synchronize(device)  # so every kernel of the steps is recorded; not counted below
     events = prof.events()
     if not cuda:
-        leaves = [e for e in events if e.name.startswith("aten::") and not e.cpu_children]
-        return StepCounts(len(leaves) / steps, None, None)
+        return StepCounts(sum(1 for e in events if _is_top_level_op(e)) / steps, None, None)
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
     host_calls = [e.name for e in events if e.device_type == DeviceType.CPU]
     own = 1 if "cudaDeviceSynchronize" in host_calls else 0  # the synchronize after the steps
     syncs = sum(1 for name in host_calls if name in SYNC_CALLS) - own
     to_host = sum(1 for e in events if e.device_type == DeviceType.CUDA and "DtoH" in e.name)
     return StepCounts(len(kernels) / steps, syncs / steps, to_host / steps)
+
+
+def _is_top_level_op(event) -> bool:
+    """An ATen op called by the step itself, not by another ATen op."""
+    if not event.name.startswith("aten::"):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return False
+        parent = parent.cpu_parent
+    return True
