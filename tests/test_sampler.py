@@ -73,17 +73,19 @@ def test_filtering_equals_a_per_row_reference():
     assert (probs[1] > 0).sum() == 4  # the top token and the three tied at the 3rd
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature,top_k,top_p", FILTERS[:4])
-def test_draws_follow_the_filtered_distribution(temperature, top_k, top_p):
+def test_draws_follow_the_filtered_distribution(temperature, top_k, top_p, device):
     """20,000 unseeded rows (the engine generator, one batched draw) and 3,000 rows with their own seeds,
     counted against the reference; chi-square p-value above 1e-3 (fixed seeds: the same counts every run)."""
     logits = torch.tensor([2.0, 1.5, 1.2, 0.9, 0.5, 0.0, -0.5, -1.0])  # [V]
     expected = torch.tensor(reference_probs(logits.tolist(), temperature, top_k, top_p), dtype=torch.float64)
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    unseeded = [make_seq(SamplingParams(**options), CPU) for _ in range(20_000)]
-    seeded = [make_seq(SamplingParams(seed=s, **options), CPU) for s in range(3_000)]
+    unseeded = [make_seq(SamplingParams(**options), device) for _ in range(20_000)]
+    seeded = [make_seq(SamplingParams(seed=s, **options), device) for s in range(3_000)]
     for seqs in (unseeded, seeded):
-        tokens = sample(logits.expand(len(seqs), -1), seqs, torch.Generator().manual_seed(7)).tokens
+        rows = logits.to(device).expand(len(seqs), -1)  # [N, V]
+        tokens = sample(rows, seqs, torch.Generator(device=device).manual_seed(7)).tokens
         counts = torch.bincount(torch.tensor(tokens), minlength=len(logits)).double()
         assert counts[expected == 0].sum() == 0  # never a filtered token
         kept = expected > 0
