@@ -70,7 +70,7 @@ def count_per_step(run_steps, steps: int, device: torch.device) -> StepCounts:
     kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
     host_calls = [e.name for e in events if e.device_type == DeviceType.CPU]
     own = 1 if "cudaDeviceSynchronize" in host_calls else 0  # the synchronize after the steps
-    syncs = sum(1 for name in host_calls if name in SYNC_CALLS) - own
+    syncs = sum(1 for name in host_calls if name.split("_")[0] in SYNC_CALLS) - own  # cudaMemcpy_v2, ..._ptsz
     to_host = sum(1 for e in events if e.device_type == DeviceType.CUDA and "DtoH" in e.name)
     return StepCounts(len(kernels) / steps, syncs / steps, to_host / steps)
 
