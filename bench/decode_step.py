@@ -130,7 +130,7 @@ class DecodeBench:
         self.census_steps = 2  # steps whose routing is counted (hooks on the routers sync, so never timed)
         self.steps_per_pass = WARMUP_STEPS + args.steps + args.profile_steps + self.census_steps
         self.engine = LLMEngine(
-            workload.model, provider, None, device, max_model_len=args.prompt_len + self.steps_per_pass + 2,
+            workload.model, None, None, device, max_model_len=args.prompt_len + self.steps_per_pass + 2,
             max_num_seqs=max(args.batches), max_num_batched_tokens=max(args.batches) * args.prompt_len,
         )
         generator = torch.Generator().manual_seed(args.seed)
@@ -151,7 +151,7 @@ class DecodeBench:
         ]
         seqs = [engine.make_sequence(p, sp) for p, sp in zip(self.prompts[batch], params)]
         for seq in seqs:
-            engine.submit(seq)
+            engine.submit(seq, self.provider)
         engine.step()  # prefill
         self._steps(WARMUP_STEPS)
         seconds = statistics.median(self._timed_step() for _ in range(args.steps))
