@@ -79,7 +79,14 @@ def stage_list(text: str) -> list[str]:
 
 
 def missing_wheels() -> list[str]:
-    return [wheel for module, wheel in NEEDED.items() if importlib.util.find_spec(module) is None]
+    return [wheel for module, wheel in NEEDED.items() if not _importable(module)]
+
+
+def _importable(module: str) -> bool:
+    try:  # a submodule's spec imports its package, which fails when the package's own imports do
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,5 +91,8 @@ def test_the_report_holds_the_machine_and_every_stage_by_name(tmp_path):
     assert path == tmp_path / "gpu_check-NVIDIA-H100-80GB-HBM3.json"
 
 
-def test_every_module_it_needs_is_found_here():
-    assert gpu_check.missing_wheels() == []
+def test_missing_wheels_names_what_is_absent(monkeypatch):
+    assert gpu_check.missing_wheels() == []  # the test extra installs everything the stages import
+    monkeypatch.setitem(gpu_check.NEEDED, "no_such_module_for_gpu_check", "no-such-wheel")
+    monkeypatch.setitem(gpu_check.NEEDED, "no_such_package_for_gpu_check.sub", "no-such-package")
+    assert gpu_check.missing_wheels() == ["no-such-wheel", "no-such-package"]
