@@ -227,6 +227,7 @@ def table(results: dict) -> str:
         f"decode step, {results['preset']} ({results['layers']} layers, {results['dtype']}), every expert resident, "
         f"{results['device']}; bound at {results['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
         f"({results['copy_bandwidth_kind']}, reads + writes)",
+        "",
         "| batch | mode | ms/step | tok/s | weight MB/step | KV MB/step | bound ms | of bound | launches/step | host syncs/step |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -238,7 +239,7 @@ def table(results: dict) -> str:
             f"{r['bound_ms_per_step']:.3f} | {r['fraction_of_bound']:.1%} | {r['launches_per_step']:.0f} | {syncs} |"
         )
     if note:
-        lines.append(f"host syncs {note}.")
+        lines += ["", f"host syncs {note}."]
     return "\n".join(lines)
 
 
