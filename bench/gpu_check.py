@@ -28,10 +28,13 @@ stages import, beyond them:
   transformers and its dependencies (huggingface-hub, regex, typer, click, hf-xet, httpx, ...)
                                                                  the GPU tests' tiny checkpoints
 (fastapi, starlette, uvicorn and matplotlib, also moeserve dependencies, are not imported by any stage.)
-Carry them from a machine with PyPI access as wheels for the GPU machine's Python, then install offline:
-    pip download -d wheels --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \\
+Carry them from a machine with PyPI access as wheels for the GPU machine's Python (54 MB with their dependencies,
+34 MB once the wheels of what is already installed there, numpy, tokenizers, safetensors, pyyaml, tqdm,
+typing-extensions, filelock and fsspec, are deleted), then install offline:
+    pip download -d wheels --only-binary=:all: --python-version 3.12 \\
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \\
         pydantic pysz zfpy pybind11 pytest transformers
-    # on the GPU machine (wheels/ copied beside the repository):
+    # on the GPU machine, wheels/ beside the repository:
     pip install --no-index --find-links wheels pydantic pysz zfpy pybind11 pytest transformers
     pip install --no-build-isolation --no-deps -e . && python bench/gpu_check.py --out bench/results/
 """
