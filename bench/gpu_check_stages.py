@@ -146,16 +146,18 @@ def json_stage(name: str, budget: int, argv: list[str], out: Path, repo: Path) -
     return result
 
 
+DECODE_STEP_ARGV = ["bench/decode_step.py", "--device", "cuda", "--preset", "mixtral-8x7b", "--layers", "4",
+                    "--batches", "1,8", "--prompt-len", "64", "--steps", "32", "--profile-steps", "3"]
+THROUGHPUT_ARGV = ["bench/throughput.py", "--device", "cuda", "--preset", "mixtral-8x7b", "--layers", "2",
+                   "--presets-only", "--budgets", "25%", "--batches", "1", "--prompt-len", "64", "--new-tokens", "16"]
+
+
 def decode_step_stage(name: str, budget: int, scratch: Path, repo: Path) -> StageResult:
-    argv = ["bench/decode_step.py", "--device", "cuda", "--preset", "mixtral-8x7b", "--layers", "4",
-            "--batches", "1,8", "--prompt-len", "64", "--steps", "32", "--profile-steps", "3"]
-    return json_stage(name, budget, argv, scratch / "decode_step.json", repo)
+    return json_stage(name, budget, DECODE_STEP_ARGV, scratch / "decode_step.json", repo)
 
 
 def throughput_stage(name: str, budget: int, scratch: Path, repo: Path) -> StageResult:
-    argv = ["bench/throughput.py", "--device", "cuda", "--preset", "mixtral-8x7b", "--layers", "2", "--presets-only",
-            "--budgets", "25%", "--batches", "1", "--prompt-len", "64", "--new-tokens", "16"]
-    return json_stage(name, budget, argv, scratch / "throughput.json", repo)
+    return json_stage(name, budget, THROUGHPUT_ARGV, scratch / "throughput.json", repo)
 
 
 # name → (budget in seconds on an H100, stage); 450 s in all, inside the 8 minutes with start-up to spare.

@@ -14,7 +14,9 @@ import torch
 sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))  # last: bench/codecs.py must not shadow anything
 
 import gpu_check  # noqa: E402
-from gpu_check_stages import STAGES, StageResult, gpu_test_files, junit_counts, run_child  # noqa: E402
+from gpu_check_stages import (  # noqa: E402
+    DECODE_STEP_ARGV, STAGES, THROUGHPUT_ARGV, StageResult, gpu_test_files, junit_counts, run_child,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,6 +27,16 @@ def test_stages_default_to_all_and_take_a_subset():
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.parse_args(["--stages", "tests,speed"])
     assert exit_info.value.code == 2
+
+
+def test_the_bench_stages_pass_flags_their_scripts_accept():
+    import decode_step
+    import throughput
+
+    decode_args = decode_step.parse_args([*DECODE_STEP_ARGV[1:], "--out", "decode.json"])
+    assert (decode_args.preset, decode_args.layers, decode_args.batches) == ("mixtral-8x7b", 4, [1, 8])
+    throughput_args = throughput.parse_args([*THROUGHPUT_ARGV[1:], "--out", "throughput.json"])
+    assert (throughput_args.preset, throughput_args.layers, throughput_args.presets_only) == (["mixtral-8x7b"], 2, True)
 
 
 def test_budgets_fit_the_eight_minutes():
