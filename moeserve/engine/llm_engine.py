@@ -4,7 +4,7 @@ In:  requests (prompt ids + `SamplingParams`) as `Sequence`s.
 Out: the same sequences, advanced by one token per step until they finish.
 
 `LLM.generate` drives it to completion; the HTTP server's async scheduler calls `step()` from
-its own loop. Everything here runs on the host except the model step (compute device).
+its own loop. Everything here runs on the host except the model step and sampling (compute device).
 """
 
 from __future__ import annotations
