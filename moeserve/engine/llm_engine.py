@@ -5,7 +5,7 @@ Out: per step, a `StepOutput` for every sequence of the step: its new token, log
      finish reason (the sequences themselves advance by one token per step until they finish).
 
 `LLM.generate` drives it to completion; the HTTP server's async scheduler calls `step()` from
-its own loop. Everything here runs on the host except the model step (compute device).
+its own loop. Everything here runs on the host except the model step and sampling (compute device).
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self._ids = itertools.count()
-        self._generator = torch.Generator().manual_seed(seed)
+        # Unseeded sampled rows draw from this; seeded ones from their own (see `make_sequence`), all on
+        # the compute device so that sampling never leaves it.
+        self._generator = torch.Generator(device=device).manual_seed(seed)
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Validate one request and wrap it; nothing is queued yet."""
@@ -62,7 +64,9 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             self._require_tokenizer("stop strings")
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         return Sequence(
             seq_id=next(self._ids),
             prompt_ids=prompt_ids,
@@ -109,10 +113,9 @@ class LLMEngine:
                     self._record_prompt_logprobs(seq, rows[:-1])
                     prompt_logprobs[i] = list(seq.prompt_logprobs)
             logits = torch.cat([rows[-1:] for rows in per_seq])  # [B, V]
-        tokens = sample(logits, seqs, self._generator)
-        logprobs = token_logprobs(logits, tokens, [seq.params.logprobs for seq in seqs])
+        sampled = sample(logits, seqs, self._generator)
         outputs = []
-        for seq, token, lp, prompt_lp in zip(seqs, tokens, logprobs, prompt_logprobs):
+        for seq, token, lp, prompt_lp in zip(seqs, sampled.tokens, sampled.logprobs, prompt_logprobs):
             self._append(seq, token, lp)
             outputs.append(
                 StepOutput(

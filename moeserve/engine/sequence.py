@@ -31,7 +31,7 @@ class Sequence:
     params: SamplingParams
     max_len: int  # prompt + generated tokens may not exceed this (the context)
     detokenizer: IncrementalDetokenizer | None
-    generator: torch.Generator | None  # per-request RNG when `seed` is set
+    generator: torch.Generator | None  # per-request RNG on the compute device when `seed` is set
     prompt: str | None = None
     experts: ExpertProvider | None = None  # set once by LLMEngine.submit; None only before that
     output_ids: list[int] = field(default_factory=list)
