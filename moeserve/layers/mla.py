@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import ModelConfig
-from moeserve.engine.context import StepContext
+from moeserve.kv.context import StepContext
 from moeserve.layers.attention import extend_mask
 from moeserve.layers.norms import RMSNorm
 from moeserve.layers.rotary import ROTARY_LAYOUTS
