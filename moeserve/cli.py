@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument(
         "--api-key", default=os.environ.get("MOESERVE_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOESERVE_API_KEY)",
+        help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints (default: $MOESERVE_API_KEY)",
     )
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory's name)")
     srv.add_argument("--max-model-len", type=int, default=None, help="context in tokens (default: the model's)")
