@@ -73,7 +73,7 @@ def check(url: str, path: str, body) -> None:
         assert response.text.rstrip().endswith("data: [DONE]")
 
 
-FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @FUZZ
