@@ -89,7 +89,9 @@ class _SamplingFields(StrictModel):
             raise ApiError(400, f"seed must fit in 64 bits, got {self.seed}.", "seed")
         if self.stop == "" or (isinstance(self.stop, list) and "" in self.stop):
             # An empty stop string would end every choice before its first token; refused in both forms.
-            raise ApiError(400, f"stop must be a non-empty string or a list of them, got {json.dumps(self.stop)}.", "stop")
+            raise ApiError(
+                400, f"stop must be a non-empty string or a list of them, got {json.dumps(self.stop)}.", "stop"
+            )
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed together with stream=true.", "stream_options")
         for option in ("presence_penalty", "frequency_penalty"):
