@@ -1,6 +1,7 @@
 """The `moeserve` command line: one subcommand per job, each a thin layer over the Python API.
 
-A user error (`MoeServeError`) prints one line, `error: ...`, and exits with status 2.
+A user error (`MoeServeError`, or a mistake in the arguments) prints one line, `error: ...`, and
+exits with status 2.
 """
 
 from __future__ import annotations
