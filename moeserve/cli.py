@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     pol = commands.add_parser("policy", help="inspect error-bound policies")
     pol_commands = pol.add_subparsers(dest="policy_command", required=True)
     show = pol_commands.add_parser("show", help="print the resolved per-layer policy with bits/value and bytes")
-    _add_model_options(show, offload=False)  # the policy is the positional file; no cache is built to show it
+    _add_model_options(show, offload=False)  # the policy is the positional file; the table ignores cache options
     show.add_argument("policy_file", metavar="POLICY.yaml")
     show.set_defaults(run=_cmd_policy_show)
     return parser
