@@ -37,7 +37,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parent))
 
 from decode_step_profile import CPU_SYNCS_NA, copy_bandwidth, count_per_step  # noqa: E402
-from throughput import device_name  # noqa: E402
+from throughput import batch_sizes, bench_device, device_name  # noqa: E402
 from throughput_measure import synchronize  # noqa: E402
 from throughput_models import PRESETS, synthetic_workload  # noqa: E402
 
@@ -70,20 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def batch_sizes(text: str) -> list[int]:
-    sizes = sorted({int(b) for b in text.split(",") if b.strip()})
-    if not sizes or sizes[0] < 1:
-        raise ValueError(text)
-    return sizes
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda was given but no CUDA device is available; use --device cpu.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = bench_device(args)
     preset = args.preset or ("mixtral-8x7b" if device.type == "cuda" else "tiny")
     started = time.perf_counter()
     bandwidth = copy_bandwidth(device, GiB if device.type == "cuda" else 256 * 2**20)

@@ -91,13 +91,19 @@ def batch_sizes(text: str) -> list[int]:
     return sizes
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def bench_device(args: argparse.Namespace) -> torch.device:
+    """--device (default: CUDA when there is one) and --threads, shared by the benchmarks of bench/."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda was given but no CUDA device is available; use --device cpu.")
     if args.threads:
         torch.set_num_threads(args.threads)
+    return device
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = bench_device(args)
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     for budget in budgets:
         parse_budget(budget, GiB)  # a misspelt budget stops here, before minutes of building models

@@ -54,3 +54,15 @@ def assert_bf16_generation_matches(llm, hf_model, prompt: list[int], n: int) -> 
     sequence = prompt + hf_tokens
     reference = hf_logits(hf_model, sequence)
     assert (llm.score(sequence) - reference).abs().max().item() <= bf16_tolerance(reference)
+
+
+def assert_fp32_matches(llm, hf_model, score_ids: list[int], prompts: list[list[int]], n: int = 32) -> None:
+    """float32: logits within 1e-4 of transformers' at every position, and identical greedy tokens."""
+    from moeserve import SamplingParams
+
+    ours = llm.score(score_ids)
+    assert ours.dtype == torch.float32 and ours.shape == (len(score_ids), hf_model.config.vocab_size)
+    assert (ours - hf_logits(hf_model, score_ids)).abs().max().item() <= 1e-4
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(hf_model, prompt, n)[0]

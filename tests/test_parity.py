@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
-from parity_checks import assert_bf16_generation_matches, bf16_tolerance, hf_greedy, hf_logits
+from parity_checks import assert_bf16_generation_matches, assert_fp32_matches, bf16_tolerance, hf_greedy, hf_logits
 
 FAMILY_CASES = [
     ("mixtral", {}),
@@ -24,14 +24,7 @@ SCORE_IDS = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
 @pytest.mark.parametrize("model_type,overrides", FAMILY_CASES, ids=lambda v: str(v))
 def test_score_and_greedy_match_transformers(checkpoint_factory, model_type, overrides):
     directory, hf_model = checkpoint_factory(model_type, **overrides)
-    llm = LLM(directory, device="cpu")
-    ours = llm.score(SCORE_IDS)
-    assert ours.dtype == torch.float32 and ours.shape == (len(SCORE_IDS), hf_model.config.vocab_size)
-    assert (ours - hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
-
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
-    for prompt, out in zip(PROMPTS, outs):
-        assert out.token_ids == hf_greedy(hf_model, prompt, 32)[0]
+    assert_fp32_matches(LLM(directory, device="cpu"), hf_model, SCORE_IDS, PROMPTS)
 
 
 def test_sharded_checkpoint_matches(checkpoint_factory):
