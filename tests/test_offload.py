@@ -119,7 +119,7 @@ def test_decoded_experts_never_exceed_the_budget(checkpoint):
     assert seen["max_resident"] * _slot_bytes(llm) <= runtime.budget_bytes
 
 
-def test_prefetch_is_used_and_cuts_waiting(checkpoint_factory):
+def test_prefetch_is_used_and_cuts_demand_loads(checkpoint_factory):
     directory, _ = checkpoint_factory(
         "qwen3_moe", num_hidden_layers=6, num_experts=8, hidden_size=128, moe_intermediate_size=512, seed=5
     )
@@ -128,19 +128,17 @@ def test_prefetch_is_used_and_cuts_waiting(checkpoint_factory):
     # sz3 decodes slowly enough that loading, not compute, dominates: the regime prefetch is for.
     policy = {"default": {"codec": "sz3", "mode": "rel", "error_bound": 1e-2}}
 
-    def wait_and_used(prefetch: bool) -> tuple[float, int]:
-        best = (float("inf"), 0)
-        for _ in range(2):  # the better of two runs, against load from other processes
-            llm = LLM(directory, device="cpu", policy=policy, expert_cache="50%", prefetch=prefetch, progress=False)
-            llm.generate(prompt, params)
-            stats = llm.offload.stats
-            best = min(best, (stats.wait_seconds, stats.prefetches_used))
-        return best
+    # Counts, not seconds: the time saved is bench/offload.py's to measure. Compared as a timed test,
+    # two sub-second sums of waiting failed at one torch thread, before this session's changes too.
+    def misses_and_used(prefetch: bool) -> tuple[int, int]:
+        llm = LLM(directory, device="cpu", policy=policy, expert_cache="50%", prefetch=prefetch, progress=False)
+        llm.generate(prompt, params)
+        return llm.offload.stats.misses, llm.offload.stats.prefetches_used
 
-    wait_on, used_on = wait_and_used(True)
-    wait_off, used_off = wait_and_used(False)
+    misses_on, used_on = misses_and_used(True)
+    misses_off, used_off = misses_and_used(False)
     assert used_on > 0 and used_off == 0
-    assert wait_on < wait_off
+    assert misses_on < misses_off
 
 
 def test_store_is_cached_on_disk_and_not_rebuilt(checkpoint, store_cache, monkeypatch):
