@@ -1,14 +1,16 @@
 """config.json → `ModelConfig`: one normalised description of every supported MoE family.
 
-The four families spell the same idea differently (`num_local_experts` vs `num_experts`,
+The families spell the same idea differently (`num_local_experts` vs `num_experts`,
 `rope_theta` vs `rope_parameters`, per-head vs full-width q/k norms, dense layers by
-`decoder_sparse_step` / `mlp_only_layers`). Everything downstream (models, loader, offloading)
-reads only this dataclass, so family quirks live here and in `models/`.
+`decoder_sparse_step` / `mlp_only_layers`, gpt_oss's `layer_types`, sinks and MXFP4 experts).
+Everything downstream (models, loader, offloading) reads only this dataclass, so family quirks
+live here and in `models/`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +19,24 @@ import torch
 
 from moeserve.errors import ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
-SUPPORTED_ROPE_TYPES = ("default", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class YarnRope:
+    """YaRN rope scaling (transformers' `_compute_yarn_parameters`): blended inverse frequencies and
+    an `attention_factor` that scales cos and sin."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float
+    beta_slow: float
+    truncate: bool
+    attention_factor: float
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,18 @@ class ModelConfig:
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     bos_token_id: int | None = None
+    rope_yarn: YarnRope | None = None  # set for rope type "yarn" (gpt_oss's default)
+    attention_output_bias: bool = False  # o_proj has a bias (gpt_oss)
+    attention_sinks: bool = False  # a learned per-head logit joins every softmax, then is dropped (gpt_oss)
+    # RMSNorm multiplies by its weight in float32 and then casts (gpt_oss); otherwise it casts first.
+    norm_scale_in_float32: bool = False
+    router_bias: bool = False  # the router is a linear layer with a bias (gpt_oss)
+    # "softmax_topk": softmax over all experts, then top-k; "topk_softmax": top-k of the logits,
+    # then softmax over those k (gpt_oss).
+    routing: str = "softmax_topk"
+    swiglu_alpha: float = 1.702  # gpt_oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
+    swiglu_limit: float = 7.0  # gate clamped above, up on both sides, at this value
+    expert_quantization: str | None = None  # "mxfp4": the checkpoint stores routed experts as MXFP4
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -105,13 +132,15 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
             f"{source}: hidden_act {hidden_act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}."
         )
 
-    rope_theta, rope_linear_factor = _parse_rope(raw, source)
-    num_experts = int(need("num_local_experts" if model_type == "mixtral" else "num_experts", "num_local_experts"))
+    rope_theta, rope_linear_factor, rope_yarn = _parse_rope(raw, source, int(raw.get("max_position_embeddings", 4096)))
+    expert_quantization = _expert_quantization(raw, model_type, source)
+    gpt_oss = model_type == "gpt_oss"
+    num_experts = int(need("num_local_experts" if model_type in ("mixtral", "gpt_oss") else "num_experts", "num_local_experts"))
     top_k = int(need("num_experts_per_tok"))
     if not 0 < top_k <= num_experts:
         raise ModelLoadError(f"{source}: num_experts_per_tok={top_k} must be between 1 and the {num_experts} experts.")
 
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "gpt_oss"):
         moe_intermediate = int(need("intermediate_size"))
     else:
         moe_intermediate = int(need("moe_intermediate_size", "intermediate_size"))
@@ -136,10 +165,10 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         num_experts=num_experts,
         top_k=top_k,
         moe_intermediate_size=moe_intermediate,
-        norm_topk_prob=True if model_type == "mixtral" else bool(raw.get("norm_topk_prob", False)),
+        norm_topk_prob=True if model_type in ("mixtral", "gpt_oss") else bool(raw.get("norm_topk_prob", False)),
         routing_weights_in_float32=model_type == "mixtral",
         moe_layers=_moe_layers(raw, model_type, num_layers, num_experts),
-        dense_intermediate_size=int(raw.get("intermediate_size") or 0),
+        dense_intermediate_size=0 if gpt_oss else int(raw.get("intermediate_size") or 0),
         shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
         if model_type == "qwen2_moe"
         else 0,
@@ -147,10 +176,19 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         dtype=_parse_dtype(raw, source),
         eos_token_ids=_token_ids(raw.get("eos_token_id")),
         bos_token_id=raw.get("bos_token_id"),
+        rope_yarn=rope_yarn,
+        attention_output_bias=gpt_oss and _attention_bias(raw, model_type),
+        attention_sinks=gpt_oss,
+        norm_scale_in_float32=gpt_oss,
+        router_bias=gpt_oss,
+        routing="topk_softmax" if gpt_oss else "softmax_topk",
+        swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)),
+        swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
+        expert_quantization=expert_quantization,
     )
 
 
-def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, float]:
+def _parse_rope(raw: dict[str, Any], source: str, max_positions: int) -> tuple[float, float, YarnRope | None]:
     # transformers >= 5 writes `rope_parameters`; older checkpoints use `rope_theta` + `rope_scaling`.
     params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
@@ -160,7 +198,44 @@ def _parse_rope(raw: dict[str, Any], source: str) -> tuple[float, float]:
             f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}."
         )
     factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
-    return theta, factor
+    return theta, factor, _parse_yarn(params, source, max_positions) if rope_type == "yarn" else None
+
+
+def _parse_yarn(params: dict[str, Any], source: str, max_positions: int) -> YarnRope:
+    original = params.get("original_max_position_embeddings")
+    if original is None:
+        raise ModelLoadError(f"{source}: yarn rope scaling needs original_max_position_embeddings; add it to rope_parameters.")
+    factor = float(params["factor"]) if params.get("factor") is not None else max_positions / int(original)
+
+    def mscale(scale: float, weight: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        weight, weight_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = mscale(factor, weight) / mscale(factor, weight_all) if weight and weight_all else mscale(factor)
+    return YarnRope(
+        factor=factor,
+        original_max_position_embeddings=int(original),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        truncate=bool(params.get("truncate", True)),
+        attention_factor=float(attention_factor),
+    )
+
+
+def _expert_quantization(raw: dict[str, Any], model_type: str, source: str) -> str | None:
+    quantization = raw.get("quantization_config")
+    if not quantization:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method == "mxfp4" and model_type == "gpt_oss":
+        return "mxfp4"
+    where = "" if method == "mxfp4" else " (moeserve reads MXFP4 gpt_oss experts only)"
+    raise ModelLoadError(
+        f"{source}: quantization method {method!r} is not supported for model_type {model_type!r}{where}; "
+        f"use an unquantized bf16, fp16 or fp32 export of the model."
+    )
 
 
 def _attention_bias(raw: dict[str, Any], model_type: str) -> bool:
@@ -169,16 +244,19 @@ def _attention_bias(raw: dict[str, Any], model_type: str) -> bool:
         return bool(raw.get("qkv_bias", True))
     if model_type == "mixtral":
         return False
-    return bool(raw.get("attention_bias", False))
+    return bool(raw.get("attention_bias", model_type == "gpt_oss"))
 
 
 def _sliding_windows(raw: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
-    window = raw.get("sliding_window")
+    window = raw.get("sliding_window", 128 if model_type == "gpt_oss" else None)
     if model_type in ("qwen2_moe", "qwen3_moe") and not raw.get("use_sliding_window", False):
         window = None
     if not window:
         return (None,) * num_layers
     layer_types = raw.get("layer_types")
+    if layer_types is None and model_type == "gpt_oss":
+        # transformers' GptOssConfig default: sliding windows on even layers, full attention on odd ones.
+        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
     if layer_types is None and model_type == "qwen2_moe":
         max_window_layers = int(raw.get("max_window_layers", num_layers))
         layer_types = [

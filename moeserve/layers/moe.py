@@ -20,6 +20,11 @@ from moeserve.layers.mlp import ACTIVATIONS, GatedMLP
 
 
 class MoeBlock(nn.Module):
+    """Families change the router (`route`) and the expert math (`_expert`) by subclassing, see
+    models/gpt_oss.py; both providers' experts go through the one `_expert`."""
+
+    router_attr = "gate"  # attribute (and checkpoint name) of the router
+
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
@@ -28,16 +33,21 @@ class MoeBlock(nn.Module):
         self.norm_topk_prob = config.norm_topk_prob
         self.routing_weights_in_float32 = config.routing_weights_in_float32
         self.act = ACTIVATIONS[config.hidden_act]
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)  # the router
+        setattr(self, self.router_attr, nn.Linear(config.hidden_size, config.num_experts, bias=config.router_bias))
         if config.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act)
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         else:
             self.shared_expert = None
 
+    @property
+    def router_layer(self) -> nn.Linear:
+        """The linear layer whose outputs [T, E] are the router logits."""
+        return getattr(self, self.router_attr)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] → (weights [T, K], expert ids [T, K])."""
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # [T, E]
+        probs = F.softmax(self.router_layer(x), dim=-1, dtype=torch.float32)  # [T, E]
         weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -56,11 +66,8 @@ class MoeBlock(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
-    def _expert(self, h: torch.Tensor, w: ExpertWeights) -> torch.Tensor:  # [n, D] → [n, D]
-        if w.gate_up is not None:
-            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [n, 2I] → [n, I] twice
-        else:
-            gate, up = F.linear(h, w.gate), F.linear(h, w.up)
+    def _expert(self, h: torch.Tensor, w: ExpertWeights, expert_id: int) -> torch.Tensor:  # [n, D] → [n, D]
+        gate, up = gate_and_up(h, w)
         return F.linear(self.act(gate) * up, w.down)
 
     def _single_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider):
@@ -69,7 +76,7 @@ class MoeBlock(nn.Module):
         per_slot: list[torch.Tensor | None] = [None] * self.top_k
         for expert_id, w in experts.fetch(self.layer_id, sorted(chosen)):
             slot = chosen.index(expert_id)
-            y = self._expert(x, w) * weights[0, slot]  # [1, D]
+            y = self._expert(x, w, expert_id) * weights[0, slot]  # [1, D]
             per_slot[slot] = y if y.dtype == x.dtype else y.to(x.dtype)
         return _sum_slots(per_slot)  # [1, D]
 
@@ -91,15 +98,23 @@ class MoeBlock(nn.Module):
         for expert_id, w in experts.fetch(self.layer_id, used):
             start = starts[expert_id]
             pairs = order[start : start + counts[expert_id]]
-            y = self._expert(x[token_of[start : start + counts[expert_id]]], w)  # [n, D]
+            y = self._expert(x[token_of[start : start + counts[expert_id]]], w, expert_id)  # [n, D]
             per_pair[pairs] = (y * weight_of[start : start + counts[expert_id], None]).to(x.dtype)
         return _sum_slots(per_pair.view(T, self.top_k, D).unbind(dim=1))  # [T, D]
 
     def predict(self, x: torch.Tensor) -> list[int]:
         """The experts this router would pick for hidden states x [T, D] (ascending ids)."""
         # Only which experts: softmax is monotonic, so the top-k of the logits are the same ids.
-        ids = torch.topk(self.gate(x), self.top_k, dim=-1).indices  # [T, K]
+        ids = torch.topk(self.router_layer(x), self.top_k, dim=-1).indices  # [T, K]
         return sorted(set(ids.flatten().tolist()))
+
+
+def gate_and_up(h: torch.Tensor, w: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [n, D] → the expert's gate and up projections [n, I], one matmul when they are fused."""
+    if w.gate_up is not None:
+        gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [n, 2I] → [n, I] twice
+        return gate, up
+    return F.linear(h, w.gate), F.linear(h, w.up)
 
 
 def _sum_slots(per_slot) -> torch.Tensor:

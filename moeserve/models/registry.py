@@ -4,6 +4,7 @@ import torch
 
 from moeserve.config import ModelConfig
 from moeserve.models.decoder import MoeCausalLM
+from moeserve.models.gpt_oss import GptOssForCausalLM
 from moeserve.models.mixtral import MixtralForCausalLM
 from moeserve.models.olmoe import OlmoeForCausalLM
 from moeserve.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -14,6 +15,7 @@ MODEL_FAMILIES: dict[str, type[MoeCausalLM]] = {
     "qwen2_moe": Qwen2MoeForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
     "olmoe": OlmoeForCausalLM,
+    "gpt_oss": GptOssForCausalLM,
 }
 
 

@@ -1,6 +1,7 @@
 """The compressed host store: every routed expert encoded per the policy, one packed buffer each.
 
-In:  the checkpoint's stored expert tensors (memory-mapped, any dtype) and a resolved policy.
+In:  the checkpoint's stored expert tensors (memory-mapped, any dtype, or MXFP4 blocks and scales)
+     and a resolved policy.
 Out: `PackedExpert`s in host memory (pinned when a GPU serves), each one contiguous uint8 buffer
      holding its gate, up and down blobs at 8-byte-aligned offsets, so one copy moves one expert
      and a device-side decoder can read each blob in place.
@@ -22,9 +23,10 @@ import torch
 from tqdm import tqdm
 
 from moeserve.codecs import Blob, encode
+from moeserve.codecs.mxfp4 import Mxfp4Tensor, blob_of
 from moeserve.errors import ModelLoadError
-from moeserve.experts import ExpertWeights
-from moeserve.offload.policy import PROJECTIONS, ResolvedPolicy
+from moeserve.experts import ExpertWeights, Mxfp4ExpertWeights
+from moeserve.offload.policy import PROJECTIONS, ResolvedPolicy, TensorSetting
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 _ALIGN = 8  # device decoders read blob payloads as 64-bit words
@@ -80,7 +82,7 @@ class CompressedStore:
     @classmethod
     def build(
         cls,
-        stored: Iterator[tuple[int, list[ExpertWeights]]],
+        stored: Iterator[tuple[int, list[ExpertWeights] | list[Mxfp4ExpertWeights]]],
         policy: ResolvedPolicy,
         policy_yaml: str,
         total: int,
@@ -94,8 +96,7 @@ class CompressedStore:
                 for expert, w in enumerate(weights):
                     blobs = []
                     for projection, tensor in zip(PROJECTIONS, (w.gate, w.up, w.down)):
-                        setting = policy.setting(layer, expert, projection)
-                        blobs.append(encode(tensor, setting.codec, setting.mode, setting.error_bound))
+                        blobs.append(_encode_stored(tensor, policy.setting(layer, expert, projection)))
                     experts[(layer, expert)] = PackedExpert.pack(tuple(blobs), pin)
                     bar.update()
         return cls(experts, policy_yaml, policy.fingerprint())
@@ -152,6 +153,16 @@ class CompressedStore:
                 at += n
             experts[(layer, expert)] = PackedExpert.pack(tuple(blobs), pin)
         return cls(experts, header["policy"], header["policy_fingerprint"])
+
+
+def _encode_stored(tensor: torch.Tensor | Mxfp4Tensor, setting: TensorSetting) -> Blob:
+    """An MXFP4 tensor under the mxfp4 codec keeps its bytes; under any other codec it is dequantized
+    (as transformers does) and encoded from there."""
+    if isinstance(tensor, Mxfp4Tensor):
+        if setting.codec == "mxfp4":
+            return blob_of(tensor)
+        tensor = tensor.dequantize()
+    return encode(tensor, setting.codec, setting.mode, setting.error_bound)
 
 
 def packed_payload_view(packed: PackedExpert, device_data: torch.Tensor) -> tuple[Blob, Blob, Blob]:
