@@ -132,7 +132,8 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
             f"{source}: hidden_act {hidden_act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}."
         )
 
-    rope_theta, rope_linear_factor, rope_yarn = _parse_rope(raw, source, int(raw.get("max_position_embeddings", 4096)))
+    max_positions = int(raw.get("max_position_embeddings", 4096))
+    rope_theta, rope_linear_factor, rope_yarn = _parse_rope(raw, source, max_positions)
     expert_quantization = _expert_quantization(raw, model_type, source)
     gpt_oss = model_type == "gpt_oss"
     num_experts = int(need("num_local_experts" if model_type in ("mixtral", "gpt_oss") else "num_experts", "num_local_experts"))
@@ -155,7 +156,7 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         head_dim=head_dim,
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         hidden_act=hidden_act,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        max_position_embeddings=max_positions,
         rope_theta=rope_theta,
         rope_linear_factor=rope_linear_factor,
         attention_bias=_attention_bias(raw, model_type),
@@ -231,10 +232,9 @@ def _expert_quantization(raw: dict[str, Any], model_type: str, source: str) -> s
     method = quantization.get("quant_method") if isinstance(quantization, dict) else None
     if method == "mxfp4" and model_type == "gpt_oss":
         return "mxfp4"
-    where = "" if method == "mxfp4" else " (moeserve reads MXFP4 gpt_oss experts only)"
     raise ModelLoadError(
-        f"{source}: quantization method {method!r} is not supported for model_type {model_type!r}{where}; "
-        f"use an unquantized bf16, fp16 or fp32 export of the model."
+        f"{source}: quantization method {method!r} is not supported for model_type {model_type!r} (moeserve reads "
+        f"MXFP4 gpt_oss experts only); use an unquantized bf16, fp16 or fp32 export of the model."
     )
 
 

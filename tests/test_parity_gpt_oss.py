@@ -1,0 +1,123 @@
+"""gpt_oss parity with transformers: sinks, sliding/full alternation, YaRN, biased routers and experts,
+the clamped SwiGLU; fp32 logits and greedy tokens, and bf16 under the bf16 rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeserve import LLM, SamplingParams
+from moeserve.config import parse_model_config
+from moeserve.errors import ModelLoadError
+
+PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], [1, 2], [42] * 6]
+SCORE_IDS = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
+GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+CASES = [
+    {},  # YaRN (truncate off), sliding window 4 on even layers, full attention on odd ones, top-2
+    {  # plain rope, its own layer types, top-3 (the sum over slots no longer commutes), no GQA
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "layer_types": ["full_attention", "sliding_attention", "sliding_attention"],
+        "num_experts_per_tok": 3,
+        "num_key_value_heads": 4,
+    },
+    {  # no attention biases, window 2, YaRN with truncation and its own factor
+        "attention_bias": False,
+        "sliding_window": 2,
+        "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0, "beta_fast": 8.0, "beta_slow": 2.0,
+            "original_max_position_embeddings": 64, "truncate": True,
+        },
+    },  # fmt: skip
+]
+
+
+def _hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float()
+
+
+def _hf_greedy(hf_model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy tokens and the logits [n, V] it chose each one from."""
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    return out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits).float()
+
+
+def bf16_tolerance(logits: torch.Tensor) -> float:
+    """bf16 keeps 8 bits of mantissa: a few ulps of the logit scale."""
+    return 4 * 2**-8 * logits.abs().max().item()
+
+
+def decisive_prefix(step_logits: torch.Tensor) -> int:
+    """How many greedy steps transformers took with a top-2 margin of at least the bf16 tolerance: past
+    the first near-tie either token is a correct bf16 greedy choice."""
+    for step, logits in enumerate(step_logits):
+        top2 = logits.topk(2).values
+        if (top2[0] - top2[1]).item() < bf16_tolerance(logits):
+            return step
+    return len(step_logits)
+
+
+def test_config_reads_gpt_oss_switches(checkpoint_factory):
+    directory, hf = checkpoint_factory("gpt_oss")
+    config = LLM(directory, device="cpu").config
+    assert config.sliding_windows == (4, None, 4)
+    assert config.attention_sinks and config.attention_output_bias and config.router_bias
+    assert config.routing == "topk_softmax" and config.moe_layer_ids == [0, 1, 2]
+    assert (config.swiglu_alpha, config.swiglu_limit) == (1.5, 1.0)
+    assert config.rope_yarn is not None and config.rope_yarn.factor == 32.0 and not config.rope_yarn.truncate
+    assert config.expert_quantization is None
+    assert all(layer.self_attn.sinks.abs().min() > 0 for layer in hf.model.layers)
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=["yarn-alternating", "default-rope-top3", "no-bias-yarn-truncate"])
+def test_score_and_greedy_match_transformers(checkpoint_factory, overrides):
+    directory, hf_model = checkpoint_factory("gpt_oss", **overrides)
+    llm = LLM(directory, device="cpu")
+    ours = llm.score(SCORE_IDS)
+    assert ours.dtype == torch.float32 and ours.shape == (len(SCORE_IDS), hf_model.config.vocab_size)
+    assert (ours - _hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
+
+    outs = llm.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == _hf_greedy(hf_model, prompt, 32)[0]
+
+
+def test_bf16_checkpoint_matches_under_the_bf16_rule(checkpoint_factory):
+    from transformers import AutoModelForCausalLM
+
+    directory, _ = checkpoint_factory("gpt_oss", dtype=torch.bfloat16)
+    # The reference loads the checkpoint as a user would: a model cast with .to(bfloat16) would also
+    # round its rotary inv_freq buffer to bf16, which no loaded model does.
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
+    llm = LLM(directory, device="cpu")
+    assert llm.config.dtype == torch.bfloat16
+    ref = _hf_logits(hf_model, SCORE_IDS)
+    assert (llm.score(SCORE_IDS) - ref).abs().max().item() <= bf16_tolerance(ref)
+    compared = 0
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, GREEDY)):
+        tokens, step_logits = _hf_greedy(hf_model, prompt, 32)
+        decisive = decisive_prefix(step_logits)
+        assert out.token_ids[:decisive] == tokens[:decisive]
+        compared += decisive
+    assert compared >= len(PROMPTS) * 8  # the rule still compares most of the tokens
+
+
+def test_other_quantization_methods_fail_with_one_sentence():
+    raw = {
+        "model_type": "gpt_oss", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "vocab_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32,
+    }  # fmt: skip
+    for method in ("fp8", "awq", None):
+        with pytest.raises(ModelLoadError) as exc:
+            parse_model_config({**raw, "quantization_config": {"quant_method": method}})
+        message = str(exc.value)
+        assert f"quantization method {method!r} is not supported" in message and message.endswith(".")
+        assert "\n" not in message
+    with pytest.raises(ModelLoadError, match="MXFP4 gpt_oss experts only"):
+        parse_model_config({**raw, "model_type": "mixtral", "quantization_config": {"quant_method": "mxfp4"}})
+    assert parse_model_config({**raw, "quantization_config": {"quant_method": "mxfp4"}}).expert_quantization == "mxfp4"
