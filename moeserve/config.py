@@ -77,9 +77,6 @@ class ModelConfig:
     # RMSNorm multiplies by its weight in float32 and then casts (gpt_oss); otherwise it casts first.
     norm_scale_in_float32: bool = False
     router_bias: bool = False  # the router is a linear layer with a bias (gpt_oss)
-    # "softmax_topk": softmax over all experts, then top-k; "topk_softmax": top-k of the logits,
-    # then softmax over those k (gpt_oss).
-    routing: str = "softmax_topk"
     swiglu_alpha: float = 1.702  # gpt_oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
     swiglu_limit: float = 7.0  # gate clamped above, up on both sides, at this value
     expert_quantization: str | None = None  # "mxfp4": the checkpoint stores routed experts as MXFP4
@@ -182,7 +179,6 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         attention_sinks=gpt_oss,
         norm_scale_in_float32=gpt_oss,
         router_bias=gpt_oss,
-        routing="topk_softmax" if gpt_oss else "softmax_topk",
         swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)),
         swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
         expert_quantization=expert_quantization,

@@ -3,11 +3,15 @@ the clamped SwiGLU; fp32 logits and greedy tokens, and bf16 under the bf16 rule.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
 from moeserve.config import parse_model_config
+from moeserve.engine.context import StepContext
+from moeserve.engine.kv_cache import KVCache
 from moeserve.errors import ModelLoadError
 
 PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], [1, 2], [42] * 6]
@@ -67,7 +71,7 @@ def test_config_reads_gpt_oss_switches(checkpoint_factory):
     config = LLM(directory, device="cpu").config
     assert config.sliding_windows == (4, None, 4)
     assert config.attention_sinks and config.attention_output_bias and config.router_bias
-    assert config.routing == "topk_softmax" and config.moe_layer_ids == [0, 1, 2]
+    assert config.moe_layer_ids == [0, 1, 2]
     assert (config.swiglu_alpha, config.swiglu_limit) == (1.5, 1.0)
     assert config.rope_yarn is not None and config.rope_yarn.factor == 32.0 and not config.rope_yarn.truncate
     assert config.expert_quantization is None
@@ -85,6 +89,22 @@ def test_score_and_greedy_match_transformers(checkpoint_factory, overrides):
     outs = llm.generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == _hf_greedy(hf_model, prompt, 32)[0]
+
+
+def test_prefill_in_chunks_matches_transformers(checkpoint_factory):
+    # Extending a cached sequence (the sliding window then reaches back into the cache) against one pass.
+    directory, hf_model = checkpoint_factory("gpt_oss")
+    llm = LLM(directory, device="cpu")
+    c = llm.config
+    cache = KVCache(c.num_layers, c.num_kv_heads, c.head_dim, 64, c.dtype, torch.device("cpu"))
+    owner = SimpleNamespace(kv_row=-1)
+    cache.allocate(owner, len(SCORE_IDS))
+    logits, done = [], 0
+    for n in (5, 1, 7):
+        ctx = StepContext(cache, torch.arange(done, done + n), [owner.kv_row], [n], [done], is_decode=False)
+        logits.append(llm.model(torch.tensor(SCORE_IDS[done : done + n]), ctx, llm.experts))
+        done += n
+    assert (torch.cat(logits) - _hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
 
 
 def test_bf16_checkpoint_matches_under_the_bf16_rule(checkpoint_factory):

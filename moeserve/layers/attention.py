@@ -2,6 +2,10 @@
 
 In:  hidden states [T, D] of the step and its `StepContext`.
 Out: [T, D]. Side effect: this step's K/V are written into the context's cache rows.
+
+Sliding-window layers keep every position in the cache like full ones; their masks (prefill,
+extend and decode alike) let a query see only the last `window` keys. Layers with sinks (gpt_oss)
+attend through layers/sinks.py, every other layer through torch's SDPA.
 """
 
 from __future__ import annotations
