@@ -6,8 +6,10 @@
 # Arguments after the image name go to `moeserve serve` (see `moeserve serve --help`); without --model it
 # serves the embedded default model.
 
-# CUDA 12 runtime libraries, NVRTC included: cupy (the gpu extra) compiles the szp kernels with it at first use.
-FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04
+# CUDA 13 runtime libraries, NVRTC included: cupy (the gpu-cuda13 extra) compiles the szp kernels with it at
+# first use. CUDA 13 because PyPI's torch 2.13.0 wheel for Linux x86_64 is built for it: torch, cupy and this
+# image must share one CUDA major version.
+FROM nvidia/cuda:13.0.0-runtime-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -23,9 +25,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
 
-# Pinned as in pyproject.toml, and in its own layer so that code changes do not download it again. On PyPI
-# the torch 2.13.0 wheel for Linux x86_64 is the CUDA build: it brings its own CUDA libraries as nvidia-*
-# wheels, so it needs only the host's NVIDIA driver (recent enough for that CUDA), not this image's CUDA.
+# One version inside pyproject.toml's range, in its own layer so that code changes do not download it again.
+# On PyPI the torch 2.13.0 wheel for Linux x86_64 is the CUDA 13 build: it brings its own CUDA libraries as
+# wheels, so it needs only the host's NVIDIA driver (recent enough for CUDA 13).
 RUN pip install torch==2.13.0
 
 WORKDIR /opt/moeserve
@@ -33,7 +35,7 @@ COPY . .
 # The szp CPU codec is compiled here: a compiler and the Python headers for this step only.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ python3.11-dev \
-    && pip install '.[gpu]' \
+    && pip install '.[gpu-cuda13]' \
     && apt-get purge -y --auto-remove g++ python3.11-dev \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 moeserve \

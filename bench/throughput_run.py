@@ -20,6 +20,7 @@ from throughput_baseline import NaiveOffloadProvider, host_copies
 from throughput_measure import row, timed_request
 from throughput_models import Workload
 
+from moeserve.devices import empty_host_cache
 from moeserve.engine.llm_engine import LLMEngine
 from moeserve.experts import DenseExpertProvider, ExpertWeights
 from moeserve.offload.cache import SlotPool
@@ -171,4 +172,4 @@ def release(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
-        torch.accelerator.empty_host_cache()  # torch's pinned-host caching allocator keeps freed blocks otherwise
+        empty_host_cache()  # torch's pinned-host caching allocator keeps freed blocks otherwise

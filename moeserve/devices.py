@@ -21,3 +21,15 @@ def resolve_device(device: str | torch.device | None, error: type[MoeServeError]
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise error(f"device {device!r} was requested but no CUDA device is available; use 'cpu'.")
     return resolved
+
+
+def empty_host_cache() -> None:
+    """Return the pinned host blocks torch's caching allocator keeps after they are freed.
+
+    `torch.accelerator.empty_host_cache` is recent (absent from torch 2.11); CUDA builds since 2.5 have
+    the private binding it wraps; where neither exists the blocks stay cached (memory, not correctness)."""
+    public = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    private = getattr(torch._C, "_host_emptyCache", None)
+    release = public or private
+    if release is not None:
+        release()

@@ -38,11 +38,12 @@ class ExpertWeights:
     def to(self, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
         """These weights on `device` in `dtype`: themselves when they already are (a memory-mapped
         checkpoint stays mapped), otherwise a copy with gate and up fused."""
+        stored = [(t.device, t.dtype) for t in (self.gate, self.up, self.down)]
+        if keeps_gate_up_apart(self.gate_up is None, stored, device, dtype):
+            return self
         down = self.down.to(device=device, dtype=dtype)
         if self.gate_up is not None:
             return ExpertWeights.fused(self.gate_up.to(device=device, dtype=dtype), down)
-        if down is self.down and all(t.device == down.device and t.dtype == dtype for t in (self.gate, self.up)):
-            return self
         gate_up = torch.cat((self.gate, self.up)).to(device=device, dtype=dtype)  # [2I, D]
         return ExpertWeights.fused(gate_up, down)
 
@@ -64,6 +65,20 @@ class Mxfp4ExpertWeights:
         """On `device`, in the tensors' dtype, decoded there, gate and up fused as in a cache slot."""
         gate_up = torch.cat((self.gate.dequantize(device), self.up.dequantize(device)))  # [2I, D]
         return ExpertWeights.fused(gate_up, self.down.dequantize(device))
+
+
+def keeps_gate_up_apart(
+    stored_apart: bool, stored: Iterable[tuple[torch.device, torch.dtype]], device: torch.device, dtype: torch.dtype
+) -> bool:
+    """Whether loading an expert onto `device` in `dtype` leaves gate and up as two tensors.
+
+    Only a zero-copy load does: a checkpoint that stores them apart (`stored_apart`), whose tensors
+    (`stored`: device and dtype of gate, up and down) are already where and what they must be. Every
+    copy fuses them. The expert cache asks the same question of each stored expert, so a slot holds
+    an expert in the layout the resident model would use, and both run the same arithmetic: SiLU
+    over a strided half of a fused [n, 2I] product does not round like SiLU over a contiguous
+    [n, I] one on every CPU (AVX-512 kernels differ)."""
+    return stored_apart and all(d == device and t == dtype for d, t in stored)
 
 
 class ExpertProvider(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,15 @@ FAMILY_CONFIGS = {
     ),
 }
 VOCAB = 128
+# Set by tests/test_exact_everywhere.py: run this whole session at another torch thread count. (torch
+# caps OMP_NUM_THREADS at the core count; set_num_threads does not.)
+if "MOESERVE_TEST_THREADS" in os.environ:
+    torch.set_num_threads(int(os.environ["MOESERVE_TEST_THREADS"]))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if "MOESERVE_TEST_THREADS" in os.environ:
+        terminalreporter.write_line(f"torch threads: {torch.get_num_threads()}")
 
 
 def make_hf_model(model_type: str, seed: int = 0, **overrides):

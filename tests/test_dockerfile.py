@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import pytest
 from fastapi.testclient import TestClient
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,9 +56,23 @@ def exposed_port() -> int:
     return int(only("EXPOSE").split("/")[0])
 
 
-def test_base_image_is_a_cuda_12_runtime():
+def installed_extras() -> list[str]:
+    installs = [rest for kw, rest in instructions() if kw == "RUN" and "pip install" in rest]
+    named = []
+    for command in installs:
+        for word in shlex.split(command):
+            match = re.fullmatch(r"(?:\.|moeserve)\[([\w,-]+)\]", word)
+            if match:
+                named += match.group(1).split(",")
+    return named
+
+
+def test_base_image_is_a_cuda_runtime_of_the_cupy_extra_it_installs():
     image = only("FROM")
-    assert re.fullmatch(r"nvidia/cuda:12\.[\d.]+-(cudnn-)?runtime-ubuntu[\d.]+", image), image
+    match = re.fullmatch(r"nvidia/cuda:(\d+)\.[\d.]+-(cudnn-)?runtime-ubuntu[\d.]+", image)
+    assert match, image
+    gpu = [extra for extra in installed_extras() if extra.startswith("gpu-cuda")]
+    assert gpu == [f"gpu-cuda{match.group(1)}"], (image, gpu)
 
 
 def test_entrypoint_is_the_console_script_and_its_serve_command():
@@ -76,22 +91,23 @@ def test_entrypoint_is_the_console_script_and_its_serve_command():
 
 def test_installed_extras_exist_in_pyproject():
     extras = pyproject()["project"]["optional-dependencies"]
-    installs = [rest for kw, rest in instructions() if kw == "RUN" and "pip install" in rest]
-    named = []
-    for command in installs:
-        for word in shlex.split(command):
-            match = re.fullmatch(r"(?:\.|moeserve)\[([\w,-]+)\]", word)
-            if match:
-                named += match.group(1).split(",")
-    assert "gpu" in named, "the image must install the package with its gpu extra"
+    named = installed_extras()
+    assert any(extra.startswith("gpu-cuda") for extra in named), "the image must install a gpu-cuda* extra"
     for extra in named:
         assert extra in extras
 
 
-def test_torch_pin_matches_pyproject():
-    pinned = next(d for d in pyproject()["project"]["dependencies"] if d.startswith("torch"))
-    installs = " ".join(rest for kw, rest in instructions() if kw == "RUN")
-    assert pinned in installs.split()
+def test_gpu_extras_pair_each_cuda_major_with_its_cupy():
+    extras = pyproject()["project"]["optional-dependencies"]
+    for major in ("12", "13"):
+        assert [Requirement(r).name for r in extras[f"gpu-cuda{major}"]] == [f"cupy-cuda{major}x"]
+
+
+def test_image_torch_is_one_version_inside_the_pyproject_range():
+    wanted = next(Requirement(d) for d in pyproject()["project"]["dependencies"] if d.startswith("torch"))
+    assert not any(op == "==" for op in (spec.operator for spec in wanted.specifier)), "torch must be a range"
+    pins = [Requirement(w) for kw, rest in instructions() if kw == "RUN" for w in shlex.split(rest) if w.startswith("torch==")]
+    assert len(pins) == 1 and wanted.specifier.contains(next(iter(pins[0].specifier)).version), pins
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ def llm(checkpoint_factory):
     return LLM(directory, device="cpu")
 
 
+@pytest.mark.exact
 def test_batched_greedy_equals_one_at_a_time(llm):
     batched = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     alone = [llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
@@ -37,6 +38,7 @@ def test_sequences_finishing_at_different_times_keep_their_cache(llm):
         assert out.finish_reason == "length"
 
 
+@pytest.mark.exact
 def test_seeded_sampling_is_reproducible_and_independent_of_batch(llm):
     params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=20, seed=1234)
     alone = llm.generate([PROMPTS[0]], params)[0].token_ids

@@ -29,7 +29,7 @@ def _has_cupy() -> bool:
 
 gpu_only = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-requires_cupy = pytest.mark.skipif(not _has_cupy(), reason="needs cupy (pip install moeserve[gpu])")
+requires_cupy = pytest.mark.skipif(not _has_cupy(), reason="needs cupy (pip install 'moeserve[gpu-cuda13]', or gpu-cuda12 for a CUDA 12 torch)")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")

@@ -39,6 +39,7 @@ def _random_mxfp4(rows: int, groups: int, seed: int = 0) -> tuple[torch.Tensor, 
     return blocks, scales
 
 
+@pytest.mark.exact
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_decode_equals_transformers_dequantisation_bit_for_bit(dtype):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
@@ -145,6 +146,7 @@ def _transformers_dequantized(directory, dtype):
     return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, quantization_config=config).eval()
 
 
+@pytest.mark.exact
 def test_resident_experts_are_transformers_dequantised_weights(mxfp4_dir, resident):
     hf = _transformers_dequantized(mxfp4_dir, torch.bfloat16)
     assert resident.config.expert_quantization == "mxfp4" and resident.config.dtype == torch.bfloat16
@@ -174,6 +176,7 @@ def _run(llm):
     return [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))], llm.score(SCORE_IDS)
 
 
+@pytest.mark.exact
 def test_offloaded_under_the_mxfp4_codec_equals_resident(mxfp4_dir, resident):
     tokens, logits = _run(resident)
     c = resident.config

@@ -43,6 +43,7 @@ def _budgets(llm):
     return [minimum, minimum + _slot_bytes(llm), "25%", "50%", "100%"]
 
 
+@pytest.mark.exact
 def test_raw_policy_is_bit_identical_to_resident_under_every_budget(checkpoint):
     tokens, logits = _run(LLM(checkpoint, device="cpu"))
     probe = LLM(checkpoint, device="cpu", policy=RAW, progress=False)
@@ -54,18 +55,37 @@ def test_raw_policy_is_bit_identical_to_resident_under_every_budget(checkpoint):
             assert torch.equal(got_logits, logits), (budget, eviction)
 
 
-def test_raw_policy_is_bit_identical_where_resident_experts_are_not_fused(checkpoint_factory):
-    # mixtral files keep gate (w1) and up (w3) apart, so the resident model computes them with two
-    # matmuls while cache slots hold them fused: the two must agree to the bit.
-    directory, _ = checkpoint_factory("mixtral", seed=5)
-    resident = LLM(directory, device="cpu")
-    assert resident.experts.expert(0, 0).gate_up is None
+@pytest.mark.exact
+@pytest.mark.parametrize(
+    "model_type,stored_dtype,compute_dtype,apart",
+    [
+        ("mixtral", torch.float32, None, True),  # gate (w1) and up (w3) apart on disk, served zero-copy
+        ("mixtral", torch.bfloat16, None, True),
+        ("mixtral", torch.bfloat16, "float32", False),  # converted on load, so fused
+        ("qwen3_moe", torch.float32, None, False),  # fused on disk
+        ("olmoe", torch.float32, None, False),
+        ("qwen2_moe", torch.float32, None, False),
+    ],
+    ids=lambda v: str(v).replace("torch.", ""),
+)
+def test_raw_policy_is_bit_identical_for_every_family(checkpoint_factory, model_type, stored_dtype, compute_dtype, apart):
+    # A slot holds gate and up in the layout the resident model loads them in, so a raw-offloaded
+    # expert runs the resident expert's arithmetic: same operators, same layouts, same order.
+    directory, _ = checkpoint_factory(model_type, seed=5, dtype=stored_dtype)
+    resident = LLM(directory, device="cpu", dtype=compute_dtype)
+    first = resident.config.moe_layer_ids[0]
+    assert (resident.experts.expert(first, 0).gate_up is None) == apart
     tokens, logits = _run(resident)
-    probe = LLM(directory, device="cpu", policy=RAW, progress=False)
-    got_tokens, got_logits = _run(LLM(directory, device="cpu", policy=RAW, expert_cache=_budgets(probe)[0], progress=False))
-    assert got_tokens == tokens and torch.equal(got_logits, logits)
+    budgets = _budgets(resident) if stored_dtype == torch.float32 else _budgets(resident)[:1]
+    for budget in budgets:
+        llm = LLM(directory, device="cpu", dtype=compute_dtype, policy=RAW, expert_cache=budget, progress=False)
+        served = next(iter(llm.experts.fetch(first, [0])))[1]
+        assert (served.gate_up is None) == apart
+        got_tokens, got_logits = _run(llm)
+        assert got_tokens == tokens and torch.equal(got_logits, logits), budget
 
 
+@pytest.mark.exact
 def test_lossy_policy_is_identical_under_every_budget(checkpoint):
     unlimited = LLM(checkpoint, device="cpu", policy=LOSSY, progress=False)
     tokens, logits = _run(unlimited)
@@ -135,6 +155,7 @@ def test_store_is_cached_on_disk_and_not_rebuilt(checkpoint, store_cache, monkey
     assert _run(first)[0] == _run(second)[0]
 
 
+@pytest.mark.exact
 def test_compressed_directory_serves_the_same_outputs(checkpoint, tmp_path):
     from moeserve.cli import main
 

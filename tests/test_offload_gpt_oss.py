@@ -11,7 +11,7 @@ from moeserve.models.gpt_oss import GptOssMoeBlock
 from moeserve.offload.cache import SlotPool
 
 PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], list(range(30, 50))]
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 RAW = {"default": {"codec": "raw"}}
 LOSSY = {"default": {"codec": "szp", "mode": "rel", "error_bound": 1e-2}, "rules": [{"layers": "deep", "codec": "int8"}]}
 
@@ -32,11 +32,13 @@ def _run(llm):
 
 
 def _budgets(llm):
+    """One layer's top-k, one slot more (a miss evicts within the step), half of the experts."""
     c = llm.config
     slot = SlotPool.slot_nbytes(c.hidden_size, c.moe_intermediate_size, c.dtype)
-    return [c.top_k * slot, (c.top_k + 1) * slot, "25%", "50%", "100%"]
+    return [c.top_k * slot, (c.top_k + 1) * slot, "50%"]
 
 
+@pytest.mark.exact
 def test_raw_policy_is_bit_identical_to_resident_under_every_budget(checkpoint):
     resident = LLM(checkpoint, device="cpu")
     assert all(resident.experts.expert(0, e).gate_up is not None for e in range(8))  # fused, as in a slot
@@ -48,13 +50,14 @@ def test_raw_policy_is_bit_identical_to_resident_under_every_budget(checkpoint):
         assert torch.equal(got_logits, logits), budget
 
 
+@pytest.mark.exact
 def test_lossy_policy_is_identical_under_every_budget(checkpoint):
     unlimited = LLM(checkpoint, device="cpu", policy=LOSSY, progress=False)
     # groups split the 4 MoE layers 1/2/1: only layer 3 is deep, so it alone is int8
     assert {b.codec for p in (unlimited.offload.store.experts[(3, e)] for e in range(8)) for b in p.blobs} == {"int8"}
     assert {b.codec for p in (unlimited.offload.store.experts[(2, e)] for e in range(8)) for b in p.blobs} == {"szp"}
     tokens, logits = _run(unlimited)
-    for budget in _budgets(unlimited)[:-1]:
+    for budget in _budgets(unlimited):
         got_tokens, got_logits = _run(LLM(checkpoint, device="cpu", policy=LOSSY, expert_cache=budget, progress=False))
         assert got_tokens == tokens and torch.equal(got_logits, logits), budget
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
+from parity_checks import assert_bf16_generation_matches, bf16_tolerance, hf_greedy, hf_logits
 
 FAMILY_CASES = [
     ("mixtral", {}),
@@ -20,30 +21,17 @@ PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], [1, 2], [42
 SCORE_IDS = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
 
 
-def _hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0].float()
-
-
-def _hf_greedy(hf_model, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 @pytest.mark.parametrize("model_type,overrides", FAMILY_CASES, ids=lambda v: str(v))
 def test_score_and_greedy_match_transformers(checkpoint_factory, model_type, overrides):
     directory, hf_model = checkpoint_factory(model_type, **overrides)
     llm = LLM(directory, device="cpu")
     ours = llm.score(SCORE_IDS)
     assert ours.dtype == torch.float32 and ours.shape == (len(SCORE_IDS), hf_model.config.vocab_size)
-    assert (ours - _hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
+    assert (ours - hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
 
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs):
-        assert out.token_ids == _hf_greedy(hf_model, prompt, 32)
+        assert out.token_ids == hf_greedy(hf_model, prompt, 32)[0]
 
 
 def test_sharded_checkpoint_matches(checkpoint_factory):
@@ -51,10 +39,10 @@ def test_sharded_checkpoint_matches(checkpoint_factory):
     assert (directory / "model.safetensors.index.json").is_file()
     assert len(list(directory.glob("*.safetensors"))) > 1
     llm = LLM(directory, device="cpu")
-    assert (llm.score(SCORE_IDS) - _hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
+    assert (llm.score(SCORE_IDS) - hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(PROMPTS, outs):
-        assert out.token_ids == _hf_greedy(hf_model, prompt, 32)
+        assert out.token_ids == hf_greedy(hf_model, prompt, 32)[0]
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
@@ -62,19 +50,16 @@ def test_bf16_checkpoint_matches_within_bf16_tolerance(checkpoint_factory, model
     directory, hf_model = checkpoint_factory(model_type, dtype=torch.bfloat16)
     llm = LLM(directory, device="cpu")
     assert llm.config.dtype == torch.bfloat16
-    ours = llm.score(SCORE_IDS)
-    ref = _hf_logits(hf_model, SCORE_IDS)
-    # bf16 keeps 8 bits of mantissa: allow a few ulps of the logit scale.
-    assert (ours - ref).abs().max().item() <= 4 * 2**-8 * ref.abs().max().item()
-    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True))
-    for prompt, out in zip(PROMPTS, outs):
-        assert out.token_ids == _hf_greedy(hf_model, prompt, 32)
+    ref = hf_logits(hf_model, SCORE_IDS)
+    assert (llm.score(SCORE_IDS) - ref).abs().max().item() <= bf16_tolerance(ref)
+    for prompt in PROMPTS:
+        assert_bf16_generation_matches(llm, hf_model, prompt, 32)
 
 
 def test_bf16_checkpoint_upcast_to_fp32_matches_fp32_reference(checkpoint_factory):
     directory, hf_model = checkpoint_factory("qwen3_moe", dtype=torch.bfloat16)
     llm = LLM(directory, device="cpu", dtype="float32")
-    ref = _hf_logits(hf_model.float(), SCORE_IDS)
+    ref = hf_logits(hf_model.float(), SCORE_IDS)
     hf_model.to(torch.bfloat16)
     assert (llm.score(SCORE_IDS) - ref).abs().max().item() <= 1e-4
 

@@ -13,6 +13,7 @@ from moeserve.config import parse_model_config
 from moeserve.engine.context import StepContext
 from moeserve.engine.kv_cache import KVCache
 from moeserve.errors import ModelLoadError
+from parity_checks import assert_bf16_generation_matches, bf16_tolerance, hf_greedy, hf_logits
 
 PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], [1, 2], [42] * 6]
 SCORE_IDS = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
@@ -36,36 +37,6 @@ CASES = [
 ]
 
 
-def _hf_logits(hf_model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return hf_model(torch.tensor([ids])).logits[0].float()
-
-
-def _hf_greedy(hf_model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
-    """transformers' greedy tokens and the logits [n, V] it chose each one from."""
-    with torch.no_grad():
-        out = hf_model.generate(
-            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
-            output_logits=True, return_dict_in_generate=True,
-        )  # fmt: skip
-    return out.sequences[0, len(prompt) :].tolist(), torch.cat(out.logits).float()
-
-
-def bf16_tolerance(logits: torch.Tensor) -> float:
-    """bf16 keeps 8 bits of mantissa: a few ulps of the logit scale."""
-    return 4 * 2**-8 * logits.abs().max().item()
-
-
-def decisive_prefix(step_logits: torch.Tensor) -> int:
-    """How many greedy steps transformers took with a top-2 margin of at least the bf16 tolerance: past
-    the first near-tie either token is a correct bf16 greedy choice."""
-    for step, logits in enumerate(step_logits):
-        top2 = logits.topk(2).values
-        if (top2[0] - top2[1]).item() < bf16_tolerance(logits):
-            return step
-    return len(step_logits)
-
-
 def test_config_reads_gpt_oss_switches(checkpoint_factory):
     directory, hf = checkpoint_factory("gpt_oss")
     config = LLM(directory, device="cpu").config
@@ -84,11 +55,11 @@ def test_score_and_greedy_match_transformers(checkpoint_factory, overrides):
     llm = LLM(directory, device="cpu")
     ours = llm.score(SCORE_IDS)
     assert ours.dtype == torch.float32 and ours.shape == (len(SCORE_IDS), hf_model.config.vocab_size)
-    assert (ours - _hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
+    assert (ours - hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
 
     outs = llm.generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
-        assert out.token_ids == _hf_greedy(hf_model, prompt, 32)[0]
+        assert out.token_ids == hf_greedy(hf_model, prompt, 32)[0]
 
 
 def test_prefill_in_chunks_matches_transformers(checkpoint_factory):
@@ -104,7 +75,7 @@ def test_prefill_in_chunks_matches_transformers(checkpoint_factory):
         ctx = StepContext(cache, torch.arange(done, done + n), [owner.kv_row], [n], [done], is_decode=False)
         logits.append(llm.model(torch.tensor(SCORE_IDS[done : done + n]), ctx, llm.experts))
         done += n
-    assert (torch.cat(logits) - _hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
+    assert (torch.cat(logits) - hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
 
 
 def test_bf16_checkpoint_matches_under_the_bf16_rule(checkpoint_factory):
@@ -116,15 +87,10 @@ def test_bf16_checkpoint_matches_under_the_bf16_rule(checkpoint_factory):
     hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
     llm = LLM(directory, device="cpu")
     assert llm.config.dtype == torch.bfloat16
-    ref = _hf_logits(hf_model, SCORE_IDS)
+    ref = hf_logits(hf_model, SCORE_IDS)
     assert (llm.score(SCORE_IDS) - ref).abs().max().item() <= bf16_tolerance(ref)
-    compared = 0
-    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, GREEDY)):
-        tokens, step_logits = _hf_greedy(hf_model, prompt, 32)
-        decisive = decisive_prefix(step_logits)
-        assert out.token_ids[:decisive] == tokens[:decisive]
-        compared += decisive
-    assert compared >= len(PROMPTS) * 8  # the rule still compares most of the tokens
+    for prompt in PROMPTS:
+        assert_bf16_generation_matches(llm, hf_model, prompt, 32)
 
 
 def test_other_quantization_methods_fail_with_one_sentence():

@@ -59,12 +59,27 @@ def compile_options() -> tuple[str, ...]:
     return ("-std=c++17", "--fmad=false", f"-I{kernel_dir()}")
 
 
+@functools.cache
 def _cupy():
+    """cupy, built for the CUDA major version torch was built for (their kernels share one context)."""
+    wanted = gpu_extra()
     try:
         import cupy
     except ImportError:
-        raise CodecError("szp on CUDA needs cupy; install it with `pip install moeserve[gpu]`.") from None
+        raise CodecError(f"szp on CUDA needs cupy; install it with `pip install 'moeserve[{wanted}]'`.") from None
+    cupy_major = cupy.cuda.runtime.runtimeGetVersion() // 1000
+    if torch.version.cuda is not None and f"gpu-cuda{cupy_major}" != wanted:
+        raise CodecError(
+            f"cupy is built for CUDA {cupy_major} but torch for CUDA {torch.version.cuda}; "
+            f"replace it with `pip install 'moeserve[{wanted}]'` (uninstall the other cupy-cuda* first)."
+        )
     return cupy
+
+
+def gpu_extra() -> str:
+    """The optional extra whose cupy matches this torch: gpu-cuda12 or gpu-cuda13."""
+    major = (torch.version.cuda or "13").split(".")[0]
+    return f"gpu-cuda{major}"
 
 
 @functools.cache

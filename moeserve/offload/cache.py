@@ -91,7 +91,10 @@ class SlotPool:
         self.memory = torch.empty(num_slots, 3 * self.matrix_numel, dtype=dtype, device=device)
         self.num_slots = num_slots
         # The views are made once: building them per use costs more than a small expert's matmuls.
-        self._views = [self._slot_views(slot) for slot in range(num_slots)]
+        # Each slot serves both layouts of gate and up (fused, or apart like a mapped unfused
+        # checkpoint), so an expert is computed exactly as the resident model would compute it.
+        self._fused_views = [self._slot_views(slot) for slot in range(num_slots)]
+        self._apart_views = [ExpertWeights(w.gate, w.up, w.down) for w in self._fused_views]
 
     @staticmethod
     def slot_nbytes(hidden: int, intermediate: int, dtype: torch.dtype) -> int:
@@ -101,8 +104,10 @@ class SlotPool:
     def nbytes(self) -> int:
         return self.memory.numel() * self.memory.element_size()
 
-    def weights(self, slot: int) -> ExpertWeights:
-        return self._views[slot]
+    def weights(self, slot: int, gate_up_apart: bool = False) -> ExpertWeights:
+        """The slot's gate, up and down; with `gate_up_apart`, gate and up as two matrices (two
+        matmuls), otherwise also as one [2I, D] matrix (one matmul)."""
+        return (self._apart_views if gate_up_apart else self._fused_views)[slot]
 
     def _slot_views(self, slot: int) -> ExpertWeights:
         row, n, d, i = self.memory[slot], self.matrix_numel, self.hidden, self.intermediate

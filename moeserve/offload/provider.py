@@ -17,7 +17,9 @@ import time
 from collections import deque
 from typing import Iterator, Sequence
 
-from moeserve.experts import ExpertWeights
+import torch
+
+from moeserve.experts import ExpertWeights, keeps_gate_up_apart
 from moeserve.offload.cache import ExpertCache, ExpertKey, SlotEntry, SlotPool
 from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import CompressedStore
@@ -34,6 +36,14 @@ class OffloadedExpertProvider:
         prefetch: bool = True,
     ):
         self.store, self.pool, self.cache, self.filler, self.stats = store, pool, cache, filler, stats
+        # Per expert, the layout of gate and up the resident model would load it in (see keeps_gate_up_apart).
+        memory = pool.memory
+        self._gate_up_apart = {
+            key: keeps_gate_up_apart(
+                packed.gate_up_apart, [(torch.device("cpu"), b.dtype) for b in packed.blobs], memory.device, memory.dtype
+            )
+            for key, packed in store.experts.items()
+        }
         self._prefetch = prefetch
         self._hint: tuple[int, Sequence[int]] | None = None
         # Where a slot comes from: first an expert that its layer did not use on its latest pass (the
@@ -112,7 +122,7 @@ class OffloadedExpertProvider:
         if entry.prefetched:
             entry.prefetched = False
             self.stats.prefetches_used += 1
-        return entry.key[1], self.pool.weights(entry.slot)
+        return entry.key[1], self.pool.weights(entry.slot, self._gate_up_apart[entry.key])
 
     def _start_misses(self, missing: deque[ExpertKey], in_flight: deque[SlotEntry]) -> list[SlotEntry]:
         """Start loads for as many misses as slots allow; returns the new, pinned entries."""

@@ -31,7 +31,7 @@ from moeserve.offload.store import CompressedStore
 
 STORE_FILE = "experts.msstore"
 STORE_MARKER = "moeserve_store.json"  # present in directories written by `moeserve compress`
-_STORE_FORMAT = 1
+_STORE_FORMAT = 2  # 2: the index records each expert's gate/up layout
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 

@@ -38,6 +38,9 @@ class PackedExpert:
     data: torch.Tensor  # uint8 [nbytes]: the three payloads, aligned
     blobs: tuple[Blob, Blob, Blob]  # gate, up, down; payloads are views into `data`
     offsets: tuple[int, int, int]  # byte offset of each payload in `data`
+    # The checkpoint stores gate and up as two tensors that are not back to back: loading it without
+    # a copy keeps them apart, and the cache must then serve this expert the same way.
+    gate_up_apart: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -48,7 +51,7 @@ class PackedExpert:
         return sum(b.numel for b in self.blobs)
 
     @classmethod
-    def pack(cls, blobs: tuple[Blob, Blob, Blob], pin: bool = False) -> PackedExpert:
+    def pack(cls, blobs: tuple[Blob, Blob, Blob], pin: bool = False, gate_up_apart: bool = False) -> PackedExpert:
         offsets, end = [], 0
         for blob in blobs:
             offsets.append(end)
@@ -60,7 +63,7 @@ class PackedExpert:
             n = blob.payload_nbytes
             host[offset : offset + n] = blob.payload_numpy()
             placed.append(blob.with_payload(host[offset : offset + n]))
-        return cls(data=data, blobs=tuple(placed), offsets=tuple(offsets))
+        return cls(data=data, blobs=tuple(placed), offsets=tuple(offsets), gate_up_apart=gate_up_apart)
 
 
 @dataclass
@@ -97,7 +100,9 @@ class CompressedStore:
                     blobs = []
                     for projection, tensor in zip(PROJECTIONS, (w.gate, w.up, w.down)):
                         blobs.append(_encode_stored(tensor, policy.setting(layer, expert, projection)))
-                    experts[(layer, expert)] = PackedExpert.pack(tuple(blobs), pin)
+                    # MXFP4 experts dequantize fused, as every copied expert is
+                    apart = isinstance(w, ExpertWeights) and w.gate_up is None
+                    experts[(layer, expert)] = PackedExpert.pack(tuple(blobs), pin, gate_up_apart=apart)
                     bar.update()
         return cls(experts, policy_yaml, policy.fingerprint())
 
@@ -115,11 +120,12 @@ class CompressedStore:
         return sum(p.nbytes for p in self.experts.values())
 
     def save(self, path: Path) -> None:
-        """One file: magic, index length, JSON index, then each expert's three serialized blobs."""
+        """One file: magic, index length, JSON index (per expert: layer, expert, offset, blob lengths,
+        gate_up_apart), then each expert's three serialized blobs."""
         index, chunks, offset = [], [], 0
         for (layer, expert), packed in sorted(self.experts.items()):
             parts = [bytes(b) for b in packed.blobs]
-            index.append([layer, expert, offset, [len(p) for p in parts]])
+            index.append([layer, expert, offset, [len(p) for p in parts], packed.gate_up_apart])
             chunks.extend(parts)
             offset += sum(len(p) for p in parts)
         header = json.dumps({"policy_fingerprint": self.fingerprint, "policy": self.policy_yaml, "experts": index})
@@ -142,7 +148,7 @@ class CompressedStore:
         header = json.loads(bytes(mapped[start : start + header_len]))
         data = mapped[start + header_len :]
         experts = {}
-        for layer, expert, offset, lengths in tqdm(
+        for layer, expert, offset, lengths, *layout in tqdm(
             header["experts"], desc="loading compressed experts", unit="expert", disable=not progress
         ):
             blobs, at = [], offset
@@ -151,7 +157,8 @@ class CompressedStore:
                     raise ModelLoadError(f"{path} is truncated; recreate it with `moeserve compress`.")
                 blobs.append(Blob.from_bytes(data[at : at + n]))
                 at += n
-            experts[(layer, expert)] = PackedExpert.pack(tuple(blobs), pin)
+            # Stores written before the layout was recorded served every expert fused.
+            experts[(layer, expert)] = PackedExpert.pack(tuple(blobs), pin, gate_up_apart=bool(layout and layout[0]))
         return cls(experts, header["policy"], header["policy_fingerprint"])
 
 
