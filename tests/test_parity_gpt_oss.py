@@ -89,7 +89,7 @@ def test_bf16_checkpoint_matches_under_the_bf16_rule(checkpoint_factory):
     assert llm.config.dtype == torch.bfloat16
     ref = hf_logits(hf_model, SCORE_IDS)
     assert (llm.score(SCORE_IDS) - ref).abs().max().item() <= bf16_tolerance(ref)
-    for prompt in PROMPTS:
+    for prompt in PROMPTS[:2]:
         assert_bf16_generation_matches(llm, hf_model, prompt, 32)
 
 
