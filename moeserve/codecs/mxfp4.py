@@ -82,9 +82,23 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (exponent + SCALE_BIAS).to(torch.uint8), blocks
 
 
+_LUTS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """FP4_VALUES [16] in `dtype` on `device`, made once (a fresh copy to a GPU would stall the host)."""
+    key = (device, dtype)
+    if key not in _LUTS:
+        lut = torch.tensor(FP4_VALUES, dtype=dtype).to(device)
+        if lut.is_cuda:  # complete before any other stream reads it
+            torch.cuda.current_stream(device).synchronize()
+        _LUTS[key] = lut
+    return _LUTS[key]
+
+
 def _dequantize(scales: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor) -> None:
     """scales [N] and blocks [N, 16] (uint8, on out's device) → out [N, 32], as transformers does it."""
-    lut = torch.tensor(FP4_VALUES, dtype=out.dtype, device=out.device)
+    lut = _lut(out.device, out.dtype)
     out[:, 0::2] = lut[(blocks & 0x0F).to(torch.int)]
     out[:, 1::2] = lut[(blocks >> 4).to(torch.int)]
     torch.ldexp(out, scales.to(torch.int32)[:, None] - SCALE_BIAS, out=out)
