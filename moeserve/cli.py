@@ -165,7 +165,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from moeserve.offload.runtime import write_compressed_dir
 
-    llm = _load_llm(args)
+    # Offloaded even without --policy or --expert-cache: the store then takes the default policy (raw;
+    # mxfp4 for an MXFP4 checkpoint) instead of there being no store to write.
+    llm = _load_llm(args, expert_cache=args.expert_cache if args.expert_cache is not None else "100%")
     out = Path(args.out)
     write_compressed_dir(llm.offload, llm.model, llm.loaded.checkpoint, llm.model_dir, out)
     store = llm.offload.store

@@ -194,6 +194,16 @@ def test_offloaded_under_the_mxfp4_codec_equals_resident(mxfp4_dir, resident):
     assert got_tokens == tokens and torch.equal(got_logits, logits)
 
 
+def test_compress_keeps_the_experts_in_mxfp4_by_default(mxfp4_dir, resident, tmp_path):
+    from moeserve.cli import main
+
+    out = tmp_path / "compressed"
+    assert main(["compress", "--model", str(mxfp4_dir), "--out", str(out)]) == 0  # no --policy
+    served = LLM(out, device="cpu", expert_cache="50%", progress=False)
+    assert {b.codec for p in served.offload.store.experts.values() for b in p.blobs} == {"mxfp4"}
+    assert _run(served)[0] == _run(resident)[0]
+
+
 def test_mxfp4_checkpoint_serves_one_request(resident):
     (expected,) = resident.generate([PROMPTS[1]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     with BackgroundServer(create_app(resident, ServerConfig(model_name="tiny-gpt-oss"))) as server:

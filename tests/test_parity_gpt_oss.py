@@ -3,6 +3,7 @@ the clamped SwiGLU; fp32 logits and greedy tokens, and bf16 under the bf16 rule.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -107,3 +108,24 @@ def test_other_quantization_methods_fail_with_one_sentence():
     with pytest.raises(ModelLoadError, match="MXFP4 gpt_oss experts only"):
         parse_model_config({**raw, "model_type": "mixtral", "quantization_config": {"quant_method": "mxfp4"}})
     assert parse_model_config({**raw, "quantization_config": {"quant_method": "mxfp4"}}).expert_quantization == "mxfp4"
+
+
+def test_gpt_oss_20b_config_json_is_understood():
+    # The keys of the published gpt-oss-20b config.json (legacy rope_scaling, no layer_types, MXFP4).
+    raw = {
+        "model_type": "gpt_oss", "hidden_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 201088, "intermediate_size": 2880,
+        "num_local_experts": 32, "num_experts_per_tok": 4, "experts_per_token": 4, "sliding_window": 128,
+        "rope_theta": 150000, "max_position_embeddings": 131072, "swiglu_limit": 7.0, "attention_bias": True,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0, "original_max_position_embeddings": 4096,
+                         "rope_type": "yarn", "truncate": False},
+        "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]},
+        "torch_dtype": "bfloat16", "eos_token_id": 200002,
+    }  # fmt: skip
+    config = parse_model_config(raw)
+    assert config.sliding_windows == (128, None) * 12
+    assert config.rope_theta == 150000 and config.rope_yarn.factor == 32 and not config.rope_yarn.truncate
+    assert config.rope_yarn.attention_factor == pytest.approx(0.1 * math.log(32) + 1)
+    assert (config.num_experts, config.top_k, config.moe_intermediate_size) == (32, 4, 2880)
+    assert config.expert_quantization == "mxfp4" and config.dtype == torch.bfloat16
+    assert (config.swiglu_alpha, config.swiglu_limit) == (1.702, 7.0)
