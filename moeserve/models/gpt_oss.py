@@ -16,9 +16,10 @@ softmax). This file holds what is gpt_oss's alone:
   (for MXFP4 the rows of gate and up are picked without decoding: blocks run along D).
 
 The biases stay resident in the MoE block (parameters [E, 2I] and [E, D], as stored): they are
-about 1/(3 min(D, I)) of an expert's bytes (0.01% for gpt-oss-20b), so offloading them would save
+(2I + D) / (3ID) of an expert's values (0.03% for gpt-oss-20b), so offloading them would save
 nothing, and keeping them out of the provider leaves the store, the codecs, the policies and the
-cache slots with three matrices per expert, as for every other family.
+cache slots with three matrices per expert, as for every other family. Being resident, they are
+never compressed either: a lossy policy perturbs the matrices only.
 """
 
 from __future__ import annotations
