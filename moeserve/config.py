@@ -133,7 +133,8 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
     rope_theta, rope_linear_factor, rope_yarn = _parse_rope(raw, source, max_positions)
     expert_quantization = _expert_quantization(raw, model_type, source)
     gpt_oss = model_type == "gpt_oss"
-    num_experts = int(need("num_local_experts" if model_type in ("mixtral", "gpt_oss") else "num_experts", "num_local_experts"))
+    experts_key = "num_local_experts" if model_type in ("mixtral", "gpt_oss") else "num_experts"
+    num_experts = int(need(experts_key, "num_local_experts"))
     top_k = int(need("num_experts_per_tok"))
     if not 0 < top_k <= num_experts:
         raise ModelLoadError(f"{source}: num_experts_per_tok={top_k} must be between 1 and the {num_experts} experts.")
@@ -201,7 +202,9 @@ def _parse_rope(raw: dict[str, Any], source: str, max_positions: int) -> tuple[f
 def _parse_yarn(params: dict[str, Any], source: str, max_positions: int) -> YarnRope:
     original = params.get("original_max_position_embeddings")
     if original is None:
-        raise ModelLoadError(f"{source}: yarn rope scaling needs original_max_position_embeddings; add it to rope_parameters.")
+        raise ModelLoadError(
+            f"{source}: yarn rope scaling needs original_max_position_embeddings; add it to rope_parameters."
+        )
     factor = float(params["factor"]) if params.get("factor") is not None else max_positions / int(original)
 
     def mscale(scale: float, weight: float = 1.0) -> float:
@@ -210,7 +213,8 @@ def _parse_yarn(params: dict[str, Any], source: str, max_positions: int) -> Yarn
     attention_factor = params.get("attention_factor")
     if attention_factor is None:
         weight, weight_all = params.get("mscale"), params.get("mscale_all_dim")
-        attention_factor = mscale(factor, weight) / mscale(factor, weight_all) if weight and weight_all else mscale(factor)
+        both = weight and weight_all
+        attention_factor = mscale(factor, weight) / mscale(factor, weight_all) if both else mscale(factor)
     return YarnRope(
         factor=factor,
         original_max_position_embeddings=int(original),

@@ -114,7 +114,9 @@ def write_mxfp4_checkpoint(hf_bf16, directory) -> None:
     config["dtype"] = "bfloat16"
     config["quantization_config"] = {
         "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head",
+        ],  # fmt: skip
     }
     (directory / "config.json").write_text(json.dumps(config))
     write_tokenizer(directory)
@@ -168,12 +170,15 @@ def test_matches_transformers_loading_the_mxfp4_checkpoint(mxfp4_dir):
     assert (llm.score(SCORE_IDS) - reference).abs().max().item() <= 1e-4
     for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, GREEDY)):
         with torch.no_grad():
-            expected = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+            expected = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
         assert out.token_ids == expected[0, len(prompt) :].tolist()
 
 
 def _run(llm):
-    return [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))], llm.score(SCORE_IDS)
+    short = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    return [o.token_ids for o in llm.generate(PROMPTS, short)], llm.score(SCORE_IDS)
 
 
 @pytest.mark.exact

@@ -13,7 +13,10 @@ from moeserve.offload.cache import SlotPool
 PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], list(range(30, 50))]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 RAW = {"default": {"codec": "raw"}}
-LOSSY = {"default": {"codec": "szp", "mode": "rel", "error_bound": 1e-2}, "rules": [{"layers": "deep", "codec": "int8"}]}
+LOSSY = {
+    "default": {"codec": "szp", "mode": "rel", "error_bound": 1e-2},
+    "rules": [{"layers": "deep", "codec": "int8"}],
+}
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +59,8 @@ def test_raw_policy_is_bit_identical_on_a_bf16_checkpoint(checkpoint_factory, co
     directory, _ = checkpoint_factory("gpt_oss", dtype=torch.bfloat16, seed=5)
     resident = LLM(directory, device="cpu", dtype=compute_dtype)
     tokens, logits = _run(resident)
-    llm = LLM(directory, device="cpu", dtype=compute_dtype, policy=RAW, expert_cache=_budgets(resident)[0], progress=False)
+    smallest = _budgets(resident)[0]
+    llm = LLM(directory, device="cpu", dtype=compute_dtype, policy=RAW, expert_cache=smallest, progress=False)
     got_tokens, got_logits = _run(llm)
     assert got_tokens == tokens and torch.equal(got_logits, logits)
 

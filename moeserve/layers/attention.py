@@ -41,7 +41,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_output_bias)
         # [H] learned logits (gpt_oss), see layers/sinks.py; None = plain softmax attention.
-        self.sinks = nn.Parameter(torch.empty(config.num_heads), requires_grad=False) if config.attention_sinks else None
+        self.sinks = None
+        if config.attention_sinks:
+            self.sinks = nn.Parameter(torch.empty(config.num_heads), requires_grad=False)
         if self.qk_norm == "per_head":
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)

@@ -48,7 +48,8 @@ def _yarn_inv_freq(pos_freqs: torch.Tensor, dim: int, base: float, yarn: YarnRop
     `factor`) and the original frequency; returns inv_freq [dim / 2] and the cos/sin scale."""
 
     def correction_dim(rotations: float) -> float:
-        return (dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi))) / (2 * math.log(base))
+        wavelengths = yarn.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return (dim * math.log(wavelengths)) / (2 * math.log(base))
 
     low, high = correction_dim(yarn.beta_fast), correction_dim(yarn.beta_slow)
     if yarn.truncate:

@@ -5,8 +5,8 @@ Attention, norms and rope read their switches from `ModelConfig` (layers/sinks.p
 softmax). This file holds what is gpt_oss's alone:
 
 - The router: a linear layer with a bias; top-k of its logits, then a softmax over those k.
-- The expert math, as transformers' GptOssExperts: gate_up = h W + b, then
-  gate = min(gate, limit), up = clamp(up, -limit, limit), out = ((up + 1) * gate * sigmoid(alpha * gate)) W_down + b_down.
+- The expert math, as transformers' GptOssExperts: gate_up = h W + b, then gate = min(gate, limit),
+  up = clamp(up, -limit, limit), out = ((up + 1) * gate * sigmoid(alpha * gate)) W_down + b_down.
   It runs on the provider's matrices, so resident and offloaded experts go through this one method.
 - The checkpoint layout. transformers 5 stores one tensor per layer: gate_up_proj [E, D, 2I] with
   gate and up interleaved on the last dimension (gate at even, up at odd columns), down_proj
