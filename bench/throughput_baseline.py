@@ -54,6 +54,7 @@ class NaiveOffloadProvider:
                 self.pool.memory[entry.slot].copy_(source)
                 self.stats.wait_seconds += time.perf_counter() - start
                 self.stats.bytes_transferred += source.numel() * source.element_size()
+                self.stats.miss_bytes += source.numel() * source.element_size()
             yield expert, self.pool.weights(entry.slot)
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:

@@ -99,6 +99,9 @@ def timed_request(
         steps += 1
     synchronize(device)
     end = time.perf_counter()
+    collect_timing = getattr(getattr(provider, "filler", None), "collect_timing", None)
+    if collect_timing is not None:  # the GPU pipeline's timeline events, all finished after the sync
+        collect_timing()
     return Measurement(len(prompts), first - start, end - first, steps, stats)
 
 
@@ -117,6 +120,10 @@ def row(config: str, budget: str, m: Measurement, bandwidth: float) -> dict:
         "prefetch_accuracy": None,
         "wait_ms_per_token": 0.0,
         "decode_ms_per_token": 0.0,
+        # the GPU pipeline's timeline (zero on a CPU): copy engine busy, compute stalled on a decode
+        "copy_ms_per_token": 0.0,
+        "compute_wait_ms_per_token": 0.0,
+        "prefetch_wasted_bytes_per_token": 0.0,
         "bound_tokens_per_s": None,
         "fraction_of_bound": None,
     }
@@ -129,9 +136,15 @@ def row(config: str, budget: str, m: Measurement, bandwidth: float) -> dict:
             prefetch_accuracy=s.prefetches_used / s.prefetches_issued if s.prefetches_issued else None,
             wait_ms_per_token=1000 * s.wait_seconds / tokens,
             decode_ms_per_token=1000 * s.decode_seconds / tokens,
+            copy_ms_per_token=1000 * s.copy_seconds / tokens,
+            compute_wait_ms_per_token=1000 * s.compute_wait_seconds / tokens,
+            prefetch_wasted_bytes_per_token=s.prefetch_bytes_wasted / tokens,
         )
-        if moved:
-            # The physical bound: were the link the only cost, every moved byte at the measured bandwidth.
-            result["bound_tokens_per_s"] = bandwidth / moved
+        needed = s.needed_bytes / tokens
+        if needed:
+            # The physical bound: were the link the only cost, the bytes of the experts each token used that
+            # were not cached before they were wanted, at the measured bandwidth. Wrong guesses move bytes
+            # too but are not in it: they count against the pipeline, never for it.
+            result["bound_tokens_per_s"] = bandwidth / needed
             result["fraction_of_bound"] = result["tokens_per_s"] / result["bound_tokens_per_s"]
     return result

@@ -64,6 +64,23 @@ def print_checks(results: dict, budget: str = "25%") -> None:
                   f"per token: wait {r['wait_ms_per_token']:.2f} ms, "
                   f"decoding {r['decode_ms_per_token']:.2f} ms (summed over workers or streams), "
                   f"wall {1000 / r['tokens_per_s']:.2f} ms")
+    print("\n(d) against (c), every row (issue target: (d) >= (c)):")
+    for workload in results["workloads"]:
+        rows = workload["rows"]
+        for d in (r for r in rows if r["config"] == "d +prefetch"):
+            c = next((r for r in rows if r["config"] == "c compressed" and (r["budget"], r["batch"]) == (d["budget"], d["batch"])), None)
+            if c is not None:
+                print(f"  {workload['name']} batch {d['batch']} {d['budget']}: (d)/(c) {d['tokens_per_s'] / c['tokens_per_s']:.2f}x")
+    print(f"\nTimeline per token at a {budget} budget, (d) (GPU pipeline; events, so zero on a CPU):")
+    for workload in results["workloads"]:
+        for r in workload["rows"]:
+            if r["config"] != "d +prefetch" or r["budget"] != budget:
+                continue
+            wall = 1000 / r["tokens_per_s"] * r["batch"]  # one step makes a token for each sequence
+            print(f"  {workload['name']} batch {r['batch']}: step {wall:.2f} ms; copy engine busy "
+                  f"{r['copy_ms_per_token'] * r['batch']:.2f} ms, decoding {r['decode_ms_per_token'] * r['batch']:.2f} ms, "
+                  f"compute stalled on decodes {r['compute_wait_ms_per_token'] * r['batch']:.2f} ms, "
+                  f"wrong guesses {r['prefetch_wasted_bytes_per_token'] * r['batch'] / 2**20:.2f} MiB")
     for workload in results["workloads"]:
         for reason in workload["skipped"]:
             print(f"  {workload['name']}: skipped {reason}")

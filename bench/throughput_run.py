@@ -146,7 +146,7 @@ class WorkloadRun:
               f"built in {self.info['store_build_s']:.1f} s)", flush=True)
         for budget in self.usable:
             for name, prefetch in (("c compressed", False), ("d +prefetch", True)):
-                provider, _ = provider_for_store(store, c, budget, self.device, "lru", prefetch)
+                provider, _ = provider_for_store(store, c, budget, self.device, "lru", prefetch, timeline=True)
                 self.measure(name, budget, provider, provider.stats)
                 provider.close()
                 del provider

@@ -73,6 +73,8 @@ _OFFLOAD_COUNTERS = {
     "bytes_transferred": ("expert_bytes_transferred", "Compressed expert bytes moved to the decoder (H2D on a GPU)."),
     "decode_seconds": ("expert_decode_seconds", "Time spent decoding experts, summed over workers."),
     "wait_seconds": ("expert_wait_seconds", "Time the model waited for an expert to be ready."),
+    "prefetch_bytes": ("expert_prefetch_bytes", "Compressed bytes moved for prefetched experts."),
+    "prefetch_bytes_wasted": ("expert_prefetch_bytes_wasted", "Prefetched bytes evicted before any step used them."),
 }
 
 

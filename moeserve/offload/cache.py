@@ -135,10 +135,11 @@ class ExpertCache:
         layer_order: Sequence[int] | None = None,
         keep: Container[ExpertKey] = (),
         stale: Callable[[SlotEntry], bool] | None = None,
+        evicted: Callable[[SlotEntry], None] | None = None,
     ) -> SlotEntry | None:
         """A slot for `key`: a free one, else the policy's best evictable entry outside `keep` among the
         `stale` ones, else searching the layers in `layer_order` one after another (None: all layers at
-        once); None if there is none."""
+        once; empty: none); None if there is none. `evicted` hears of the entry a slot is taken from."""
         if self._free:
             slot = self._free.pop()
         else:
@@ -151,8 +152,11 @@ class ExpertCache:
             )
             if victim is None:
                 return None
-            slot = self.entries.pop(victim).slot
+            gone = self.entries.pop(victim)
+            slot = gone.slot
             self._eviction.forget(victim)
+            if evicted is not None:
+                evicted(gone)
         entry = SlotEntry(key=key, slot=slot, ready=None, prefetched=prefetched)
         self.entries[key] = entry
         self._eviction.touch(key)

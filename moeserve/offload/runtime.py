@@ -23,11 +23,13 @@ import torch
 from moeserve.config import ModelConfig
 from moeserve.errors import MoeServeError
 from moeserve.offload.cache import ExpertCache, SlotPool
-from moeserve.offload.filler import CpuSlotFiller, CudaSlotFiller
+from moeserve.offload.filler import CpuSlotFiller
+from moeserve.offload.gpu_filler import GpuSlotFiller
 from moeserve.offload.policy import Policy, ResolvedPolicy, load_policy
 from moeserve.offload.provider import OffloadedExpertProvider
 from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import CompressedStore
+from moeserve.offload.streams import CudaStreams
 
 STORE_FILE = "experts.msstore"
 STORE_MARKER = "moeserve_store.json"  # present in directories written by `moeserve compress`
@@ -147,9 +149,11 @@ def provider_for_store(
     device: torch.device,
     eviction: str = "lru",
     prefetch: bool = True,
+    timeline: bool = False,
 ) -> tuple[OffloadedExpertProvider, int]:
     """Slot pool, cache, filler and provider over a store already in memory; also the budget in bytes.
-    Public so that benchmarks can serve a store they built without a checkpoint on disk."""
+    Public so that benchmarks can serve a store they built without a checkpoint on disk; `timeline`
+    (GPU) times copies, decodes and compute's waits with events, for the throughput benchmark."""
     slot_bytes = SlotPool.slot_nbytes(config.hidden_size, config.moe_intermediate_size, config.dtype)
     total_experts = len(store.experts)
     budget = parse_budget(expert_cache if expert_cache is not None else "100%", total_experts * slot_bytes)
@@ -162,7 +166,7 @@ def provider_for_store(
     stats = OffloadStats(bits_per_value={layer: s.bits_per_value for layer, s in store.layer_sizes().items()})
     pool = SlotPool(num_slots, config.hidden_size, config.moe_intermediate_size, config.dtype, device)
     if device.type == "cuda":
-        filler = CudaSlotFiller(pool, stats, max(p.nbytes for p in store.experts.values()))
+        filler = GpuSlotFiller(pool, stats, max(p.nbytes for p in store.experts.values()), CudaStreams(device), timeline=timeline)
     else:
         filler = CpuSlotFiller(pool, stats)
     cache = ExpertCache(num_slots, eviction)

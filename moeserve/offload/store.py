@@ -2,9 +2,10 @@
 
 In:  the checkpoint's stored expert tensors (memory-mapped, any dtype, or MXFP4 blocks and scales)
      and a resolved policy.
-Out: `PackedExpert`s in host memory (pinned when a GPU serves), each one contiguous uint8 buffer
-     holding its gate, up and down blobs at 8-byte-aligned offsets, so one copy moves one expert
-     and a device-side decoder can read each blob in place.
+Out: `PackedExpert`s in host memory (page-locked when a GPU serves; one exact-size arena per MoE
+     layer, host_memory.py), each one contiguous uint8 range holding its gate, up and down blobs at
+     8-byte-aligned offsets, so one copy moves one expert and a device-side decoder can read each
+     blob in place.
 
 Owned by the host for the whole run and never written after it is built: evicting a decoded
 expert never writes back. `save` / `load` keep it on disk (one file, every blob checksummed).
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +27,7 @@ from moeserve.codecs import Blob, encode
 from moeserve.codecs.mxfp4 import Mxfp4Tensor, blob_of
 from moeserve.errors import ModelLoadError
 from moeserve.experts import ExpertWeights, Mxfp4ExpertWeights
+from moeserve.offload.host_memory import HostArena
 from moeserve.offload.policy import PROJECTIONS, ResolvedPolicy, TensorSetting
 
 ExpertKey = tuple[int, int]  # (layer, expert)
@@ -41,6 +43,7 @@ class PackedExpert:
     # The checkpoint stores gate and up as two tensors that are not back to back: loading it without
     # a copy keeps them apart, and the cache must then serve this expert the same way.
     gate_up_apart: bool = False
+    arena: HostArena | None = field(default=None, repr=False, compare=False)  # holds `data`'s memory
 
     @property
     def nbytes(self) -> int:
@@ -50,20 +53,41 @@ class PackedExpert:
     def numel(self) -> int:
         return sum(b.numel for b in self.blobs)
 
-    @classmethod
-    def pack(cls, blobs: tuple[Blob, Blob, Blob], pin: bool = False, gate_up_apart: bool = False) -> PackedExpert:
-        offsets, end = [], 0
+
+def pack_experts(encoded: list[tuple[tuple[Blob, Blob, Blob], bool]], pin: bool = False) -> list[PackedExpert]:
+    """Experts (their gate, up and down blobs, and whether gate and up are stored apart) packed one after
+    another into one host arena of exactly their size (pinned when a GPU copies from it)."""
+    layouts, end = [], 0
+    for blobs, _ in encoded:
+        offsets = []
         for blob in blobs:
             offsets.append(end)
-            end = -(-(end + blob.payload_nbytes) // _ALIGN) * _ALIGN
-        data = torch.zeros(end, dtype=torch.uint8, pin_memory=pin)
-        host = data.numpy()
+            end = _aligned(end + blob.payload_nbytes)
+        layouts.append(offsets)
+    arena = HostArena(end, pin)
+    host = arena.data.numpy()
+    packed = []
+    for (blobs, gate_up_apart), offsets in zip(encoded, layouts):
         placed = []
         for blob, offset in zip(blobs, offsets):
             n = blob.payload_nbytes
             host[offset : offset + n] = blob.payload_numpy()
             placed.append(blob.with_payload(host[offset : offset + n]))
-        return cls(data=data, blobs=tuple(placed), offsets=tuple(offsets), gate_up_apart=gate_up_apart)
+        first, last = offsets[0], _aligned(offsets[-1] + blobs[-1].payload_nbytes)
+        packed.append(
+            PackedExpert(
+                data=arena.data[first:last],
+                blobs=tuple(placed),
+                offsets=tuple(o - first for o in offsets),
+                gate_up_apart=gate_up_apart,
+                arena=arena,
+            )
+        )
+    return packed
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
 
 
 @dataclass
@@ -96,14 +120,17 @@ class CompressedStore:
         experts: dict[ExpertKey, PackedExpert] = {}
         with tqdm(total=total, desc="compressing experts", unit="expert", disable=not progress) as bar:
             for layer, weights in stored:
+                encoded = []
                 for expert, w in enumerate(weights):
                     blobs = []
                     for projection, tensor in zip(PROJECTIONS, (w.gate, w.up, w.down)):
                         blobs.append(_encode_stored(tensor, policy.setting(layer, expert, projection)))
                     # MXFP4 experts dequantize fused, as every copied expert is
-                    apart = isinstance(w, ExpertWeights) and w.gate_up is None
-                    experts[(layer, expert)] = PackedExpert.pack(tuple(blobs), pin, gate_up_apart=apart)
+                    encoded.append((tuple(blobs), isinstance(w, ExpertWeights) and w.gate_up is None))
                     bar.update()
+                # one arena per layer: exact size, and at most one layer's blobs held twice while packing
+                for expert, packed in enumerate(pack_experts(encoded, pin)):
+                    experts[(layer, expert)] = packed
         return cls(experts, policy_yaml, policy.fingerprint())
 
     def layer_sizes(self) -> dict[int, LayerSize]:
@@ -116,8 +143,9 @@ class CompressedStore:
 
     @property
     def nbytes(self) -> int:
-        """Host memory held by the store (packed buffers)."""
-        return sum(p.nbytes for p in self.experts.values())
+        """Host memory held by the store: its arenas, alignment padding included."""
+        arenas = {id(p.arena): p.arena.nbytes for p in self.experts.values() if p.arena is not None}
+        return sum(arenas.values()) + sum(p.nbytes for p in self.experts.values() if p.arena is None)
 
     def save(self, path: Path) -> None:
         """One file: magic, index length, JSON index (per expert: layer, expert, offset, blob lengths,
@@ -147,7 +175,7 @@ class CompressedStore:
         start = len(_MAGIC) + 8
         header = json.loads(bytes(mapped[start : start + header_len]))
         data = mapped[start + header_len :]
-        experts = {}
+        by_layer: dict[int, list[tuple[int, tuple[tuple[Blob, Blob, Blob], bool]]]] = {}
         for layer, expert, offset, lengths, *layout in tqdm(
             header["experts"], desc="loading compressed experts", unit="expert", disable=not progress
         ):
@@ -158,7 +186,11 @@ class CompressedStore:
                 blobs.append(Blob.from_bytes(data[at : at + n]))
                 at += n
             # Stores written before the layout was recorded served every expert fused.
-            experts[(layer, expert)] = PackedExpert.pack(tuple(blobs), pin, gate_up_apart=bool(layout and layout[0]))
+            by_layer.setdefault(layer, []).append((expert, (tuple(blobs), bool(layout and layout[0]))))
+        experts = {}
+        for layer, entries in by_layer.items():
+            for (expert, _), packed in zip(entries, pack_experts([e for _, e in entries], pin)):
+                experts[(layer, expert)] = packed
         return cls(experts, header["policy"], header["policy_fingerprint"])
 
 
