@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from moeserve.codecs import decode_into, encode
-from moeserve.codecs.szp import cpu_module
+from moeserve.codecs.szp_cpu import cpu_module
 
 BOUNDED = ("szp", "sz3", "zfp")
 BASELINES = ("raw", "int8", "int4")

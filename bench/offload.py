@@ -83,7 +83,7 @@ def main() -> None:
                   f"{stats.prefetches_used:>6}/{stats.prefetches_issued:<7} {stats.wait_seconds:>7.3f} "
                   f"{memory / uncompressed:>9.0%}")
             llm.offload.provider.close()
-    print(f"offloaded runs: torch threads {torch.get_num_threads()}, {llm.offload.provider.filler.workers} decode "
+    print(f"offloaded runs: torch threads {torch.get_num_threads()}, {llm.offload.options.workers} decode "
           f"worker(s)")
     again = tokens_per_second(resident, prompts, params, args.repeats)
     print(f"all resident, measured again at the end with {torch.get_num_threads()} torch threads: {again:.1f} tok/s "

@@ -24,6 +24,7 @@ from moeserve.devices import empty_host_cache
 from moeserve.engine.llm_engine import LLMEngine
 from moeserve.experts import DenseExpertProvider, ExpertWeights
 from moeserve.offload.cache import SlotPool
+from moeserve.offload.options import OffloadOptions
 from moeserve.offload.policy import Policy
 from moeserve.offload.runtime import parse_budget, provider_for_store
 from moeserve.offload.store import CompressedStore
@@ -46,7 +47,7 @@ class WorkloadRun:
         # One engine (model + KV cache) for every configuration: each request names its expert provider,
         # so there is no default one. One step prefills every prompt of the largest batch.
         self.engine = LLMEngine(
-            workload.model, None, None, device, max_model_len=prompt_len + new_tokens + 1,
+            workload.model, None, device, max_model_len=prompt_len + new_tokens + 1,
             max_num_seqs=max(batches), max_num_batched_tokens=max(batches) * prompt_len,
         )
         generator = torch.Generator().manual_seed(seed)
@@ -146,7 +147,8 @@ class WorkloadRun:
               f"built in {self.info['store_build_s']:.1f} s)", flush=True)
         for budget in self.usable:
             for name, prefetch in (("c compressed", False), ("d +prefetch", True)):
-                provider, _ = provider_for_store(store, c, budget, self.device, "lru", prefetch, timeline=True)
+                options = OffloadOptions(expert_cache=budget, prefetch=prefetch)
+                provider, _ = provider_for_store(store, c, options, self.device, timeline=True)
                 self.measure(name, budget, provider, provider.stats)
                 provider.close()
                 del provider

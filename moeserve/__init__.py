@@ -1,6 +1,6 @@
 """moeserve: serve mixture-of-experts models whose experts do not fit on the GPU."""
 
-from moeserve.engine.llm import LLM
+from moeserve.llm import LLM
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.errors import MoeServeError

@@ -60,7 +60,7 @@ def _load_llm_to_run(args: argparse.Namespace, **overrides):
 
     llm = _load_llm(args, **overrides)
     if llm.offload is not None and llm.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        leave_cores_for_decoding(llm.offload.provider.filler.workers)
+        leave_cores_for_decoding(llm.offload_options.workers)
     return llm
 
 
@@ -199,9 +199,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_waiting=args.max_waiting,
         max_body_bytes=args.max_body_bytes,
-        expert_cache=args.expert_cache,
-        eviction=args.eviction,
-        prefetch=not args.no_prefetch,
         drain_timeout=args.drain_timeout,
     )
     serve(llm, config, host=args.host, port=args.port)

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moeserve.codecs import Blob, decode, decode_into, encode
-from moeserve.codecs.szp import grid_step
+from moeserve.codecs.szp_cpu import grid_step
 
 BOUNDED = ("szp", "sz3", "zfp")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moeserve.codecs import Blob, CodecError, decode, decode_into, encode
-from moeserve.codecs.szp import cpu_module, grid_step
+from moeserve.codecs.szp_cpu import cpu_module, grid_step
 
 STORED = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
-from moeserve.engine.kv_cache import KVCache
+from moeserve.kv.cache import KVCache
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = [[7, 8, 9, 10, 11, 12, 13], [3], [100, 101, 102], list(range(20, 45)), [9, 9]]
@@ -158,20 +158,48 @@ def test_kv_cache_rows_stay_dense():
 def test_decode_of_a_subset_of_cache_rows(llm):
     # A step may decode some running sequences but not others (e.g. one policy variant at a
     # time): rows 2 and 0, out of order, must give what each sequence gives alone.
-    engine, runner = llm.engine, llm.engine.runner
+    engine, runner, experts = llm.engine, llm.engine.runner, llm.experts
 
     def prepared(prompts):
         seqs = [engine.make_sequence(p, GREEDY) for p in prompts]
-        runner.extend(seqs, [False] * len(seqs))
+        runner.extend(seqs, [False] * len(seqs), experts)
         for seq in seqs:
             seq.output_ids.append(5)
         return seqs
 
     seqs = prepared(PROMPTS[:3])
-    subset = runner.decode([seqs[2], seqs[0]])  # [2, V]
+    subset = runner.decode([seqs[2], seqs[0]], experts)  # [2, V]
     for seq in seqs:
         runner.release(seq)
     for row, prompt in zip(subset, (PROMPTS[2], PROMPTS[0])):
         (alone,) = prepared([prompt])
-        assert torch.allclose(row, runner.decode([alone])[0], atol=1e-5)
+        assert torch.allclose(row, runner.decode([alone], experts)[0], atol=1e-5)
         runner.release(alone)
+
+
+def test_step_outputs_add_up_to_the_finished_sequence(llm):
+    # Per step, each sequence's new token, its logprobs and a text delta that is never taken back,
+    # even when a stop string is found only after part of it was already produced.
+    ref = llm.generate(["hello world"], GREEDY)[0]
+    start = next(i for i in range(2, len(ref.text) - 3) if "\ufffd" not in ref.text[i - 2 : i + 3])
+    stop = ref.text[start : start + 3]
+    seqs = [
+        llm.engine.make_sequence("hello world", SamplingParams(max_tokens=24, temperature=0, stop=[stop], logprobs=1)),
+        llm.engine.make_sequence(PROMPTS[0], SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)),
+    ]
+    for seq in seqs:
+        llm.engine.submit(seq, llm.experts)
+    outputs = {seq.seq_id: [] for seq in seqs}
+    while llm.engine.has_unfinished():
+        for out in llm.engine.step():
+            outputs[out.seq_id].append(out)
+    for seq in seqs:
+        mine = outputs[seq.seq_id]
+        assert [t for out in mine for t in out.token_ids] == seq.output_ids
+        assert "".join(out.text_delta for out in mine) == seq.text
+        assert [out.finish_reason for out in mine] == [None] * (len(mine) - 1) + [seq.finish_reason]
+    stopped, plain = (outputs[seq.seq_id] for seq in seqs)
+    assert stopped[-1].finish_reason == "stop" and stopped[-1].stop_reason == stop
+    assert seqs[0].text == ref.text[: ref.text.index(stop)]
+    assert all(len(out.logprobs) == 1 for out in stopped) and all(out.logprobs == [] for out in plain)
+    assert plain[-1].finish_reason == "length" and len(plain) == 5

@@ -7,9 +7,11 @@ logprobs always do), so a request that ran even one step on the wrong policy's e
 
 from __future__ import annotations
 
+import gc
 import re
 import threading
 import time
+import weakref
 
 import httpx
 import pytest
@@ -39,7 +41,7 @@ def store_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(directory):
     llm = LLM(directory, device="cpu", policy=RAW, expert_cache="50%", progress=False)
-    config = ServerConfig(model_name="tiny", policies={"lossy": LOSSY}, expert_cache="50%")
+    config = ServerConfig(model_name="tiny", policies={"lossy": LOSSY})  # variants take the LLM's 50% cache
     with BackgroundServer(create_app(llm, config)) as background:
         with httpx.Client(base_url=background.url, timeout=60) as http:
             yield background, http
@@ -126,12 +128,16 @@ def test_switch_under_load_keeps_each_request_on_one_policy(served, directory):
     workers = [threading.Thread(target=load) for _ in range(3)]
     long_worker = threading.Thread(target=long_request)
     long_worker.start()
+    engine = background.server.config.app.state.server.engine
+    deadline = time.monotonic() + 60
+    while engine.num_seqs == 0:  # the long request is admitted (on the old policy) before the switch
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     for worker in workers:
         worker.start()
-    started = time.monotonic()
-    while not answers:  # some load answered under the old policy, however slow this machine is
-        assert time.monotonic() < started + 60 and not failures
-        time.sleep(0.05)
+    while not answers:  # and some load is answered on the old policy, whatever the machine's speed
+        assert time.monotonic() < deadline and not failures
+        time.sleep(0.01)
     accepted = http.put("/v1/policy", content=COARSE.encode(), headers={"Content-Type": "application/yaml"})
     assert accepted.status_code == 202
     job_id = accepted.json()["id"]
@@ -204,6 +210,7 @@ def test_engine_never_mixes_providers_in_a_step(directory):
 
 def test_resident_model_switches_to_a_compressed_policy(directory):
     llm = LLM(directory, device="cpu")  # no policy: experts resident and uncompressed
+    resident = weakref.ref(llm.experts)
     with BackgroundServer(create_app(llm, ServerConfig(model_name="tiny"))) as background:
         with httpx.Client(base_url=background.url, timeout=60) as http:
             assert http.get("/v1/policy").json()["offloaded"] is False
@@ -216,7 +223,8 @@ def test_resident_model_switches_to_a_compressed_policy(directory):
             described = http.get("/v1/policy").json()
             assert described["offloaded"] and described["fingerprint"] == job["fingerprint"]
             assert bits_metric(http, "tiny") and complete(http, "tiny", 2)["system_fingerprint"].startswith("policy-")
-            variant = background.server.config.app.state.server.variants.base
-            while llm.experts is not variant.current.experts:  # the resident experts were let go
+            assert llm.experts is None  # the server's first policy generation took them over
+            while resident() is not None:  # retired, closed and dropped: nothing else holds them
                 assert time.monotonic() < deadline
+                gc.collect()
                 time.sleep(0.05)

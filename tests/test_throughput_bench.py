@@ -69,7 +69,7 @@ def _greedy_tokens(engine: LLMEngine, provider, prompts: list[list[int]]) -> lis
 def test_naive_offload_computes_what_the_resident_experts_compute():
     workload = synthetic_workload("tiny", layers=2, device=CPU, seed=1)
     c = workload.config
-    engine = LLMEngine(workload.model, None, None, CPU, max_model_len=64, max_num_seqs=4)
+    engine = LLMEngine(workload.model, None, CPU, max_model_len=64, max_num_seqs=4)
     prompts = [[5, 9, 200, 31, 7], [1, 2, 3, 4, 5, 6, 7, 8]]
     resident = DenseExpertProvider({layer: list(weights) for layer, weights in workload.experts()})
     pool = SlotPool(c.top_k, c.hidden_size, c.moe_intermediate_size, c.dtype, CPU)  # the smallest cache
@@ -86,7 +86,7 @@ def test_naive_offload_converts_stored_bf16_to_a_float32_compute_dtype(checkpoin
     model_dir, _ = checkpoint_factory("qwen3_moe", dtype=torch.bfloat16)
     workload = checkpoint_workload(model_dir, CPU, torch.float32)  # like the embedded model: bf16 stored
     c = workload.config
-    engine = LLMEngine(workload.model, None, None, CPU, max_model_len=64, max_num_seqs=4)
+    engine = LLMEngine(workload.model, None, CPU, max_model_len=64, max_num_seqs=4)
     resident = DenseExpertProvider(
         {layer: [type(w)(*(t.float() for t in (w.gate, w.up, w.down))) for w in weights]
          for layer, weights in workload.experts()}

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from moeserve.codecs import mxfp4, quant, raw, sz3, szp, zfp  # noqa: F401  (importing registers them)
-from moeserve.codecs.base import Codec, CodecError
+from moeserve.codecs import mxfp4, quant, raw, sz3, szp, szp_cpu, zfp  # noqa: F401  (importing registers them)
+from moeserve.codecs.base import Codec, CodecError, NativeDecoder
 from moeserve.codecs.blob import DTYPES, Blob
 from moeserve.codecs.bounds import resolve
 from moeserve.codecs.registry import get, names
@@ -26,6 +26,7 @@ __all__ = [
     "Blob",
     "Codec",
     "CodecError",
+    "NativeDecoder",
     "check_decode_target",
     "decode",
     "decode_into",
@@ -105,4 +106,4 @@ def check_decode_target(blob: Blob, out: torch.Tensor, cpu_only: bool = False) -
 def single_threaded_codecs() -> None:
     """Later CPU encodes and decodes made from the calling thread use that thread alone (no OpenMP
     team): for worker pools whose workers are already the parallelism."""
-    szp.cpu_module().set_openmp_threads(1)
+    szp_cpu.cpu_module().set_openmp_threads(1)

@@ -24,6 +24,29 @@ class CodecError(MoeServeError):
     """A tensor, bound or blob that a codec cannot encode or decode (one sentence, shown as is)."""
 
 
+class NativeDecoder(ABC):
+    """Decodes into CPU tensors on native threads that never take the GIL, so background decoding does not
+    stall the model's Python thread (offload/decode_pool.py).
+
+    The pool `start_pool` returns takes `submit(jobs, urgent)`, one job per (blob, out) as `job` makes it,
+    and answers a handle with done(), wait() (raises ValueError for a malformed payload: translate it with
+    `error`) and seconds; `close()` finishes every submitted unit, then stops its threads."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def start_pool(self, threads: int):
+        """A new pool of `threads` native decode threads."""
+
+    @abstractmethod
+    def job(self, blob: Blob, out: torch.Tensor) -> object:
+        """The pool's argument for decoding `blob` into `out` (checked, contiguous, CPU)."""
+
+    @abstractmethod
+    def error(self, error: ValueError) -> CodecError:
+        """The CodecError a waiting caller gets for the pool's ValueError."""
+
+
 class Codec(ABC):
     """One compression method. Stateless: instances live in the registry and are shared."""
 
@@ -39,6 +62,11 @@ class Codec(ABC):
     @abstractmethod
     def decode_cpu(self, blob: Blob, out: torch.Tensor) -> None:
         """Writes blob's values into out: contiguous CPU tensor of blob.shape, any float dtype."""
+
+    def native_decoder(self) -> NativeDecoder | None:
+        """This codec's GIL-free background decoder, or None: the decode pool then runs `decode_cpu`
+        on Python threads."""
+        return None
 
     def decode_cuda(self, blob: Blob, out: torch.Tensor, stream: torch.cuda.Stream) -> None:
         """Writes into a CUDA tensor, ordered on `stream`. Default: decode on the CPU, then one copy."""

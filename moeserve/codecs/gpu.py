@@ -18,7 +18,7 @@ import torch
 
 from moeserve.codecs.base import CodecError
 from moeserve.codecs.blob import DTYPES, Blob
-from moeserve.codecs.szp import cpu_module, grid_step
+from moeserve.codecs.szp_cpu import cpu_module, grid_step
 
 _TAGS = ("szp::F32", "szp::F16", "szp::BF16")  # C++ dtype tag per dtype code (blob.DTYPES order)
 THREADS = 256  # kChunkThreads in kernels/portability.cuh: one thread per szp block of a chunk

@@ -1,10 +1,11 @@
 """The synchronous engine loop: schedule → run → sample → post-process, one step at a time.
 
-In:  requests (prompt ids + `SamplingParams`) as `Sequence`s.
-Out: the same sequences, advanced by one token per step until they finish.
+In:  requests (prompt ids + `SamplingParams`) as `Sequence`s, each submitted with its expert provider.
+Out: per step, a `StepOutput` for every sequence of the step: its new token, logprobs, text delta and
+     finish reason (the sequences themselves advance by one token per step until they finish).
 
 `LLM.generate` drives it to completion; the HTTP server's async scheduler calls `step()` from
-its own loop. Everything here runs on the host except the model step (compute device).
+its own loop. Everything here runs on the host except the model step and sampling (compute device).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 
 import torch
 
+from moeserve.engine.outputs import StepOutput
 from moeserve.engine.runner import ModelRunner
 from moeserve.engine.sampler import sample, token_logprobs
 from moeserve.engine.sampling_params import SamplingParams
@@ -28,7 +30,6 @@ class LLMEngine:
     def __init__(
         self,
         model: MoeCausalLM,
-        experts: ExpertProvider,
         tokenizer: Tokenizer | None,
         device: torch.device,
         max_model_len: int,
@@ -39,13 +40,15 @@ class LLMEngine:
         self.config = model.config
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(model, experts, device, max_model_len)
+        self.runner = ModelRunner(model, device, max_model_len)
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
         self.eos_token_ids = set(self.config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
         self._ids = itertools.count()
-        self._generator = torch.Generator().manual_seed(seed)
+        # Unseeded sampled rows draw from this; seeded ones from their own (see `make_sequence`), all on
+        # the compute device so that sampling never leaves it.
+        self._generator = torch.Generator(device=device).manual_seed(seed)
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Validate one request and wrap it; nothing is queued yet."""
@@ -61,7 +64,9 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             self._require_tokenizer("stop strings")
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
         return Sequence(
             seq_id=next(self._ids),
             prompt_ids=prompt_ids,
@@ -72,10 +77,13 @@ class LLMEngine:
             prompt=text,
         )
 
-    def submit(self, seq: Sequence, experts: ExpertProvider | None = None) -> None:
-        """Queue `seq`; it runs wholly on `experts` (None: the runner's provider). Steps never mix
-        providers, so a server can hold several policy variants over one model and one KV cache."""
-        self.scheduler.add(seq, group=experts)
+    def submit(self, seq: Sequence, experts: ExpertProvider) -> None:
+        """Queue `seq`; it runs wholly on `experts`. Steps never mix providers, so a server can hold
+        several policy variants over one model and one KV cache."""
+        if seq.experts is not None:
+            raise ValueError(f"sequence {seq.seq_id} was already submitted")
+        seq.experts = experts
+        self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -88,29 +96,55 @@ class LLMEngine:
         self.scheduler.remove_finished()
         self.runner.release(seq)
 
-    def step(self) -> list[Sequence]:
-        """Run one step; return the sequences that finished in it."""
+    def step(self) -> list[StepOutput]:
+        """Run one step; return what each of its sequences produced (finished ones have left)."""
         step = self.scheduler.schedule()
         if step is None:
             return []
-        seqs, experts = step.seqs, step.group  # the group is the expert provider given to `submit`
+        seqs = step.seqs
+        prompt_logprobs: list[list | None] = [None] * len(seqs)
         if step.is_decode:
-            logits = self.runner.decode(seqs, experts)  # [B, V]
+            logits = self.runner.decode(seqs, step.experts)  # [B, V]
         else:
             wants_prompt = [seq.params.prompt_logprobs is not None for seq in seqs]
-            per_seq = self.runner.extend(seqs, wants_prompt, experts)
-            for seq, rows, wanted in zip(seqs, per_seq, wants_prompt):
+            per_seq = self.runner.extend(seqs, wants_prompt, step.experts)
+            for i, (seq, rows, wanted) in enumerate(zip(seqs, per_seq, wants_prompt)):
                 if wanted:
                     self._record_prompt_logprobs(seq, rows[:-1])
+                    prompt_logprobs[i] = list(seq.prompt_logprobs)
             logits = torch.cat([rows[-1:] for rows in per_seq])  # [B, V]
-        tokens = sample(logits, seqs, self._generator)
-        logprobs = token_logprobs(logits, tokens, [seq.params.logprobs for seq in seqs])
-        for seq, token, lp in zip(seqs, tokens, logprobs):
+        sampled = sample(logits, seqs, self._generator)
+        outputs = []
+        for seq, token, lp, prompt_lp in zip(seqs, sampled.tokens, sampled.logprobs, prompt_logprobs):
             self._append(seq, token, lp)
-        finished = self.scheduler.remove_finished()
-        for seq in finished:
+            outputs.append(
+                StepOutput(
+                    seq.seq_id,
+                    [token],
+                    [] if lp is None else [lp],
+                    self._text_delta(seq),
+                    seq.finish_reason,
+                    seq.stop_reason,
+                    prompt_lp,
+                )
+            )
+        for seq in self.scheduler.remove_finished():
             self.runner.release(seq)
-        return finished
+        return outputs
+
+    @staticmethod
+    def _text_delta(seq: Sequence) -> str:
+        """Text not yet handed out, less a tail that could still turn out to start a stop string (that
+        tail would have to be taken back when the stop string is cut; the cut never reaches further back)."""
+        text = seq.text
+        if seq.is_finished or not seq.params.stop:
+            end = len(text)
+        else:
+            held_back = max(len(s) for s in seq.params.stop) - 1
+            end = max(seq.text_emitted, len(text) - held_back)
+        delta = text[seq.text_emitted : end]
+        seq.text_emitted = end
+        return delta
 
     def _append(self, seq: Sequence, token: int, logprobs) -> None:
         params = seq.params

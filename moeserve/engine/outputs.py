@@ -1,10 +1,31 @@
-"""What `LLM.generate` returns for each prompt."""
+"""What the engine hands out: per step, what each sequence produced (`StepOutput`); per finished
+prompt of `LLM.generate`, the whole result (`RequestOutput`).
+
+In:  the sequences of one step, just advanced by the engine.
+Out: snapshots that share nothing mutable with the engine, safe to pass to another thread.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from moeserve.engine.sequence import Sequence, TokenLogprobs
+
+
+@dataclass(slots=True)
+class StepOutput:
+    """What one sequence produced in one step."""
+
+    seq_id: int
+    token_ids: list[int]  # the new token(s)
+    logprobs: list[TokenLogprobs]  # their log-probabilities, when requested (else empty)
+    # New text, never taken back: with stop strings the tail that could still start one is held back
+    # until the sequence finishes or more text follows, so the deltas of a sequence concatenate to its
+    # final text (a matched stop string cut).
+    text_delta: str
+    finish_reason: str | None = None  # "stop" | "length" | "abort"; None while it runs
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # the step that ran its prompt, when requested
 
 
 @dataclass

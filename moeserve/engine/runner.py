@@ -3,34 +3,31 @@
 In:  the sequences of a step (from the scheduler); each brings its uncached tokens.
 Out: float32 logits for the positions that need them; the K/V of the step stay in the cache.
 
-Owns the per-step `StepContext` (host-built metadata) and the KV cache on the compute device.
+Owns the per-step `StepContext` (host-built metadata) and the KV cache on the compute device. Holds no
+expert provider: each call is given the one of its step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moeserve.engine.context import StepContext
-from moeserve.engine.kv_cache import KVCache
+from moeserve.kv.context import StepContext
+from moeserve.kv.cache import KVCache
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider
 from moeserve.models.decoder import MoeCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: MoeCausalLM, experts: ExpertProvider, device: torch.device, max_len: int):
+    def __init__(self, model: MoeCausalLM, device: torch.device, max_len: int):
         config = model.config
         self.model = model
-        self.experts = experts
         self.device = device
         self.cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, max_len, config.dtype, device)
 
-    def extend(
-        self, seqs: list[Sequence], all_positions: list[bool], experts: ExpertProvider | None = None
-    ) -> list[torch.Tensor]:
-        """Run every uncached token of `seqs`. Per sequence: logits [n, V] for all its new
-        positions where `all_positions[i]`, else [1, V] for its last position only.
-        `experts`: the provider for this step (None: `self.experts`)."""
+    def extend(self, seqs: list[Sequence], all_positions: list[bool], experts: ExpertProvider) -> list[torch.Tensor]:
+        """Run every uncached token of `seqs` on `experts`. Per sequence: logits [n, V] for all its new
+        positions where `all_positions[i]`, else [1, V] for its last position only."""
         for seq in seqs:
             if seq.kv_row < 0:
                 self.cache.allocate(seq, seq.num_tokens)
@@ -52,7 +49,6 @@ class ModelRunner:
             cached_lens=[seq.num_cached for seq in seqs],
             is_decode=False,
         )
-        experts = self.experts if experts is None else experts
         logits = self.model(
             torch.tensor(ids, device=self.device), ctx, experts, torch.tensor(wanted, device=self.device)
         )  # [N, V]
@@ -60,8 +56,8 @@ class ModelRunner:
             seq.num_cached = seq.num_tokens
         return [logits[a:b] for a, b in spans]
 
-    def decode(self, seqs: list[Sequence], experts: ExpertProvider | None = None) -> torch.Tensor:
-        """One new token per sequence (each has exactly one uncached token) → logits [B, V]."""
+    def decode(self, seqs: list[Sequence], experts: ExpertProvider) -> torch.Tensor:
+        """One new token per sequence (each has exactly one uncached token), on `experts` → logits [B, V]."""
         self.cache.reserve(max(seq.num_tokens for seq in seqs))
         ctx = StepContext(
             cache=self.cache,
@@ -73,7 +69,7 @@ class ModelRunner:
             row_index=torch.tensor([seq.kv_row for seq in seqs], device=self.device),
         )
         ids = torch.tensor([seq.output_ids[-1] for seq in seqs], device=self.device)
-        logits = self.model(ids, ctx, self.experts if experts is None else experts)  # [B, V]
+        logits = self.model(ids, ctx, experts)  # [B, V]
         for seq in seqs:
             seq.num_cached += 1
         return logits

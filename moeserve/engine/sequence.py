@@ -1,4 +1,8 @@
-"""One request's state as it moves through the engine: waiting → running → finished."""
+"""One request's state as it moves through the engine: waiting → running → finished.
+
+A sequence carries the expert provider it runs on, set once when it is submitted: the scheduler groups
+steps by it and the runner computes with it, so a running sequence's provider is read from here only.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moeserve.engine.sampling_params import SamplingParams
+from moeserve.experts import ExpertProvider
 from moeserve.tokenizer import IncrementalDetokenizer
 
 TokenLogprobs = dict[int, float]  # token id → log-probability; the sampled token first
@@ -26,13 +31,15 @@ class Sequence:
     params: SamplingParams
     max_len: int  # prompt + generated tokens may not exceed this (the context)
     detokenizer: IncrementalDetokenizer | None
-    generator: torch.Generator | None  # per-request RNG when `seed` is set
+    generator: torch.Generator | None  # per-request RNG on the compute device when `seed` is set
     prompt: str | None = None
+    experts: ExpertProvider | None = None  # set once by LLMEngine.submit; None only before that
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     kv_row: int = -1
     num_cached: int = 0  # leading tokens whose K/V are in the cache
     text: str = ""
+    text_emitted: int = 0  # leading characters of `text` already handed out in step outputs
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprobs] = field(default_factory=list)

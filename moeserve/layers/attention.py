@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import ModelConfig
-from moeserve.engine.context import StepContext
+from moeserve.kv.context import StepContext
 from moeserve.layers.norms import RMSNorm
 from moeserve.layers.rotary import apply_rotary
 from moeserve.layers.sinks import sink_attention

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moeserve.config import ModelConfig
-from moeserve.engine.context import StepContext
+from moeserve.kv.context import StepContext
 from moeserve.experts import ExpertProvider
 from moeserve.layers.attention import Attention
 from moeserve.layers.mlp import GatedMLP

@@ -3,7 +3,7 @@
 In:  a packed expert (host memory) and a free slot of the pool.
 Out: a `CpuPending` handle; once it is done the slot holds the decoded gate / up / down.
 
-Decode threads (codecs/cpu_pool.py; for szp, C++ threads that never take the GIL) write straight
+Decode threads (decode_pool.py; for szp, C++ threads that never take the GIL) write straight
 into the slot, so decoding overlaps the model's own compute. The GPU pipeline is gpu_filler.py.
 """
 
@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from moeserve.codecs.cpu_pool import CpuDecodePool, DecodeHandle
+from moeserve.offload.decode_pool import CpuDecodePool, DecodeHandle
 from moeserve.offload.cache import SlotPool
 from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import PackedExpert

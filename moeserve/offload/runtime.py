@@ -1,7 +1,7 @@
 """Assembles the offloading runtime for one loaded model: store, slot pool, cache, filler, provider.
 
-In:  the checkpoint's stored experts (or a compressed store written by `moeserve compress`), a
-     policy, a cache budget ("25%", "512MiB", bytes) and the compute device.
+In:  the loaded model (its stored experts, or a compressed store written by `moeserve compress`), its
+     compute device, and `OffloadOptions` (policy, cache budget, eviction, prefetch, decode workers).
 Out: an `OffloadedExpertProvider` for the model, plus the resolved policy and store for reporting.
 
 Compressed stores are cached on disk under $MOESERVE_CACHE_DIR (default ~/.cache/moeserve),
@@ -21,10 +21,11 @@ from pathlib import Path
 import torch
 
 from moeserve.config import ModelConfig
-from moeserve.errors import MoeServeError
+from moeserve.loader import LoadedModel, iter_stored_experts
 from moeserve.offload.cache import ExpertCache, SlotPool
 from moeserve.offload.filler import CpuSlotFiller
 from moeserve.offload.gpu_filler import GpuSlotFiller
+from moeserve.offload.options import OffloadError, OffloadOptions
 from moeserve.offload.policy import Policy, ResolvedPolicy, load_policy
 from moeserve.offload.provider import OffloadedExpertProvider
 from moeserve.offload.stats import OffloadStats
@@ -37,12 +38,9 @@ _STORE_FORMAT = 2  # 2: the index records each expert's gate/up layout
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
-class OffloadError(MoeServeError):
-    """A cache budget or offloading option that cannot be served."""
-
-
 @dataclass
 class OffloadRuntime:
+    options: OffloadOptions
     provider: OffloadedExpertProvider
     policy: ResolvedPolicy
     policy_source: Policy
@@ -95,19 +93,11 @@ def store_cache_path(model_dir: Path, policy: ResolvedPolicy) -> Path:
 
 
 def build_offload_runtime(
-    model,
-    config: ModelConfig,
-    model_dir: Path,
-    checkpoint,
-    policy_source,
-    expert_cache,
-    device: torch.device,
-    eviction: str = "lru",
-    prefetch: bool = True,
-    progress: bool = True,
+    loaded: LoadedModel, options: OffloadOptions, device: torch.device, progress: bool = True
 ) -> OffloadRuntime:
-    from moeserve.loader import iter_stored_experts
-
+    """The one way to a runtime: the store for `options.policy` (read from a compressed directory, the
+    disk cache, or encoded from `loaded.checkpoint`), and a provider over it on `device`."""
+    config, model_dir, policy_source = loaded.config, loaded.model_dir, options.policy
     pin = device.type == "cuda"
     compressed_dir = is_compressed_dir(model_dir)
     if compressed_dir:
@@ -134,21 +124,21 @@ def build_offload_runtime(
             store = CompressedStore.load(cached, pin=pin, progress=progress)
         else:
             total = len(config.moe_layer_ids) * config.num_experts
-            stored = iter_stored_experts(model, checkpoint, config, keep_mxfp4=True)
+            stored = iter_stored_experts(loaded.model, loaded.checkpoint, config, keep_mxfp4=True)
             store = CompressedStore.build(stored, resolved, policy_source.to_yaml(), total, pin=pin, progress=progress)
             _save_quietly(store, cached)
 
-    provider, budget = provider_for_store(store, config, expert_cache, device, eviction, prefetch)
-    return OffloadRuntime(provider, resolved, policy_source, store, provider.stats, budget, provider.pool.num_slots)
+    provider, budget = provider_for_store(store, config, options, device)
+    return OffloadRuntime(
+        options, provider, resolved, policy_source, store, provider.stats, budget, provider.pool.num_slots
+    )
 
 
 def provider_for_store(
     store: CompressedStore,
     config: ModelConfig,
-    expert_cache,
+    options: OffloadOptions,
     device: torch.device,
-    eviction: str = "lru",
-    prefetch: bool = True,
     timeline: bool = False,
 ) -> tuple[OffloadedExpertProvider, int]:
     """Slot pool, cache, filler and provider over a store already in memory; also the budget in bytes.
@@ -156,7 +146,8 @@ def provider_for_store(
     (GPU) times copies, decodes and compute's waits with events, for the throughput benchmark."""
     slot_bytes = SlotPool.slot_nbytes(config.hidden_size, config.moe_intermediate_size, config.dtype)
     total_experts = len(store.experts)
-    budget = parse_budget(expert_cache if expert_cache is not None else "100%", total_experts * slot_bytes)
+    expert_cache = options.expert_cache if options.expert_cache is not None else "100%"
+    budget = parse_budget(expert_cache, total_experts * slot_bytes)
     num_slots = min(budget // slot_bytes, total_experts)
     if num_slots < config.top_k:
         raise OffloadError(
@@ -168,9 +159,9 @@ def provider_for_store(
     if device.type == "cuda":
         filler = GpuSlotFiller(pool, stats, max(p.nbytes for p in store.experts.values()), CudaStreams(device), timeline=timeline)
     else:
-        filler = CpuSlotFiller(pool, stats)
-    cache = ExpertCache(num_slots, eviction)
-    return OffloadedExpertProvider(store, pool, cache, filler, stats, prefetch=prefetch), budget
+        filler = CpuSlotFiller(pool, stats, options.workers)
+    cache = ExpertCache(num_slots, options.eviction)
+    return OffloadedExpertProvider(store, pool, cache, filler, stats, prefetch=options.prefetch), budget
 
 
 def _save_quietly(store: CompressedStore, path: Path) -> None:

@@ -3,11 +3,11 @@
 In:  one unit of work: (blob, out) pairs, e.g. an expert's gate, up and down and the slot views they fill.
 Out: a `DecodeHandle` to poll (done) or block on (wait); once done every out holds its decoded values.
 
-A unit whose blobs are all szp runs on C++ threads that never take the GIL (moeserve._szp_cpu.DecodePool),
-so decoding does not stall the model's Python thread between its torch calls. Other codecs run their
-Python decoders on threads of their own. Units a layer is waiting for run before queued guesses.
-Either way each worker decodes on its own thread only: the workers are the parallelism, and an
-OpenMP team per worker would oversubscribe the cores the model computes on.
+A unit whose blobs all share a codec with a native decoder (`Codec.native_decoder()`, e.g. szp's C++
+threads) runs there, without the GIL, so decoding does not stall the model's Python thread between its
+torch calls. Other codecs run their Python decoders on threads of their own. Units a layer is waiting
+for run before queued guesses. Either way each worker decodes on its own thread only: the workers are
+the parallelism, and an OpenMP team per worker would oversubscribe the cores the model computes on.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Sequence
 
 import torch
 
-from moeserve.codecs import check_decode_target, decode_into, single_threaded_codecs, szp
-from moeserve.codecs.blob import Blob
+from moeserve.codecs import Blob, NativeDecoder, check_decode_target, decode_into, single_threaded_codecs
+from moeserve.codecs.registry import get
 
 
 class DecodeHandle:
-    def __init__(self, native=None, future: Future | None = None):
-        self._native, self._future = native, future
+    def __init__(self, native=None, decoder: NativeDecoder | None = None, future: Future | None = None):
+        self._native, self._decoder, self._future = native, decoder, future
 
     def done(self) -> bool:
         return self._native.done() if self._native is not None else self._future.done()
@@ -39,7 +39,7 @@ class DecodeHandle:
         try:
             self._native.wait()
         except ValueError as e:
-            raise szp.malformed(e) from None
+            raise self._decoder.error(e) from None
 
     @property
     def seconds(self) -> float:
@@ -53,7 +53,7 @@ class DecodeHandle:
 class CpuDecodePool:
     def __init__(self, threads: int = 1):
         self.threads = threads
-        self._native = None  # made on first use, so a store without szp never starts its threads
+        self._native: dict[str, object] = {}  # decoder name → its pool, started on first use
         self._python: _PythonDecodeThreads | None = None
 
     def submit(self, work: Sequence[tuple[Blob, torch.Tensor]], urgent: bool = False) -> DecodeHandle:
@@ -61,19 +61,21 @@ class CpuDecodePool:
         for blob, out in work:
             check_decode_target(blob, out, cpu_only=True)
         work = [(blob, out) for blob, out in work if out.numel()]
-        if all(blob.codec == "szp" for blob, _ in work):
-            if self._native is None:
-                self._native = szp.cpu_module().DecodePool(self.threads)
-            jobs = [szp.decode_args(blob, out) for blob, out in work]
-            return DecodeHandle(native=self._native.submit(jobs, urgent))
+        decoders = {get(blob.codec).native_decoder() for blob, _ in work}
+        decoder = decoders.pop() if len(decoders) == 1 else None
+        if decoder is not None:
+            if decoder.name not in self._native:
+                self._native[decoder.name] = decoder.start_pool(self.threads)
+            jobs = [decoder.job(blob, out) for blob, out in work]
+            return DecodeHandle(native=self._native[decoder.name].submit(jobs, urgent), decoder=decoder)
         if self._python is None:
             self._python = _PythonDecodeThreads(self.threads)
         return DecodeHandle(future=self._python.submit(work, urgent))
 
     def close(self) -> None:
         """Finishes every submitted unit, then stops the threads."""
-        if self._native is not None:
-            self._native.close()
+        for pool in self._native.values():
+            pool.close()
         if self._python is not None:
             self._python.close()
 

@@ -1,4 +1,10 @@
-"""`LLM`: the public offline API — load a checkpoint, then `generate`, `chat` and `score`."""
+"""`LLM`: the public offline API — load a checkpoint, then `generate`, `chat` and `score`.
+
+In:  a checkpoint directory, device and dtype, engine limits, and the offloading keyword arguments
+     (one `OffloadOptions`).
+Out: `RequestOutput`s; `score` gives logits. The LLM owns one expert provider, its default: resident
+     experts, or an offloading runtime's. A server takes it over (`hand_over_experts`).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from moeserve.engine.sampling_params import SamplingParams
 from moeserve.errors import InputError, ModelLoadError
 from moeserve.experts import ExpertProvider
 from moeserve.loader import load_dense_experts, load_model, resolve_model_dir
-from moeserve.offload.cache import EVICTION_POLICIES
+from moeserve.offload.options import OffloadOptions
 from moeserve.offload.runtime import OffloadRuntime, build_offload_runtime, is_compressed_dir
 
 Prompt = str | list[int]
@@ -34,6 +40,7 @@ class LLM:
         when offloading, or no offloading at all when `expert_cache` is None too.
     expert_cache: decoded-expert budget: "25%" of all experts, "512MiB", or bytes; None = all.
     eviction: "lru" or "lfu". prefetch: predict and load the next layer's experts ahead of time.
+    decode_workers: CPU threads decoding experts; None = one per 8 cores, at least two.
     """
 
     def __init__(
@@ -50,6 +57,7 @@ class LLM:
         expert_cache: str | int | None = None,
         eviction: str = "lru",
         prefetch: bool = True,
+        decode_workers: int | None = None,
         progress: bool = True,
     ):
         self.device = resolve_device(device, ModelLoadError)
@@ -64,21 +72,17 @@ class LLM:
             if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
                 raise ModelLoadError(f"max_model_len must be an integer in 2..{context} for this model, got {max_model_len!r}.")
             context = max_model_len
-        if eviction not in EVICTION_POLICIES:
-            raise ModelLoadError(f"eviction {eviction!r} is not known; use one of {', '.join(EVICTION_POLICIES)}.")
+        self.offload_options = OffloadOptions(policy, expert_cache, eviction, prefetch, decode_workers)
         self.offload: OffloadRuntime | None = None
-        if policy is not None or expert_cache is not None or is_compressed_dir(self.model_dir):
-            self.offload = build_offload_runtime(
-                loaded.model, self.config, self.model_dir, loaded.checkpoint, policy, expert_cache,
-                self.device, eviction=eviction, prefetch=prefetch, progress=progress,
-            )
+        self.experts: ExpertProvider | None  # the default provider; None once handed over
+        if self.offload_options.offloads(is_compressed_dir(self.model_dir)):
+            self.offload = build_offload_runtime(loaded, self.offload_options, self.device, progress=progress)
             self.experts = self.offload.provider
         else:
             self.experts = load_dense_experts(loaded, self.device)
         self.loaded = loaded  # resident weights and the mapped checkpoint (e.g. for `moeserve compress`)
         self.engine = LLMEngine(
             self.model,
-            self.experts,
             self.tokenizer,
             self.device,
             max_model_len=context,
@@ -90,6 +94,18 @@ class LLM:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    def hand_over_experts(self) -> tuple[ExpertProvider, OffloadRuntime | None]:
+        """Give up this LLM's expert provider (and its runtime) to a new owner, e.g. the server's first
+        policy generation, which frees it when it retires. Afterwards calls must pass `experts=`."""
+        experts, runtime = self._default_experts(), self.offload
+        self.experts, self.offload = None, None
+        return experts, runtime
+
+    def _default_experts(self) -> ExpertProvider:
+        if self.experts is None:
+            raise InputError("this LLM's experts were handed to a server; pass experts= or load another LLM.")
+        return self.experts
 
     def generate(
         self,
@@ -104,11 +120,12 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         seqs = [self.engine.make_sequence(p, sp) for p, sp in zip(prompt_list, params)]
+        experts = self._default_experts() if experts is None else experts
         for seq in seqs:
             self.engine.submit(seq, experts)
         with tqdm(total=len(seqs), disable=not use_tqdm, desc="generate", unit="req") as bar:
             while self.engine.has_unfinished():
-                bar.update(len(self.engine.step()))
+                bar.update(sum(out.finish_reason is not None for out in self.engine.step()))
         return [RequestOutput.from_sequence(seq) for seq in seqs]
 
     def chat(
@@ -130,6 +147,7 @@ class LLM:
         """float32 logits [T, vocab] at every prompt position (row t predicts token t+1), on CPU.
         `experts` as in `generate`."""
         seq = self.engine.make_sequence(prompt, SamplingParams(max_tokens=1))
+        experts = self._default_experts() if experts is None else experts
         try:
             (logits,) = self.engine.runner.extend([seq], [True], experts)
         finally:

@@ -17,7 +17,7 @@ from moeserve.server.async_engine import AsyncEngine, RequestHandle
 from moeserve.server.errors import error_event
 from moeserve.server.protocol import CompletionRequest, EngineRequest, Limits, stream_usage
 from moeserve.server.serving_common import Choice, collect_choices, TokenText, completion_logprobs, merge, now, usage
-from moeserve.server.streaming import DONE, EventStream, TextStreamer, sse, unless_disconnected
+from moeserve.server.streaming import DONE, EventStream, sse, unless_disconnected
 from moeserve.server.variants import VariantTable
 
 
@@ -98,7 +98,6 @@ class CompletionServing:
             "model": model,
             "system_fingerprint": handle.generation.system_fingerprint,
         }
-        streamers = [TextStreamer(seq.params.stop) for seq in handle.seqs]
         wants_logprobs = [seq.params.logprobs is not None for seq in handle.seqs]
         zero = engine_request.internal_max_tokens_zero
         completion_tokens = 0
@@ -111,7 +110,7 @@ class CompletionServing:
                     finished = update.finish_reason is not None
                     ids = [] if zero else update.token_ids
                     completion_tokens += len(ids)
-                    text = "" if zero else streamers[i].delta(update.text, finished)
+                    text = "" if zero else update.text_delta
                     logprobs = None
                     if update.prompt_logprobs is not None:  # echo with logprobs: the prompt and its logprobs
                         text = self._prompt_text(handle, engine_request, i) + text

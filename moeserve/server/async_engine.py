@@ -5,15 +5,16 @@
                   the variant's current policy                     engine.step()  (continuous batching:
                                                                    new sequences join at step
                                                                    boundaries, finished ones leave)
-    RequestHandle.queue ◄── call_soon_threadsafe ◄─ per step: one batch of SeqUpdates (new tokens,
-      (one asyncio queue per request)              text so far, finish reason) for every sequence
-                                                   that moved
+    RequestHandle.queue ◄── call_soon_threadsafe ◄─ per step: the engine's StepOutputs (new tokens,
+      (one asyncio queue per request)              logprobs, text delta, finish reason), forwarded
+                                                   as SeqUpdates tagged with the choice index
     handle.abort() (client gone) ──────────────► commands deque ─► engine.abort(seq): KV row freed
 
-Only the step thread touches the engine, its scheduler and the sequences' mutable state; it sends
-immutable snapshots back. Bookkeeping (in-flight counts, metrics, policy generations) lives on the
-event loop. One request may hold several sequences (n > 1, or a list of prompts); its updates
-arrive on one queue, tagged with the choice index.
+Only the step thread touches the engine, its scheduler and the sequences' mutable state; it forwards
+the step's outputs, which share nothing with the engine. Commands to it are small dataclasses.
+Bookkeeping (in-flight counts, metrics, policy generations) lives on the event loop. One request may
+hold several sequences (n > 1, or a list of prompts); its updates arrive on one queue, tagged with
+the choice index.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from moeserve.engine.llm_engine import LLMEngine
+from moeserve.engine.outputs import StepOutput
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.sequence import Sequence, TokenLogprobs
+from moeserve.experts import ExpertProvider
 from moeserve.server.errors import ApiError
 from moeserve.server.metrics import ServerMetrics
 from moeserve.server.variants import PolicyGeneration, Variant
@@ -39,17 +42,54 @@ logger = logging.getLogger("moeserve.server")
 
 @dataclass(slots=True)
 class SeqUpdate:
-    """What one sequence did since its last update (a snapshot: nothing here is shared with the engine)."""
+    """What one sequence did in one step (a snapshot: nothing here is shared with the engine)."""
 
     index: int  # choice index within the request
     token_ids: list[int]  # new tokens
     logprobs: list[TokenLogprobs]  # their log-probabilities, when requested
-    text: str  # all generated text so far (a matched stop string already cut)
+    text_delta: str  # new text, never taken back (a matched stop string is never part of it)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: str | int | None = None
     prompt_logprobs: list | None = None  # first update only, when requested
     step_start: float = 0.0  # monotonic start of the step that produced it
     error: BaseException | None = None  # the step failed (a bug): the request ends with a 500
+
+    @classmethod
+    def of(cls, index: int, output: StepOutput, step_start: float) -> SeqUpdate:
+        return cls(
+            index,
+            output.token_ids,
+            output.logprobs,
+            output.text_delta,
+            output.finish_reason,
+            output.stop_reason,
+            output.prompt_logprobs,
+            step_start,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    handle: RequestHandle
+    experts: ExpertProvider  # the provider of the handle's policy generation
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    seqs: list[Sequence]
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    generation: PolicyGeneration  # retired, with no sequence left: close its provider
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+Command = Submit | Abort | Release | Stop
 
 
 class RequestHandle:
@@ -61,7 +101,6 @@ class RequestHandle:
         self.arrival = time.monotonic()
         self.queue: asyncio.Queue[SeqUpdate] = asyncio.Queue()
         self.finished = [False] * len(seqs)
-        self.texts = [""] * len(seqs)
         self.first_token_time: float | None = None
         self._last_token_time: list[float | None] = [None] * len(seqs)
         self.closed = False  # aborted, or every sequence finished
@@ -87,10 +126,11 @@ class RequestHandle:
         unfinished = [i for i, done in enumerate(self.finished) if not done]
         for i in unfinished:
             self._finish(i, "abort")
-            self.queue.put_nowait(SeqUpdate(i, [], [], self.texts[i], "abort"))
-        self.engine._send(("abort", [self.seqs[i] for i in unfinished]))
+            self.queue.put_nowait(SeqUpdate(i, [], [], "", "abort"))
+        self.engine.cancel([self.seqs[i] for i in unfinished])
 
-    def _deliver(self, update: SeqUpdate, now: float) -> None:
+    def deliver(self, update: SeqUpdate, now: float) -> None:
+        """Event loop: one update from the step thread, into the metrics and the queue."""
         metrics, name = self.engine.metrics, self.variant.name
         if update.token_ids:
             if self.first_token_time is None:
@@ -102,21 +142,14 @@ class RequestHandle:
                 metrics.itl.labels(name).observe(now - last)
             self._last_token_time[update.index] = now
             metrics.generation_tokens.labels(name).inc(len(update.token_ids))
-        self.texts[update.index] = update.text
         if update.finish_reason is not None or update.error is not None:
             self._finish(update.index, update.finish_reason or "error")
         self.queue.put_nowait(update)
 
     def _finish(self, index: int, reason: str) -> None:
         self.finished[index] = True
-        self.generation.live -= 1
-        self.engine.num_seqs -= 1
-        self.engine.metrics.request_success.labels(self.variant.name, reason).inc()
-        if all(self.finished):
-            self.closed = True
-            self.engine.metrics.e2e.labels(self.variant.name).observe(time.monotonic() - self.arrival)
-            self.engine._handles.discard(self)
-            self.engine._retire(self.variant)
+        self.closed = all(self.finished)
+        self.engine.sequence_finished(self, reason)
 
 
 class AsyncEngine:
@@ -132,11 +165,10 @@ class AsyncEngine:
         self.failure: BaseException | None = None  # the step thread died
         self.steps = 0
         self._handles: set[RequestHandle] = set()
-        self._commands: deque[tuple] = deque()
+        self._commands: deque[Command] = deque()
         self._wake = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._on_release = None  # callback(old, current generation), on the step thread, before old is closed
 
     # ---- event loop side -------------------------------------------------------------------
 
@@ -186,8 +218,22 @@ class AsyncEngine:
         handle = RequestHandle(self, seqs, variant, generation)
         self._handles.add(handle)
         self.metrics.prompt_tokens.labels(variant.name).inc(sum(len(s.prompt_ids) for s in seqs))
-        self._send(("submit", handle, generation.experts))
+        self._send(Submit(handle, generation.experts))
         return handle
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        """Abort these sequences on the step thread (their KV rows and scheduler slots are freed)."""
+        self._send(Abort(seqs))
+
+    def sequence_finished(self, handle: RequestHandle, reason: str) -> None:
+        """Event loop bookkeeping for one finished (or aborted) sequence of `handle`."""
+        handle.generation.live -= 1
+        self.num_seqs -= 1
+        self.metrics.request_success.labels(handle.variant.name, reason).inc()
+        if handle.closed:
+            self.metrics.e2e.labels(handle.variant.name).observe(time.monotonic() - handle.arrival)
+            self._handles.discard(handle)
+            self._retire(handle.variant)
 
     async def shutdown(self, timeout: float) -> None:
         """Refuse new requests, let the running ones finish (up to `timeout` s), then stop the step thread."""
@@ -197,11 +243,16 @@ class AsyncEngine:
             await asyncio.sleep(0.05)
         for handle in list(self._handles):
             handle.abort()
-        self._send(("stop",))
+        self._send(Stop())
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
 
-    def _send(self, command: tuple) -> None:
+    def switch(self, variant: Variant, runtime) -> None:
+        """Serve new requests of `variant` with `runtime` (requests in flight keep their policy)."""
+        variant.install(runtime)
+        self._retire(variant)
+
+    def _send(self, command: Command) -> None:
         self._commands.append(command)
         self._wake.set()
 
@@ -209,21 +260,16 @@ class AsyncEngine:
         now = time.monotonic()
         for handle, update in updates:
             if not handle.closed:
-                handle._deliver(update, now)
-
-    def switch(self, variant: Variant, runtime) -> None:
-        """Serve new requests of `variant` with `runtime` (requests in flight keep their policy)."""
-        variant.install(runtime)
-        self._retire(variant)
+                handle.deliver(update, now)
 
     def _retire(self, variant: Variant) -> None:
         for generation in variant.collect_retired():
-            self._send(("release", generation, variant.current))
+            self._send(Release(generation))
 
     # ---- step thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        active: dict[Sequence, list] = {}  # seq → [handle, index, tokens sent, logprobs sent, prompt lp sent]
+        active: dict[int, tuple[RequestHandle, int]] = {}  # seq_id → (handle, choice index)
         try:
             while True:
                 if not self._apply_commands(active):
@@ -234,75 +280,52 @@ class AsyncEngine:
                     continue
                 start = time.monotonic()
                 try:
-                    self.engine.step()
+                    outputs = self.engine.step()
                 except Exception as exc:  # a bug: fail the requests in flight, keep serving
                     logger.exception("engine step failed; the requests in it end with an error")
-                    updates = [(h, SeqUpdate(i, [], [], "", error=exc)) for h, i, *_ in active.values()]
-                    for seq in list(active):
+                    updates = [(h, SeqUpdate(i, [], [], "", error=exc)) for h, i in active.values()]
+                    for handle, index in active.values():
                         try:
-                            self.engine.abort(seq)
+                            self.engine.abort(handle.seqs[index])
                         except Exception:
                             logger.exception("could not abort a sequence after the failed step")
                     active.clear()
                 else:
                     self.steps += 1
-                    updates = self._collect(active, start)
+                    updates = []
+                    for output in outputs:
+                        handle, index = active[output.seq_id]
+                        if output.finish_reason is not None:
+                            del active[output.seq_id]
+                        updates.append((handle, SeqUpdate.of(index, output, start)))
                 if updates:
                     self._loop.call_soon_threadsafe(self._dispatch, updates)
         except BaseException as exc:  # the thread itself broke: report unhealthy rather than hang clients
             logger.exception("the step thread stopped")
             self.failure = exc
-            failed = [(h, SeqUpdate(i, [], [], "", error=exc)) for h, i, *_ in active.values()]
+            failed = [(h, SeqUpdate(i, [], [], "", error=exc)) for h, i in active.values()]
             if failed and self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(self._dispatch, failed)
 
-    def _apply_commands(self, active: dict[Sequence, list]) -> bool:
+    def _apply_commands(self, active: dict[int, tuple[RequestHandle, int]]) -> bool:
         """Between steps: submissions, aborts, policy releases. False on stop."""
         while self._commands:
             command = self._commands.popleft()
-            kind = command[0]
-            if kind == "submit":
-                _, handle, experts = command
-                for index, seq in enumerate(handle.seqs):
-                    active[seq] = [handle, index, 0, 0, False]
-                    self.engine.submit(seq, experts)
-            elif kind == "abort":
-                for seq in command[1]:
-                    if active.pop(seq, None) is not None:
+            if isinstance(command, Submit):
+                for index, seq in enumerate(command.handle.seqs):
+                    active[seq.seq_id] = (command.handle, index)
+                    self.engine.submit(seq, command.experts)
+            elif isinstance(command, Abort):
+                for seq in command.seqs:
+                    if active.pop(seq.seq_id, None) is not None:
                         self.engine.abort(seq)
-            elif kind == "release":
-                _, old, current = command
-                if self._on_release is not None:
-                    self._on_release(old, current)
-                close = getattr(old.experts, "close", None)
+            elif isinstance(command, Release):
+                close = getattr(command.generation.experts, "close", None)
                 if close is not None:
                     close()
-            elif kind == "stop":
-                for seq in list(active):
-                    self.engine.abort(seq)
+            elif isinstance(command, Stop):
+                for handle, index in active.values():
+                    self.engine.abort(handle.seqs[index])
                 active.clear()
                 return False
         return True
-
-    @staticmethod
-    def _collect(active: dict[Sequence, list], step_start: float) -> list[tuple[RequestHandle, SeqUpdate]]:
-        updates = []
-        for seq, track in list(active.items()):
-            handle, index, sent, sent_lp, prompt_sent = track
-            if len(seq.output_ids) == sent and not seq.is_finished:
-                continue
-            update = SeqUpdate(
-                index,
-                seq.output_ids[sent:],
-                seq.logprobs[sent_lp:],
-                seq.text,
-                seq.finish_reason if seq.is_finished else None,
-                seq.stop_reason,
-                None if prompt_sent or seq.params.prompt_logprobs is None else list(seq.prompt_logprobs),
-                step_start,
-            )
-            track[2], track[3], track[4] = len(seq.output_ids), len(seq.logprobs), True
-            if seq.is_finished:
-                del active[seq]
-            updates.append((handle, update))
-        return updates

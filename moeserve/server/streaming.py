@@ -1,12 +1,8 @@
-"""Server-sent events: incremental text that never has to be taken back, and a response that
-notices a client going away.
+"""Server-sent events, and a response that notices a client going away.
 
-In:  each sequence's full text so far (from `SeqUpdate.text`; a matched stop string already cut).
+In:  response chunks as dicts; the text in them is the engine's text deltas (`SeqUpdate.text_delta`),
+     which never have to be taken back: the engine holds back a tail that could start a stop string.
 Out: `data: <json>\\n\\n` events, ending with `data: [DONE]\\n\\n`.
-
-With stop strings, the last (longest stop string − 1) characters are held back until the sequence
-finishes or more text follows: they could still turn out to be the start of a stop string that the
-final answer drops, and a streamed client must never have seen them (vLLM does the same).
 
 `EventStream` runs the body and a disconnect listener side by side, for every ASGI server: when
 the client disconnects the body generator is cancelled at once, and its `finally` aborts the
@@ -29,20 +25,6 @@ T = TypeVar("T")
 
 def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-
-
-class TextStreamer:
-    """Per choice: how much of the text was sent, and the tail held back for stop strings."""
-
-    def __init__(self, stop: list[str]):
-        self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.sent = 0
-
-    def delta(self, text: str, finished: bool) -> str:
-        end = len(text) if finished else max(self.sent, len(text) - self.holdback)
-        piece = text[self.sent : end]
-        self.sent = end
-        return piece
 
 
 class EventStream(StreamingResponse):

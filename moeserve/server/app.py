@@ -6,7 +6,8 @@
                    variants (policy per served name) ─────────► AsyncEngine ─► step thread ─► LLMEngine
                    PolicyJobs (PUT /v1/policy) ─ switch ─────────┘
 
-The app owns its AsyncEngine, metrics registry, variants and policy jobs; the step thread starts
+The app owns its AsyncEngine, metrics registry, variants and policy jobs, and takes over the LLM's expert
+provider as the base variant's first policy generation (offloading options: the LLM's). The step thread starts
 with the app (lifespan) and drains on shutdown: new requests get 503, running ones finish (up to
 `drain_timeout` seconds), then the thread stops.
 """
@@ -16,12 +17,12 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi import FastAPI
 
-from moeserve.engine.llm import LLM
+from moeserve.llm import LLM
 from moeserve.offload.runtime import build_offload_runtime
 from moeserve.server.async_engine import AsyncEngine
 from moeserve.server.auth import ApiKeyMiddleware, BodyLimitMiddleware
@@ -34,7 +35,7 @@ from moeserve.server.routes_openai import router as openai_router
 from moeserve.server.serving_chat import ChatServing
 from moeserve.server.serving_common import TokenText
 from moeserve.server.serving_completions import CompletionServing
-from moeserve.server.variants import VariantTable
+from moeserve.server.variants import PolicyGeneration, VariantTable
 
 logger = logging.getLogger("moeserve.server")
 
@@ -49,9 +50,6 @@ class ServerConfig:
     max_body_bytes: int = 4 * 2**20
     max_n: int = 16
     max_logprobs: int = 20
-    expert_cache: str | int | None = None  # budget of runtimes built for variants and policy switches
-    eviction: str = "lru"
-    prefetch: bool = True
     drain_timeout: float = 30.0
 
 
@@ -79,24 +77,15 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
     metrics = ServerMetrics()
     engine = AsyncEngine(llm.engine, metrics, max_waiting=config.max_waiting)
-    variants = VariantTable(llm, config.model_name or default_model_name(llm), config.base_policy_name)
-    for name, policy in config.policies.items():
-        if name == config.base_policy_name:
-            continue  # that one is the LLM's own runtime
-        runtime = build_offload_runtime(
-            llm.model,
-            llm.config,
-            llm.model_dir,
-            llm.loaded.checkpoint,
-            policy,
-            config.expert_cache,
-            llm.device,
-            eviction=config.eviction,
-            prefetch=config.prefetch,
-            progress=False,
-        )
+    named = {  # built before the LLM hands its experts over, so a policy error leaves the LLM whole
+        name: build_offload_runtime(llm.loaded, replace(llm.offload_options, policy=policy), llm.device, progress=False)
+        for name, policy in config.policies.items()
+        if name != config.base_policy_name  # that one is the LLM's own runtime
+    }
+    model_name = config.model_name or default_model_name(llm)
+    variants = VariantTable(model_name, PolicyGeneration(*llm.hand_over_experts(), 0), config.base_policy_name)
+    for name, runtime in named.items():
         variants.add(name, runtime)
-    engine._on_release = lambda old, current: _drop_base_experts(llm, old, current)
     metrics.watch(engine.counts, lambda: variants.variants.values())
     limits = Limits(
         max_model_len=llm.max_model_len,
@@ -113,7 +102,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         metrics=metrics,
         completions=CompletionServing(engine, variants, limits, token_text),
         chat=ChatServing(engine, variants, limits, llm.tokenizer, token_text),
-        jobs=PolicyJobs(llm, engine, variants, config.expert_cache, config.eviction, config.prefetch),
+        jobs=PolicyJobs(llm, engine, variants),
     )
 
     @asynccontextmanager
@@ -134,14 +123,6 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)  # added last: runs first
     return app
-
-
-def _drop_base_experts(llm: LLM, old, current) -> None:
-    """Step thread, when a generation retires: if it was the LLM's own provider (e.g. the resident
-    experts before the first policy switch), point the LLM at the current one so its memory goes."""
-    if llm.experts is old.experts:
-        llm.experts = llm.engine.runner.experts = current.experts
-        llm.offload = current.runtime
 
 
 def serve(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

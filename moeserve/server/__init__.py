@@ -1,5 +1,4 @@
-"""moeserve.server: the OpenAI-compatible HTTP server (FastAPI + uvicorn). Lives in the repository's
-top-level `server/` directory, installed as the package `moeserve.server` (pyproject.toml maps it).
+"""moeserve.server: the OpenAI-compatible HTTP server (FastAPI + uvicorn), the top layer of the package.
 
     protocol.py       pydantic request models → prompts + SamplingParams (the engine never sees pydantic)
     async_engine.py   the async scheduler: admission, a step thread driving LLMEngine, per-request queues

@@ -21,9 +21,9 @@ import time
 import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from moeserve.engine.llm import LLM
+from moeserve.llm import LLM
 from moeserve.errors import MoeServeError
 from moeserve.offload.policy import Policy, load_policy
 from moeserve.offload.runtime import build_offload_runtime, is_compressed_dir
@@ -84,11 +84,9 @@ class _CountingCheckpoint:
 
 
 class PolicyJobs:
-    def __init__(
-        self, llm: LLM, engine: AsyncEngine, variants: VariantTable, expert_cache, eviction: str, prefetch: bool
-    ):
+    def __init__(self, llm: LLM, engine: AsyncEngine, variants: VariantTable):
+        """New runtimes take the LLM's offloading options with the submitted policy."""
         self.llm, self.engine, self.variants = llm, engine, variants
-        self.expert_cache, self.eviction, self.prefetch = expert_cache, eviction, prefetch
         self.jobs: OrderedDict[str, PolicyJob] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeserve-policy")
 
@@ -140,18 +138,9 @@ class PolicyJobs:
         job.status, job.started = "encoding", time.time()
         llm = self.llm
         try:
-            runtime = build_offload_runtime(
-                llm.model,
-                llm.config,
-                llm.model_dir,
-                _CountingCheckpoint(llm.loaded.checkpoint, job),
-                policy,
-                self.expert_cache,
-                llm.device,
-                eviction=self.eviction,
-                prefetch=self.prefetch,
-                progress=False,
-            )
+            counting = replace(llm.loaded, checkpoint=_CountingCheckpoint(llm.loaded.checkpoint, job))
+            options = replace(llm.offload_options, policy=policy)
+            runtime = build_offload_runtime(counting, options, llm.device, progress=False)
         except MoeServeError as exc:
             job.status, job.error, job.finished = "failed", str(exc), time.time()
             return

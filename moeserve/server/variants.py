@@ -1,14 +1,15 @@
 """Policy variants: the names a request can pick (`MODEL`, `MODEL@NAME`) and the policy each serves.
 
-In:  the loaded `LLM` (its own expert provider is the base variant) and, per named variant, an
-     offloading runtime built over the same resident model; later, runtimes built by a policy
-     switch (PUT /v1/policy).
+In:  the LLM's expert provider, handed over to the base variant's first generation, and, per named
+     variant, an offloading runtime built over the same resident model; later, runtimes built by a
+     policy switch (PUT /v1/policy).
 Out: for a request's `model` name, the variant and its *current generation*: the expert provider
      the request's sequences are bound to for their whole life.
 
 A switch installs a new generation; requests already submitted keep the old one (the scheduler
 never mixes providers in a step, see engine/scheduler.py), new requests get the new one. The old
-generation is retired, and its decoded-expert cache freed, once its last sequence finishes.
+generation is retired, and its provider closed and dropped, once its last sequence finishes: each
+generation is the only owner of its provider.
 Everything here runs on the event loop thread; the step thread only receives providers.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moeserve.engine.llm import LLM
 from moeserve.experts import ExpertProvider
 from moeserve.offload.runtime import OffloadRuntime
 from moeserve.offload.stats import OffloadStats
@@ -90,10 +90,10 @@ class VariantTable:
     the LLM was loaded with the first named policy (no unnamed one was given), `MODEL` is an alias
     of that variant."""
 
-    def __init__(self, llm: LLM, model_name: str, base_policy_name: str | None = None):
+    def __init__(self, model_name: str, base: PolicyGeneration, base_policy_name: str | None = None):
         self.model_name = model_name
         base_name = f"{model_name}@{base_policy_name}" if base_policy_name else model_name
-        self.base = Variant(base_name, PolicyGeneration(llm.experts, llm.offload, 0))
+        self.base = Variant(base_name, base)
         self.variants: dict[str, Variant] = {base_name: self.base}
         self.names: dict[str, Variant] = {model_name: self.base, base_name: self.base}
 

@@ -19,7 +19,7 @@ from moeserve.server.async_engine import AsyncEngine, RequestHandle
 from moeserve.server.errors import error_event
 from moeserve.server.protocol import ChatCompletionRequest, Limits, stream_usage
 from moeserve.server.serving_common import Choice, collect_choices, TokenText, chat_logprobs, merge, now, usage
-from moeserve.server.streaming import DONE, EventStream, TextStreamer, sse, unless_disconnected
+from moeserve.server.streaming import DONE, EventStream, sse, unless_disconnected
 from moeserve.server.variants import VariantTable
 from moeserve.tokenizer import Tokenizer
 
@@ -91,7 +91,6 @@ class ChatServing:
         self, handle: RequestHandle, request: ChatCompletionRequest, model: str, top_n: int
     ) -> AsyncIterator[bytes]:
         head = {**self._head(handle, model), "object": "chat.completion.chunk"}
-        streamers = [TextStreamer(seq.params.stop) for seq in handle.seqs]
         completion_tokens = 0
         try:
             for i in range(len(handle.seqs)):
@@ -100,7 +99,7 @@ class ChatServing:
                 for i, update in sorted(merge(batch).items()):
                     finished = update.finish_reason is not None
                     completion_tokens += len(update.token_ids)
-                    text = streamers[i].delta(update.text, finished)
+                    text = update.text_delta
                     logprobs = None
                     if request.logprobs and update.token_ids:
                         logprobs = chat_logprobs(self.token_text, update.token_ids, update.logprobs, top_n)

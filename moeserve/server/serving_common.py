@@ -28,7 +28,7 @@ class Choice:
     def absorb(self, update: SeqUpdate) -> None:
         self.token_ids += update.token_ids
         self.logprobs += update.logprobs
-        self.text = update.text
+        self.text += update.text_delta
         if update.prompt_logprobs is not None:
             self.prompt_logprobs = update.prompt_logprobs
         if update.finish_reason is not None:
@@ -57,7 +57,7 @@ def merge(batch: list[SeqUpdate]) -> dict[int, SeqUpdate]:
                 update.index,
                 list(update.token_ids),
                 list(update.logprobs),
-                update.text,
+                update.text_delta,
                 update.finish_reason,
                 update.stop_reason,
                 update.prompt_logprobs,
@@ -66,7 +66,7 @@ def merge(batch: list[SeqUpdate]) -> dict[int, SeqUpdate]:
         else:
             seen.token_ids += update.token_ids
             seen.logprobs += update.logprobs
-            seen.text = update.text
+            seen.text_delta += update.text_delta
             seen.finish_reason, seen.stop_reason = update.finish_reason, update.stop_reason
             seen.prompt_logprobs = seen.prompt_logprobs or update.prompt_logprobs
     return merged

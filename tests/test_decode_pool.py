@@ -1,4 +1,4 @@
-"""Background CPU decoding (codecs/cpu_pool.py): the native szp pool and the Python fallback write exactly
+"""Background CPU decoding (offload/decode_pool.py): the native szp pool and the Python fallback write exactly
 what decode_into writes, urgent units run first, and errors reach the waiting caller as CodecError."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from moeserve.codecs import Blob, CodecError, decode, encode
-from moeserve.codecs.cpu_pool import CpuDecodePool
-from moeserve.codecs.szp import cpu_module
+from moeserve.codecs.szp_cpu import cpu_module
+from moeserve.offload.decode_pool import CpuDecodePool
 
 
 def _weights(seed: int, shape=(96, 64)) -> torch.Tensor:
@@ -91,3 +91,10 @@ def test_a_failed_python_decode_reports_only_through_wait():
         handle.wait()
     assert handle.done() and handle.seconds == 0.0
     pool.close()
+
+
+def test_only_szp_offers_a_native_decoder():
+    from moeserve.codecs import names
+    from moeserve.codecs.registry import get
+
+    assert {name for name in names() if get(name).native_decoder() is not None} == {"szp"}

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moeserve.engine.kv_cache import KVCache
+from moeserve.kv.cache import KVCache
 
 
 @dataclass
