@@ -11,8 +11,8 @@ import torch
 
 from moeserve import LLM, SamplingParams
 from moeserve.config import parse_model_config
-from moeserve.engine.context import StepContext
-from moeserve.engine.kv_cache import KVCache
+from moeserve.kv.context import StepContext
+from moeserve.kv.cache import KVCache
 from moeserve.errors import ModelLoadError
 from parity_checks import assert_bf16_generation_matches, bf16_tolerance, hf_greedy, hf_logits
 
