@@ -1,6 +1,7 @@
 """The `moeserve` command line: one subcommand per job, each a thin layer over the Python API.
 
-A user error (`MoeServeError`) prints one line, `error: ...`, and exits with status 2.
+A user error (`MoeServeError`, or a mistake in the arguments) prints one line, `error: ...`, and
+exits with status 2.
 """
 
 from __future__ import annotations
@@ -176,17 +177,43 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_show(args: argparse.Namespace) -> int:
+    from moeserve import LLM
     from moeserve.offload.report import format_policy_table
 
-    args.policy = args.policy_file
-    args.expert_cache = None
-    print(format_policy_table(_load_llm(args).offload))
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, policy=args.policy_file)
+    print(format_policy_table(llm.offload))
     return 0
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    """Before the model loads: a port out of range, or one already taken, is a one-line error rather
+    than a traceback (or a failure after a long load)."""
+    import errno
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise MoeServeError(f"--port {port} is out of range; choose a port between 1 and 65535.")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise MoeServeError(f"--host {host!r} is not an address of this machine; use e.g. 127.0.0.1 or 0.0.0.0.") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise MoeServeError(
+                    f"port {port} on {host} is already in use; stop the program listening there or choose another --port."
+                ) from None
+            raise MoeServeError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --host or --port.") from None
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from moeserve.server.app import ServerConfig, serve
 
+    _check_listen_address(args.host, args.port)
     base, named = _split_policies(args.policy)
     base_name = None
     if base is None and named:
@@ -223,8 +250,16 @@ def _split_policies(values: list[str]) -> tuple[str | None, dict[str, str]]:
     return base, named
 
 
+class _Parser(argparse.ArgumentParser):
+    """A mistake on the command line is one `error:` line, like every other user error (argparse
+    would print the usage first); `--help` still shows the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see {self.prog} --help.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeserve", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="moeserve", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     gen = commands.add_parser("generate", help="generate a completion for one prompt")
@@ -290,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument(
         "--api-key", default=os.environ.get("MOESERVE_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOESERVE_API_KEY)",
+        help="require 'Authorization: Bearer KEY' on /v1/* and the tokenizer endpoints (default: $MOESERVE_API_KEY)",
     )
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory's name)")
     srv.add_argument("--max-model-len", type=int, default=None, help="context in tokens (default: the model's)")
@@ -303,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     pol = commands.add_parser("policy", help="inspect error-bound policies")
     pol_commands = pol.add_subparsers(dest="policy_command", required=True)
     show = pol_commands.add_parser("show", help="print the resolved per-layer policy with bits/value and bytes")
-    _add_model_options(show)
+    _add_model_options(show, offload=False)  # the policy is the positional file; the table ignores cache options
     show.add_argument("policy_file", metavar="POLICY.yaml")
     show.set_defaults(run=_cmd_policy_show)
     return parser

@@ -121,3 +121,17 @@ def checkpoint_factory(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory):
+    """One `moeserve serve` process on the embedded default model, shared by the tests that talk to
+    it from outside (lm-eval, huge inputs, the documentation's examples)."""
+    from moeserve.assets import DEFAULT_MODEL_DIR
+    from serve_process import ServeProcess
+
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the embedded default model is not installed")
+    log = tmp_path_factory.mktemp("default-server") / "serve.log"
+    with ServeProcess(env={"MOESERVE_CACHE_DIR": str(log.parent / "cache")}, log=log) as server:
+        yield server

@@ -119,6 +119,10 @@ def test_api_key(server):
     assert_error(httpx.post(f"{server.url}/v1/completions", json=body), 401)
     assert_error(httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
     assert_error(httpx.get(f"{server.url}/v1/models", headers={"Authorization": KEY}), 401)
+    assert_error(httpx.get(f"{server.url}/tokenizer_info"), 401)  # the tokenizer endpoints are the API too
+    assert_error(httpx.post(f"{server.url}/tokenize", json={"prompt": "x"}), 401)
+    authorized = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": "x"}, headers=authorized).status_code == 200
     assert httpx.get(f"{server.url}/health").status_code == 200  # probes and scrapers need no key
     assert httpx.get(f"{server.url}/metrics").status_code == 200
     with pytest.raises(openai.AuthenticationError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, dataclass, field, fields
 
 from moeserve.errors import InputError
@@ -47,9 +48,9 @@ class SamplingParams:
             self.top_k = -1
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise InputError(f"max_tokens must be an integer of at least 1, got {self.max_tokens!r}.")
-        if not _is_number(self.temperature) or self.temperature < 0:
-            raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}.")
-        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+        if not _is_finite_number(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}.")
+        if not _is_finite_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p!r}.")
         if not _is_int(self.top_k) or self.top_k < -1:
             raise InputError(f"top_k must be -1 (off) or a positive integer, got {self.top_k!r}.")
@@ -59,6 +60,9 @@ class SamplingParams:
             raise InputError(f"stop must be a non-empty string or a list of them, got {self.stop!r}.")
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise InputError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}.")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
@@ -73,5 +77,7 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_finite_number(value) -> bool:
+    """Booleans are not numbers here, and NaN / ±inf are refused: NaN compares false with every
+    bound, so it would slip past the range checks and turn the sampler's probabilities into NaN."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

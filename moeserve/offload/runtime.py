@@ -60,9 +60,15 @@ def parse_budget(spec: str | int | float, total_bytes: int) -> int:
         value = int(spec)
     elif isinstance(spec, str) and spec.strip().endswith("%"):
         try:
-            value = int(total_bytes * float(spec.strip()[:-1]) / 100)
-        except ValueError:
+            share = float(spec.strip()[:-1])
+            value = int(total_bytes * share / 100)
+        except (ValueError, OverflowError):  # not a number, or nan% / inf%
             value = -1
+        else:
+            if share > 100:
+                raise OffloadError(
+                    f"expert cache size {spec!r} is more than all the experts; use at most '100%'."
+                )
     else:
         match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(spec))
         unit = match.group(2).lower() if match else None
@@ -117,6 +123,10 @@ def build_offload_runtime(
         else:
             policy_source = Policy.default_policy(config.expert_quantization)
     resolved = policy_source.resolve(config.moe_layer_ids, config.num_layers, config.num_experts)
+    # Checked before the (possibly long) encoding, so a mistake in the budget fails at once.
+    slot_bytes = SlotPool.slot_nbytes(config.hidden_size, config.moe_intermediate_size, config.dtype)
+    all_decoded = len(config.moe_layer_ids) * config.num_experts * slot_bytes
+    parse_budget(options.expert_cache if options.expert_cache is not None else "100%", all_decoded)
 
     if not compressed_dir:
         cached = store_cache_path(model_dir, resolved)
@@ -191,3 +201,7 @@ def write_compressed_dir(runtime: OffloadRuntime, model, checkpoint, source_dir:
     (out_dir / STORE_MARKER).write_text(
         json.dumps({"format": _STORE_FORMAT, "source": str(source_dir.resolve()), "policy_fingerprint": runtime.store.fingerprint})
     )
+    # safetensors creates its file owner-only (0600); give every output the mode a plain write got (umask applied).
+    mode = (out_dir / "policy.yaml").stat().st_mode & 0o777
+    for path in (out_dir / "resident.safetensors", out_dir / STORE_FILE):
+        os.chmod(path, mode)

@@ -1,6 +1,8 @@
 """moeserve.server: the OpenAI-compatible HTTP server (FastAPI + uvicorn), the top layer of the package.
 
-    protocol.py       pydantic request models → prompts + SamplingParams (the engine never sees pydantic)
+    protocol.py       pydantic request models (strict types) → prompts + SamplingParams (the engine never sees pydantic)
+    prompt_guard.py   refuses a text too long for the context by its length, before tokenizing it
+    routes_tokenizer.py  /tokenize, /detokenize, /tokenizer_info (vLLM's form, what lm-eval's remote tokenizer reads)
     async_engine.py   the async scheduler: admission, a step thread driving LLMEngine, per-request queues
     variants.py       served names (MODEL, MODEL@NAME) → the policy generation a request is bound to
     policy_jobs.py    PUT /v1/policy: validate, re-encode in the background, switch

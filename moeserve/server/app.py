@@ -29,9 +29,11 @@ from moeserve.server.auth import ApiKeyMiddleware, BodyLimitMiddleware
 from moeserve.server.errors import install_error_handlers
 from moeserve.server.metrics import ServerMetrics
 from moeserve.server.policy_jobs import PolicyJobs
+from moeserve.server.prompt_guard import PromptGuard
 from moeserve.server.protocol import Limits
 from moeserve.server.routes_admin import router as admin_router
 from moeserve.server.routes_openai import router as openai_router
+from moeserve.server.routes_tokenizer import router as tokenizer_router
 from moeserve.server.serving_chat import ChatServing
 from moeserve.server.serving_common import TokenText
 from moeserve.server.serving_completions import CompletionServing
@@ -63,6 +65,7 @@ class ServerState:
     completions: CompletionServing
     chat: ChatServing
     jobs: PolicyJobs
+    guard: PromptGuard
     started: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -94,15 +97,17 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         max_logprobs=config.max_logprobs,
     )
     token_text = TokenText(llm.tokenizer)
+    guard = PromptGuard(llm.tokenizer, llm.max_model_len)
     state = ServerState(
         llm=llm,
         config=config,
         engine=engine,
         variants=variants,
         metrics=metrics,
-        completions=CompletionServing(engine, variants, limits, token_text),
-        chat=ChatServing(engine, variants, limits, llm.tokenizer, token_text),
+        completions=CompletionServing(engine, variants, limits, token_text, guard),
+        chat=ChatServing(engine, variants, limits, llm.tokenizer, token_text, guard),
         jobs=PolicyJobs(llm, engine, variants),
+        guard=guard,
     )
 
     @asynccontextmanager
@@ -119,6 +124,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai_router)
     app.include_router(admin_router)
+    app.include_router(tokenizer_router)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)  # added last: runs first

@@ -3,8 +3,8 @@
 In:  every HTTP request (ASGI scope, receive).
 Out: the request passed on unchanged, or a 401 / 413 with OpenAI's error JSON.
 
-- `ApiKeyMiddleware`: with --api-key, /v1/* needs `Authorization: Bearer KEY` (compared in constant
-  time); /health and /metrics stay open for probes and scrapers, as in vLLM.
+- `ApiKeyMiddleware`: with --api-key, /v1/* and the tokenizer endpoints need `Authorization: Bearer
+  KEY` (compared in constant time); /health and /metrics stay open for probes and scrapers, as in vLLM.
 - `BodyLimitMiddleware`: refuses a declared Content-Length over the limit at once, and stops a
   body without one (chunked) as soon as it passes the limit.
 """
@@ -19,12 +19,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from moeserve.server.errors import error_response
 
 
+_TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
 class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, api_key: str):
         self.app, self._key = app, api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and scope["method"] != "OPTIONS":
+        path = scope.get("path", "")
+        protected = path.startswith("/v1/") or path in _TOKENIZER_PATHS
+        if scope["type"] == "http" and protected and scope["method"] != "OPTIONS":
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self._key):

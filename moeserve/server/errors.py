@@ -61,6 +61,32 @@ def error_event(exc: BaseException) -> bytes:
     return f"data: {json.dumps(error_body(status, message))}\n\n".encode()
 
 
+# What a strict pydantic type error expects, per error type and per union member tag.
+_EXPECTED = {
+    "int_type": "an integer",
+    "bool_type": "true or false",
+    "float_type": "a number",
+    "finite_number": "a finite number (NaN and Infinity are not allowed)",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a JSON object",
+    "model_type": "a JSON object",
+    "model_attributes_type": "a JSON object",
+}
+_MEMBERS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "list[str]": "a list of strings",
+    "list[int]": "a list of token ids",
+    "list[list[int]]": "a list of token-id lists",
+    "list[TextPart]": "a list of text parts",
+    "dict[str,any]": "a JSON object",
+    "dict[str,float]": "a JSON object of numbers",
+}
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """The first pydantic error as one sentence, and the parameter it names."""
     errors = exc.errors()
@@ -68,18 +94,52 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     kind = first.get("type", "")
     if kind in ("json_invalid", "json_type"):
         return "the request body is not valid JSON; send a JSON object with Content-Type: application/json.", None
-    # Union members show up in the location as type tags ("str", "list[int]"); they name no parameter.
-    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_tag(p)]
-    if not loc:
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    # Union members show up in the location as type tags ("str", "list[int]"); the parameter is
+    # what comes before the first of them.
+    tag_at = next((i for i, p in enumerate(loc) if _is_type_tag(p)), None)
+    path = loc if tag_at is None else loc[:tag_at]
+    if not path:
         return "the request body must be a JSON object with the request's parameters.", None
-    param = ".".join(loc)
+    param = ".".join(str(p) for p in path)
+    got = _shown(first.get("input"))
     if kind == "missing":
         return f"{param} is required.", param
     if kind == "too_short":
         return f"{param} is empty; send at least one item.", param
-    if any(_is_type_tag(p) for p in first.get("loc", ())):
-        return f"{param} has the wrong type; see the OpenAI API reference for its allowed forms.", param
+    if tag_at is not None:
+        members = []
+        for error in errors:
+            rest = [p for p in error.get("loc", ()) if p != "body"]
+            if rest[:tag_at] == path and len(rest) > tag_at and _is_type_tag(rest[tag_at]):
+                member = _MEMBERS.get(str(rest[tag_at]).replace(" ", ""), str(rest[tag_at]))
+                if member not in members:
+                    members.append(member)
+        alternatives = " or ".join(members) if len(members) < 3 else ", ".join(members[:-1]) + " or " + members[-1]
+        return f"{param} must be {alternatives}, got {_shown(_input_at(exc, path))}.", param
+    if kind in _EXPECTED:
+        return f"{param} must be {_EXPECTED[kind]}, got {got}.", param
     return f"{param} is invalid: {first.get('msg', 'wrong value')}.", param
+
+
+def _input_at(exc: RequestValidationError, path: list) -> object:
+    """The value the client sent at `path` of the body (for a union error, the whole parameter)."""
+    value = getattr(exc, "body", None)
+    for part in path:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return value
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """A client value quoted in an error message: JSON, cut short (a prompt may be megabytes)."""
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_type_tag(part) -> bool:
@@ -108,7 +168,8 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"{request.url.path} does not accept {request.method}; see /docs for the API."
         else:
             message = str(exc.detail)
-        return error_response(exc.status_code, message)
+        code = "request_too_large" if exc.status_code == 413 else None  # a chunked body stopped mid-read
+        return error_response(exc.status_code, message, code=code)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception):

@@ -1,7 +1,9 @@
 """The OpenAI request bodies (pydantic, the HTTP edge) and their conversion to engine inputs.
 
 In:  JSON bodies of POST /v1/completions and /v1/chat/completions, already parsed by FastAPI into
-     these models (a wrong type is a 400 before any code here runs).
+     these models (a wrong type is a 400 before any code here runs). Types are strict: a boolean
+     is not an integer, a string is not a boolean or a number, and NaN or ±Infinity is refused
+     for every float (JSON parsers that accept `NaN` would otherwise hand it to the sampler).
 Out: `EngineRequest`: the prompts (text or token ids) and one `SamplingParams` per choice. Bounds
      the engine does not know (n, max_tokens against the context, logprobs count, unsupported
      OpenAI options) are checked here, each failure an `ApiError` 400 naming the parameter.
@@ -10,6 +12,7 @@ Out: `EngineRequest`: the prompts (text or token ids) and one `SamplingParams` p
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,11 +44,17 @@ class EngineRequest:
     internal_max_tokens_zero: bool = False  # max_tokens=0 with echo: score the prompt, return no new token
 
 
-class StreamOptions(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every request model: JSON types are taken as they are, never coerced."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(StrictModel):
     """Options shared by both endpoints. Unknown fields are ignored, as vLLM does."""
 
     model_config = ConfigDict(extra="ignore")
@@ -78,6 +87,11 @@ class _SamplingFields(BaseModel):
             )
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise ApiError(400, f"seed must fit in 64 bits, got {self.seed}.", "seed")
+        if self.stop == "" or (isinstance(self.stop, list) and "" in self.stop):
+            # An empty stop string would end every choice before its first token; refused in both forms.
+            raise ApiError(
+                400, f"stop must be a non-empty string or a list of them, got {json.dumps(self.stop)}.", "stop"
+            )
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed together with stream=true.", "stream_options")
         for option in ("presence_penalty", "frequency_penalty"):
@@ -96,7 +110,7 @@ class _SamplingFields(BaseModel):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
-            stop=self.stop or [],
+            stop=[] if self.stop is None else self.stop,  # "" is refused by SamplingParams, as [""] is
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
@@ -150,13 +164,13 @@ class CompletionRequest(_SamplingFields):
         return EngineRequest(prompts, params, self.n, echo=self.echo, internal_max_tokens_zero=zero)
 
 
-class TextPart(BaseModel):
+class TextPart(StrictModel):
     model_config = ConfigDict(extra="ignore")
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(StrictModel):
     model_config = ConfigDict(extra="allow")  # e.g. tool_calls: handed to the chat template as is
     role: str
     content: str | list[TextPart] | None = None

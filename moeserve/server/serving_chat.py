@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from moeserve.errors import InputError
 from moeserve.server.async_engine import AsyncEngine, RequestHandle
 from moeserve.server.errors import error_event
+from moeserve.server.prompt_guard import PromptGuard
 from moeserve.server.protocol import ChatCompletionRequest, Limits, stream_usage
 from moeserve.server.serving_common import Choice, collect_choices, TokenText, chat_logprobs, merge, now, usage
 from moeserve.server.streaming import DONE, EventStream, sse, unless_disconnected
@@ -32,9 +33,10 @@ class ChatServing:
         limits: Limits,
         tokenizer: Tokenizer | None,
         token_text: TokenText,
+        guard: PromptGuard,
     ):
         self.engine, self.variants, self.limits = engine, variants, limits
-        self.tokenizer, self.token_text = tokenizer, token_text
+        self.tokenizer, self.token_text, self.guard = tokenizer, token_text, guard
 
     async def create(self, request: ChatCompletionRequest, raw: Request) -> Response:
         variant = self.variants.lookup(request.model)
@@ -43,7 +45,7 @@ class ChatServing:
             raise InputError(
                 "this model directory has no tokenizer.json, so chat cannot be used; send token ids to /v1/completions."
             )
-        prompt = await asyncio.to_thread(self.tokenizer.encode_chat, messages, request.add_generation_prompt)
+        prompt = await asyncio.to_thread(self._encode, messages, request.add_generation_prompt)
         handle = await self.engine.add_request([prompt], params, variant)
         model = request.model or variant.name
         top_n = request.top_logprobs or 0
@@ -53,6 +55,13 @@ class ChatServing:
         if choices is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         return JSONResponse(self._response(handle, request, model, choices, top_n))
+
+    def _encode(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+        """On a worker thread: render the template, refuse a text too long for the context, encode."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        self.guard.check_prompt(text, "messages")
+        # The rendered template already contains any BOS it wants; adding specials would double it.
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _head(self, handle: RequestHandle, model: str) -> dict:
         return {

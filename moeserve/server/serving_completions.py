@@ -8,6 +8,7 @@ Out: OpenAI's `text_completion` object (choices, usage, logprobs with optional e
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator
 
 from starlette.requests import Request
@@ -15,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from moeserve.server.async_engine import AsyncEngine, RequestHandle
 from moeserve.server.errors import error_event
+from moeserve.server.prompt_guard import PromptGuard
 from moeserve.server.protocol import CompletionRequest, EngineRequest, Limits, stream_usage
 from moeserve.server.serving_common import Choice, collect_choices, TokenText, completion_logprobs, merge, now, usage
 from moeserve.server.streaming import DONE, EventStream, sse, unless_disconnected
@@ -22,12 +24,16 @@ from moeserve.server.variants import VariantTable
 
 
 class CompletionServing:
-    def __init__(self, engine: AsyncEngine, variants: VariantTable, limits: Limits, token_text: TokenText):
+    def __init__(
+        self, engine: AsyncEngine, variants: VariantTable, limits: Limits, token_text: TokenText, guard: PromptGuard
+    ):
         self.engine, self.variants, self.limits, self.token_text = engine, variants, limits, token_text
+        self.guard = guard
 
     async def create(self, request: CompletionRequest, raw: Request) -> Response:
         variant = self.variants.lookup(request.model)
         engine_request = request.to_engine(self.limits)
+        await asyncio.to_thread(self._check_sizes, engine_request.prompts)
         handle = await self.engine.add_request(engine_request.prompts, engine_request.params, variant)
         model = request.model or variant.name
         if request.stream:
@@ -36,6 +42,12 @@ class CompletionServing:
         if choices is None:
             return Response(status_code=499)  # the client is gone; nobody reads this
         return JSONResponse(self._response(handle, engine_request, model, choices))
+
+    def _check_sizes(self, prompts: list[str | list[int]]) -> None:
+        """Text prompts too long for the context are refused before the engine tokenizes them."""
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                self.guard.check_prompt(prompt, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
 
     def _prompt_text(self, handle: RequestHandle, engine_request: EngineRequest, index: int) -> str:
         prompt = engine_request.prompts[index // engine_request.n]
