@@ -195,11 +195,11 @@ class DecodeBench:
         """Mean distinct experts a MoE layer runs per step, over `steps` decode steps."""
         distinct: list[int] = []
 
-        def count(module, inputs, router_logits):  # router_logits [T, E]
-            distinct.append(router_logits.topk(self.config.top_k, dim=-1).indices.unique().numel())
+        def count(module, inputs, routed):  # routed: (weights [T, K], expert ids [T, K])
+            distinct.append(routed[1].unique().numel())
 
         blocks = [m for m in self.model.modules() if isinstance(m, MoeBlock)]
-        hooks = [block.gate.register_forward_hook(count) for block in blocks]
+        hooks = [block.router_module.register_forward_hook(count) for block in blocks]
         try:
             self._steps(steps)
         finally:

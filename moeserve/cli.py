@@ -182,6 +182,7 @@ def _cmd_policy_show(args: argparse.Namespace) -> int:
 
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, policy=args.policy_file)
     print(format_policy_table(llm.offload))
+    print(llm.config.describe_kv_cache())
     return 0
 
 

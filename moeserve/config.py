@@ -1,42 +1,45 @@
 """config.json → `ModelConfig`: one normalised description of every supported MoE family.
 
-The families spell the same idea differently (`num_local_experts` vs `num_experts`,
-`rope_theta` vs `rope_parameters`, per-head vs full-width q/k norms, dense layers by
-`decoder_sparse_step` / `mlp_only_layers`, gpt_oss's `layer_types`, sinks and MXFP4 experts).
-Everything downstream (models, loader, offloading) reads only this dataclass, so family quirks
-live here and in `models/`.
+The families spell the same idea differently (`num_local_experts` vs `num_experts` vs
+`n_routed_experts`, `rope_theta` vs `rope_parameters`, per-head vs full-width q/k norms, dense
+layers by `decoder_sparse_step` / `mlp_only_layers` / `first_k_dense_replace`, gpt_oss's
+`layer_types`, sinks and MXFP4 experts). Everything downstream (models, loader, offloading) reads
+only this dataclass, so family quirks live here, in config_families.py (rope scaling, latent
+attention, routers) and in `models/`.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from moeserve.config_families import (
+    DEEPSEEK_TYPES,
+    MlaConfig,
+    RopeConfig,
+    RouterConfig,
+    parse_mla,
+    parse_rope,
+    parse_router,
+    partial_rotary_dim,
+)
 from moeserve.errors import ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
+SUPPORTED_MODEL_TYPES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
+)  # fmt: skip
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+# Families whose routers and shared experts follow DeepSeek's MoE (n_routed_experts, shared_experts).
+DEEPSEEK_MOE_TYPES = (*DEEPSEEK_TYPES, "glm4_moe")
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class YarnRope:
-    """YaRN rope scaling (transformers' `_compute_yarn_parameters`): blended inverse frequencies and
-    an `attention_factor` that scales cos and sin."""
-
-    factor: float
-    original_max_position_embeddings: int
-    beta_fast: float
-    beta_slow: float
-    truncate: bool
-    attention_factor: float
 
 
 @dataclass(frozen=True)
@@ -51,8 +54,7 @@ class ModelConfig:
     rms_norm_eps: float
     hidden_act: str
     max_position_embeddings: int
-    rope_theta: float
-    rope_linear_factor: float  # positions are divided by this ("linear" rope scaling); 1.0 = none
+    rope: RopeConfig
     attention_bias: bool
     qk_norm: str  # "none", "per_head" (qwen3_moe: over head_dim) or "full" (olmoe: over the projection)
     clip_qkv: float | None
@@ -71,12 +73,16 @@ class ModelConfig:
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     bos_token_id: int | None = None
-    rope_yarn: YarnRope | None = None  # set for rope type "yarn" (gpt_oss's default)
+    router: RouterConfig = RouterConfig()
+    # True: qwen2_moe's `shared_expert` behind a sigmoid `shared_expert_gate`; False: DeepSeek's ungated
+    # `shared_experts`.
+    shared_expert_gated: bool = True
+    mlp_bias: bool = False  # dense MLPs and shared experts have biases (deepseek_v2's mlp_bias)
+    mla: MlaConfig | None = None  # set: multi-head latent attention (deepseek_v2 / deepseek_v3)
     attention_output_bias: bool = False  # o_proj has a bias (gpt_oss)
     attention_sinks: bool = False  # a learned per-head logit joins every softmax, then is dropped (gpt_oss)
     # RMSNorm multiplies by its weight in float32 and then casts (gpt_oss); otherwise it casts first.
     norm_scale_in_float32: bool = False
-    router_bias: bool = False  # the router is a linear layer with a bias (gpt_oss)
     swiglu_alpha: float = 1.702  # gpt_oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
     swiglu_limit: float = 7.0  # gate clamped above, up on both sides, at this value
     expert_quantization: str | None = None  # "mxfp4": the checkpoint stores routed experts as MXFP4
@@ -84,6 +90,37 @@ class ModelConfig:
     @property
     def moe_layer_ids(self) -> list[int]:
         return [i for i, sparse in enumerate(self.moe_layers) if sparse]
+
+    @property
+    def kv_cache_layout(self) -> tuple[int, int, bool]:
+        """(heads, values per head, separate V) of one token's KV-cache entry in one layer. MLA caches
+        its latent as a single "head" that serves as both keys (all of it) and values (its first
+        kv_lora_rank values)."""
+        if self.mla is not None:
+            return 1, self.mla.latent_dim, False
+        return self.num_kv_heads, self.head_dim, True
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token takes over all layers, as this model caches it."""
+        heads, dim, separate_values = self.kv_cache_layout
+        return self.num_layers * heads * dim * (2 if separate_values else 1) * self.dtype.itemsize
+
+    @property
+    def full_kv_bytes_per_token(self) -> int:
+        """What expanded per-head K and V would take per token (the same as `kv_bytes_per_token`
+        except for MLA, whose per-head K and V are recomputed from the cached latent)."""
+        if self.mla is None:
+            return self.kv_bytes_per_token
+        per_layer = self.num_heads * (self.mla.qk_head_dim + self.mla.v_head_dim)
+        return self.num_layers * per_layer * self.dtype.itemsize
+
+    def describe_kv_cache(self) -> str:
+        """The line `moeserve policy show` prints under its table: what each token of context costs."""
+        line = f"KV cache: {self.kv_bytes_per_token} bytes/token"
+        if self.mla is not None:
+            line += f" (MLA latent; expanded per-head K/V would need {self.full_kv_bytes_per_token})"
+        return line
 
 
 def read_config_json(model_dir: Path) -> dict[str, Any]:
@@ -101,6 +138,11 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
 def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """Normalise a Hugging Face config dict. `source` names the file in error messages."""
     model_type = raw.get("model_type")
+    if model_type == "deepseek_v32":
+        raise ModelLoadError(
+            f"{source}: model_type 'deepseek_v32' (DeepSeek-V3.2's sparse attention) is not supported; "
+            f"supported types are {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
             f"{source}: model_type {model_type!r} is not supported; supported types are "
@@ -113,11 +155,15 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
                 return raw[name]
         raise ModelLoadError(f"{source}: required key {key!r} is missing for model_type {model_type!r}.")
 
+    expert_quantization = _expert_quantization(raw, model_type, source)
     hidden_size = int(need("hidden_size"))
     num_layers = int(need("num_hidden_layers"))
     num_heads = int(need("num_attention_heads"))
     num_kv_heads = int(raw.get("num_key_value_heads") or num_heads)
     head_dim = int(raw.get("head_dim") or hidden_size // num_heads)
+    mla_family = model_type in DEEPSEEK_TYPES
+    if mla_family:
+        num_kv_heads = num_heads  # MLA gives every head its own K and V (from one shared latent)
     if num_heads % num_kv_heads:
         raise ModelLoadError(
             f"{source}: num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}."
@@ -129,12 +175,24 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
             f"{source}: hidden_act {hidden_act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}."
         )
 
-    max_positions = int(raw.get("max_position_embeddings", 4096))
-    rope_theta, rope_linear_factor, rope_yarn = _parse_rope(raw, source, max_positions)
-    expert_quantization = _expert_quantization(raw, model_type, source)
+    if mla_family:
+        interleaved = raw.get("rope_interleave", True)
+        layout = "complex" if model_type == "deepseek_v2" else ("interleaved" if interleaved else "half")
+        rope = parse_rope(raw, source, int(need("qk_rope_head_dim")), layout)
+        mla = parse_mla(raw, source, need, rope)
+        head_dim = mla.qk_head_dim
+    else:
+        rotary_dim = partial_rotary_dim(raw, head_dim) if model_type == "glm4_moe" else head_dim
+        rope, mla = parse_rope(raw, source, rotary_dim), None
+
     gpt_oss = model_type == "gpt_oss"
-    experts_key = "num_local_experts" if model_type in ("mixtral", "gpt_oss") else "num_experts"
-    num_experts = int(need(experts_key, "num_local_experts"))
+    deepseek_moe = model_type in DEEPSEEK_MOE_TYPES
+    if model_type in ("mixtral", "gpt_oss"):
+        num_experts = int(need("num_local_experts"))
+    elif deepseek_moe:
+        num_experts = int(need("n_routed_experts", "num_local_experts"))
+    else:
+        num_experts = int(need("num_experts", "num_local_experts"))
     top_k = int(need("num_experts_per_tok"))
     if not 0 < top_k <= num_experts:
         raise ModelLoadError(f"{source}: num_experts_per_tok={top_k} must be between 1 and the {num_experts} experts.")
@@ -143,6 +201,17 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         moe_intermediate = int(need("intermediate_size"))
     else:
         moe_intermediate = int(need("moe_intermediate_size", "intermediate_size"))
+    if model_type == "qwen2_moe":
+        shared_intermediate = int(raw.get("shared_expert_intermediate_size") or 0)
+    elif deepseek_moe:
+        shared_intermediate = moe_intermediate * int(raw.get("n_shared_experts") or 0)
+    else:
+        shared_intermediate = 0
+    if deepseek_moe and raw.get("num_nextn_predict_layers"):
+        log.warning(
+            "%s: ignoring %s multi-token-prediction layer(s) (num_nextn_predict_layers); moeserve decodes "
+            "one token per step.", source, raw["num_nextn_predict_layers"]
+        )
 
     return ModelConfig(
         model_type=model_type,
@@ -154,75 +223,42 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         head_dim=head_dim,
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
         hidden_act=hidden_act,
-        max_position_embeddings=max_positions,
-        rope_theta=rope_theta,
-        rope_linear_factor=rope_linear_factor,
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        rope=rope,
         attention_bias=_attention_bias(raw, model_type),
-        qk_norm={"qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none"),
+        qk_norm=_qk_norm(raw, model_type),
         clip_qkv=float(raw["clip_qkv"]) if raw.get("clip_qkv") is not None else None,
         sliding_windows=_sliding_windows(raw, model_type, num_layers),
         num_experts=num_experts,
         top_k=top_k,
         moe_intermediate_size=moe_intermediate,
-        norm_topk_prob=True if model_type in ("mixtral", "gpt_oss") else bool(raw.get("norm_topk_prob", False)),
-        routing_weights_in_float32=model_type == "mixtral",
+        norm_topk_prob=_norm_topk_prob(raw, model_type),
+        # transformers' DeepSeek / GLM experts, like Mixtral's, multiply by float32 routing weights.
+        routing_weights_in_float32=model_type == "mixtral" or deepseek_moe,
         moe_layers=_moe_layers(raw, model_type, num_layers, num_experts),
         dense_intermediate_size=0 if gpt_oss else int(raw.get("intermediate_size") or 0),
-        shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
-        if model_type == "qwen2_moe"
-        else 0,
+        shared_expert_intermediate_size=shared_intermediate,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         dtype=_parse_dtype(raw, source),
         eos_token_ids=_token_ids(raw.get("eos_token_id")),
         bos_token_id=raw.get("bos_token_id"),
-        rope_yarn=rope_yarn,
+        router=_router(raw, source, model_type, num_experts, top_k),
+        shared_expert_gated=not deepseek_moe,
+        mlp_bias=model_type == "deepseek_v2" and bool(raw.get("mlp_bias", False)),
+        mla=mla,
         attention_output_bias=gpt_oss and _attention_bias(raw, model_type),
         attention_sinks=gpt_oss,
         norm_scale_in_float32=gpt_oss,
-        router_bias=gpt_oss,
         swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)),
         swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
         expert_quantization=expert_quantization,
     )
 
 
-def _parse_rope(raw: dict[str, Any], source: str, max_positions: int) -> tuple[float, float, YarnRope | None]:
-    # transformers >= 5 writes `rope_parameters`; older checkpoints use `rope_theta` + `rope_scaling`.
-    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelLoadError(
-            f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}."
-        )
-    factor = float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
-    return theta, factor, _parse_yarn(params, source, max_positions) if rope_type == "yarn" else None
-
-
-def _parse_yarn(params: dict[str, Any], source: str, max_positions: int) -> YarnRope:
-    original = params.get("original_max_position_embeddings")
-    if original is None:
-        raise ModelLoadError(
-            f"{source}: yarn rope scaling needs original_max_position_embeddings; add it to rope_parameters."
-        )
-    factor = float(params["factor"]) if params.get("factor") is not None else max_positions / int(original)
-
-    def mscale(scale: float, weight: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
-
-    attention_factor = params.get("attention_factor")
-    if attention_factor is None:
-        weight, weight_all = params.get("mscale"), params.get("mscale_all_dim")
-        both = weight and weight_all
-        attention_factor = mscale(factor, weight) / mscale(factor, weight_all) if both else mscale(factor)
-    return YarnRope(
-        factor=factor,
-        original_max_position_embeddings=int(original),
-        beta_fast=float(params.get("beta_fast") or 32),
-        beta_slow=float(params.get("beta_slow") or 1),
-        truncate=bool(params.get("truncate", True)),
-        attention_factor=float(attention_factor),
-    )
+def _router(raw: dict[str, Any], source: str, model_type: str, num_experts: int, top_k: int) -> RouterConfig:
+    if model_type in DEEPSEEK_MOE_TYPES:
+        return parse_router(raw, source, model_type, num_experts, top_k)
+    return RouterConfig("biased_topk_softmax" if model_type == "gpt_oss" else "softmax")
 
 
 def _expert_quantization(raw: dict[str, Any], model_type: str, source: str) -> str | None:
@@ -233,9 +269,24 @@ def _expert_quantization(raw: dict[str, Any], model_type: str, source: str) -> s
     if method == "mxfp4" and model_type == "gpt_oss":
         return "mxfp4"
     raise ModelLoadError(
-        f"{source}: quantization method {method!r} is not supported for model_type {model_type!r} (moeserve reads "
-        f"MXFP4 gpt_oss experts only); use an unquantized bf16, fp16 or fp32 export of the model."
+        f"{source}: quantization method {method!r} is not supported for model_type {model_type!r} "
+        f"(quant_method {method!r}; moeserve reads MXFP4 gpt_oss experts only); "
+        f"use an unquantized bf16, fp16 or fp32 export of the model."
     )
+
+
+def _qk_norm(raw: dict[str, Any], model_type: str) -> str:
+    if model_type == "glm4_moe":
+        return "per_head" if raw.get("use_qk_norm", False) else "none"
+    return {"qwen3_moe": "per_head", "olmoe": "full"}.get(model_type, "none")
+
+
+def _norm_topk_prob(raw: dict[str, Any], model_type: str) -> bool:
+    if model_type in ("mixtral", "gpt_oss"):
+        return True
+    if model_type == "deepseek_v2":
+        return False  # transformers' DeepseekV2 router never renormalises its top-k weights
+    return bool(raw.get("norm_topk_prob", model_type in ("deepseek_v3", "glm4_moe")))
 
 
 def _attention_bias(raw: dict[str, Any], model_type: str) -> bool:
@@ -269,6 +320,9 @@ def _sliding_windows(raw: dict[str, Any], model_type: str, num_layers: int) -> t
 
 
 def _moe_layers(raw: dict[str, Any], model_type: str, num_layers: int, num_experts: int) -> tuple[bool, ...]:
+    if model_type in DEEPSEEK_MOE_TYPES:
+        first_sparse = int(raw.get("first_k_dense_replace") or 0)  # the first k layers have a dense MLP
+        return tuple(i >= first_sparse for i in range(num_layers))
     if model_type not in ("qwen2_moe", "qwen3_moe"):
         return (True,) * num_layers
     step = int(raw.get("decoder_sparse_step", 1) or 1)

@@ -129,7 +129,8 @@ def _fill_resident(model: MoeCausalLM, checkpoint: CheckpointTensors, config: Mo
         tensor = _checked(checkpoint, source, tuple(param.shape))
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        setattr(module, attr, nn.Parameter(_convert(tensor, device, config.dtype), requires_grad=False))
+        dtype = torch.float32 if model.keeps_float32(name) else config.dtype
+        setattr(module, attr, nn.Parameter(_convert(tensor, device, dtype), requires_grad=False))
 
 
 def _checked(checkpoint: CheckpointTensors, name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -36,6 +36,62 @@ FAMILY_CONFIGS = {
         swiglu_alpha=1.5,
         initializer_range=0.3,
     ),
+    # MLA with q through q_lora_rank, YaRN; layer 0 dense; greedy softmax routing, two shared experts.
+    "deepseek_v2": dict(
+        initializer_range=0.1,  # sharper attention than the default 0.02, so a wrong softmax scale shows
+        num_key_value_heads=4,  # transformers' MLA needs one K/V head per query head
+        q_lora_rank=16,
+        kv_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        intermediate_size=40,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        routed_scaling_factor=1.5,
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        eos_token_id=None,
+    ),
+    # Moonlight's shape: one dense layer, a shared expert, sigmoid routing over 4 groups (2 chosen).
+    "deepseek_v3": dict(
+        initializer_range=0.1,  # sharper attention than the default 0.02, so a wrong softmax scale shows
+        num_key_value_heads=4,
+        q_lora_rank=None,
+        kv_lora_rank=12,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+        n_routed_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=16,
+        intermediate_size=40,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        eos_token_id=None,
+    ),
+    "glm4_moe": dict(
+        initializer_range=0.1,  # sharper attention than the default 0.02, so a wrong softmax scale shows
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        intermediate_size=40,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=1.5,
+        attention_bias=True,
+        use_qk_norm=True,
+        head_dim=12,
+        eos_token_id=None,
+    ),
 }
 VOCAB = 128
 # Set by tests/test_exact_everywhere.py: run this whole session at another torch thread count. (torch
@@ -76,6 +132,11 @@ def make_hf_model(model_type: str, seed: int = 0, **overrides):
                 # transformers starts gpt_oss's biases at zero and its sinks near zero: random values
                 # make each of them (and a wrong use of any) show in the logits.
                 param.normal_(0, 0.5)
+        # DeepSeek-V3 / GLM start with a zero correction bias; a random one makes it change which
+        # experts are chosen (but not their weights), as a trained one does.
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0, 0.2)
     return model
 
 

@@ -17,7 +17,8 @@ PACKAGE = ROOT / "moeserve"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundation", ("moeserve.errors", "moeserve.devices")),
     ("codecs", ("moeserve.codecs", "moeserve._szp_cpu")),
-    ("checkpoint", ("moeserve.config", "moeserve.checkpoint", "moeserve.tokenizer", "moeserve.assets")),
+    ("checkpoint", ("moeserve.config", "moeserve.config_families", "moeserve.checkpoint", "moeserve.tokenizer",
+                    "moeserve.assets")),
     ("step interfaces", ("moeserve.experts", "moeserve.kv")),
     ("layers", ("moeserve.layers",)),
     ("models", ("moeserve.models",)),

@@ -121,7 +121,7 @@ def test_legacy_config_keys_are_understood():
             "torch_dtype": "bfloat16",
         }
     )
-    assert cfg.rope_theta == 1e6 and cfg.head_dim == 32 and cfg.num_experts == 8
+    assert cfg.rope.theta == 1e6 and cfg.head_dim == 32 and cfg.num_experts == 8
     assert cfg.sliding_windows == (None,) * 4
     assert cfg.moe_layers == (False, True, True, True)
     assert cfg.dtype == torch.bfloat16

@@ -42,10 +42,10 @@ def test_config_reads_gpt_oss_switches(checkpoint_factory):
     directory, hf = checkpoint_factory("gpt_oss")
     config = LLM(directory, device="cpu").config
     assert config.sliding_windows == (4, None, 4)
-    assert config.attention_sinks and config.attention_output_bias and config.router_bias
+    assert config.attention_sinks and config.attention_output_bias and config.router.kind == "biased_topk_softmax"
     assert config.moe_layer_ids == [0, 1, 2]
     assert (config.swiglu_alpha, config.swiglu_limit) == (1.5, 1.0)
-    assert config.rope_yarn is not None and config.rope_yarn.factor == 32.0 and not config.rope_yarn.truncate
+    assert config.rope.kind == "yarn" and config.rope.factor == 32.0 and not config.rope.truncate
     assert config.expert_quantization is None
     assert all(layer.self_attn.sinks.abs().min() > 0 for layer in hf.model.layers)
 
@@ -124,8 +124,9 @@ def test_gpt_oss_20b_config_json_is_understood():
     }  # fmt: skip
     config = parse_model_config(raw)
     assert config.sliding_windows == (128, None) * 12
-    assert config.rope_theta == 150000 and config.rope_yarn.factor == 32 and not config.rope_yarn.truncate
-    assert config.rope_yarn.attention_factor == pytest.approx(0.1 * math.log(32) + 1)
+    assert config.rope.theta == 150000 and config.rope.kind == "yarn" and config.rope.factor == 32
+    assert not config.rope.truncate and config.rope.original_max_position_embeddings == 4096
+    assert config.rope.attention_factor == pytest.approx(0.1 * math.log(32) + 1)
     assert (config.num_experts, config.top_k, config.moe_intermediate_size) == (32, 4, 2880)
     assert config.expert_quantization == "mxfp4" and config.dtype == torch.bfloat16
     assert (config.swiglu_alpha, config.swiglu_limit) == (1.702, 7.0)

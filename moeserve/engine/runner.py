@@ -23,7 +23,8 @@ class ModelRunner:
         config = model.config
         self.model = model
         self.device = device
-        self.cache = KVCache(config.num_layers, config.num_kv_heads, config.head_dim, max_len, config.dtype, device)
+        heads, head_dim, separate_values = config.kv_cache_layout
+        self.cache = KVCache(config.num_layers, heads, head_dim, max_len, config.dtype, device, separate_values)
 
     def extend(self, seqs: list[Sequence], all_positions: list[bool], experts: ExpertProvider) -> list[torch.Tensor]:
         """Run every uncached token of `seqs` on `experts`. Per sequence: logits [n, V] for all its new

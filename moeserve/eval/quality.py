@@ -81,7 +81,7 @@ def expert_usage(llm, items: list[Item]) -> dict[int, list[int]]:
     handles = []
     for module in llm.model.modules():
         if isinstance(module, MoeBlock):
-            handles.append(module.router_layer.register_forward_hook(_counter(counts[module.layer_id], module.top_k)))
+            handles.append(module.router_module.register_forward_hook(_counter(counts[module.layer_id])))
     try:
         for item in items:
             llm.score(_chat_text(llm.tokenizer, item).ids)
@@ -91,9 +91,9 @@ def expert_usage(llm, items: list[Item]) -> dict[int, list[int]]:
     return {layer: c.tolist() for layer, c in counts.items()}
 
 
-def _counter(counts: torch.Tensor, top_k: int):
-    def hook(module, inputs, logits):  # logits [T, E]
-        chosen = logits.topk(top_k, dim=-1).indices.flatten().cpu()
+def _counter(counts: torch.Tensor):
+    def hook(module, inputs, routed):  # routed: (weights [T, K], expert ids [T, K])
+        chosen = routed[1].flatten().cpu()
         counts.add_(torch.bincount(chosen, minlength=counts.numel()))
 
     return hook

@@ -1,6 +1,8 @@
 """The KV cache: one row per running sequence, rows kept dense so a decode step reads a slice.
 
-Per layer, K and V are [rows, kv_heads, capacity, head_dim] on the compute device. A sequence
+Per layer, K and V are [rows, kv_heads, capacity, head_dim] on the compute device; a model with
+multi-head latent attention caches one latent "head" per token that serves as keys and values,
+so it has `k` only (`separate_values=False`, `v` stays empty). A sequence
 owns one row for its whole life. When it leaves, the last row moves into the hole, so the
 running sequences always occupy rows 0..n-1 and batched decode attends over `k[:n]` with no
 gather. Capacity grows by doubling (rows and length), never past `max_len` positions; memory
@@ -27,10 +29,12 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype,
         device: torch.device,
+        separate_values: bool = True,
     ):
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.separate_values = separate_values
         self.max_len = max_len
         self.dtype = dtype
         self.device = device
@@ -72,7 +76,7 @@ class KVCache:
         new_rows = max(rows, 2 * cap_rows, 1) if rows > cap_rows else cap_rows
         new_len = min(max(length, 2 * cap_len, 64), self.max_len) if length > cap_len else cap_len
         shape = (new_rows, self.num_kv_heads, new_len, self.head_dim)
-        for tensors in (self.k, self.v):
+        for tensors in (self.k, self.v) if self.separate_values else (self.k,):
             for i in range(self.num_layers):
                 grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 if i < len(tensors):
@@ -85,3 +89,9 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one cached position takes over all layers (K and V, or MLA's latent)."""
+        tensors = 2 if self.separate_values else 1
+        return self.num_layers * tensors * self.num_kv_heads * self.head_dim * self.dtype.itemsize

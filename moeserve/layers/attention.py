@@ -113,14 +113,14 @@ class Attention(nn.Module):
             keys = k_cache[row, :, :total].unsqueeze(0)  # [1, G, total, Dh]
             values = v_cache[row, :, :total].unsqueeze(0)
             query = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, new, Dh]
-            mask = _extend_mask(cached, new, self.window, q.device)
+            mask = extend_mask(cached, new, self.window, q.device)
             out = self._attend(query, keys, values, mask, causal=mask is None)  # [1, H, new, Dh]
             outputs.append(out[0].transpose(0, 1))  # [new, H, Dh]
             start = end
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
-def _extend_mask(cached: int, new: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+def extend_mask(cached: int, new: int, window: int | None, device: torch.device) -> torch.Tensor | None:
     """[new, cached+new] bool causal (and sliding-window) mask; None when plain causal suffices."""
     return None if cached == 0 and window is None else _allowed(cached, new, window, device)
 

@@ -1,7 +1,8 @@
 """The sparse MoE block: router → top-k → experts fetched through the expert provider.
 
 In:  hidden states [T, D] of every token in the step (any mix of sequences).
-Out: [T, D], the routing-weighted sum of each token's top-k experts (+ the gated shared expert).
+Out: [T, D], the routing-weighted sum of each token's top-k experts (+ the shared expert: qwen2_moe's
+     behind a sigmoid gate, DeepSeek's and GLM's ungated).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from torch import nn
 from moeserve.config import ModelConfig
 from moeserve.experts import ExpertProvider, ExpertWeights
 from moeserve.layers.mlp import ACTIVATIONS, GatedMLP
+from moeserve.layers.routing import build_router
 
 # Legend: T = tokens in the step, D = hidden size, E = routed experts, K = experts per token.
 
 
 class MoeBlock(nn.Module):
-    """Families change the router (`route`) and the expert math (`_expert`) by subclassing, see
+    """The router comes from config.router (layers/routing.py); families change the router's
+    checkpoint name (`router_attr`) and the expert math (`_expert`) by subclassing, see
     models/gpt_oss.py; both providers' experts go through the one `_expert`."""
 
     router_attr = "gate"  # attribute (and checkpoint name) of the router
@@ -30,30 +33,25 @@ class MoeBlock(nn.Module):
         self.layer_id = layer_id
         self.top_k = config.top_k
         self.num_experts = config.num_experts
-        self.norm_topk_prob = config.norm_topk_prob
-        self.routing_weights_in_float32 = config.routing_weights_in_float32
         self.act = ACTIVATIONS[config.hidden_act]
-        setattr(self, self.router_attr, nn.Linear(config.hidden_size, config.num_experts, bias=config.router_bias))
+        setattr(self, self.router_attr, build_router(config))
+        self.shared_expert = self.shared_experts = None
         if config.shared_expert_intermediate_size:
-            self.shared_expert = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act)
-            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
-        else:
-            self.shared_expert = None
+            shared = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act, config.mlp_bias)
+            if config.shared_expert_gated:
+                self.shared_expert = shared
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+            else:
+                self.shared_experts = shared
 
     @property
-    def router_layer(self) -> nn.Linear:
-        """The linear layer whose outputs [T, E] are the router logits."""
+    def router_module(self) -> nn.Module:
+        """The router (layers/routing.py), under whichever name the checkpoint gives it."""
         return getattr(self, self.router_attr)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] → (weights [T, K], expert ids [T, K])."""
-        probs = F.softmax(self.router_layer(x), dim=-1, dtype=torch.float32)  # [T, E]
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K]
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        if not self.routing_weights_in_float32:
-            weights = weights.to(x.dtype)
-        return weights, ids
+        return self.router_module(x)
 
     def forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
         T, D = x.shape
@@ -64,6 +62,8 @@ class MoeBlock(nn.Module):
             out = self._many_tokens(x, weights, ids, experts)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        elif self.shared_experts is not None:
+            out = out + self.shared_experts(x)
         return out
 
     def _expert(self, h: torch.Tensor, w: ExpertWeights, expert_id: int) -> torch.Tensor:  # [n, D] → [n, D]
@@ -104,8 +104,7 @@ class MoeBlock(nn.Module):
 
     def predict(self, x: torch.Tensor) -> list[int]:
         """The experts this router would pick for hidden states x [T, D] (ascending ids)."""
-        # Only which experts: softmax is monotonic, so the top-k of the logits are the same ids.
-        ids = torch.topk(self.router_layer(x), self.top_k, dim=-1).indices  # [T, K]
+        ids = self.router_module.select(x)  # [T, K]
         return sorted(set(ids.flatten().tolist()))
 
 

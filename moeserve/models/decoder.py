@@ -18,6 +18,7 @@ from moeserve.config import ModelConfig
 from moeserve.kv.context import StepContext
 from moeserve.experts import ExpertProvider
 from moeserve.layers.attention import Attention
+from moeserve.layers.mla import MlaAttention
 from moeserve.layers.mlp import GatedMLP
 from moeserve.layers.moe import MoeBlock
 from moeserve.layers.norms import RMSNorm
@@ -29,13 +30,14 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.moe_attr = moe_attr
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_scale_in_float32)
-        self.self_attn = Attention(config, layer_id)
+        self.self_attn = MlaAttention(config, layer_id) if config.mla is not None else Attention(config, layer_id)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_scale_in_float32)
         if config.moe_layers[layer_id]:
             setattr(self, moe_attr, moe_class(config, layer_id))
         else:
-            # Dense layers of qwen2_moe / qwen3_moe (mlp_only_layers, decoder_sparse_step) are named `mlp`.
-            self.mlp = GatedMLP(config.hidden_size, config.dense_intermediate_size, config.hidden_act)
+            # Dense layers (qwen's mlp_only_layers / decoder_sparse_step, DeepSeek's and GLM's
+            # first_k_dense_replace) are named `mlp`.
+            self.mlp = GatedMLP(config.hidden_size, config.dense_intermediate_size, config.hidden_act, config.mlp_bias)
         self.is_moe = config.moe_layers[layer_id]
 
     def attend(self, x: torch.Tensor, rope, ctx: StepContext) -> torch.Tensor:
@@ -65,13 +67,15 @@ class MoeCausalLM(nn.Module):
 
     moe_attr = "mlp"  # attribute (and checkpoint path segment) of the MoE block in a layer
     moe_class: type[MoeBlock] = MoeBlock  # the family's MoE block (its router and expert math)
+    # Parameters (by name suffix) loaded in float32 whatever the compute dtype, as transformers keeps them.
+    float32_parameters: tuple[str, ...] = ()
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.model = Backbone(config, self.moe_attr, self.moe_class)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_linear_factor, config.rope_yarn)
+        self.rotary = RotaryEmbedding(config.rope)
         moe_ids = config.moe_layer_ids
         # layer id → the next MoE layer after it (whose experts are worth prefetching), or None
         self.next_moe_layer = {i: next((m for m in moe_ids if m > i), None) for i in range(config.num_layers)}
@@ -93,6 +97,10 @@ class MoeCausalLM(nn.Module):
         """One MoE layer's experts in a family's own checkpoint layout, each tensor taken through
         `read(name, expected shape)`; None: the default layouts above (see loader.iter_stored_experts)."""
         return None
+
+    @classmethod
+    def keeps_float32(cls, name: str) -> bool:
+        return name.endswith(cls.float32_parameters)
 
     def moe_block(self, layer: int) -> MoeBlock:
         return getattr(self.model.layers[layer], self.moe_attr)

@@ -4,7 +4,8 @@ experts with a clamped SwiGLU, and experts that may ship as MXFP4.
 Attention, norms and rope read their switches from `ModelConfig` (layers/sinks.py holds the sink
 softmax). This file holds what is gpt_oss's alone:
 
-- The router: a linear layer with a bias; top-k of its logits, then a softmax over those k.
+- The router's checkpoint name, `router` (its rule, top-k of biased logits then a softmax over
+  those k, is layers/routing.py's BiasedTopKSoftmaxRouter).
 - The expert math, as transformers' GptOssExperts: gate_up = h W + b, then gate = min(gate, limit),
   up = clamp(up, -limit, limit), out = ((up + 1) * gate * sigmoid(alpha * gate)) W_down + b_down.
   It runs on the provider's matrices, so resident and offloaded experts go through this one method.
@@ -50,17 +51,12 @@ class GptOssExpertBiases(nn.Module):
 
 
 class GptOssMoeBlock(MoeBlock):
-    router_attr = "router"
+    router_attr = "router"  # the checkpoint's `mlp.router.weight` / `.bias` (config.router: biased_topk_softmax)
 
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__(config, layer_id)
         self.experts = GptOssExpertBiases(config)
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, D] → (weights [T, K] in x's dtype, expert ids [T, K])."""
-        top, ids = torch.topk(self.router_layer(x), self.top_k, dim=-1)  # [T, K]
-        return F.softmax(top, dim=1, dtype=top.dtype), ids
 
     def _expert(self, h: torch.Tensor, w: ExpertWeights, expert_id: int) -> torch.Tensor:  # [n, D] → [n, D]
         gate, up = gate_and_up(h, w)  # [n, I] each

@@ -4,6 +4,8 @@ import torch
 
 from moeserve.config import ModelConfig
 from moeserve.models.decoder import MoeCausalLM
+from moeserve.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from moeserve.models.glm4_moe import Glm4MoeForCausalLM
 from moeserve.models.gpt_oss import GptOssForCausalLM
 from moeserve.models.mixtral import MixtralForCausalLM
 from moeserve.models.olmoe import OlmoeForCausalLM
@@ -15,6 +17,9 @@ MODEL_FAMILIES: dict[str, type[MoeCausalLM]] = {
     "qwen2_moe": Qwen2MoeForCausalLM,
     "qwen3_moe": Qwen3MoeForCausalLM,
     "olmoe": OlmoeForCausalLM,
+    "deepseek_v2": DeepseekV2ForCausalLM,
+    "deepseek_v3": DeepseekV3ForCausalLM,
+    "glm4_moe": Glm4MoeForCausalLM,
     "gpt_oss": GptOssForCausalLM,
 }
 
