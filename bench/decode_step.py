@@ -188,7 +188,7 @@ class DecodeBench:
             distinct.append(routed[1].unique().numel())
 
         blocks = [m for m in self.model.modules() if isinstance(m, MoeBlock)]
-        hooks = [block.gate.register_forward_hook(count) for block in blocks]
+        hooks = [block.router_module.register_forward_hook(count) for block in blocks]
         try:
             self._steps(steps)
         finally:

@@ -166,7 +166,9 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_compress(args: argparse.Namespace) -> int:
     from moeserve.offload.runtime import write_compressed_dir
 
-    llm = _load_llm(args)
+    # Offloaded even without --policy or --expert-cache: the store then takes the default policy (raw;
+    # mxfp4 for an MXFP4 checkpoint) instead of there being no store to write.
+    llm = _load_llm(args, expert_cache=args.expert_cache if args.expert_cache is not None else "100%")
     out = Path(args.out)
     write_compressed_dir(llm.offload, llm.model, llm.loaded.checkpoint, llm.model_dir, out)
     store = llm.offload.store
@@ -285,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="accuracy and quality versus error bound per codec and layer group")
     _add_model_options(bench, offload=False, default_dtype="float32")
-    bench.add_argument("--codecs", default=None, help="comma-separated (default: szp,int8,int4); any of szp,sz3,zfp,int8,int4,raw")
+    bench.add_argument("--codecs", default=None, help="comma-separated (default: szp,int8,int4); any of szp,sz3,zfp,int8,int4,mxfp4,raw")
     bench.add_argument("--modes", default=None, help="bound modes, comma-separated (default: rel); any of rel,abs,mean_abs")
     bench.add_argument("--error-bounds", default=None, help="comma-separated (default: 1e-4,1e-3,3e-3,1e-2,3e-2,1e-1)")
     bench.add_argument("--layers", default=None, help="layer groups (default: all,shallow,middle,deep); also ids and ranges: 5, 0-3")

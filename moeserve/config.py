@@ -2,9 +2,10 @@
 
 The families spell the same idea differently (`num_local_experts` vs `num_experts` vs
 `n_routed_experts`, `rope_theta` vs `rope_parameters`, per-head vs full-width q/k norms, dense
-layers by `decoder_sparse_step` / `mlp_only_layers` / `first_k_dense_replace`). Everything
-downstream (models, loader, offloading) reads only this dataclass, so family quirks live here,
-in config_families.py (rope scaling, latent attention, routers) and in `models/`.
+layers by `decoder_sparse_step` / `mlp_only_layers` / `first_k_dense_replace`, gpt_oss's
+`layer_types`, sinks and MXFP4 experts). Everything downstream (models, loader, offloading) reads
+only this dataclass, so family quirks live here, in config_families.py (rope scaling, latent
+attention, routers) and in `models/`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from moeserve.config_families import (
 )
 from moeserve.errors import ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe")
+SUPPORTED_MODEL_TYPES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "gpt_oss",
+)  # fmt: skip
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 # Families whose routers and shared experts follow DeepSeek's MoE (n_routed_experts, shared_experts).
 DEEPSEEK_MOE_TYPES = (*DEEPSEEK_TYPES, "glm4_moe")
@@ -76,6 +79,13 @@ class ModelConfig:
     shared_expert_gated: bool = True
     mlp_bias: bool = False  # dense MLPs and shared experts have biases (deepseek_v2's mlp_bias)
     mla: MlaConfig | None = None  # set: multi-head latent attention (deepseek_v2 / deepseek_v3)
+    attention_output_bias: bool = False  # o_proj has a bias (gpt_oss)
+    attention_sinks: bool = False  # a learned per-head logit joins every softmax, then is dropped (gpt_oss)
+    # RMSNorm multiplies by its weight in float32 and then casts (gpt_oss); otherwise it casts first.
+    norm_scale_in_float32: bool = False
+    swiglu_alpha: float = 1.702  # gpt_oss's clamped SwiGLU: gate * sigmoid(alpha * gate) * (up + 1)
+    swiglu_limit: float = 7.0  # gate clamped above, up on both sides, at this value
+    expert_quantization: str | None = None  # "mxfp4": the checkpoint stores routed experts as MXFP4
 
     @property
     def moe_layer_ids(self) -> list[int]:
@@ -145,7 +155,7 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
                 return raw[name]
         raise ModelLoadError(f"{source}: required key {key!r} is missing for model_type {model_type!r}.")
 
-    _reject_quantization(raw, source)
+    expert_quantization = _expert_quantization(raw, model_type, source)
     hidden_size = int(need("hidden_size"))
     num_layers = int(need("num_hidden_layers"))
     num_heads = int(need("num_attention_heads"))
@@ -175,8 +185,9 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         rotary_dim = partial_rotary_dim(raw, head_dim) if model_type == "glm4_moe" else head_dim
         rope, mla = parse_rope(raw, source, rotary_dim), None
 
+    gpt_oss = model_type == "gpt_oss"
     deepseek_moe = model_type in DEEPSEEK_MOE_TYPES
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "gpt_oss"):
         num_experts = int(need("num_local_experts"))
     elif deepseek_moe:
         num_experts = int(need("n_routed_experts", "num_local_experts"))
@@ -186,7 +197,7 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
     if not 0 < top_k <= num_experts:
         raise ModelLoadError(f"{source}: num_experts_per_tok={top_k} must be between 1 and the {num_experts} experts.")
 
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "gpt_oss"):
         moe_intermediate = int(need("intermediate_size"))
     else:
         moe_intermediate = int(need("moe_intermediate_size", "intermediate_size"))
@@ -225,27 +236,43 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         # transformers' DeepSeek / GLM experts, like Mixtral's, multiply by float32 routing weights.
         routing_weights_in_float32=model_type == "mixtral" or deepseek_moe,
         moe_layers=_moe_layers(raw, model_type, num_layers, num_experts),
-        dense_intermediate_size=int(raw.get("intermediate_size") or 0),
+        dense_intermediate_size=0 if gpt_oss else int(raw.get("intermediate_size") or 0),
         shared_expert_intermediate_size=shared_intermediate,
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         dtype=_parse_dtype(raw, source),
         eos_token_ids=_token_ids(raw.get("eos_token_id")),
         bos_token_id=raw.get("bos_token_id"),
-        router=parse_router(raw, source, model_type, num_experts, top_k) if deepseek_moe else RouterConfig(),
+        router=_router(raw, source, model_type, num_experts, top_k),
         shared_expert_gated=not deepseek_moe,
         mlp_bias=model_type == "deepseek_v2" and bool(raw.get("mlp_bias", False)),
         mla=mla,
+        attention_output_bias=gpt_oss and _attention_bias(raw, model_type),
+        attention_sinks=gpt_oss,
+        norm_scale_in_float32=gpt_oss,
+        swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)),
+        swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
+        expert_quantization=expert_quantization,
     )
 
 
-def _reject_quantization(raw: dict[str, Any], source: str) -> None:
+def _router(raw: dict[str, Any], source: str, model_type: str, num_experts: int, top_k: int) -> RouterConfig:
+    if model_type in DEEPSEEK_MOE_TYPES:
+        return parse_router(raw, source, model_type, num_experts, top_k)
+    return RouterConfig("biased_topk_softmax" if model_type == "gpt_oss" else "softmax")
+
+
+def _expert_quantization(raw: dict[str, Any], model_type: str, source: str) -> str | None:
     quantization = raw.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
-        raise ModelLoadError(
-            f"{source}: quantized checkpoints (quant_method {method!r}) are not supported; "
-            f"load a bf16, fp16 or fp32 export of the model."
-        )
+    if not quantization:
+        return None
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if method == "mxfp4" and model_type == "gpt_oss":
+        return "mxfp4"
+    raise ModelLoadError(
+        f"{source}: quantization method {method!r} is not supported for model_type {model_type!r} "
+        f"(quant_method {method!r}; moeserve reads MXFP4 gpt_oss experts only); "
+        f"use an unquantized bf16, fp16 or fp32 export of the model."
+    )
 
 
 def _qk_norm(raw: dict[str, Any], model_type: str) -> str:
@@ -255,7 +282,7 @@ def _qk_norm(raw: dict[str, Any], model_type: str) -> str:
 
 
 def _norm_topk_prob(raw: dict[str, Any], model_type: str) -> bool:
-    if model_type == "mixtral":
+    if model_type in ("mixtral", "gpt_oss"):
         return True
     if model_type == "deepseek_v2":
         return False  # transformers' DeepseekV2 router never renormalises its top-k weights
@@ -268,16 +295,19 @@ def _attention_bias(raw: dict[str, Any], model_type: str) -> bool:
         return bool(raw.get("qkv_bias", True))
     if model_type == "mixtral":
         return False
-    return bool(raw.get("attention_bias", False))
+    return bool(raw.get("attention_bias", model_type == "gpt_oss"))
 
 
 def _sliding_windows(raw: dict[str, Any], model_type: str, num_layers: int) -> tuple[int | None, ...]:
-    window = raw.get("sliding_window")
+    window = raw.get("sliding_window", 128 if model_type == "gpt_oss" else None)
     if model_type in ("qwen2_moe", "qwen3_moe") and not raw.get("use_sliding_window", False):
         window = None
     if not window:
         return (None,) * num_layers
     layer_types = raw.get("layer_types")
+    if layer_types is None and model_type == "gpt_oss":
+        # transformers' GptOssConfig default: sliding windows on even layers, full attention on odd ones.
+        layer_types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
     if layer_types is None and model_type == "qwen2_moe":
         max_window_layers = int(raw.get("max_window_layers", num_layers))
         layer_types = [

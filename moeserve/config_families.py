@@ -1,5 +1,5 @@
 """The parts of config.json that only some families have: rope scaling, multi-head latent
-attention (DeepSeek-V2/V3), and the DeepSeek / GLM routers.
+attention (DeepSeek-V2/V3), and the DeepSeek / GLM / gpt_oss routers.
 
 In:  the raw config.json dict of one checkpoint (already known to be a supported model_type).
 Out: `RopeConfig`, `MlaConfig` and `RouterConfig`, the dataclasses `ModelConfig` holds.
@@ -69,6 +69,7 @@ class RouterConfig:
     # over the topk_group groups with the highest max score, then times routed_scaling_factor;
     # "sigmoid_grouped": deepseek_v3 / glm4_moe, sigmoid scores, e_score_correction_bias added for the
     # choice only, groups ranked by their top-2 sum, then renormalised and times routed_scaling_factor.
+    # "biased_topk_softmax": gpt_oss, a linear layer with a bias, top-k of its logits, softmax over those k.
     kind: str = "softmax"
     n_group: int = 1
     topk_group: int = 1

@@ -17,6 +17,8 @@ from typing import Iterable, Protocol, Sequence
 
 import torch
 
+from moeserve.codecs.mxfp4 import Mxfp4Tensor
+
 
 @dataclass(frozen=True)
 class ExpertWeights:
@@ -48,6 +50,21 @@ class ExpertWeights:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+
+@dataclass(frozen=True)
+class Mxfp4ExpertWeights:
+    """One expert as an MXFP4 checkpoint stores it (gpt_oss): gate [I, D], up [I, D], down [D, I] as
+    blocks and scales. The host store keeps them as they are; resident loading dequantizes them."""
+
+    gate: Mxfp4Tensor
+    up: Mxfp4Tensor
+    down: Mxfp4Tensor
+
+    def dequantize(self, device: torch.device) -> ExpertWeights:
+        """On `device`, in the tensors' dtype, decoded there, gate and up fused as in a cache slot."""
+        gate_up = torch.cat((self.gate.dequantize(device), self.up.dequantize(device)))  # [2I, D]
+        return ExpertWeights.fused(gate_up, self.down.dequantize(device))
 
 
 def keeps_gate_up_apart(

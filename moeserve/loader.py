@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +24,7 @@ from torch import nn
 from moeserve.checkpoint import CheckpointTensors
 from moeserve.config import ModelConfig, parse_model_config, read_config_json
 from moeserve.errors import ModelLoadError
-from moeserve.experts import DenseExpertProvider, ExpertWeights
+from moeserve.experts import DenseExpertProvider, ExpertWeights, Mxfp4ExpertWeights
 from moeserve.models import build_model
 from moeserve.models.decoder import MoeCausalLM
 from moeserve.tokenizer import Tokenizer, load_tokenizer
@@ -79,22 +80,25 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | None 
 
 
 def load_dense_experts(loaded: LoadedModel, device: torch.device) -> DenseExpertProvider:
-    """Every routed expert on the device in the compute dtype (no offloading)."""
+    """Every routed expert on the device in the compute dtype (no offloading); MXFP4 experts are
+    dequantized there, exactly as transformers dequantizes them."""
     dtype = loaded.config.dtype
-    return DenseExpertProvider(
-        {
-            layer: [_to_device(w, device, dtype) for w in weights]
-            for layer, weights in iter_stored_experts(loaded.model, loaded.checkpoint, loaded.config)
-        }
-    )
+    stored = iter_stored_experts(loaded.model, loaded.checkpoint, loaded.config, keep_mxfp4=True)
+    return DenseExpertProvider({layer: [_to_device(w, device, dtype) for w in weights] for layer, weights in stored})
 
 
 def iter_stored_experts(
-    model: MoeCausalLM, checkpoint: CheckpointTensors, config: ModelConfig
-) -> Iterator[tuple[int, list[ExpertWeights]]]:
-    """Per MoE layer, its experts as stored in the checkpoint (stored dtype, CPU, mapped views)."""
+    model: MoeCausalLM, checkpoint: CheckpointTensors, config: ModelConfig, keep_mxfp4: bool = False
+) -> Iterator[tuple[int, list[ExpertWeights] | list[Mxfp4ExpertWeights]]]:
+    """Per MoE layer, its experts as stored in the checkpoint (stored dtype, CPU, mapped views where
+    the layout allows). An MXFP4 checkpoint's experts come as `Mxfp4ExpertWeights` with `keep_mxfp4`,
+    else dequantized in the compute dtype."""
     d, i = config.hidden_size, config.moe_intermediate_size
     for layer in config.moe_layer_ids:
+        own = model.stored_layer_experts(partial(_checked, checkpoint), layer, config, keep_mxfp4)
+        if own is not None:
+            yield layer, own
+            continue
         gate_up_name, down_name = model.fused_expert_tensor_names(layer)
         if model.expert_tensor_names(layer, 0)[0] not in checkpoint and gate_up_name in checkpoint:
             gate_up = _checked(checkpoint, gate_up_name, (config.num_experts, 2 * i, d))
@@ -154,7 +158,9 @@ def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> 
     return tensor.to(device=device, dtype=dtype)
 
 
-def _to_device(w: ExpertWeights, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
+def _to_device(w: ExpertWeights | Mxfp4ExpertWeights, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
+    if isinstance(w, Mxfp4ExpertWeights):
+        return w.dequantize(device).to(device, dtype)
     for tensor in (w.gate, w.up, w.down):
         _require_float(tensor)
     return w.to(device, dtype)

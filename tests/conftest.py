@@ -23,6 +23,19 @@ FAMILY_CONFIGS = {
     ),
     "qwen3_moe": dict(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, intermediate_size=24, clip_qkv=8.0, eos_token_id=None),
+    # Layers alternate sliding (window 4, shorter than every generation) and full attention; YaRN rope
+    # (transformers' default for gpt_oss); a SwiGLU limit the tiny model's activations cross. hidden and
+    # intermediate sizes are multiples of 32, MXFP4's block.
+    "gpt_oss": dict(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        head_dim=8,
+        sliding_window=4,
+        swiglu_limit=1.0,
+        swiglu_alpha=1.5,
+        initializer_range=0.3,
+    ),
     # MLA with q through q_lora_rank, YaRN; layer 0 dense; greedy softmax routing, two shared experts.
     "deepseek_v2": dict(
         initializer_range=0.1,  # sharper attention than the default 0.02, so a wrong softmax scale shows
@@ -114,6 +127,10 @@ def make_hf_model(model_type: str, seed: int = 0, **overrides):
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("gate.weight") and param.shape[0] > 1:
+                param.normal_(0, 0.5)
+            if model_type == "gpt_oss" and name.endswith(("router.weight", "bias", "sinks")):
+                # transformers starts gpt_oss's biases at zero and its sinks near zero: random values
+                # make each of them (and a wrong use of any) show in the logits.
                 param.normal_(0, 0.5)
         # DeepSeek-V3 / GLM start with a zero correction bias; a random one makes it change which
         # experts are chosen (but not their weights), as a trained one does.

@@ -10,7 +10,7 @@ import torch
 from moeserve.codecs import Blob, CodecError, decode, decode_into, encode, names
 from moeserve.errors import MoeServeError
 
-ALL = ("szp", "sz3", "zfp", "raw", "int8", "int4")
+ALL = ("szp", "sz3", "zfp", "raw", "int8", "int4", "mxfp4")
 BOUND = {"szp": 1e-3, "sz3": 1e-3, "zfp": 1e-3}
 
 

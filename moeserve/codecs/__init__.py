@@ -8,14 +8,14 @@
 Data flow: encode checks the tensor (dtype, finite), resolves the bound mode to an absolute bound
 (bounds.py), and hands a contiguous tensor to the codec (registry.py), which returns a payload; the Blob
 (blob.py) wraps it with everything decode needs. decode / decode_into check the destination and hand it to
-the codec's CPU or CUDA path. Codecs: szp (ours, C++ and GPU), sz3, zfp (bounded); raw, int8, int4 (not).
+the codec's CPU or CUDA path. Codecs: szp (ours, C++ and GPU), sz3, zfp (bounded); raw, int8, int4, mxfp4 (not).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moeserve.codecs import quant, raw, sz3, szp, szp_cpu, zfp  # noqa: F401  (importing registers them)
+from moeserve.codecs import mxfp4, quant, raw, sz3, szp, szp_cpu, zfp  # noqa: F401  (importing registers them)
 from moeserve.codecs.base import Codec, CodecError, NativeDecoder
 from moeserve.codecs.blob import DTYPES, Blob
 from moeserve.codecs.bounds import resolve

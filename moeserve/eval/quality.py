@@ -81,7 +81,7 @@ def expert_usage(llm, items: list[Item]) -> dict[int, list[int]]:
     handles = []
     for module in llm.model.modules():
         if isinstance(module, MoeBlock):
-            handles.append(module.gate.register_forward_hook(_counter(counts[module.layer_id])))
+            handles.append(module.router_module.register_forward_hook(_counter(counts[module.layer_id])))
     try:
         for item in items:
             llm.score(_chat_text(llm.tokenizer, item).ids)

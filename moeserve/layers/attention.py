@@ -2,6 +2,10 @@
 
 In:  hidden states [T, D] of the step and its `StepContext`.
 Out: [T, D]. Side effect: this step's K/V are written into the context's cache rows.
+
+Sliding-window layers keep every position in the cache like full ones; their masks (prefill,
+extend and decode alike) let a query see only the last `window` keys. Layers with sinks (gpt_oss)
+attend through layers/sinks.py, every other layer through torch's SDPA.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from moeserve.config import ModelConfig
 from moeserve.kv.context import StepContext
 from moeserve.layers.norms import RMSNorm
 from moeserve.layers.rotary import apply_rotary
+from moeserve.layers.sinks import sink_attention
 
 # Legend: T = tokens in the step, B = sequences, H = query heads, G = kv heads, Dh = head dim,
 # L = cached positions attended to.
@@ -34,7 +39,11 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, q_size, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_output_bias)
+        # [H] learned logits (gpt_oss), see layers/sinks.py; None = plain softmax attention.
+        self.sinks = None
+        if config.attention_sinks:
+            self.sinks = nn.Parameter(torch.empty(config.num_heads), requires_grad=False)
         if self.qk_norm == "per_head":
             self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
@@ -78,14 +87,19 @@ class Attention(nn.Module):
             keys, values = k_cache[:B, :, :longest], v_cache[:B, :, :longest]  # [B, G, L, Dh]
         else:
             keys, values = k_cache[ctx.row_index, :, :longest], v_cache[ctx.row_index, :, :longest]
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [B, H, 1, Dh]
-            keys,
-            values,
-            attn_mask=ctx.decode_mask(self.window),
-            enable_gqa=True,
-        )  # [B, H, 1, Dh]
+        out = self._attend(q.unsqueeze(2), keys, values, ctx.decode_mask(self.window))  # [B, H, 1, Dh]
         return out.squeeze(2)
+
+    def _attend(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal=False
+    ) -> torch.Tensor:
+        """query [B, H, Q, Dh] over keys / values [B, G, L, Dh]; mask: allowed positions, or None with
+        `causal` (plain causal) or without (all)."""
+        if self.sinks is not None:
+            if causal:
+                mask = _allowed(0, query.shape[2], None, query.device)
+            return sink_attention(query, keys, values, mask, self.sinks)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
@@ -100,9 +114,7 @@ class Attention(nn.Module):
             values = v_cache[row, :, :total].unsqueeze(0)
             query = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, new, Dh]
             mask = extend_mask(cached, new, self.window, q.device)
-            out = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
-            )  # [1, H, new, Dh]
+            out = self._attend(query, keys, values, mask, causal=mask is None)  # [1, H, new, Dh]
             outputs.append(out[0].transpose(0, 1))  # [new, H, Dh]
             start = end
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
@@ -110,8 +122,11 @@ class Attention(nn.Module):
 
 def extend_mask(cached: int, new: int, window: int | None, device: torch.device) -> torch.Tensor | None:
     """[new, cached+new] bool causal (and sliding-window) mask; None when plain causal suffices."""
-    if cached == 0 and window is None:
-        return None
+    return None if cached == 0 and window is None else _allowed(cached, new, window, device)
+
+
+def _allowed(cached: int, new: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[new, cached+new] bool: the keys each new query may see (causal, and within `window` if set)."""
     query_pos = torch.arange(cached, cached + new, device=device)[:, None]
     key_pos = torch.arange(cached + new, device=device)[None, :]
     allowed = key_pos <= query_pos

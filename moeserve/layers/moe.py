@@ -22,13 +22,19 @@ from moeserve.layers.routing import build_router
 
 
 class MoeBlock(nn.Module):
+    """The router comes from config.router (layers/routing.py); families change the router's
+    checkpoint name (`router_attr`) and the expert math (`_expert`) by subclassing, see
+    models/gpt_oss.py; both providers' experts go through the one `_expert`."""
+
+    router_attr = "gate"  # attribute (and checkpoint name) of the router
+
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
         self.layer_id = layer_id
         self.top_k = config.top_k
         self.num_experts = config.num_experts
         self.act = ACTIVATIONS[config.hidden_act]
-        self.gate = build_router(config)
+        setattr(self, self.router_attr, build_router(config))
         self.shared_expert = self.shared_experts = None
         if config.shared_expert_intermediate_size:
             shared = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act, config.mlp_bias)
@@ -38,9 +44,14 @@ class MoeBlock(nn.Module):
             else:
                 self.shared_experts = shared
 
+    @property
+    def router_module(self) -> nn.Module:
+        """The router (layers/routing.py), under whichever name the checkpoint gives it."""
+        return getattr(self, self.router_attr)
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] → (weights [T, K], expert ids [T, K])."""
-        return self.gate(x)
+        return self.router_module(x)
 
     def forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
         T, D = x.shape
@@ -55,11 +66,8 @@ class MoeBlock(nn.Module):
             out = out + self.shared_experts(x)
         return out
 
-    def _expert(self, h: torch.Tensor, w: ExpertWeights) -> torch.Tensor:  # [n, D] → [n, D]
-        if w.gate_up is not None:
-            gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [n, 2I] → [n, I] twice
-        else:
-            gate, up = F.linear(h, w.gate), F.linear(h, w.up)
+    def _expert(self, h: torch.Tensor, w: ExpertWeights, expert_id: int) -> torch.Tensor:  # [n, D] → [n, D]
+        gate, up = gate_and_up(h, w)
         return F.linear(self.act(gate) * up, w.down)
 
     def _single_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider):
@@ -68,7 +76,7 @@ class MoeBlock(nn.Module):
         per_slot: list[torch.Tensor | None] = [None] * self.top_k
         for expert_id, w in experts.fetch(self.layer_id, sorted(chosen)):
             slot = chosen.index(expert_id)
-            y = self._expert(x, w) * weights[0, slot]  # [1, D]
+            y = self._expert(x, w, expert_id) * weights[0, slot]  # [1, D]
             per_slot[slot] = y if y.dtype == x.dtype else y.to(x.dtype)
         return _sum_slots(per_slot)  # [1, D]
 
@@ -90,14 +98,22 @@ class MoeBlock(nn.Module):
         for expert_id, w in experts.fetch(self.layer_id, used):
             start = starts[expert_id]
             pairs = order[start : start + counts[expert_id]]
-            y = self._expert(x[token_of[start : start + counts[expert_id]]], w)  # [n, D]
+            y = self._expert(x[token_of[start : start + counts[expert_id]]], w, expert_id)  # [n, D]
             per_pair[pairs] = (y * weight_of[start : start + counts[expert_id], None]).to(x.dtype)
         return _sum_slots(per_pair.view(T, self.top_k, D).unbind(dim=1))  # [T, D]
 
     def predict(self, x: torch.Tensor) -> list[int]:
         """The experts this router would pick for hidden states x [T, D] (ascending ids)."""
-        ids = self.gate.select(x)  # [T, K]
+        ids = self.router_module.select(x)  # [T, K]
         return sorted(set(ids.flatten().tolist()))
+
+
+def gate_and_up(h: torch.Tensor, w: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [n, D] → the expert's gate and up projections [n, I], one matmul when they are fused."""
+    if w.gate_up is not None:
+        gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [n, 2I] → [n, I] twice
+        return gate, up
+    return F.linear(h, w.gate), F.linear(h, w.up)
 
 
 def _sum_slots(per_slot) -> torch.Tensor:

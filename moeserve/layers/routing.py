@@ -3,8 +3,9 @@
 In:  hidden states [T, D] after the post-attention norm.
 Out: `forward`: (weights [T, K], expert ids [T, K]); `select`: just the ids, for prefetch predictions.
 
-One class per routing rule (config_families.RouterConfig.kind). Each is the module the checkpoint
-calls `gate`, so its parameters load by name (`mlp.gate.weight`, `mlp.gate.e_score_correction_bias`).
+One class per routing rule (config_families.RouterConfig.kind). The MoE block registers each under
+the checkpoint's name for the router (`gate`, or gpt_oss's `router`), so its parameters load by name
+(`mlp.gate.weight`, `mlp.gate.e_score_correction_bias`, `mlp.router.bias`).
 """
 
 from __future__ import annotations
@@ -105,6 +106,24 @@ class SigmoidGroupedRouter(nn.Module):
         return self._choose(x)[1]
 
 
+class BiasedTopKSoftmaxRouter(nn.Module):
+    """gpt_oss: logits from a linear layer with a bias, their top-k, then a softmax over those k
+    (transformers' GptOssTopKRouter, whose softmax runs in the logits' dtype)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(config.num_experts), requires_grad=False)
+        self.top_k = config.top_k
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        top, ids = torch.topk(F.linear(x, self.weight, self.bias), self.top_k, dim=-1)  # [T, K]
+        return F.softmax(top, dim=-1, dtype=top.dtype), ids
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.topk(F.linear(x, self.weight, self.bias), self.top_k, dim=-1).indices  # [T, K]
+
+
 def _group_mask(group_score: torch.Tensor, topk_group: int, num_experts: int) -> torch.Tensor:
     """group_score [T, G] → bool [T, E]: True for the experts of each token's topk_group best groups."""
     best = torch.topk(group_score, k=topk_group, dim=-1, sorted=False).indices  # [T, topk_group]
@@ -117,6 +136,7 @@ ROUTERS: dict[str, type[nn.Module]] = {
     "softmax_greedy": DeepseekV2Router,
     "softmax_group_limited": DeepseekV2Router,
     "sigmoid_grouped": SigmoidGroupedRouter,
+    "biased_topk_softmax": BiasedTopKSoftmaxRouter,
 }
 
 

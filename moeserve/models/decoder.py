@@ -26,14 +26,14 @@ from moeserve.layers.rotary import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, moe_attr: str):
+    def __init__(self, config: ModelConfig, layer_id: int, moe_attr: str, moe_class: type[MoeBlock]):
         super().__init__()
         self.moe_attr = moe_attr
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_scale_in_float32)
         self.self_attn = MlaAttention(config, layer_id) if config.mla is not None else Attention(config, layer_id)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_scale_in_float32)
         if config.moe_layers[layer_id]:
-            setattr(self, moe_attr, MoeBlock(config, layer_id))
+            setattr(self, moe_attr, moe_class(config, layer_id))
         else:
             # Dense layers (qwen's mlp_only_layers / decoder_sparse_step, DeepSeek's and GLM's
             # first_k_dense_replace) are named `mlp`.
@@ -55,24 +55,25 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, config: ModelConfig, moe_attr: str):
+    def __init__(self, config: ModelConfig, moe_attr: str, moe_class: type[MoeBlock]):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, moe_attr) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, moe_attr, moe_class) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_scale_in_float32)
 
 
 class MoeCausalLM(nn.Module):
     """Base class of the families; subclasses name where their routed experts are stored."""
 
     moe_attr = "mlp"  # attribute (and checkpoint path segment) of the MoE block in a layer
+    moe_class: type[MoeBlock] = MoeBlock  # the family's MoE block (its router and expert math)
     # Parameters (by name suffix) loaded in float32 whatever the compute dtype, as transformers keeps them.
     float32_parameters: tuple[str, ...] = ()
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = Backbone(config, self.moe_attr)
+        self.model = Backbone(config, self.moe_attr, self.moe_class)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rope)
         moe_ids = config.moe_layer_ids
@@ -90,6 +91,12 @@ class MoeCausalLM(nn.Module):
         """Names of the stacked layout some exporters write: gate_up [E, 2I, D] and down [E, D, I]."""
         prefix = f"model.layers.{layer}.{cls.moe_attr}.experts"
         return f"{prefix}.gate_up_proj", f"{prefix}.down_proj"
+
+    @classmethod
+    def stored_layer_experts(cls, read, layer: int, config: ModelConfig, keep_mxfp4: bool) -> list | None:
+        """One MoE layer's experts in a family's own checkpoint layout, each tensor taken through
+        `read(name, expected shape)`; None: the default layouts above (see loader.iter_stored_experts)."""
+        return None
 
     @classmethod
     def keeps_float32(cls, name: str) -> bool:

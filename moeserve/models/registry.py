@@ -6,6 +6,7 @@ from moeserve.config import ModelConfig
 from moeserve.models.decoder import MoeCausalLM
 from moeserve.models.deepseek import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from moeserve.models.glm4_moe import Glm4MoeForCausalLM
+from moeserve.models.gpt_oss import GptOssForCausalLM
 from moeserve.models.mixtral import MixtralForCausalLM
 from moeserve.models.olmoe import OlmoeForCausalLM
 from moeserve.models.qwen2_moe import Qwen2MoeForCausalLM
@@ -19,6 +20,7 @@ MODEL_FAMILIES: dict[str, type[MoeCausalLM]] = {
     "deepseek_v2": DeepseekV2ForCausalLM,
     "deepseek_v3": DeepseekV3ForCausalLM,
     "glm4_moe": Glm4MoeForCausalLM,
+    "gpt_oss": GptOssForCausalLM,
 }
 
 

@@ -223,9 +223,11 @@ class Policy:
     where: Mapping[KeyPath, Location] = field(default_factory=dict, compare=False, repr=False)
 
     @staticmethod
-    def default_policy() -> Policy:
-        """What moeserve uses without a policy: every expert stored raw (lossless, uncompressed)."""
-        return Policy(Default(codec="raw"))
+    def default_policy(expert_quantization: str | None = None) -> Policy:
+        """What moeserve uses without a policy: every expert stored raw (lossless, uncompressed), or,
+        for a checkpoint whose experts ship as MXFP4, kept in MXFP4 (re-encoding 4-bit weights under an
+        error bound would only add error)."""
+        return Policy(Default(codec="mxfp4" if expert_quantization == "mxfp4" else "raw"))
 
     def resolve(self, moe_layers: Sequence[int], num_layers: int, num_experts: int) -> ResolvedPolicy:
         """This policy applied to a model; a PolicyError (with the rule's line) if a rule does not fit it."""

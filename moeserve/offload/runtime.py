@@ -118,7 +118,10 @@ def build_offload_runtime(
             )
         policy_source = stored_policy
     else:
-        policy_source = load_policy(policy_source) if policy_source is not None else Policy.default_policy()
+        if policy_source is not None:
+            policy_source = load_policy(policy_source)
+        else:
+            policy_source = Policy.default_policy(config.expert_quantization)
     resolved = policy_source.resolve(config.moe_layer_ids, config.num_layers, config.num_experts)
     # Checked before the (possibly long) encoding, so a mistake in the budget fails at once.
     slot_bytes = SlotPool.slot_nbytes(config.hidden_size, config.moe_intermediate_size, config.dtype)
@@ -131,7 +134,7 @@ def build_offload_runtime(
             store = CompressedStore.load(cached, pin=pin, progress=progress)
         else:
             total = len(config.moe_layer_ids) * config.num_experts
-            stored = iter_stored_experts(loaded.model, loaded.checkpoint, config)
+            stored = iter_stored_experts(loaded.model, loaded.checkpoint, config, keep_mxfp4=True)
             store = CompressedStore.build(stored, resolved, policy_source.to_yaml(), total, pin=pin, progress=progress)
             _save_quietly(store, cached)
 

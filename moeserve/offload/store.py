@@ -1,6 +1,7 @@
 """The compressed host store: every routed expert encoded per the policy, one packed buffer each.
 
-In:  the checkpoint's stored expert tensors (memory-mapped, any dtype) and a resolved policy.
+In:  the checkpoint's stored expert tensors (memory-mapped, any dtype, or MXFP4 blocks and scales)
+     and a resolved policy.
 Out: `PackedExpert`s in host memory (page-locked when a GPU serves; one exact-size arena per MoE
      layer, host_memory.py), each one contiguous uint8 range holding its gate, up and down blobs at
      8-byte-aligned offsets, so one copy moves one expert and a device-side decoder can read each
@@ -23,10 +24,11 @@ import torch
 from tqdm import tqdm
 
 from moeserve.codecs import Blob, encode
+from moeserve.codecs.mxfp4 import Mxfp4Tensor, blob_of
 from moeserve.errors import ModelLoadError
-from moeserve.experts import ExpertWeights
+from moeserve.experts import ExpertWeights, Mxfp4ExpertWeights
 from moeserve.offload.host_memory import HostArena
-from moeserve.offload.policy import PROJECTIONS, ResolvedPolicy
+from moeserve.offload.policy import PROJECTIONS, ResolvedPolicy, TensorSetting
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 _ALIGN = 8  # device decoders read blob payloads as 64-bit words
@@ -107,7 +109,7 @@ class CompressedStore:
     @classmethod
     def build(
         cls,
-        stored: Iterator[tuple[int, list[ExpertWeights]]],
+        stored: Iterator[tuple[int, list[ExpertWeights] | list[Mxfp4ExpertWeights]]],
         policy: ResolvedPolicy,
         policy_yaml: str,
         total: int,
@@ -122,9 +124,9 @@ class CompressedStore:
                 for expert, w in enumerate(weights):
                     blobs = []
                     for projection, tensor in zip(PROJECTIONS, (w.gate, w.up, w.down)):
-                        setting = policy.setting(layer, expert, projection)
-                        blobs.append(encode(tensor, setting.codec, setting.mode, setting.error_bound))
-                    encoded.append((tuple(blobs), w.gate_up is None))
+                        blobs.append(_encode_stored(tensor, policy.setting(layer, expert, projection)))
+                    # MXFP4 experts dequantize fused, as every copied expert is
+                    encoded.append((tuple(blobs), isinstance(w, ExpertWeights) and w.gate_up is None))
                     bar.update()
                 # one arena per layer: exact size, and at most one layer's blobs held twice while packing
                 for expert, packed in enumerate(pack_experts(encoded, pin)):
@@ -190,6 +192,16 @@ class CompressedStore:
             for (expert, _), packed in zip(entries, pack_experts([e for _, e in entries], pin)):
                 experts[(layer, expert)] = packed
         return cls(experts, header["policy"], header["policy_fingerprint"])
+
+
+def _encode_stored(tensor: torch.Tensor | Mxfp4Tensor, setting: TensorSetting) -> Blob:
+    """An MXFP4 tensor under the mxfp4 codec keeps its bytes; under any other codec it is dequantized
+    (as transformers does) and encoded from there."""
+    if isinstance(tensor, Mxfp4Tensor):
+        if setting.codec == "mxfp4":
+            return blob_of(tensor)
+        tensor = tensor.dequantize()
+    return encode(tensor, setting.codec, setting.mode, setting.error_bound)
 
 
 def packed_payload_view(packed: PackedExpert, device_data: torch.Tensor) -> tuple[Blob, Blob, Blob]:
