@@ -66,3 +66,12 @@ def assert_fp32_matches(llm, hf_model, score_ids: list[int], prompts: list[list[
     outs = llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == hf_greedy(hf_model, prompt, n)[0]
+
+
+def assert_bf16_matches(llm, hf_model, score_ids: list[int], prompts: list[list[int]], n: int = 32) -> None:
+    """bfloat16: logits within the bf16 tolerance, and each prompt's generation held to the bf16 rule."""
+    assert llm.config.dtype == torch.bfloat16
+    reference = hf_logits(hf_model, score_ids)
+    assert (llm.score(score_ids) - reference).abs().max().item() <= bf16_tolerance(reference)
+    for prompt in prompts:
+        assert_bf16_generation_matches(llm, hf_model, prompt, n)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
-from parity_checks import assert_bf16_generation_matches, assert_fp32_matches, bf16_tolerance, hf_greedy, hf_logits
+from parity_checks import assert_bf16_matches, assert_fp32_matches, hf_greedy, hf_logits
 
 FAMILY_CASES = [
     ("mixtral", {}),
@@ -42,11 +42,7 @@ def test_sharded_checkpoint_matches(checkpoint_factory):
 def test_bf16_checkpoint_matches_within_bf16_tolerance(checkpoint_factory, model_type):
     directory, hf_model = checkpoint_factory(model_type, dtype=torch.bfloat16)
     llm = LLM(directory, device="cpu")
-    assert llm.config.dtype == torch.bfloat16
-    ref = hf_logits(hf_model, SCORE_IDS)
-    assert (llm.score(SCORE_IDS) - ref).abs().max().item() <= bf16_tolerance(ref)
-    for prompt in PROMPTS:
-        assert_bf16_generation_matches(llm, hf_model, prompt, 32)
+    assert_bf16_matches(llm, hf_model, SCORE_IDS, PROMPTS)
 
 
 def test_bf16_checkpoint_upcast_to_fp32_matches_fp32_reference(checkpoint_factory):

@@ -14,7 +14,7 @@ from moeserve.config import parse_model_config
 from moeserve.kv.context import StepContext
 from moeserve.kv.cache import KVCache
 from moeserve.errors import ModelLoadError
-from parity_checks import assert_bf16_generation_matches, bf16_tolerance, hf_greedy, hf_logits
+from parity_checks import assert_bf16_matches, hf_greedy, hf_logits
 
 PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], [1, 2], [42] * 6]
 SCORE_IDS = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43]
@@ -87,11 +87,7 @@ def test_bf16_checkpoint_matches_under_the_bf16_rule(checkpoint_factory):
     # round its rotary inv_freq buffer to bf16, which no loaded model does.
     hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).eval()
     llm = LLM(directory, device="cpu")
-    assert llm.config.dtype == torch.bfloat16
-    ref = hf_logits(hf_model, SCORE_IDS)
-    assert (llm.score(SCORE_IDS) - ref).abs().max().item() <= bf16_tolerance(ref)
-    for prompt in PROMPTS[:2]:
-        assert_bf16_generation_matches(llm, hf_model, prompt, 32)
+    assert_bf16_matches(llm, hf_model, SCORE_IDS, PROMPTS[:2])
 
 
 def test_other_quantization_methods_fail_with_one_sentence():

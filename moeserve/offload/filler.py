@@ -66,7 +66,7 @@ class CpuSlotFiller:
         self._decoders = CpuDecodePool(workers)
         self._running: list[DecodeHandle] = []
 
-    def start(self, packed: PackedExpert, slot: int, urgent: bool) -> Pending:
+    def start(self, packed: PackedExpert, slot: int, urgent: bool) -> CpuPending:
         """Queues the fill; an urgent one (a layer waits for it) is decoded before queued prefetches."""
         self._collect_timing()
         weights = self.pool.weights(slot)

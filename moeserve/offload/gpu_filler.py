@@ -110,7 +110,7 @@ class GpuSlotFiller:
         self._timeline = timeline  # events with timing: copy and decode busy time (benchmarks)
         self._timing: list[tuple[str, Any, Any]] = []
 
-    def start(self, packed: PackedExpert, slot: int, urgent: bool) -> Pending:
+    def start(self, packed: PackedExpert, slot: int, urgent: bool) -> DevicePending:
         """Queue the copy and the decode of one expert into `slot`; returns at once."""
         del urgent  # demand loads never queue behind guesses: the provider guesses only onto an idle link
         streams = self.streams
