@@ -22,7 +22,6 @@ _PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context, n
 
 class HostArena:
     def __init__(self, nbytes: int, pin: bool = False):
-        self.pinned = pin
         if not pin:
             self.data = torch.zeros(nbytes, dtype=torch.uint8)
             return
