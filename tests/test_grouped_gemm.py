@@ -249,6 +249,34 @@ def test_interpreted_kernel_rows_are_independent(dtype):
     assert_rows_independent(lambda *args: grouped_gemm(*args, force_triton=True), x, rows, slots, gate_up, seed=5)
 
 
+# -- the Triton kernel, compiled for a GPU (no GPU needed: triton ships ptxas) -------------------------------
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="needs triton, not interpreted")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_out, k_dim", [(28672, 4096), (4096, 14336)])  # Mixtral-8x7b's gate_up and down
+def test_kernel_compiles_for_hopper(dtype, n_out, k_dim):
+    """Catches what the interpreter does not check: the kernel lowers to sm_90 code, 16-bit dots on the
+    tensor cores (mma) and float32 ones on the FMA units (IEEE, no TF32)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from moeserve.layers.grouped_gemm_triton import _grouped_gemm_kernel, tile_config
+
+    config = tile_config(n_out, k_dim, dtype)
+    element = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    types = [element] * 3 + ["*i64"] * 4 + ["i32"] * 5 + ["i64"] + ["i32"] * 3  # the slot stride can pass 2**31
+    names = _grouped_gemm_kernel.arg_names
+    constants = dict(BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_IN_FP32=dtype == torch.float32)
+    signature = {**dict(zip(names, types)), **{name: "constexpr" for name in constants}}
+    source = ASTSource(_grouped_gemm_kernel, signature, {(names.index(n),): v for n, v in constants.items()})
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    assert ("mma.sync" in ptx) == (dtype != torch.float32)
+    assert "tf32" not in ptx
+
+
 # -- CUDA ---------------------------------------------------------------------------------------------------
 
 
