@@ -235,9 +235,25 @@ def test_interpreted_kernel_matches_per_pair_linear(dtype, num_pairs, num_rows, 
     assert_matches_reference(h, x, rows, slots, gate_up, RTOL_INTERPRETED)
     act = torch.randn(num_pairs, intermediate).to(dtype)
     out = torch.zeros(num_pairs, 2 * hidden, dtype=dtype)[:, ::2]  # a strided out
-    alignment = align_pairs(slots, num_slots)  # shared by both GEMMs over these pairs
+    alignment = align_pairs(slots, num_slots, block_m=32)  # not the default 16; passed in, as the MoE block reuses one
     grouped_gemm(act, torch.arange(num_pairs), slots, down, out, alignment=alignment, force_triton=True)
     assert_matches_reference(out, act, torch.arange(num_pairs), slots, down, RTOL_INTERPRETED)
+
+
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="needs triton, not interpreted")
+def test_triton_path_on_cpu_tensors_without_the_interpreter_is_refused():
+    gate_up, _ = slot_pool_views(2, 16, 8, torch.float32)
+    rows, slots = random_pairs(3, 2, 2, seed=0)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        grouped_gemm(torch.randn(2, 16), rows, slots, gate_up, force_triton=True)
+
+
+@interpreter_only
+def test_interpreted_kernel_refuses_a_block_smaller_than_a_tensor_core_tile():
+    gate_up, _ = slot_pool_views(2, 16, 8, torch.float32)
+    rows, slots = random_pairs(3, 2, 2, seed=0)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        grouped_gemm(torch.randn(2, 16), rows, slots, gate_up, alignment=align_pairs(slots, 2, 8), force_triton=True)
 
 
 @interpreter_only

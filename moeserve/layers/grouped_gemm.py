@@ -126,24 +126,35 @@ def grouped_gemm(
 def _check_shapes(a, rows, slots, weights, out, alignment) -> tuple[int, int]:
     """(P, N) after checking that the arguments fit together; a ValueError names the one that does not."""
     if a.dim() != 2 or weights.dim() != 3:
-        raise ValueError(f"grouped_gemm needs a [R, Kdim] and weights [S, N, Kdim], got {tuple(a.shape)} and {tuple(weights.shape)}.")
+        raise ValueError(
+            f"grouped_gemm needs a [R, Kdim] and weights [S, N, Kdim], got {tuple(a.shape)} and {tuple(weights.shape)}."
+        )
     num_slots, n_out, k_dim = weights.shape
     if a.shape[1] != k_dim:
         raise ValueError(f"grouped_gemm: a has {a.shape[1]} features but weights take {k_dim}.")
     if a.dtype != weights.dtype or a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"grouped_gemm needs a and weights in one of float32, bfloat16, float16, got {a.dtype} and {weights.dtype}.")
+        raise ValueError(
+            f"grouped_gemm needs a and weights in one of float32, bfloat16, float16, got {a.dtype} and {weights.dtype}."
+        )
     if weights.stride(2) != 1 or (n_out > 1 and weights.stride(1) != k_dim):
         raise ValueError(f"grouped_gemm needs each slot's [N, Kdim] matrix contiguous, got strides {weights.stride()}.")
     for name, ids in (("rows", rows), ("slots", slots)):
         if ids.dim() != 1 or ids.dtype != torch.long:
-            raise ValueError(f"grouped_gemm needs {name} as a 1-D long tensor, got {ids.dtype} of shape {tuple(ids.shape)}.")
+            raise ValueError(
+                f"grouped_gemm needs {name} as a 1-D long tensor, got {ids.dtype} of shape {tuple(ids.shape)}."
+            )
     if rows.shape != slots.shape:
-        raise ValueError(f"grouped_gemm needs one row and one slot per pair, got {rows.shape[0]} rows and {slots.shape[0]} slots.")
+        raise ValueError(
+            f"grouped_gemm needs one row and one slot per pair, got {rows.shape[0]} rows and {slots.shape[0]} slots."
+        )
     if len({a.device, rows.device, slots.device, weights.device}) != 1:
         raise ValueError("grouped_gemm needs a, rows, slots and weights on one device.")
     num_pairs = rows.shape[0]
     if out is not None and (out.shape != (num_pairs, n_out) or out.dtype != a.dtype or out.device != a.device):
-        raise ValueError(f"grouped_gemm needs out as [{num_pairs}, {n_out}] {a.dtype} on {a.device}, got {tuple(out.shape)} {out.dtype} on {out.device}.")
+        raise ValueError(
+            f"grouped_gemm needs out as [{num_pairs}, {n_out}] {a.dtype} on {a.device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}."
+        )
     if alignment is not None and (alignment.num_pairs, alignment.num_slots) != (num_pairs, num_slots):
         raise ValueError(
             f"grouped_gemm: the alignment is for {alignment.num_pairs} pairs over {alignment.num_slots} slots, "

@@ -93,9 +93,13 @@ def _grouped_gemm_kernel(
 def launch(a: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, alignment: Alignment) -> None:
     """Fill out [P, N] (shapes already checked by grouped_gemm) with one kernel launch."""
     if not a.is_cuda and not INTERPRETED:
-        raise ValueError("grouped_gemm's Triton path runs CPU tensors only under TRITON_INTERPRET=1; set it before triton is imported.")
+        raise ValueError(
+            "grouped_gemm's Triton path runs CPU tensors only under TRITON_INTERPRET=1; set it before triton is imported."
+        )
     if alignment.block_m < 16 or alignment.block_m & (alignment.block_m - 1):
-        raise ValueError(f"grouped_gemm's Triton path needs block_m a power of two >= 16 (a tensor-core tile), got {alignment.block_m}.")
+        raise ValueError(
+            f"grouped_gemm's Triton path needs block_m a power of two >= 16 (a tensor-core tile), got {alignment.block_m}."
+        )
     _, n_out, k_dim = weights.shape
     config = tile_config(n_out, k_dim, a.dtype)
     grid = (alignment.max_blocks, triton.cdiv(n_out, config.block_n))
