@@ -13,8 +13,8 @@ BLOCK_K steps: a [block_m, BLOCK_K] tile of gathered activation rows (padding ro
 expert's weights cross memory once per step however many tokens chose it.
 
 Tile sizes. Decode has few pairs per slot, so the weights dominate the bytes read: block_m is the
-smallest tensor-core tile (16) and BLOCK_N is the largest of 128/64/32/16 that still gives every slot
->= 256 column blocks, enough programs in flight to stream the weights at the memory bandwidth (an H100 or
+smallest tensor-core tile (16) and BLOCK_N is the largest of 128/64/32 that still gives every slot
+>= 256 column blocks (else 16), enough programs in flight to stream the weights at the memory bandwidth (an H100 or
 H200 has 132 SMs, and a decode step uses only a few slots). BLOCK_K = 128 keeps each weight tile load
 long and contiguous (Kdim is the weights' contiguous axis); float32 takes 32, as its IEEE dot runs on
 the FMA units and holds more registers. None of these sizes depends on P: a pair's sum over Kdim is the
