@@ -14,8 +14,12 @@ greedy, then sampled (temperature 1, a seed per sequence), and reports per decod
   launches per step          torch.profiler: CUDA kernels on a GPU; on a CPU the ATen ops the step calls (not their callees)
   host syncs per step        GPU: cudaStreamSynchronize / cudaMemcpy / ... calls; CPU: n/a
 
-Before the timed passes, an untimed greedy pass over the same lengths warms every shape, so the figures
-are the steady state a server reaches once it has seen these lengths.
+Before the timed passes, an untimed greedy pass warms the step's shape buckets (batch bucket, span: see
+kv/context.py) with prompts 5 tokens shorter, so the first timed pass decodes lengths never seen before
+within buckets already seen: the state of a server that has run a while. The greedy pass then runs again
+over the same lengths; `first/repeat` is the ratio of the two, the cost of meeting new lengths.
+
+On a GPU, decode steps replay CUDA graphs (engine/decode_graphs.py) unless --enforce-eager.
 
     python bench/decode_step.py                                   # GPU: mixtral-8x7b, 4 layers; CPU: tiny
     python bench/decode_step.py --device cpu --preset tiny --threads 1 --out bench/results/decode_step_cpu.json
@@ -43,10 +47,11 @@ from throughput_models import PRESETS, synthetic_workload  # noqa: E402
 
 from moeserve.engine.llm_engine import LLMEngine  # noqa: E402
 from moeserve.engine.sampling_params import SamplingParams  # noqa: E402
-from moeserve.experts import DenseExpertProvider  # noqa: E402
+from moeserve.experts import DenseExpertProvider, stack_experts  # noqa: E402
 from moeserve.layers.moe import MoeBlock  # noqa: E402
 
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0)}
+WARM_PROMPT_SHIFT = 5  # the warm-up pass's prompts are this much shorter: the timed passes meet new lengths
 WARMUP_STEPS = 2  # of each timed pass, after its prefill: first-use allocations of the pass's batch
 GiB = 2**30
 
@@ -63,10 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-steps", type=int, default=3, help="decode steps counted by the profiler")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-    if min(args.layers, args.prompt_len, args.steps, args.profile_steps) < 1:
-        parser.error("--layers, --prompt-len, --steps and --profile-steps must be at least 1")
+    if min(args.layers, args.steps, args.profile_steps) < 1:
+        parser.error("--layers, --steps and --profile-steps must be at least 1")
+    if args.prompt_len <= WARM_PROMPT_SHIFT:
+        parser.error(f"--prompt-len must be above {WARM_PROMPT_SHIFT} (the warm-up pass's prompts are that much shorter)")
     return args
 
 
@@ -77,10 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     bandwidth = copy_bandwidth(device, GiB if device.type == "cuda" else 256 * 2**20)
     workload = synthetic_workload(preset, args.layers, device, args.seed)
-    provider = DenseExpertProvider({layer: list(weights) for layer, weights in workload.experts()})
     c = workload.config
+    provider = DenseExpertProvider.from_stacked({
+        layer: stack_experts(weights, c.num_experts, c.moe_intermediate_size, c.hidden_size, device, c.dtype)
+        for layer, weights in workload.experts()
+    })  # the layout the loader gives resident experts on a GPU
     print(f"{preset}: {c.num_layers} layers, {c.num_experts} experts top-{c.top_k}, hidden {c.hidden_size}, "
-          f"{c.dtype}, every expert resident on {device}; prompt {args.prompt_len}, {args.steps} timed steps; "
+          f"{c.dtype}, every expert resident (stacked) on {device}; prompt {args.prompt_len}, {args.steps} timed steps; "
           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads", flush=True)
     bench = DecodeBench(workload, provider, device, bandwidth, args)
@@ -90,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python", "bench/decode_step.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
+        "cuda_graphs": bench.engine.runner.graphs is not None,
         "cpu_threads": torch.get_num_threads(),
         "preset": preset, "layers": c.num_layers, "dtype": str(c.dtype).removeprefix("torch."),
         "prompt_len": args.prompt_len, "steps": args.steps, "profile_steps": args.profile_steps,
@@ -121,6 +133,7 @@ class DecodeBench:
         self.engine = LLMEngine(
             workload.model, None, device, max_model_len=args.prompt_len + self.steps_per_pass + 2,
             max_num_seqs=max(args.batches), max_num_batched_tokens=max(args.batches) * args.prompt_len,
+            enforce_eager=args.enforce_eager,
         )
         generator = torch.Generator().manual_seed(args.seed)
         self.prompts = {
@@ -129,16 +142,20 @@ class DecodeBench:
         }
 
     def batch_rows(self, batch: int) -> list[dict]:
-        self._pass(batch, "greedy", timed=False)  # warms every shape and length of the timed passes
-        return [self._pass(batch, mode, timed=True) for mode in MODES]
+        self._pass(batch, "greedy", shift=WARM_PROMPT_SHIFT)  # warms the shape buckets of the timed passes
+        first = self._pass(batch, "greedy")
+        repeat = self._pass(batch, "greedy")
+        first["first_over_repeat"] = first["ms_per_step"] / repeat["ms_per_step"]
+        repeat["mode"] = "greedy-repeat"
+        return [first, repeat, self._pass(batch, "sampled")]
 
-    def _pass(self, batch: int, mode: str, timed: bool) -> dict | None:
+    def _pass(self, batch: int, mode: str, shift: int = 0) -> dict:
         args, engine = self.args, self.engine
         params = [
             SamplingParams(max_tokens=1 + self.steps_per_pass, ignore_eos=True, seed=args.seed + i, **MODES[mode])
             for i in range(batch)
         ]
-        seqs = [engine.make_sequence(p, sp) for p, sp in zip(self.prompts[batch], params)]
+        seqs = [engine.make_sequence(p[shift:], sp) for p, sp in zip(self.prompts[batch], params)]
         for seq in seqs:
             engine.submit(seq, self.provider)
         engine.step()  # prefill
@@ -148,8 +165,6 @@ class DecodeBench:
         experts_per_layer = self._routing_census(self.census_steps)
         if engine.has_unfinished():
             raise RuntimeError("the pass did not finish in its planned steps")
-        if not timed:
-            return None
         # Tokens in the cache at each timed step, its new one included: prompt + first token + warm-up.
         context = args.prompt_len + 1 + WARMUP_STEPS + (args.steps - 1) / 2
         weight_bytes = self._resident_bytes_read(batch) + experts_per_layer * len(self.config.moe_layer_ids) * self.expert_nbytes
@@ -189,9 +204,12 @@ class DecodeBench:
 
         blocks = [m for m in self.model.modules() if isinstance(m, MoeBlock)]
         hooks = [block.router_module.register_forward_hook(count) for block in blocks]
+        runner = self.engine.runner
+        graphs, runner.graphs = runner.graphs, None  # a replayed graph calls no hook: count on eager steps
         try:
             self._steps(steps)
         finally:
+            runner.graphs = graphs
             for hook in hooks:
                 hook.remove()
         return sum(distinct) / len(distinct)
@@ -217,15 +235,16 @@ def table(results: dict) -> str:
         f"{results['device']}; bound at {results['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
         f"({results['copy_bandwidth_kind']}, reads + writes)",
         "",
-        "| batch | mode | ms/step | tok/s | weight MB/step | KV MB/step | bound ms | of bound | launches/step | host syncs/step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | mode | ms/step | tok/s | weight MB/step | KV MB/step | bound ms | of bound | launches/step | host syncs/step | first/repeat |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["rows"]:
         syncs = "n/a" if r["host_syncs_per_step"] is None else f"{r['host_syncs_per_step']:.1f}"
         lines.append(
             f"| {r['batch']} | {r['mode']} | {r['ms_per_step']:.2f} | {r['tokens_per_s']:.1f} | "
             f"{r['weight_bytes_per_step'] / 1e6:.1f} | {r['kv_bytes_per_step'] / 1e6:.2f} | "
-            f"{r['bound_ms_per_step']:.3f} | {r['fraction_of_bound']:.1%} | {r['launches_per_step']:.0f} | {syncs} |"
+            f"{r['bound_ms_per_step']:.3f} | {r['fraction_of_bound']:.1%} | {r['launches_per_step']:.0f} | {syncs} | "
+            f"{'' if 'first_over_repeat' not in r else format(r['first_over_repeat'], '.2f')} |"
         )
     if note:
         lines += ["", f"host syncs {note}."]

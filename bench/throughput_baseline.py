@@ -60,6 +60,9 @@ class NaiveOffloadProvider:
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         pass
 
+    def stacked(self, layer: int) -> None:
+        return None  # the naive pattern: fetch, copy, compute, one expert at a time
+
 
 def host_copies(experts: Iterator[tuple[int, Iterable[ExpertWeights]]], pin: bool) -> dict[ExpertKey, torch.Tensor]:
     """Every expert as one host row, taken from the experts' source one expert at a time."""

@@ -22,7 +22,7 @@ from throughput_models import Workload
 
 from moeserve.devices import empty_host_cache
 from moeserve.engine.llm_engine import LLMEngine
-from moeserve.experts import DenseExpertProvider, ExpertWeights
+from moeserve.experts import DenseExpertProvider, stack_experts
 from moeserve.offload.cache import SlotPool
 from moeserve.offload.options import OffloadOptions
 from moeserve.offload.policy import Policy
@@ -103,10 +103,11 @@ class WorkloadRun:
         if not fits_on_device(self.total_bytes, self.device):
             self.skipped.append(f"(a) resident: {self.total_bytes / GiB:.1f} GiB of experts do not fit on the device")
             return
-        dtype = self.config.dtype
-        provider = DenseExpertProvider(
-            {layer: [to_device(w, self.device, dtype) for w in weights] for layer, weights in self.workload.experts()}
-        )
+        c = self.config
+        provider = DenseExpertProvider.from_stacked({  # as the loader holds resident experts on a GPU
+            layer: stack_experts(weights, c.num_experts, c.moe_intermediate_size, c.hidden_size, self.device, c.dtype)
+            for layer, weights in self.workload.experts()
+        })
         self.measure("a resident", "all", provider, None)
         del provider
         release(self.device)
@@ -162,10 +163,6 @@ def fits_on_device(nbytes: int, device: torch.device) -> bool:
         return True  # on a CPU every configuration lives in host memory anyway
     free, _ = torch.cuda.mem_get_info(device)
     return nbytes + DEVICE_HEADROOM <= free
-
-
-def to_device(w: ExpertWeights, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
-    return w.to(device, dtype)
 
 
 def release(device: torch.device) -> None:

@@ -35,6 +35,7 @@ def _add_model_options(parser: argparse.ArgumentParser, policy_variants: bool = 
     parser.add_argument("--expert-cache", default=None, help="decoded-expert budget: '25%%', '512MiB' or bytes")
     parser.add_argument("--eviction", default="lru", choices=["lru", "lfu"])
     parser.add_argument("--no-prefetch", action="store_true", help="load experts only when a layer asks for them")
+    parser.add_argument("--enforce-eager", action="store_true", help="GPU: run decode steps eagerly, never from CUDA graphs")
 
 
 def _load_llm(args: argparse.Namespace, **overrides):
@@ -50,6 +51,7 @@ def _load_llm(args: argparse.Namespace, **overrides):
         expert_cache=args.expert_cache,
         eviction=args.eviction,
         prefetch=not args.no_prefetch,
+        enforce_eager=args.enforce_eager,
     )
     return LLM(**{**options, **overrides})
 

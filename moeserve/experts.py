@@ -8,6 +8,10 @@ Out: the experts' gate / up / down matrices on the compute device, in the comput
 The model never owns routed-expert weights. `DenseExpertProvider` simply holds them all on the
 device; the offloading runtime implements the same protocol on top of a compressed host store
 and a bounded device cache, without the model code changing.
+
+A provider may also hold a layer's experts stacked (`stacked`): one [S, 3*I*D] tensor, each row an
+expert's gate | up | down, the layout of the offload cache's slots, plus an expert → row map on the
+device. The MoE block then computes every routed pair from device-side ids, with no host sync.
 """
 
 from __future__ import annotations
@@ -81,6 +85,41 @@ def keeps_gate_up_apart(
     return stored_apart and all(d == device and t == dtype for d, t in stored)
 
 
+@dataclass(frozen=True)
+class StackedExperts:
+    """One MoE layer's experts in rows of one tensor [S, 3*I*D] (per row gate | up | down), as views."""
+
+    gate_up: torch.Tensor  # [S, 2I, D] (row stride 3*I*D)
+    down: torch.Tensor  # [S, D, I] (row stride 3*I*D)
+    slot_of: torch.Tensor  # [E] long on the compute device: the row holding each expert
+
+    @classmethod
+    def over(cls, memory: torch.Tensor, intermediate: int, hidden: int, slot_of: torch.Tensor) -> StackedExperts:
+        """Views of `memory` [S, 3*I*D]."""
+        rows, split = memory.shape[0], 2 * intermediate * hidden
+        gate_up = memory[:, :split].view(rows, 2 * intermediate, hidden)
+        down = memory[:, split:].view(rows, hidden, intermediate)
+        return cls(gate_up, down, slot_of)
+
+    def expert(self, row: int) -> ExpertWeights:
+        """Row `row` as an expert (gate and up fused)."""
+        return ExpertWeights.fused(self.gate_up[row], self.down[row])
+
+
+def stack_experts(
+    experts: Iterable[ExpertWeights], count: int, intermediate: int, hidden: int, device: torch.device, dtype: torch.dtype
+) -> StackedExperts:
+    """Copy `count` experts (any device, dtype and layout) into one stacked tensor on `device` in
+    `dtype`, expert e in row e."""
+    memory = torch.empty(count, 3 * intermediate * hidden, dtype=dtype, device=device)  # [E, 3*I*D]
+    stacked = StackedExperts.over(memory, intermediate, hidden, torch.arange(count, device=device))
+    for e, w in enumerate(experts):
+        stacked.gate_up[e, :intermediate].copy_(w.gate)
+        stacked.gate_up[e, intermediate:].copy_(w.up)
+        stacked.down[e].copy_(w.down)
+    return stacked
+
+
 class ExpertProvider(Protocol):
     # True: the model calls `prefetch` with its guess of the next MoE layer's experts.
     wants_predictions: bool
@@ -94,14 +133,27 @@ class ExpertProvider(Protocol):
         """A hint that `layer` will soon fetch `experts`; may be ignored."""
         ...
 
+    def stacked(self, layer: int) -> StackedExperts | None:
+        """Every expert of MoE layer `layer` on the device, stacked; None: reach them through `fetch`."""
+        ...
+
 
 class DenseExpertProvider:
-    """All experts resident on the compute device: the uncompressed, unlimited-memory baseline."""
+    """All experts resident on the compute device: the uncompressed, unlimited-memory baseline.
+
+    A layer is held as a list of experts (a memory-mapped checkpoint stays mapped) or stacked; a
+    stacked layer's experts are views of its rows, so it is held once."""
 
     wants_predictions = False
 
-    def __init__(self, experts: dict[int, list[ExpertWeights]]):
+    def __init__(self, experts: dict[int, list[ExpertWeights]], stacked: dict[int, StackedExperts] | None = None):
         self._experts = experts  # layer id → experts in id order
+        self._stacked = stacked or {}  # layer id → the same experts, stacked (for the layers that are)
+
+    @classmethod
+    def from_stacked(cls, stacked: dict[int, StackedExperts]) -> DenseExpertProvider:
+        experts = {layer: [s.expert(row) for row in range(s.gate_up.shape[0])] for layer, s in stacked.items()}
+        return cls(experts, stacked)
 
     def fetch(self, layer: int, experts: Sequence[int]) -> Iterable[tuple[int, ExpertWeights]]:
         table = self._experts[layer]
@@ -110,9 +162,25 @@ class DenseExpertProvider:
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         pass
 
+    def stacked(self, layer: int) -> StackedExperts | None:
+        return self._stacked.get(layer)
+
+    def restacked(self) -> DenseExpertProvider:
+        """This provider with every layer stacked (layers that are not get copied into rows): what a
+        sync-free decode step needs (a mapped checkpoint's experts are not stacked where they lie)."""
+        if len(self._stacked) == len(self._experts):
+            return self
+        stacked = dict(self._stacked)
+        for layer, table in self._experts.items():
+            if layer not in stacked:
+                down = table[0].down
+                stacked[layer] = stack_experts(table, len(table), down.shape[1], down.shape[0], down.device, down.dtype)
+        return DenseExpertProvider.from_stacked(stacked)
+
     def with_overrides(self, overrides: dict[tuple[int, int], ExpertWeights]) -> DenseExpertProvider:
         """A provider serving `overrides[(layer, expert)]` where given and this one's experts elsewhere
-        (shared, not copied): how `moeserve bench` runs a model with some experts perturbed."""
+        (shared, not copied): how `moeserve bench` runs a model with some experts perturbed. Its layers
+        are not stacked (an override lives outside the stack), so its MoE blocks take the host path."""
         unknown = [key for key in overrides if key[0] not in self._experts or not 0 <= key[1] < len(self._experts[key[0]])]
         if unknown:
             raise ValueError(f"no expert {unknown[0][1]} in MoE layer {unknown[0][0]}")

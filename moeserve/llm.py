@@ -41,6 +41,7 @@ class LLM:
     expert_cache: decoded-expert budget: "25%" of all experts, "512MiB", or bytes; None = all.
     eviction: "lru" or "lfu". prefetch: predict and load the next layer's experts ahead of time.
     decode_workers: CPU threads decoding experts; None = one per 8 cores, at least two.
+    enforce_eager: never replay decode steps from CUDA graphs (engine/decode_graphs.py); GPU only.
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class LLM:
         eviction: str = "lru",
         prefetch: bool = True,
         decode_workers: int | None = None,
+        enforce_eager: bool = False,
         progress: bool = True,
     ):
         self.device = resolve_device(device, ModelLoadError)
@@ -89,6 +91,7 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             seed=seed,
+            enforce_eager=enforce_eager,
         )
 
     @property

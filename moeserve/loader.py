@@ -24,7 +24,7 @@ from torch import nn
 from moeserve.checkpoint import CheckpointTensors
 from moeserve.config import ModelConfig, parse_model_config, read_config_json
 from moeserve.errors import ModelLoadError
-from moeserve.experts import DenseExpertProvider, ExpertWeights, Mxfp4ExpertWeights
+from moeserve.experts import DenseExpertProvider, ExpertWeights, Mxfp4ExpertWeights, StackedExperts, stack_experts
 from moeserve.models import build_model
 from moeserve.models.decoder import MoeCausalLM
 from moeserve.tokenizer import Tokenizer, load_tokenizer
@@ -81,10 +81,36 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | None 
 
 def load_dense_experts(loaded: LoadedModel, device: torch.device) -> DenseExpertProvider:
     """Every routed expert on the device in the compute dtype (no offloading); MXFP4 experts are
-    dequantized there, exactly as transformers dequantizes them."""
+    dequantized there, exactly as transformers dequantizes them. A layer whose experts must be copied
+    anyway is copied into one stacked tensor (the layout of the offload cache's slots, which lets the
+    MoE block route on the device); one already where and what it must be (a mapped checkpoint in
+    the compute dtype on a CPU) stays mapped."""
     dtype = loaded.config.dtype
-    stored = iter_stored_experts(loaded.model, loaded.checkpoint, loaded.config, keep_mxfp4=True)
-    return DenseExpertProvider({layer: [_to_device(w, device, dtype) for w in weights] for layer, weights in stored})
+    experts: dict[int, list[ExpertWeights]] = {}
+    stacked: dict[int, StackedExperts] = {}
+    for layer, weights in iter_stored_experts(loaded.model, loaded.checkpoint, loaded.config, keep_mxfp4=True):
+        if all(isinstance(w, ExpertWeights) and _already_on(w, device, dtype) for w in weights):
+            experts[layer] = list(weights)
+        else:
+            d, i = loaded.config.hidden_size, loaded.config.moe_intermediate_size
+            # a generator: one expert converted at a time, never a second copy of the layer
+            converted = (_stackable(w, device) for w in weights)
+            stacked[layer] = stack_experts(converted, len(weights), i, d, device, dtype)
+            experts[layer] = [stacked[layer].expert(e) for e in range(len(weights))]
+    return DenseExpertProvider(experts, stacked)
+
+
+def _stackable(w: ExpertWeights | Mxfp4ExpertWeights, device: torch.device) -> ExpertWeights:
+    """An expert `stack_experts` can copy from (it converts the dtype): MXFP4 dequantized on `device`."""
+    if isinstance(w, Mxfp4ExpertWeights):
+        return w.dequantize(device)
+    for tensor in (w.gate, w.up, w.down):
+        _require_float(tensor)
+    return w
+
+
+def _already_on(w: ExpertWeights, device: torch.device, dtype: torch.dtype) -> bool:
+    return all(t.device == device and t.dtype == dtype for t in (w.gate, w.up, w.down))
 
 
 def iter_stored_experts(
@@ -156,11 +182,3 @@ def _require_float(tensor: torch.Tensor) -> None:
 def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     _require_float(tensor)
     return tensor.to(device=device, dtype=dtype)
-
-
-def _to_device(w: ExpertWeights | Mxfp4ExpertWeights, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
-    if isinstance(w, Mxfp4ExpertWeights):
-        return w.dequantize(device).to(device, dtype)
-    for tensor in (w.gate, w.up, w.down):
-        _require_float(tensor)
-    return w.to(device, dtype)

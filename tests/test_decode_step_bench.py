@@ -53,7 +53,10 @@ def test_a_run_reports_every_batch_and_mode_with_the_model_bytes(tmp_path):
     assert decode_step.main(argv) == 0
     results = json.loads(out.read_text())
     rows = results["rows"]
-    assert [(r["batch"], r["mode"]) for r in rows] == [(1, "greedy"), (1, "sampled"), (2, "greedy"), (2, "sampled")]
+    modes = ["greedy", "greedy-repeat", "sampled"]
+    assert [(r["batch"], r["mode"]) for r in rows] == [(b, m) for b in (1, 2) for m in modes]
+    for first, repeat in (rows[0:2], rows[3:5]):  # new lengths against the same lengths again
+        assert first["first_over_repeat"] == pytest.approx(first["ms_per_step"] / repeat["ms_per_step"])
     c = preset_config("tiny", 1)
     d, i, item = c.hidden_size, c.moe_intermediate_size, c.dtype.itemsize
     attention = d * c.num_heads * c.head_dim * 2 + d * c.num_kv_heads * c.head_dim * 2  # q, o and k, v

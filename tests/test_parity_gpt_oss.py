@@ -73,7 +73,7 @@ def test_prefill_in_chunks_matches_transformers(checkpoint_factory):
     cache.allocate(owner, len(SCORE_IDS))
     logits, done = [], 0
     for n in (5, 1, 7):
-        ctx = StepContext(cache, torch.arange(done, done + n), [owner.kv_row], [n], [done], is_decode=False)
+        ctx = StepContext(cache, torch.arange(done, done + n), [owner.kv_row], [n], [done])
         logits.append(llm.model(torch.tensor(SCORE_IDS[done : done + n]), ctx, llm.experts))
         done += n
     assert (torch.cat(logits) - hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4

@@ -186,6 +186,9 @@ class RecordingProvider:
     def prefetch(self, layer, experts):
         pass
 
+    def stacked(self, layer):
+        return None  # every fetch goes through the log
+
 
 def test_engine_never_mixes_providers_in_a_step(directory):
     llm = LLM(directory, device="cpu")

@@ -36,11 +36,12 @@ class LLMEngine:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
         seed: int = 0,
+        enforce_eager: bool = False,
     ):
         self.config = model.config
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(model, device, max_model_len)
+        self.runner = ModelRunner(model, device, max_model_len, enforce_eager)
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
         self.eos_token_ids = set(self.config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:

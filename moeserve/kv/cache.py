@@ -43,6 +43,7 @@ class KVCache:
         self._owners: list[HasKvRow] = []  # owner of row i
         self._rows_capacity = 0
         self._len_capacity = 0
+        self.version = 0  # counts reallocations: what a captured CUDA graph read is gone once it changes
 
     @property
     def num_rows(self) -> int:
@@ -68,13 +69,16 @@ class KVCache:
         self._owners.pop()
         owner.kv_row = -1
 
-    def reserve(self, length: int) -> None:
-        """Make room for every row to hold `length` positions."""
-        rows, cap_rows, cap_len = len(self._owners), self._rows_capacity, self._len_capacity
+    def reserve(self, length: int, rows: int = 0) -> None:
+        """Make room for every row to hold `length` positions, and for at least `rows` rows (a
+        captured decode step pads its batch with free rows)."""
+        rows, cap_rows, cap_len = max(len(self._owners), rows), self._rows_capacity, self._len_capacity
         if rows <= cap_rows and length <= cap_len:
             return
         new_rows = max(rows, 2 * cap_rows, 1) if rows > cap_rows else cap_rows
-        new_len = min(max(length, 2 * cap_len, 64), self.max_len) if length > cap_len else cap_len
+        # powers of two (or the context length), like decode spans (kv/context.py), so a span never
+        # reads past the capacity and growth is rare
+        new_len = min(max(1 << (length - 1).bit_length(), 2 * cap_len, 64), self.max_len) if length > cap_len else cap_len
         shape = (new_rows, self.num_kv_heads, new_len, self.head_dim)
         for tensors in (self.k, self.v) if self.separate_values else (self.k,):
             for i in range(self.num_layers):
@@ -85,6 +89,12 @@ class KVCache:
                 else:
                     tensors.append(grown)
         self._rows_capacity, self._len_capacity = new_rows, new_len
+        self.version += 1
+
+    @property
+    def capacity(self) -> int:
+        """Positions each row holds now."""
+        return self._len_capacity
 
     @property
     def nbytes(self) -> int:

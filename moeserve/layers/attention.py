@@ -1,11 +1,13 @@
 """Self-attention over the KV cache, for prefill/extend steps and batched decode steps.
 
-In:  hidden states [T, D] of the step and its `StepContext`.
+In:  hidden states [T, D] of the step and its `StepContext` (prefill/extend) or `DecodeContext`.
 Out: [T, D]. Side effect: this step's K/V are written into the context's cache rows.
 
 Sliding-window layers keep every position in the cache like full ones; their masks (prefill,
-extend and decode alike) let a query see only the last `window` keys. Layers with sinks (gpt_oss)
-attend through layers/sinks.py, every other layer through torch's SDPA.
+extend and decode alike) let a query see only the last `window` keys. A decode step writes and
+reads through device tensors only, over a bucketed span of positions (kv/context.py), so its cost
+does not depend on having seen a length before. Layers with sinks (gpt_oss) attend through
+layers/sinks.py, every other layer through torch's SDPA.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import ModelConfig
-from moeserve.kv.context import StepContext
+from moeserve.kv.context import DecodeContext, StepContext
 from moeserve.layers.norms import RMSNorm
 from moeserve.layers.rotary import apply_rotary
 from moeserve.layers.sinks import sink_attention
@@ -51,7 +53,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(q_size, config.rms_norm_eps)
             self.k_norm = RMSNorm(kv_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext | DecodeContext
+    ) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [T, H*Dh], [T, G*Dh], [T, G*Dh]
         if self.qk_norm == "full":
@@ -72,22 +76,12 @@ class Attention(nn.Module):
             out = self._extend(q, k, v, ctx)
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
 
-    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
-        B = q.shape[0]
-        if B == 1:  # plain slicing: cheaper than the index tensors below
-            row, position = ctx.rows[0], ctx.cached_lens[0]
-            k_cache[row, :, position] = k[0]
-            v_cache[row, :, position] = v[0]
-        else:
-            k_cache[ctx.row_index, :, ctx.positions] = k  # [B, G, Dh] at each sequence's position
-            v_cache[ctx.row_index, :, ctx.positions] = v
-        longest = max(ctx.total_lens)
-        if ctx.rows == list(range(B)):
-            keys, values = k_cache[:B, :, :longest], v_cache[:B, :, :longest]  # [B, G, L, Dh]
-        else:
-            keys, values = k_cache[ctx.row_index, :, :longest], v_cache[ctx.row_index, :, :longest]
-        out = self._attend(q.unsqueeze(2), keys, values, ctx.decode_mask(self.window))  # [B, H, 1, Dh]
+        k_cache[ctx.row_index, :, ctx.positions] = k  # [B, G, Dh] at each sequence's position
+        v_cache[ctx.row_index, :, ctx.positions] = v
+        keys, values = ctx.cached(k_cache), ctx.cached(v_cache)  # [B, G, span, Dh]
+        out = self._attend(q.unsqueeze(2), keys, values, ctx.mask(self.window))  # [B, H, 1, Dh]
         return out.squeeze(2)
 
     def _attend(

@@ -1,6 +1,6 @@
 """Multi-head latent attention (DeepSeek-V2/V3) over a KV cache that holds only the latent.
 
-In:  hidden states [T, D] of the step and its `StepContext`.
+In:  hidden states [T, D] of the step and its `StepContext` (prefill/extend) or `DecodeContext`.
 Out: [T, D]. Side effect: each new token's latent (the normalised kv_lora_rank values, then the
      rotated qk_rope_head_dim key shared by all heads) is written into its cache row; no per-head
      K or V is ever stored.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import ModelConfig
-from moeserve.kv.context import StepContext
+from moeserve.kv.context import DecodeContext, StepContext
 from moeserve.layers.attention import extend_mask
 from moeserve.layers.norms import RMSNorm
 from moeserve.layers.rotary import ROTARY_LAYOUTS
@@ -50,7 +50,9 @@ class MlaAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_heads * mla.v_head_dim, hidden, bias=bias)
         self.has_q_lora = mla.q_lora_rank is not None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: StepContext | DecodeContext
+    ) -> torch.Tensor:
         T = x.shape[0]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.has_q_lora else self.q_proj(x)
         q_nope, q_rot = q.view(T, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)  # [T, H, Dn|Dr]
@@ -70,18 +72,10 @@ class MlaAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
-    def _decode(self, q_nope, q_rot, latent, ctx: StepContext) -> torch.Tensor:
+    def _decode(self, q_nope, q_rot, latent, ctx: DecodeContext) -> torch.Tensor:
         cache = ctx.cache.k[self.layer_id]  # [rows, 1, capacity, R + Dr]
-        B = q_nope.shape[0]
-        if B == 1:
-            cache[ctx.rows[0], 0, ctx.cached_lens[0]] = latent[0]
-        else:
-            cache[ctx.row_index, 0, ctx.positions] = latent  # [B, R + Dr] at each sequence's position
-        longest = max(ctx.total_lens)
-        if ctx.rows == list(range(B)):
-            keys = cache[:B, :, :longest]  # [B, 1, L, R + Dr]
-        else:
-            keys = cache[ctx.row_index, :, :longest]
+        cache[ctx.row_index, 0, ctx.positions] = latent  # [B, R + Dr] at each sequence's position
+        keys = ctx.cached(cache)  # [B, 1, span, R + Dr]
         w_uk, w_uv = self._kv_b()
         q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)  # [B, H, R]: q_nope · (W_UK · latent)
         query = torch.cat((q_latent, q_rot), dim=-1).unsqueeze(2)  # [B, H, 1, R + Dr]
@@ -89,7 +83,7 @@ class MlaAttention(nn.Module):
             query,
             keys,
             keys[..., : self.rank],  # the values are the latents themselves, expanded after the sum
-            attn_mask=ctx.decode_mask(None),
+            attn_mask=ctx.mask(None),
             scale=self.scale,
             enable_gqa=True,
         )  # [B, H, 1, R]

@@ -3,6 +3,18 @@
 In:  hidden states [T, D] of every token in the step (any mix of sequences).
 Out: [T, D], the routing-weighted sum of each token's top-k experts (+ the shared expert: qwen2_moe's
      behind a sigmoid gate, DeepSeek's and GLM's ungated).
+
+Two ways to reach the experts, one arithmetic:
+- On the device. When the provider holds the layer's experts stacked ([S, 2I, D] and [S, D, I] with
+  an expert → slot map on the device, `ExpertProvider.stacked`), and the step runs on a GPU or under
+  torch.compile, the routed (token, expert) pairs go through two grouped GEMMs
+  (layers/grouped_gemm.py) indexed by device-side ids: no host sync, so the step can be captured.
+- Through the host. Otherwise the block reads the routing on the host and asks the provider for
+  each used expert (`fetch`): how an offloading provider learns what to load, and the cheapest path
+  on a CPU, where reading the routing costs nothing.
+Both compute an expert's rows with the same matmul (`expert_linear`: the grouped GEMM on a GPU, whose
+rows do not depend on which other rows share a launch; F.linear on a CPU), the same activation and the
+same weighted sum over the K slots, so an offloaded expert equals a resident one bit for bit.
 """
 
 from __future__ import annotations
@@ -14,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.config import ModelConfig
-from moeserve.experts import ExpertProvider, ExpertWeights
+from moeserve.experts import ExpertProvider, ExpertWeights, StackedExperts
+from moeserve.layers.grouped_gemm import align_pairs, grouped_gemm
 from moeserve.layers.mlp import ACTIVATIONS, GatedMLP
 from moeserve.layers.routing import build_router
 
@@ -56,7 +69,10 @@ class MoeBlock(nn.Module):
     def forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
         T, D = x.shape
         weights, ids = self.route(x)
-        if T == 1:
+        stacked = experts.stacked(self.layer_id)
+        if stacked is not None and (x.is_cuda or torch.compiler.is_compiling()):
+            out = self._on_device(x, weights, ids, stacked)
+        elif T == 1:
             out = self._single_token(x, weights, ids, experts)
         else:
             out = self._many_tokens(x, weights, ids, experts)
@@ -66,9 +82,34 @@ class MoeBlock(nn.Module):
             out = out + self.shared_experts(x)
         return out
 
+    def _activate(self, gate: torch.Tensor, up: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:
+        """gate, up [n, I] of rows routed to `expert` (one id, or an id per row [n]) → [n, I]."""
+        return self.act(gate) * up
+
+    def _finish(self, y: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:
+        """The down projection's output [n, D] → the expert's output (families with biases add them)."""
+        return y
+
     def _expert(self, h: torch.Tensor, w: ExpertWeights, expert_id: int) -> torch.Tensor:  # [n, D] → [n, D]
         gate, up = gate_and_up(h, w)
-        return F.linear(self.act(gate) * up, w.down)
+        return self._finish(expert_linear(self._activate(gate, up, expert_id), w.down), expert_id)
+
+    def _on_device(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, stacked: StackedExperts):
+        """Every (token, slot) pair through two grouped GEMMs over the stacked experts, ids never leaving the device."""
+        T, D = x.shape
+        pairs = T * self.top_k
+        expert_of = ids.flatten()  # [P]: pair p is token p // K, slot p % K
+        slot_of = stacked.slot_of[expert_of]  # [P]
+        token_of = torch.arange(T, device=x.device).repeat_interleave(self.top_k)  # [P]
+        # the pairs grouped by slot once for both GEMMs (only the GPU kernel uses the grouping)
+        grouping = align_pairs(slot_of, stacked.gate_up.shape[0]) if x.is_cuda else None
+        gate_up = grouped_gemm(x, token_of, slot_of, stacked.gate_up, alignment=grouping)  # [P, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)  # [P, I] each
+        h = self._activate(gate, up, expert_of)  # [P, I]
+        down = grouped_gemm(h, torch.arange(pairs, device=x.device), slot_of, stacked.down, alignment=grouping)
+        y = self._finish(down, expert_of)  # [P, D]
+        per_pair = (y * weights.flatten()[:, None]).to(x.dtype)  # [P, D], as the host paths weight each expert
+        return _sum_slots(per_pair.view(T, self.top_k, D).unbind(dim=1))  # [T, D]
 
     def _single_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider):
         """Decode at batch 1: no grouping needed, just the K experts of one token."""
@@ -111,9 +152,18 @@ class MoeBlock(nn.Module):
 def gate_and_up(h: torch.Tensor, w: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """h [n, D] → the expert's gate and up projections [n, I], one matmul when they are fused."""
     if w.gate_up is not None:
-        gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [n, 2I] → [n, I] twice
+        gate, up = expert_linear(h, w.gate_up).chunk(2, dim=-1)  # [n, 2I] → [n, I] twice
         return gate, up
     return F.linear(h, w.gate), F.linear(h, w.up)
+
+
+def expert_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h [n, Din] @ weight [Dout, Din].T for one expert: on a GPU through the grouped GEMM the device
+    path uses, so each row comes out bit for bit as it would among a whole layer's pairs."""
+    if h.is_cuda:
+        rows = torch.arange(h.shape[0], device=h.device)  # [n]
+        return grouped_gemm(h, rows, torch.zeros_like(rows), weight.unsqueeze(0))
+    return F.linear(h, weight)
 
 
 def _sum_slots(per_slot) -> torch.Tensor:

@@ -32,12 +32,19 @@ class RotaryEmbedding:
         angles = torch.cat((freqs, freqs), dim=-1)  # [P, rotary_dim]
         self._cos, self._sin = angles.cos() * scale, angles.sin() * scale
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] → cos, sin [T, 1, width], ready to broadcast over heads: in `dtype`, except
-        the "complex" layout's half-width tables, which stay float32 (that rotation runs in float32)."""
-        needed = int(positions.max()) + 1 if positions.numel() else 1
-        if self._cos is None or self._cos.shape[0] < needed or self._cos.device != positions.device:
-            self._build(max(needed, 2 * (self._cos.shape[0] if self._cos is not None else 256)), positions.device)
+    def reserve(self, num_positions: int, device: torch.device) -> None:
+        """Make the table cover positions 0..num_positions-1 on `device`. A captured CUDA graph reads
+        the table where it was at capture, so the graph runner reserves the whole context first."""
+        if self._cos is None or self._cos.shape[0] < num_positions or self._cos.device != device:
+            self._build(max(num_positions, 2 * (self._cos.shape[0] if self._cos is not None else 128)), device)
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype, max_position: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] (none above the host-known `max_position`, so no device value is read back)
+        → cos, sin [T, 1, width], ready to broadcast over heads: in `dtype`, except the "complex"
+        layout's half-width tables, which stay float32 (that rotation runs in float32)."""
+        self.reserve(max_position + 1, positions.device)
         if self.rope.layout == "complex":
             dtype = torch.float32
         cos = self._cos[positions].to(dtype).unsqueeze(1)

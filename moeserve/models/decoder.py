@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from moeserve.config import ModelConfig
-from moeserve.kv.context import StepContext
+from moeserve.kv.context import DecodeContext, StepContext
 from moeserve.experts import ExpertProvider
 from moeserve.layers.attention import Attention
 from moeserve.layers.mla import MlaAttention
@@ -40,7 +40,7 @@ class DecoderLayer(nn.Module):
             self.mlp = GatedMLP(config.hidden_size, config.dense_intermediate_size, config.hidden_act, config.mlp_bias)
         self.is_moe = config.moe_layers[layer_id]
 
-    def attend(self, x: torch.Tensor, rope, ctx: StepContext) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, rope, ctx: StepContext | DecodeContext) -> torch.Tensor:
         return x + self.self_attn(self.input_layernorm(x), rope, ctx)
 
     def feed_forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
@@ -105,16 +105,16 @@ class MoeCausalLM(nn.Module):
     def moe_block(self, layer: int) -> MoeBlock:
         return getattr(self.model.layers[layer], self.moe_attr)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: torch.compile cannot functionalize in-place writes made under it
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
-        ctx: StepContext,
+        ctx: StepContext | DecodeContext,
         experts: ExpertProvider,
         logits_indices: torch.Tensor | None = None,  # [N]; None = every position
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, D]
-        rope = self.rotary.cos_sin(ctx.positions, x.dtype)
+        rope = self.rotary.cos_sin(ctx.positions, x.dtype, ctx.max_position)
         layers = self.model.layers
         for i, layer in enumerate(layers):
             x = layer.attend(x, rope, ctx)

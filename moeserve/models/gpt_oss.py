@@ -8,7 +8,8 @@ softmax). This file holds what is gpt_oss's alone:
   those k, is layers/routing.py's BiasedTopKSoftmaxRouter).
 - The expert math, as transformers' GptOssExperts: gate_up = h W + b, then gate = min(gate, limit),
   up = clamp(up, -limit, limit), out = ((up + 1) * gate * sigmoid(alpha * gate)) W_down + b_down.
-  It runs on the provider's matrices, so resident and offloaded experts go through this one method.
+  Its bias and activation steps (`_activate`, `_finish`) take one expert id or an id per row, so the
+  block's host path and its device path (layers/moe.py) run them alike, resident or offloaded.
 - The checkpoint layout. transformers 5 stores one tensor per layer: gate_up_proj [E, D, 2I] with
   gate and up interleaved on the last dimension (gate at even, up at odd columns), down_proj
   [E, I, D], and their biases [E, 2I] and [E, D]; MXFP4 checkpoints store gate_up_proj_blocks
@@ -28,13 +29,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeserve.codecs.mxfp4 import BLOCK, Mxfp4Tensor
 from moeserve.config import ModelConfig
 from moeserve.experts import ExpertWeights, Mxfp4ExpertWeights
-from moeserve.layers.moe import MoeBlock, gate_and_up
+from moeserve.layers.moe import MoeBlock
 from moeserve.models.decoder import MoeCausalLM
 
 # Legend: T = tokens, D = hidden size, E = routed experts, I = expert intermediate size, K = experts per token.
@@ -58,13 +58,15 @@ class GptOssMoeBlock(MoeBlock):
         self.experts = GptOssExpertBiases(config)
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
 
-    def _expert(self, h: torch.Tensor, w: ExpertWeights, expert_id: int) -> torch.Tensor:  # [n, D] → [n, D]
-        gate, up = gate_and_up(h, w)  # [n, I] each
-        bias = self.experts.gate_up_proj_bias[expert_id]  # [2I], interleaved
-        gate = (gate + bias[0::2]).clamp(min=None, max=self.limit)
-        up = (up + bias[1::2]).clamp(min=-self.limit, max=self.limit)
+    def _activate(self, gate: torch.Tensor, up: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:
+        bias = self.experts.gate_up_proj_bias[expert]  # [2I] or [n, 2I], interleaved
+        gate = (gate + bias[..., 0::2]).clamp(min=None, max=self.limit)
+        up = (up + bias[..., 1::2]).clamp(min=-self.limit, max=self.limit)
         glu = gate * torch.sigmoid(gate * self.alpha)
-        return F.linear((up + 1) * glu, w.down) + self.experts.down_proj_bias[expert_id]
+        return (up + 1) * glu
+
+    def _finish(self, y: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:
+        return y + self.experts.down_proj_bias[expert]
 
 
 Reader = Callable[[str, tuple[int, ...]], torch.Tensor]  # (name, expected shape) → the stored tensor

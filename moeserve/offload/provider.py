@@ -66,6 +66,10 @@ class OffloadedExpertProvider:
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
         self._hint = (layer, experts)
 
+    def stacked(self, layer: int) -> None:
+        """Never: which experts a layer needs must reach the host, to be loaded."""
+        return None
+
     def fetch(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
         self._passes[layer] += 1
         resident: list[SlotEntry] = []

@@ -1,0 +1,107 @@
+"""CUDA graphs for decode steps whose experts are all resident and stacked.
+
+In:  a decode step's sequences (rows 0..B-1 of the KV cache, every running row) and their provider.
+Out: float32 logits [B, V], from replaying a graph captured for the step's shape bucket.
+
+A GPU runs a small-batch decode step far faster than the host can launch its few hundred kernels one
+by one. So, as vLLM does, each shape bucket's step is captured once and replayed: batch sizes are padded
+up to a bucket (1, 2, 4, 8, 16, 32), and the positions a row reads are the step's span (kv/context.py),
+a power of two. The graph reads its inputs from static buffers (token ids, positions) that each step
+fills with one host→device copy; padded entries decode token 0 at position 0 of a free cache row, which
+nothing reads. What a graph bakes in, and when it is recaptured:
+  - the KV cache tensors: a reallocation (`KVCache.version`) drops every graph;
+  - the provider's stacked experts: graphs are kept per provider;
+  - the rotary table: reserved for the whole context before the first capture.
+Steps that do not fit (a larger batch, rows that are not the cache's first B, experts not resident)
+run eagerly; so does every step with `enforce_eager`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.engine.sequence import Sequence
+from moeserve.experts import ExpertProvider
+from moeserve.kv.cache import KVCache
+from moeserve.kv.context import DecodeContext, decode_span
+from moeserve.models.decoder import MoeCausalLM
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class CapturedStep:
+    graph: torch.cuda.CUDAGraph
+    inputs: torch.Tensor  # [2, bucket] long, static: token ids, positions
+    logits: torch.Tensor  # [bucket, V] float32, static output
+
+
+class DecodeGraphs:
+    def __init__(self, model: MoeCausalLM, cache: KVCache, device: torch.device):
+        self.model, self.cache, self.device = model, cache, device
+        self._graphs: dict[tuple[int, int, int], CapturedStep] = {}  # (bucket, span, provider id) → graph
+        self._providers: dict[int, ExpertProvider] = {}  # keeps each keyed provider alive (ids stay unique)
+        self._version = cache.version
+        self._pool = torch.cuda.graph_pool_handle()
+        self._rope_ready = False
+
+    def fits(self, seqs: list[Sequence], experts: ExpertProvider) -> bool:
+        """Whether this decode step can replay a graph."""
+        return (
+            len(seqs) <= BATCH_BUCKETS[-1]
+            and len(seqs) == self.cache.num_rows
+            and all(seq.kv_row == row for row, seq in enumerate(seqs))
+            and not experts.wants_predictions
+            and all(experts.stacked(layer) is not None for layer in self.model.config.moe_layer_ids)
+        )
+
+    def decode(self, seqs: list[Sequence], experts: ExpertProvider) -> torch.Tensor:
+        """The step's logits [B, V] (call only when `fits`)."""
+        batch = len(seqs)
+        bucket = next(b for b in BATCH_BUCKETS if b >= batch)
+        longest = max(seq.num_tokens for seq in seqs)
+        self.cache.reserve(longest, rows=bucket)
+        if self.cache.version != self._version:  # the tensors the graphs read are gone
+            self._graphs.clear()
+            self._version = self.cache.version
+        host = torch.zeros(2, bucket, dtype=torch.long)  # [2, bucket]: token ids, positions; padding: 0, 0
+        host[0, :batch] = torch.tensor([seq.output_ids[-1] for seq in seqs])
+        host[1, :batch] = torch.tensor([seq.num_cached for seq in seqs])
+        key = (bucket, decode_span(longest, self.cache.capacity), id(experts))
+        step = self._graphs.get(key)
+        if step is None:
+            step = self._graphs[key] = self._capture(bucket, key[1], experts, host)
+            self._providers[id(experts)] = experts
+        step.inputs.copy_(host)
+        step.graph.replay()
+        return step.logits[:batch]
+
+    def _capture(self, bucket: int, span: int, experts: ExpertProvider, host: torch.Tensor) -> CapturedStep:
+        if not self._rope_ready:
+            # the graph reads the table where it is at capture: it must never be rebuilt afterwards
+            self.model.rotary.reserve(self.cache.max_len, self.device)
+            self._rope_ready = True
+        inputs = host.to(self.device)  # this step's inputs: the warm-up run below writes real K/V
+        ids, positions = inputs.unbind(0)  # [bucket] each
+        row_index = torch.arange(bucket, device=self.device)
+
+        def step() -> torch.Tensor:
+            ctx = DecodeContext(self.cache, positions, row_index, span, rows_are_prefix=True)
+            return self.model(ids, ctx, experts)  # [bucket, V]
+
+        # One eager run of this very step on a side stream first: it compiles the Triton kernels and
+        # lets the caching allocator and the attention backends settle, none of which may happen
+        # during capture. It writes the K/V the replay writes again: the real rows' new positions,
+        # and position 0 of the free rows the padding uses.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: an offloading variant's fill threads may use the device meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = step()
+        return CapturedStep(graph, inputs, logits)
