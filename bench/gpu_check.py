@@ -28,6 +28,8 @@ stages import, beyond them:
   transformers and its dependencies (huggingface-hub, regex, typer, click, hf-xet, httpx, ...)
                                                                  the GPU tests' tiny checkpoints
 (fastapi, starlette, uvicorn and matplotlib, also moeserve dependencies, are not imported by any stage.)
+triton, which runs the MoE blocks' grouped expert GEMM, comes with torch's CUDA wheels; without it the blocks
+fall back to the PyTorch reference, correct but slow (the decode_step figures would say so).
 Carry them from a machine with PyPI access as wheels for the GPU machine's Python (54 MB with their dependencies,
 34 MB once the wheels of what is already installed there, numpy, tokenizers, safetensors, pyyaml, tqdm,
 typing-extensions, filelock and fsspec, are deleted), then install offline:
