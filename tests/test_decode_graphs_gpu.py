@@ -34,10 +34,11 @@ def test_graph_replay_equals_eager(checkpoint_factory, batch):
             assert max(abs(lp_a[t] - lp_b[t]) for t in lp_a) <= 1e-5
 
 
-def test_raw_offload_equals_graphed_resident(checkpoint_factory):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_raw_offload_equals_graphed_resident(checkpoint_factory, dtype):
     directory, _ = checkpoint_factory("mixtral")
-    resident = LLM(directory, device="cuda", dtype="float32", progress=False)
-    offloaded = LLM(directory, device="cuda", dtype="float32", policy={"default": {"codec": "raw"}},
+    resident = LLM(directory, device="cuda", dtype=dtype, progress=False)
+    offloaded = LLM(directory, device="cuda", dtype=dtype, policy={"default": {"codec": "raw"}},
                     expert_cache="50%", progress=False)
     prompts = PROMPTS[:3]
     want = [(o.token_ids, o.logprobs) for o in resident.generate(prompts, GREEDY)]

@@ -6,15 +6,16 @@ Out: [T, D], the routing-weighted sum of each token's top-k experts (+ the share
 
 Two ways to reach the experts, one arithmetic:
 - On the device. When the provider holds the layer's experts stacked ([S, 2I, D] and [S, D, I] with
-  an expert → slot map on the device, `ExpertProvider.stacked`), and the step runs on a GPU or under
-  torch.compile, the routed (token, expert) pairs go through two grouped GEMMs
+  an expert → slot map on the device, `ExpertProvider.stacked`), and the step is a GPU step of at most
+  GROUPED_GEMM_MAX_TOKENS tokens (every decode step a CUDA graph holds) or runs under torch.compile, the routed (token, expert) pairs go through two grouped GEMMs
   (layers/grouped_gemm.py) indexed by device-side ids: no host sync, so the step can be captured.
 - Through the host. Otherwise the block reads the routing on the host and asks the provider for
   each used expert (`fetch`): how an offloading provider learns what to load, and the cheapest path
   on a CPU, where reading the routing costs nothing.
-Both compute an expert's rows with the same matmul (`expert_linear`: the grouped GEMM on a GPU, whose
-rows do not depend on which other rows share a launch; F.linear on a CPU), the same activation and the
-same weighted sum over the K slots, so an offloaded expert equals a resident one bit for bit.
+Whichever path a step takes, the step's token count alone decides the matmul (`expert_linear`: on a
+GPU step of at most GROUPED_GEMM_MAX_TOKENS tokens the grouped GEMM, whose rows do not depend on which
+other rows share a launch; F.linear otherwise), and both apply the same activation and the same
+weighted sum over the K slots in float32, so an offloaded expert equals a resident one bit for bit.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from moeserve.layers.mlp import ACTIVATIONS, GatedMLP
 from moeserve.layers.routing import build_router
 
 # Legend: T = tokens in the step, D = hidden size, E = routed experts, K = experts per token.
+
+# GPU steps of at most this many tokens (every decode step a CUDA graph holds, short extends) compute
+# experts with the grouped GEMM; longer ones (prefill) with cuBLAS, expert by expert through the host.
+GROUPED_GEMM_MAX_TOKENS = 64
 
 
 class MoeBlock(nn.Module):
@@ -70,12 +75,14 @@ class MoeBlock(nn.Module):
         T, D = x.shape
         weights, ids = self.route(x)
         stacked = experts.stacked(self.layer_id)
-        if stacked is not None and (x.is_cuda or torch.compiler.is_compiling()):
+        # The step's token count picks the arithmetic, so every provider computes a step alike.
+        grouped = x.is_cuda and T <= GROUPED_GEMM_MAX_TOKENS
+        if stacked is not None and (grouped or torch.compiler.is_compiling()):
             out = self._on_device(x, weights, ids, stacked)
         elif T == 1:
-            out = self._single_token(x, weights, ids, experts)
+            out = self._single_token(x, weights, ids, experts, grouped)
         else:
-            out = self._many_tokens(x, weights, ids, experts)
+            out = self._many_tokens(x, weights, ids, experts, grouped)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         elif self.shared_experts is not None:
@@ -90,9 +97,10 @@ class MoeBlock(nn.Module):
         """The down projection's output [n, D] → the expert's output (families with biases add them)."""
         return y
 
-    def _expert(self, h: torch.Tensor, w: ExpertWeights, expert_id: int) -> torch.Tensor:  # [n, D] → [n, D]
-        gate, up = gate_and_up(h, w)
-        return self._finish(expert_linear(self._activate(gate, up, expert_id), w.down), expert_id)
+    def _expert(self, h: torch.Tensor, w: ExpertWeights, expert_id: int, grouped: bool) -> torch.Tensor:
+        """h [n, D] → [n, D]; `grouped`: each matmul through the grouped GEMM (see expert_linear)."""
+        gate, up = gate_and_up(h, w, grouped)
+        return self._finish(expert_linear(self._activate(gate, up, expert_id), w.down, grouped), expert_id)
 
     def _on_device(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, stacked: StackedExperts):
         """Every (token, slot) pair through two grouped GEMMs over the stacked experts, ids never leaving the device."""
@@ -111,17 +119,20 @@ class MoeBlock(nn.Module):
         per_pair = (y * weights.flatten()[:, None]).to(x.dtype)  # [P, D], as the host paths weight each expert
         return _sum_slots(per_pair.view(T, self.top_k, D).unbind(dim=1))  # [T, D]
 
-    def _single_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider):
+    def _single_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider,
+                      grouped: bool):
         """Decode at batch 1: no grouping needed, just the K experts of one token."""
         chosen = ids[0].tolist()  # K distinct expert ids, in slot order
         per_slot: list[torch.Tensor | None] = [None] * self.top_k
         for expert_id, w in experts.fetch(self.layer_id, sorted(chosen)):
             slot = chosen.index(expert_id)
-            y = self._expert(x, w, expert_id) * weights[0, slot]  # [1, D]
-            per_slot[slot] = y if y.dtype == x.dtype else y.to(x.dtype)
+            # weights[:, slot, None] is [1, 1], not a 0-d tensor: a 0-d routing weight would be rounded to
+            # a bfloat16 expert output's dtype first; like this it multiplies in float32, as on the other paths
+            per_slot[slot] = (self._expert(x, w, expert_id, grouped) * weights[:, slot, None]).to(x.dtype)  # [1, D]
         return _sum_slots(per_slot)  # [1, D]
 
-    def _many_tokens(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider):
+    def _many_tokens(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider,
+                     grouped: bool):
         T, D = x.shape
         # Group the T*K (token, slot) pairs by expert with one sort, so the step syncs with the
         # host once (for the counts) instead of once per expert.
@@ -139,7 +150,7 @@ class MoeBlock(nn.Module):
         for expert_id, w in experts.fetch(self.layer_id, used):
             start = starts[expert_id]
             pairs = order[start : start + counts[expert_id]]
-            y = self._expert(x[token_of[start : start + counts[expert_id]]], w, expert_id)  # [n, D]
+            y = self._expert(x[token_of[start : start + counts[expert_id]]], w, expert_id, grouped)  # [n, D]
             per_pair[pairs] = (y * weight_of[start : start + counts[expert_id], None]).to(x.dtype)
         return _sum_slots(per_pair.view(T, self.top_k, D).unbind(dim=1))  # [T, D]
 
@@ -149,18 +160,20 @@ class MoeBlock(nn.Module):
         return sorted(set(ids.flatten().tolist()))
 
 
-def gate_and_up(h: torch.Tensor, w: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
+def gate_and_up(h: torch.Tensor, w: ExpertWeights, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """h [n, D] → the expert's gate and up projections [n, I], one matmul when they are fused."""
     if w.gate_up is not None:
-        gate, up = expert_linear(h, w.gate_up).chunk(2, dim=-1)  # [n, 2I] → [n, I] twice
+        gate, up = expert_linear(h, w.gate_up, grouped).chunk(2, dim=-1)  # [n, 2I] → [n, I] twice
         return gate, up
     return F.linear(h, w.gate), F.linear(h, w.up)
 
 
-def expert_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """h [n, Din] @ weight [Dout, Din].T for one expert: on a GPU through the grouped GEMM the device
-    path uses, so each row comes out bit for bit as it would among a whole layer's pairs."""
-    if h.is_cuda:
+def expert_linear(h: torch.Tensor, weight: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """h [n, Din] @ weight [Dout, Din].T for one expert. `grouped` (a GPU step of few tokens): through
+    the grouped GEMM the device path uses, so each row comes out bit for bit as it would among a whole
+    layer's pairs; otherwise F.linear (cuBLAS reads a big step's weights once, the grouped GEMM once per
+    16 rows)."""
+    if grouped:
         rows = torch.arange(h.shape[0], device=h.device)  # [n]
         return grouped_gemm(h, rows, torch.zeros_like(rows), weight.unsqueeze(0))
     return F.linear(h, weight)
