@@ -10,7 +10,7 @@ a power of two. The graph reads its inputs from static buffers (token ids, posit
 fills with one host→device copy; padded entries decode token 0 at position 0 of a free cache row, which
 nothing reads. What a graph bakes in, and when it is recaptured:
   - the KV cache tensors: a reallocation (`KVCache.version`) drops every graph;
-  - the provider's stacked experts: graphs are kept per provider;
+  - the provider's stacked experts: graphs are kept per provider, and dropped when it is freed;
   - the rotary table: reserved for the whole context before the first capture.
 Steps that do not fit (a larger batch, rows that are not the cache's first B, experts not resident)
 run eagerly; so does every step with `enforce_eager`.
@@ -18,6 +18,7 @@ run eagerly; so does every step with `enforce_eager`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -36,13 +37,18 @@ class CapturedStep:
     graph: torch.cuda.CUDAGraph
     inputs: torch.Tensor  # [2, bucket] long, static: token ids, positions
     logits: torch.Tensor  # [bucket, V] float32, static output
+    # Every tensor the graph reads that was made outside it must live as long as the graph: the replay
+    # reads these addresses, and a freed block would be handed to the next allocation.
+    row_index: torch.Tensor  # [bucket] long, 0..bucket-1: the cache rows the step writes
+    staging: torch.Tensor  # [2, bucket] long, pinned host memory: the next step's inputs
+    copied: torch.cuda.Event  # recorded after the last copy out of `staging`
 
 
 class DecodeGraphs:
     def __init__(self, model: MoeCausalLM, cache: KVCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
         self._graphs: dict[tuple[int, int, int], CapturedStep] = {}  # (bucket, span, provider id) → graph
-        self._providers: dict[int, ExpertProvider] = {}  # keeps each keyed provider alive (ids stay unique)
+        self._watched: set[int] = set()  # providers whose graphs go when they do
         self._version = cache.version
         self._pool = torch.cuda.graph_pool_handle()
         self._rope_ready = False
@@ -73,10 +79,25 @@ class DecodeGraphs:
         step = self._graphs.get(key)
         if step is None:
             step = self._graphs[key] = self._capture(bucket, key[1], experts, host)
-            self._providers[id(experts)] = experts
-        step.inputs.copy_(host)
+            self._watch(experts)
+        step.copied.synchronize()  # normally long done: the previous step's tokens were read on the host
+        step.staging.copy_(host)
+        step.inputs.copy_(step.staging, non_blocking=True)
+        step.copied.record()
         step.graph.replay()
         return step.logits[:batch]
+
+    def _watch(self, experts: ExpertProvider) -> None:
+        """Drop a provider's graphs once it is gone (a retired policy's experts must be freed, and no graph
+        may replay over freed weights); no reference is kept to it here."""
+        if id(experts) not in self._watched:
+            self._watched.add(id(experts))
+            weakref.finalize(experts, self._forget, id(experts))
+
+    def _forget(self, provider_id: int) -> None:
+        self._watched.discard(provider_id)
+        for key in [key for key in self._graphs if key[2] == provider_id]:
+            del self._graphs[key]
 
     def _capture(self, bucket: int, span: int, experts: ExpertProvider, host: torch.Tensor) -> CapturedStep:
         if not self._rope_ready:
@@ -104,4 +125,5 @@ class DecodeGraphs:
         # thread_local: an offloading variant's fill threads may use the device meanwhile
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             logits = step()
-        return CapturedStep(graph, inputs, logits)
+        staging = torch.empty_like(host).pin_memory()
+        return CapturedStep(graph, inputs, logits, row_index, staging, torch.cuda.Event())

@@ -14,6 +14,7 @@ import torch
 from moeserve.kv.context import DecodeContext, StepContext, decode_span
 from moeserve.engine.decode_graphs import DecodeGraphs
 from moeserve.kv.cache import KVCache
+from moeserve.layers.grouped_gemm import runs_kernel
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider
 from moeserve.models.decoder import MoeCausalLM
@@ -27,7 +28,9 @@ class ModelRunner:
         heads, head_dim, separate_values = config.kv_cache_layout
         self.cache = KVCache(config.num_layers, heads, head_dim, max_len, config.dtype, device, separate_values)
         # decode steps replay CUDA graphs where they can (engine/decode_graphs.py)
-        self.graphs = None if enforce_eager or device.type != "cuda" else DecodeGraphs(model, self.cache, device)
+        # (they need the grouped GEMM's kernel: without triton, MoE blocks on a GPU read routing on the host)
+        capturable = device.type == "cuda" and runs_kernel(device) and not enforce_eager
+        self.graphs = DecodeGraphs(model, self.cache, device) if capturable else None
 
     def extend(self, seqs: list[Sequence], all_positions: list[bool], experts: ExpertProvider) -> list[torch.Tensor]:
         """Run every uncached token of `seqs` on `experts`. Per sequence: logits [n, V] for all its new

@@ -33,6 +33,12 @@ DEFAULT_BLOCK_M = 16  # pairs per program: the smallest tensor-core tile, so dec
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
+def runs_kernel(device: torch.device) -> bool:
+    """Whether grouped_gemm on `device` runs the Triton kernel. On a GPU without triton the reference
+    would copy each pair's whole weight matrix ([P, N, Kdim]), so callers keep it for CPUs and tests."""
+    return device.type == "cuda" and _TRITON_INSTALLED
+
+
 @dataclass(frozen=True)
 class Alignment:
     """Pairs grouped by slot, each group padded to a multiple of block_m; fixed sizes, device tensors.
@@ -111,7 +117,7 @@ def grouped_gemm(
         out = torch.empty(num_pairs, n_out, dtype=a.dtype, device=a.device)
     if num_pairs == 0:
         return out
-    if force_triton or (a.is_cuda and _TRITON_INSTALLED):
+    if force_triton or runs_kernel(a.device):
         from moeserve.layers.grouped_gemm_triton import launch
 
         if alignment is None:

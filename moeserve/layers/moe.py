@@ -7,7 +7,8 @@ Out: [T, D], the routing-weighted sum of each token's top-k experts (+ the share
 Two ways to reach the experts, one arithmetic:
 - On the device. When the provider holds the layer's experts stacked ([S, 2I, D] and [S, D, I] with
   an expert → slot map on the device, `ExpertProvider.stacked`), and the step is a GPU step of at most
-  GROUPED_GEMM_MAX_TOKENS tokens (every decode step a CUDA graph holds) or runs under torch.compile, the routed (token, expert) pairs go through two grouped GEMMs
+  GROUPED_GEMM_MAX_TOKENS tokens (every decode step a CUDA graph holds) or runs under torch.compile,
+  the routed (token, expert) pairs go through two grouped GEMMs
   (layers/grouped_gemm.py) indexed by device-side ids: no host sync, so the step can be captured.
 - Through the host. Otherwise the block reads the routing on the host and asks the provider for
   each used expert (`fetch`): how an offloading provider learns what to load, and the cheapest path
@@ -28,14 +29,15 @@ from torch import nn
 
 from moeserve.config import ModelConfig
 from moeserve.experts import ExpertProvider, ExpertWeights, StackedExperts
-from moeserve.layers.grouped_gemm import align_pairs, grouped_gemm
+from moeserve.layers.grouped_gemm import align_pairs, grouped_gemm, runs_kernel
 from moeserve.layers.mlp import ACTIVATIONS, GatedMLP
 from moeserve.layers.routing import build_router
 
 # Legend: T = tokens in the step, D = hidden size, E = routed experts, K = experts per token.
 
 # GPU steps of at most this many tokens (every decode step a CUDA graph holds, short extends) compute
-# experts with the grouped GEMM; longer ones (prefill) with cuBLAS, expert by expert through the host.
+# experts with the grouped GEMM's kernel; longer ones (prefill) with cuBLAS, expert by expert through
+# the host. Without triton every GPU step takes the host path (and no decode step is captured).
 GROUPED_GEMM_MAX_TOKENS = 64
 
 
@@ -76,7 +78,7 @@ class MoeBlock(nn.Module):
         weights, ids = self.route(x)
         stacked = experts.stacked(self.layer_id)
         # The step's token count picks the arithmetic, so every provider computes a step alike.
-        grouped = x.is_cuda and T <= GROUPED_GEMM_MAX_TOKENS
+        grouped = T <= GROUPED_GEMM_MAX_TOKENS and runs_kernel(x.device)
         if stacked is not None and (grouped or torch.compiler.is_compiling()):
             out = self._on_device(x, weights, ids, stacked)
         elif T == 1:
@@ -110,7 +112,7 @@ class MoeBlock(nn.Module):
         slot_of = stacked.slot_of[expert_of]  # [P]
         token_of = torch.arange(T, device=x.device).repeat_interleave(self.top_k)  # [P]
         # the pairs grouped by slot once for both GEMMs (only the GPU kernel uses the grouping)
-        grouping = align_pairs(slot_of, stacked.gate_up.shape[0]) if x.is_cuda else None
+        grouping = align_pairs(slot_of, stacked.gate_up.shape[0]) if runs_kernel(x.device) else None
         gate_up = grouped_gemm(x, token_of, slot_of, stacked.gate_up, alignment=grouping)  # [P, 2I]
         gate, up = gate_up.chunk(2, dim=-1)  # [P, I] each
         h = self._activate(gate, up, expert_of)  # [P, I]
