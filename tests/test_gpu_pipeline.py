@@ -41,13 +41,15 @@ def store() -> CompressedStore:
     return CompressedStore.build(stored(), resolved, policy.to_yaml(), LAYERS * EXPERTS, progress=False)
 
 
-def _pipeline(store, slots: int, prefetch: bool = True):
-    streams = FakeStreams()
+def _pipeline(store, slots: int, prefetch: bool = True, depth: int | None = None, streams=None):
+    streams = FakeStreams() if streams is None else streams
     stats = OffloadStats()
     pool = SlotPool(slots, D, I, torch.float32, torch.device("cpu"))
     max_packed = max(p.nbytes for p in store.experts.values())
     filler = GpuSlotFiller(pool, stats, max_packed, streams, staging_experts=2, timeline=True)
-    provider = OffloadedExpertProvider(store, pool, ExpertCache(slots), filler, stats, prefetch=prefetch)
+    provider = OffloadedExpertProvider(
+        store, pool, ExpertCache(slots), filler, stats, TOP_K, prefetch=prefetch, prefetch_depth=depth
+    )
     return streams, provider
 
 
@@ -57,14 +59,14 @@ def _reference(store, layer: int, expert: int) -> list[torch.Tensor]:
 
 def _run_steps(streams: FakeStreams, provider, store, steps: int, batch_experts: int, seed: int = 0) -> None:
     """A model's decode loop: each step fetches every layer's routed experts, computes with each (a read
-    of its slot on the compute stream) and guesses the next layer's experts."""
+    of its slot on the compute stream) and guesses the experts of the next `prediction_depth` layers."""
     rng = random.Random(seed)
     routing = [[sorted(rng.sample(range(EXPERTS), batch_experts)) for _ in range(LAYERS)] for _ in range(steps)]
     for step, layers in enumerate(routing):
         for layer, experts in enumerate(layers):
-            if provider.wants_predictions and layer + 1 < LAYERS:
-                guess = layers[layer + 1] if rng.random() < 0.5 else sorted(rng.sample(range(EXPERTS), batch_experts))
-                provider.prefetch(layer + 1, guess)
+            for upcoming in range(layer + 1, min(LAYERS, layer + 1 + provider.prediction_depth)):
+                right = rng.random() < 0.5
+                provider.prefetch(upcoming, layers[upcoming] if right else sorted(rng.sample(range(EXPERTS), batch_experts)))
             seen = []
             for expert, weights in provider.fetch(layer, experts):
                 tensors = [weights.gate, weights.up, weights.down]
