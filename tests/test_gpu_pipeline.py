@@ -57,9 +57,12 @@ def _reference(store, layer: int, expert: int) -> list[torch.Tensor]:
     return [decode(blob) for blob in store.experts[(layer, expert)].blobs]
 
 
-def _run_steps(streams: FakeStreams, provider, store, steps: int, batch_experts: int, seed: int = 0) -> None:
+def _run_steps(
+    streams: FakeStreams, provider, store, steps: int, batch_experts: int, seed: int = 0, after_compute=None
+) -> None:
     """A model's decode loop: each step fetches every layer's routed experts, computes with each (a read
-    of its slot on the compute stream) and guesses the experts of the next `prediction_depth` layers."""
+    of its slot on the compute stream) and guesses the experts of the next `prediction_depth` layers.
+    `after_compute()`, if given, runs after each expert's compute (e.g. to let a lagging device catch up)."""
     rng = random.Random(seed)
     routing = [[sorted(rng.sample(range(EXPERTS), batch_experts)) for _ in range(LAYERS)] for _ in range(steps)]
     for step, layers in enumerate(routing):
@@ -74,6 +77,8 @@ def _run_steps(streams: FakeStreams, provider, store, steps: int, batch_experts:
                 for got, want in zip(tensors, _reference(store, layer, expert)):
                     assert torch.equal(got, want), (step, layer, expert)
                 seen.append(expert)
+                if after_compute is not None:
+                    after_compute()
             assert sorted(seen) == experts
 
 
@@ -120,6 +125,48 @@ def test_guesses_wait_for_an_idle_link_and_take_only_free_or_stale_slots(store):
     list(provider.fetch(0, [0, 1]))
     assert provider.stats.prefetches_issued == 2
     assert {key for key in provider.cache.entries} == {(0, 0), (0, 1), (1, 2), (1, 3)}
+
+
+def _guesses_on_a_busy_link(store, link_idle=None) -> tuple[int, int, int]:
+    """Two layers of guesses ahead on a device that runs behind the host and catches up after about a
+    third of the experts computed. Returns the guesses started, how many of them started while a copy was still in
+    flight, and how many were for the layer after next."""
+    streams = FakeStreams(lagging=True)
+    _, provider = _pipeline(store, 12, depth=2, streams=streams)
+    filler = provider.filler
+    if link_idle is not None:
+        filler.link_idle = link_idle
+    started = {"guesses": 0, "on_busy_link": 0}
+    start = filler.start
+
+    def watched_start(packed, slot, urgent):
+        if not urgent:
+            started["guesses"] += 1
+            started["on_busy_link"] += not streams.idle(filler.copy_stream)
+        return start(packed, slot, urgent)
+
+    filler.start = watched_start
+    catch_up = random.Random(1)
+
+    def device_may_catch_up():
+        if catch_up.random() < 0.3:
+            streams.finish()
+
+    _run_steps(streams, provider, store, steps=8, batch_experts=TOP_K, after_compute=device_may_catch_up)
+    assert streams.races == []
+    return started["guesses"], started["on_busy_link"], provider.stats.prefetches_issued_at.get(2, 0)
+
+
+def test_no_guess_starts_while_the_link_is_busy(store):
+    guesses, on_busy_link, two_ahead = _guesses_on_a_busy_link(store)
+    assert guesses > 0 and two_ahead > 0
+    assert on_busy_link == 0
+
+
+def test_the_checker_sees_a_guess_on_a_busy_link(store):
+    # A provider that ignored the link's state would start guesses behind demand copies.
+    _, on_busy_link, _ = _guesses_on_a_busy_link(store, link_idle=lambda: True)
+    assert on_busy_link > 0
 
 
 def test_wasted_guesses_are_counted(store):

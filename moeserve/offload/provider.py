@@ -52,7 +52,9 @@ class OffloadedExpertProvider:
             for key, packed in store.experts.items()
         }
         self._prefetch, self._forced_depth = prefetch, prefetch_depth  # None: automatic_prediction_depth
-        self._hints: dict[int, Sequence[int]] = {}  # per MoE layer, its latest prediction not yet issued
+        # Per MoE layer, its latest prediction not yet fully issued, and the prediction's distance (MoE
+        # layers from the first fetch after it to the predicted layer; None until that fetch).
+        self._hints: dict[int, tuple[Sequence[int], int | None]] = {}
         # Per MoE layer, the guesses issued for its next pass that are still loaded and not yet consumed.
         self._pending: dict[int, set[ExpertKey]] = {}
         # Where a slot comes from: first an expert that its layer did not use on its latest pass (the
@@ -67,6 +69,7 @@ class OffloadedExpertProvider:
             layer: [cycle[(i - back) % len(cycle)] for back in range(len(cycle))] for i, layer in enumerate(cycle)
         }
         self._cycle_index = {layer: i for i, layer in enumerate(cycle)}
+        self._current = cycle[0]  # the MoE layer fetched last
         self._experts_per_layer = len(store.experts) // len(cycle)
         self._width = top_k  # experts the latest fetch asked for (its routing width), at least top_k
         self._top_k = top_k
@@ -84,9 +87,11 @@ class OffloadedExpertProvider:
         )
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
-        self._hints[layer] = experts
+        self._hints[layer] = (experts, None)  # replaces an older prediction for the layer
 
     def fetch(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        self._current = layer
+        self._hints.pop(layer, None)  # the layer asks for its experts itself now
         self._passes[layer] += 1
         self._width = max(self._top_k, len(experts))
         # The layer's guesses it does not ask for were wrong: their slots are the first to give back.
@@ -104,13 +109,14 @@ class OffloadedExpertProvider:
         self.stats.misses += len(missing)
         in_flight: deque[SlotEntry] = deque()
         held = resident + self._start_misses(missing, in_flight)  # pinned by this fetch, not yet released
-        self._issue_hints(layer)
+        self._issue_hints(missing)
         # Ready experts first: computing them hides the loads still in flight.
         resident.sort(key=lambda entry: not entry.ready.done())
         try:
             for entry in resident:
                 yield self._use(entry)
                 self._release(entry, held)
+                self._issue_hints(missing)
             while missing or in_flight:
                 if not in_flight:
                     # Every slot was held by this layer's residents or by prefetches still filling;
@@ -123,6 +129,7 @@ class OffloadedExpertProvider:
                 yield self._use(entry)
                 self._release(entry, held)
                 held += self._start_misses(missing, in_flight)
+                self._issue_hints(missing)
         finally:
             # A consumer that stops early (an exception in compute) must not leave slots pinned.
             for entry in held:
@@ -168,12 +175,17 @@ class OffloadedExpertProvider:
             if not entry.ready.done():
                 entry.ready.synchronize()
 
-    def _issue_hints(self, layer: int) -> None:
-        """Issue the held predictions, nearest MoE layer first, after `layer`'s fetch started its misses."""
-        hints = sorted(self._hints.items(), key=lambda hint: self._distance(layer, hint[0]))
-        self._hints.clear()
-        for target, experts in hints:
-            distance = self._distance(layer, target)
+    def _issue_hints(self, missing: deque[ExpertKey]) -> None:
+        """Issue the held predictions, nearest MoE layer first. Called once the current fetch has started
+        its misses and again after each expert it hands out: a guess held back by a busy link goes when
+        the link is idle again, during this fetch or the next."""
+        if missing:
+            return  # a miss of the current layer still waits for a slot: no guess may take one first
+        for target in sorted(self._hints, key=lambda layer: self._distance(self._current, layer)):
+            experts, distance = self._hints[target]
+            if distance is None:
+                distance = self._distance(self._current, target)
+                self._hints[target] = (experts, distance)
             guessed = {(target, expert) for expert in experts}
             # a newer prediction replaces the older one's guesses
             pending = self._pending[target] = self._drop_guesses(target, keep=guessed)
@@ -186,11 +198,13 @@ class OffloadedExpertProvider:
                     return
                 keep = guessed.union(*self._pending.values())
                 if self._start(key, prefetched=True, keep=keep, distance=distance) is None:
-                    return  # no free or stale slot: the real routing will load what is missing
+                    self._hints.clear()  # no free or stale slot: the real routing will load what is missing
+                    return
                 pending.add(key)
                 self.stats.prefetches_issued += 1
                 self.stats.prefetches_issued_at[distance] = self.stats.prefetches_issued_at.get(distance, 0) + 1
                 self.stats.prefetch_bytes += self.store.experts[key].nbytes
+            del self._hints[target]
 
     def _drop_guesses(self, layer: int, keep: set[ExpertKey]) -> set[ExpertKey]:
         """Forget `layer`'s pending guesses outside `keep`: they turn stale, the first slots to give back.
@@ -216,7 +230,12 @@ class OffloadedExpertProvider:
         # while the nearer layers' demand loads run, and the depth rule gives it only the spare.
         may_evict = not prefetched or (self.filler.guesses_evict and distance == 1)
         layer_order = self._give_up_order[key[0]] if may_evict else ()
-        entry = self.cache.claim(key, prefetched, layer_order, keep, self._is_stale, self._evicted)
+        stale = self._is_stale
+        if distance > 1:
+            # Nor does it take a stale slot of a layer that runs before its own: that layer may reuse it.
+            sooner = {self._give_up_order[key[0]][back] for back in range(1, distance)}
+            stale = lambda entry: entry.key[0] not in sooner and self._is_stale(entry)  # noqa: E731
+        entry = self.cache.claim(key, prefetched, layer_order, keep, stale, self._evicted)
         if entry is not None:
             # a guess is for its layer's next pass; a miss is for the pass running now
             entry.pass_used = self._passes[key[0]] + (1 if prefetched else 0)
