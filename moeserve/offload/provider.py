@@ -179,8 +179,8 @@ class OffloadedExpertProvider:
         """Issue the held predictions, nearest MoE layer first. Called once the current fetch has started
         its misses and again after each expert it hands out: a guess held back by a busy link goes when
         the link is idle again, during this fetch or the next."""
-        if missing:
-            return  # a miss of the current layer still waits for a slot: no guess may take one first
+        if missing or not self._hints:
+            return  # while a miss of the current layer waits for a slot, no guess may take one first
         for target in sorted(self._hints, key=lambda layer: self._distance(self._current, layer)):
             experts, distance = self._hints[target]
             if distance is None:
