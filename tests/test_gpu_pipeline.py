@@ -225,13 +225,14 @@ def test_pinned_arena_is_page_locked_and_exact_size():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("budget", ["10%", "25%", "50%"])
-def test_offloaded_generation_on_cuda_equals_resident(checkpoint_factory, budget):
+@pytest.mark.parametrize("budget,depth", [("10%", None), ("25%", None), ("50%", None), ("50%", 3)])
+def test_offloaded_generation_on_cuda_equals_resident(checkpoint_factory, budget, depth):
     from moeserve import LLM, SamplingParams
 
     directory, _ = checkpoint_factory("qwen3_moe", num_hidden_layers=4, num_experts=8, seed=3)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     prompts = [[5, 6, 7], list(range(30, 50))]
     resident = [o.token_ids for o in LLM(directory, device="cuda").generate(prompts, params)]
-    raw = LLM(directory, device="cuda", policy={"default": {"codec": "raw"}}, expert_cache=budget, progress=False)
+    raw = LLM(directory, device="cuda", policy={"default": {"codec": "raw"}}, expert_cache=budget,
+              prefetch_depth=depth, progress=False)
     assert [o.token_ids for o in raw.generate(prompts, params)] == resident
