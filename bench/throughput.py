@@ -7,7 +7,8 @@ expert-cache budget and batch size, one run measures four configurations on the 
   (b) naive        bf16 experts in pinned host memory, LRU slots, synchronous copy on a miss
                    (the pattern of mixtral-offloading and of accelerate's offload)
   (c) compressed   the compressed store (--policy) and the engine's offloading runtime, prefetch off
-  (d) +prefetch    the same with next-layer prediction
+  (d) +prefetch    the same with prediction of the next MoE layers' experts (--prefetch-depth; default: the
+                   depth the cache has room for, offload/lookahead.py)
 
 and reports decode tokens/s, time per output token, time to first token of a --prompt-len prompt, bytes
 moved per token, hit rate, prefetch accuracy, wait time, and the physical bound: tokens/s were every
@@ -80,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="error-bound policy of (c) and (d): a YAML/JSON file or text (default: szp, 0.1 x mean|w|)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prefetch-depth", type=int, default=None,
+                        help="(d): MoE layers to predict ahead (default: as many as the cache has room for)")
     parser.add_argument("--out", default=None, help="results file (default: bench/results/<device>.json)")
     return parser.parse_args(argv)
 
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_bytes_per_s": bandwidth,
         "bandwidth_kind": bandwidth_kind(device),
         "policy": policy.to_yaml(),
+        "prefetch_depth": args.prefetch_depth,  # None: automatic
         "workloads": [],
     }
     started = time.perf_counter()
@@ -163,7 +167,8 @@ def run_workload(workload, args, budgets, batches, policy, device, bandwidth) ->
           f"hidden {c.hidden_size}, expert width {c.moe_intermediate_size}, {c.dtype}; experts "
           f"{workload.num_experts_total * workload.expert_nbytes / GiB:.2f} GiB; prompt {prompt_len}, "
           f"{args.new_tokens} new tokens", flush=True)
-    run = WorkloadRun(workload, budgets, batches, prompt_len, args.new_tokens, device, bandwidth, args.seed)
+    run = WorkloadRun(workload, budgets, batches, prompt_len, args.new_tokens, device, bandwidth, args.seed,
+                      args.prefetch_depth)
     return run.run(policy)
 
 

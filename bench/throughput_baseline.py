@@ -28,7 +28,7 @@ from moeserve.offload.stats import OffloadStats
 
 
 class NaiveOffloadProvider:
-    wants_predictions = False  # loads happen only when a layer asks
+    prediction_depth = 0  # loads happen only when a layer asks
 
     def __init__(self, host: dict[ExpertKey, torch.Tensor], pool: SlotPool):
         self.host = host  # (layer, expert) → [N] in the stored dtype, host memory

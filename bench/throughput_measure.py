@@ -124,6 +124,7 @@ def row(config: str, budget: str, m: Measurement, bandwidth: float) -> dict:
         "copy_ms_per_token": 0.0,
         "compute_wait_ms_per_token": 0.0,
         "prefetch_wasted_bytes_per_token": 0.0,
+        "prefetch_by_distance": {},  # MoE layers ahead → [guesses issued, guesses used]
         "bound_tokens_per_s": None,
         "fraction_of_bound": None,
     }
@@ -139,6 +140,9 @@ def row(config: str, budget: str, m: Measurement, bandwidth: float) -> dict:
             copy_ms_per_token=1000 * s.copy_seconds / tokens,
             compute_wait_ms_per_token=1000 * s.compute_wait_seconds / tokens,
             prefetch_wasted_bytes_per_token=s.prefetch_bytes_wasted / tokens,
+            prefetch_by_distance={
+                d: [issued, s.prefetches_used_at.get(d, 0)] for d, issued in sorted(s.prefetches_issued_at.items())
+            },
         )
         needed = s.needed_bytes / tokens
         if needed:

@@ -2,7 +2,8 @@
 
 In:  the dict that bench/throughput.py writes to bench/results/<device>.json.
 Out: text: one table row per (workload, batch, configuration, budget), and per workload the ratios the
-     issue asks about at a 25% budget: (d) against (b), (d) against its physical bound, wait against decode.
+     issue asks about at a 25% budget: (d) against (b), (d) against its physical bound, wait against decode,
+     and (d)'s guesses per distance (how many MoE layers ahead) with the share of them used.
 """
 
 from __future__ import annotations
@@ -81,6 +82,15 @@ def print_checks(results: dict, budget: str = "25%") -> None:
                   f"{r['copy_ms_per_token'] * r['batch']:.2f} ms, decoding {r['decode_ms_per_token'] * r['batch']:.2f} ms, "
                   f"compute stalled on decodes {r['compute_wait_ms_per_token'] * r['batch']:.2f} ms, "
                   f"wrong guesses {r['prefetch_wasted_bytes_per_token'] * r['batch'] / 2**20:.2f} MiB")
+    print(f"\nGuesses by distance in MoE layers at a {budget} budget, (d) (used / issued; depth "
+          f"{results.get('prefetch_depth') or 'automatic'}):")
+    for workload in results["workloads"]:
+        for r in workload["rows"]:
+            if r["config"] == "d +prefetch" and r["budget"] == budget:
+                by_distance = r["prefetch_by_distance"].items()
+                print(f"  {workload['name']} batch {r['batch']}: " + (", ".join(
+                    f"{d} ahead {used}/{issued} ({_pct(used / issued)})" for d, (issued, used) in by_distance
+                ) or "no guesses"))
     for workload in results["workloads"]:
         for reason in workload["skipped"]:
             print(f"  {workload['name']}: skipped {reason}")

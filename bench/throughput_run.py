@@ -38,11 +38,12 @@ DEVICE_HEADROOM = 4 * GiB
 class WorkloadRun:
     def __init__(
         self, workload: Workload, budgets: list[str], batches: list[int], prompt_len: int, new_tokens: int,
-        device: torch.device, bandwidth: float, seed: int,
+        device: torch.device, bandwidth: float, seed: int, prefetch_depth: int | None = None,
     ):
         self.workload, self.config = workload, workload.config
         self.budgets, self.batches, self.new_tokens = budgets, batches, new_tokens
         self.device, self.bandwidth, self.seed = device, bandwidth, seed
+        self.prefetch_depth = prefetch_depth  # (d)'s; None: automatic
         self.total_bytes = workload.num_experts_total * workload.expert_nbytes
         # One engine (model + KV cache) for every configuration: each request names its expert provider,
         # so there is no default one. One step prefills every prompt of the largest batch.
@@ -148,7 +149,8 @@ class WorkloadRun:
               f"built in {self.info['store_build_s']:.1f} s)", flush=True)
         for budget in self.usable:
             for name, prefetch in (("c compressed", False), ("d +prefetch", True)):
-                options = OffloadOptions(expert_cache=budget, prefetch=prefetch)
+                depth = self.prefetch_depth if prefetch else None
+                options = OffloadOptions(expert_cache=budget, prefetch=prefetch, prefetch_depth=depth)
                 provider, _ = provider_for_store(store, c, options, self.device, timeline=True)
                 self.measure(name, budget, provider, provider.stats)
                 provider.close()

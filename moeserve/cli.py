@@ -36,6 +36,16 @@ def _add_model_options(parser: argparse.ArgumentParser, policy_variants: bool = 
     parser.add_argument("--eviction", default="lru", choices=["lru", "lfu"])
     parser.add_argument("--no-prefetch", action="store_true", help="load experts only when a layer asks for them")
     parser.add_argument("--enforce-eager", action="store_true", help="GPU: run decode steps eagerly, never from CUDA graphs")
+    parser.add_argument(
+        "--prefetch-depth", type=_prefetch_depth, default=None, metavar="N",
+        help="MoE layers ahead to predict and load experts for (default: as many as the expert cache has room for)",
+    )
+
+
+def _prefetch_depth(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of MoE layers; give e.g. 2")
+    return int(value)
 
 
 def _load_llm(args: argparse.Namespace, **overrides):
@@ -52,6 +62,7 @@ def _load_llm(args: argparse.Namespace, **overrides):
         eviction=args.eviction,
         prefetch=not args.no_prefetch,
         enforce_eager=args.enforce_eager,
+        prefetch_depth=args.prefetch_depth,
     )
     return LLM(**{**options, **overrides})
 

@@ -1,7 +1,7 @@
 """The one narrow interface through which MoE blocks get their expert weights.
 
 In:  (layer id, sorted expert ids) from the MoE block of that layer, once per forward step;
-     optionally a prediction of the next MoE layer's experts, made while this one computes.
+     optionally predictions of the next MoE layers' experts, made while this one computes.
 Out: the experts' gate / up / down matrices on the compute device, in the compute dtype, one
      expert at a time (so a provider with fewer cache slots than requested experts still works).
 
@@ -121,8 +121,9 @@ def stack_experts(
 
 
 class ExpertProvider(Protocol):
-    # True: the model calls `prefetch` with its guess of the next MoE layer's experts.
-    wants_predictions: bool
+    # How many MoE layers ahead the model predicts: after each layer's attention it calls `prefetch`
+    # with its guess for each of the next `prediction_depth` MoE layers. 0: no predictions.
+    prediction_depth: int
 
     def fetch(self, layer: int, experts: Sequence[int]) -> Iterable[tuple[int, ExpertWeights]]:
         """Yield each of `experts` (ascending ids) of MoE layer `layer` once, in any order; the
@@ -144,7 +145,7 @@ class DenseExpertProvider:
     A layer is held as a list of experts (a memory-mapped checkpoint stays mapped) or stacked; a
     stacked layer's experts are views of its rows, so it is held once."""
 
-    wants_predictions = False
+    prediction_depth = 0
 
     def __init__(self, experts: dict[int, list[ExpertWeights]], stacked: dict[int, StackedExperts] | None = None):
         self._experts = experts  # layer id → experts in id order

@@ -39,7 +39,8 @@ class LLM:
         compressed in host memory and decoded into a bounded cache. None = lossless (`codec: raw`)
         when offloading, or no offloading at all when `expert_cache` is None too.
     expert_cache: decoded-expert budget: "25%" of all experts, "512MiB", or bytes; None = all.
-    eviction: "lru" or "lfu". prefetch: predict and load the next layer's experts ahead of time.
+    eviction: "lru" or "lfu". prefetch: predict and load the next layers' experts ahead of time.
+    prefetch_depth: MoE layers ahead to predict; None = as many as the expert cache has room for.
     decode_workers: CPU threads decoding experts; None = one per 8 cores, at least two.
     enforce_eager: never replay decode steps from CUDA graphs (engine/decode_graphs.py); GPU only.
     """
@@ -59,6 +60,7 @@ class LLM:
         eviction: str = "lru",
         prefetch: bool = True,
         decode_workers: int | None = None,
+        prefetch_depth: int | None = None,
         enforce_eager: bool = False,
         progress: bool = True,
     ):
@@ -74,7 +76,7 @@ class LLM:
             if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
                 raise ModelLoadError(f"max_model_len must be an integer in 2..{context} for this model, got {max_model_len!r}.")
             context = max_model_len
-        self.offload_options = OffloadOptions(policy, expert_cache, eviction, prefetch, decode_workers)
+        self.offload_options = OffloadOptions(policy, expert_cache, eviction, prefetch, decode_workers, prefetch_depth)
         self.offload: OffloadRuntime | None = None
         self.experts: ExpertProvider | None  # the default provider; None once handed over
         if self.offload_options.offloads(is_compressed_dir(self.model_dir)):

@@ -7,6 +7,11 @@ place on A's stream: what CUDA guarantees, and nothing more. Every operation dec
 reads and writes; two that touch the same bytes, one of them writing, with neither ordered before the
 other, are a race (`races`). Operations run at once on the CPU, in the order the host queues them, so
 results can also be compared with a reference.
+
+By default every queued operation counts as finished at once (`query` is true once an event is
+recorded). With `lagging=True` the device runs behind the host: an event is done only once the test
+calls `finish()` (the device catches up) or the host synchronizes on it, so `link_idle` and
+`DevicePending.done` see work still in flight.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ class FakeStream:
 
     def synchronize(self) -> None:
         self.owner.host_waits += 1
+        self.owner.finished[self.id] = self.clock.get(self.id, 0)
 
 
 @dataclass(eq=False)
@@ -55,7 +61,10 @@ def byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 
 class FakeStreams:
-    def __init__(self, compute_name: str = "compute"):
+    def __init__(self, compute_name: str = "compute", lagging: bool = False):
+        self.lagging = lagging
+        self.finished: dict[int, int] = {}  # per stream id, how many of its operations the device has finished
+        self.streams: list[FakeStream] = []
         self.compute = self.new_stream(compute_name)
         self.accesses: list[Access] = []
         self.races: list[str] = []
@@ -65,7 +74,9 @@ class FakeStreams:
 
     # the Streams interface of moeserve/offload/streams.py
     def new_stream(self, name: str = "side") -> FakeStream:
-        return FakeStream(name=name, owner=self)
+        stream = FakeStream(name=name, owner=self)
+        self.streams.append(stream)
+        return stream
 
     def new_event(self, timing: bool = False) -> FakeEvent:
         return FakeEvent(timing)
@@ -83,10 +94,24 @@ class FakeStreams:
             stream.clock[key] = max(stream.clock.get(key, 0), value)
 
     def query(self, event: FakeEvent) -> bool:
-        return event.clock is not None
+        if event.clock is None:
+            return False
+        return not self.lagging or all(self.finished.get(key, 0) >= value for key, value in event.clock.items())
 
     def synchronize(self, event: FakeEvent) -> None:
         self.host_waits += 1
+        for key, value in event.clock.items():
+            self.finished[key] = max(self.finished.get(key, 0), value)
+
+    # what the device does on its own
+    def finish(self) -> None:
+        """The device catches up: every operation queued so far has finished."""
+        for stream in self.streams:
+            self.finished[stream.id] = stream.clock.get(stream.id, 0)
+
+    def idle(self, stream: FakeStream) -> bool:
+        """Whether every operation queued on `stream` has finished."""
+        return not self.lagging or self.finished.get(stream.id, 0) >= stream.clock.get(stream.id, 0)
 
     def elapsed_seconds(self, start: FakeEvent, end: FakeEvent) -> float:
         return end.time - start.time

@@ -51,11 +51,25 @@ def test_expert_cache_out_of_range(capsys, checkpoint_factory, budget):
     assert "expert cache size" in line
 
 
+@pytest.mark.parametrize("depth", ["0", "-2", "two"])
+def test_prefetch_depth_must_be_a_positive_number(capsys, checkpoint_factory, depth):
+    directory, _ = checkpoint_factory("qwen3_moe", tokenizer=True)
+    line = one_error_line(capsys, ["generate", "--model", str(directory), "--prefetch-depth", depth, "hello"])
+    assert "--prefetch-depth" in line and "positive number of MoE layers" in line
+
+
+def test_prefetch_depth_without_prefetch(capsys, checkpoint_factory):
+    directory, _ = checkpoint_factory("qwen3_moe", tokenizer=True)
+    argv = ["generate", "--model", str(directory), "--no-prefetch", "--prefetch-depth", "2", "hello"]
+    assert "prefetch turned off" in one_error_line(capsys, argv)
+
+
 def test_policy_show_takes_only_the_options_it_uses(capsys, checkpoint_factory, tmp_path):
     directory, _ = checkpoint_factory("qwen3_moe", tokenizer=True)
     policy = tmp_path / "policy.yaml"
     policy.write_text("default: {codec: szp, mode: rel, error_bound: 1.0e-2}\nrules:\n  - {layers: '1', codec: raw}\n")
-    for option in (["--expert-cache", "bogus"], ["--policy", str(policy)], ["--eviction", "lfu"], ["--no-prefetch"]):
+    for option in (["--expert-cache", "bogus"], ["--policy", str(policy)], ["--eviction", "lfu"], ["--no-prefetch"],
+                   ["--prefetch-depth", "2"]):
         one_error_line(capsys, ["policy", "show", "--model", str(directory), *option, str(policy)])
     assert main(["policy", "show", "--model", str(directory), str(policy)]) == 0
     table = capsys.readouterr().out.splitlines()

@@ -41,13 +41,15 @@ def store() -> CompressedStore:
     return CompressedStore.build(stored(), resolved, policy.to_yaml(), LAYERS * EXPERTS, progress=False)
 
 
-def _pipeline(store, slots: int, prefetch: bool = True):
-    streams = FakeStreams()
+def _pipeline(store, slots: int, prefetch: bool = True, depth: int | None = None, streams=None):
+    streams = FakeStreams() if streams is None else streams
     stats = OffloadStats()
     pool = SlotPool(slots, D, I, torch.float32, torch.device("cpu"))
     max_packed = max(p.nbytes for p in store.experts.values())
     filler = GpuSlotFiller(pool, stats, max_packed, streams, staging_experts=2, timeline=True)
-    provider = OffloadedExpertProvider(store, pool, ExpertCache(slots), filler, stats, prefetch=prefetch)
+    provider = OffloadedExpertProvider(
+        store, pool, ExpertCache(slots), filler, stats, TOP_K, prefetch=prefetch, prefetch_depth=depth
+    )
     return streams, provider
 
 
@@ -55,16 +57,19 @@ def _reference(store, layer: int, expert: int) -> list[torch.Tensor]:
     return [decode(blob) for blob in store.experts[(layer, expert)].blobs]
 
 
-def _run_steps(streams: FakeStreams, provider, store, steps: int, batch_experts: int, seed: int = 0) -> None:
+def _run_steps(
+    streams: FakeStreams, provider, store, steps: int, batch_experts: int, seed: int = 0, after_compute=None
+) -> None:
     """A model's decode loop: each step fetches every layer's routed experts, computes with each (a read
-    of its slot on the compute stream) and guesses the next layer's experts."""
+    of its slot on the compute stream) and guesses the experts of the next `prediction_depth` layers.
+    `after_compute()`, if given, runs after each expert's compute (e.g. to let a lagging device catch up)."""
     rng = random.Random(seed)
     routing = [[sorted(rng.sample(range(EXPERTS), batch_experts)) for _ in range(LAYERS)] for _ in range(steps)]
     for step, layers in enumerate(routing):
         for layer, experts in enumerate(layers):
-            if provider.wants_predictions and layer + 1 < LAYERS:
-                guess = layers[layer + 1] if rng.random() < 0.5 else sorted(rng.sample(range(EXPERTS), batch_experts))
-                provider.prefetch(layer + 1, guess)
+            for upcoming in range(layer + 1, min(LAYERS, layer + 1 + provider.prediction_depth)):
+                right = rng.random() < 0.5
+                provider.prefetch(upcoming, layers[upcoming] if right else sorted(rng.sample(range(EXPERTS), batch_experts)))
             seen = []
             for expert, weights in provider.fetch(layer, experts):
                 tensors = [weights.gate, weights.up, weights.down]
@@ -72,6 +77,8 @@ def _run_steps(streams: FakeStreams, provider, store, steps: int, batch_experts:
                 for got, want in zip(tensors, _reference(store, layer, expert)):
                     assert torch.equal(got, want), (step, layer, expert)
                 seen.append(expert)
+                if after_compute is not None:
+                    after_compute()
             assert sorted(seen) == experts
 
 
@@ -118,6 +125,48 @@ def test_guesses_wait_for_an_idle_link_and_take_only_free_or_stale_slots(store):
     list(provider.fetch(0, [0, 1]))
     assert provider.stats.prefetches_issued == 2
     assert {key for key in provider.cache.entries} == {(0, 0), (0, 1), (1, 2), (1, 3)}
+
+
+def _guesses_on_a_busy_link(store, link_idle=None) -> tuple[int, int, int]:
+    """Two layers of guesses ahead on a device that runs behind the host and catches up after about a
+    third of the experts computed. Returns the guesses started, how many of them started while a copy was still in
+    flight, and how many were for the layer after next."""
+    streams = FakeStreams(lagging=True)
+    _, provider = _pipeline(store, 12, depth=2, streams=streams)
+    filler = provider.filler
+    if link_idle is not None:
+        filler.link_idle = link_idle
+    started = {"guesses": 0, "on_busy_link": 0}
+    start = filler.start
+
+    def watched_start(packed, slot, urgent):
+        if not urgent:
+            started["guesses"] += 1
+            started["on_busy_link"] += not streams.idle(filler.copy_stream)
+        return start(packed, slot, urgent)
+
+    filler.start = watched_start
+    catch_up = random.Random(1)
+
+    def device_may_catch_up():
+        if catch_up.random() < 0.3:
+            streams.finish()
+
+    _run_steps(streams, provider, store, steps=8, batch_experts=TOP_K, after_compute=device_may_catch_up)
+    assert streams.races == []
+    return started["guesses"], started["on_busy_link"], provider.stats.prefetches_issued_at.get(2, 0)
+
+
+def test_no_guess_starts_while_the_link_is_busy(store):
+    guesses, on_busy_link, two_ahead = _guesses_on_a_busy_link(store)
+    assert guesses > 0 and two_ahead > 0
+    assert on_busy_link == 0
+
+
+def test_the_checker_sees_a_guess_on_a_busy_link(store):
+    # A provider that ignored the link's state would start guesses behind demand copies.
+    _, on_busy_link, _ = _guesses_on_a_busy_link(store, link_idle=lambda: True)
+    assert on_busy_link > 0
 
 
 def test_wasted_guesses_are_counted(store):
@@ -176,13 +225,14 @@ def test_pinned_arena_is_page_locked_and_exact_size():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("budget", ["10%", "25%", "50%"])
-def test_offloaded_generation_on_cuda_equals_resident(checkpoint_factory, budget):
+@pytest.mark.parametrize("budget,depth", [("10%", None), ("25%", None), ("50%", None), ("50%", 3)])
+def test_offloaded_generation_on_cuda_equals_resident(checkpoint_factory, budget, depth):
     from moeserve import LLM, SamplingParams
 
     directory, _ = checkpoint_factory("qwen3_moe", num_hidden_layers=4, num_experts=8, seed=3)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     prompts = [[5, 6, 7], list(range(30, 50))]
     resident = [o.token_ids for o in LLM(directory, device="cuda").generate(prompts, params)]
-    raw = LLM(directory, device="cuda", policy={"default": {"codec": "raw"}}, expert_cache=budget, progress=False)
+    raw = LLM(directory, device="cuda", policy={"default": {"codec": "raw"}}, expert_cache=budget,
+              prefetch_depth=depth, progress=False)
     assert [o.token_ids for o in raw.generate(prompts, params)] == resident

@@ -275,12 +275,12 @@ def test_experts_their_layer_skipped_are_evicted_first(checkpoint):
 def test_predictions_stop_once_every_expert_is_cached(checkpoint):
     llm = LLM(checkpoint, device="cpu", policy=LOSSY, expert_cache="100%", progress=False)
     provider = llm.offload.provider
-    assert provider.wants_predictions
+    assert provider.prediction_depth > 0
     llm.generate(PROMPTS, GREEDY)
     for layer, expert in list(provider.store.experts):
         list(provider.fetch(layer, [expert]))
-    assert not provider.wants_predictions
-    assert not LLM(checkpoint, device="cpu", policy=LOSSY, prefetch=False, progress=False).offload.provider.wants_predictions
+    assert provider.prediction_depth == 0
+    assert LLM(checkpoint, device="cpu", policy=LOSSY, prefetch=False, progress=False).offload.provider.prediction_depth == 0
 
 
 def test_decode_workers_get_their_cores_from_torch(monkeypatch):

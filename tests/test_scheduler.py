@@ -15,7 +15,7 @@ from moeserve.engine.sequence import Sequence, SequenceStatus
 class Provider:
     """Stands in for an expert provider: the scheduler only groups by it."""
 
-    wants_predictions = False
+    prediction_depth = 0
 
     def __init__(self, name: str):
         self.name = name

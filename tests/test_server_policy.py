@@ -177,7 +177,7 @@ class RecordingProvider:
 
     def __init__(self, inner, log: list, name: str):
         self.inner, self.log, self.name = inner, log, name
-        self.wants_predictions = False
+        self.prediction_depth = 0
 
     def fetch(self, layer, experts):
         self.log.append(self.name)

@@ -59,7 +59,7 @@ class DecodeGraphs:
             len(seqs) <= BATCH_BUCKETS[-1]
             and len(seqs) == self.cache.num_rows
             and all(seq.kv_row == row for row, seq in enumerate(seqs))
-            and not experts.wants_predictions
+            and experts.prediction_depth == 0
             and all(experts.stacked(layer) is not None for layer in self.model.config.moe_layer_ids)
         )
 

@@ -77,8 +77,8 @@ class MoeCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rope)
         moe_ids = config.moe_layer_ids
-        # layer id → the next MoE layer after it (whose experts are worth prefetching), or None
-        self.next_moe_layer = {i: next((m for m in moe_ids if m > i), None) for i in range(config.num_layers)}
+        # layer id → the MoE layers after it, nearest first (whose experts are worth prefetching)
+        self.later_moe_layers = {i: [m for m in moe_ids if m > i] for i in range(config.num_layers)}
 
     @classmethod
     def expert_tensor_names(cls, layer: int, expert: int) -> tuple[str, str, str]:
@@ -118,9 +118,8 @@ class MoeCausalLM(nn.Module):
         layers = self.model.layers
         for i, layer in enumerate(layers):
             x = layer.attend(x, rope, ctx)
-            upcoming = self.next_moe_layer[i]
-            if experts.wants_predictions and upcoming is not None:
-                # While this layer's experts compute, the next MoE layer's router on the current
+            for upcoming in self.later_moe_layers[i][: experts.prediction_depth]:
+                # While this layer's experts compute, each upcoming MoE layer's router on the current
                 # hidden states names the experts worth loading ahead of time.
                 experts.prefetch(upcoming, layers[upcoming].predict_experts(x))
             x = layer.feed_forward(x, experts)

@@ -33,6 +33,7 @@ class SlotEntry:
     prefetched: bool  # loaded on a prediction, not yet consumed
     pins: int = 0
     pass_used: int = 0  # the pass of its layer (a count of that layer's fetches) that last used or wants it
+    distance: int = 0  # a guess's: MoE layers from the fetch that issued it forward to its own layer
 
 
 class LruEviction:

@@ -26,8 +26,10 @@ class OffloadOptions:
     policy: str | Path | dict | None = None
     expert_cache: str | int | None = None  # decoded-expert budget: "25%", "512MiB" or bytes; None = all
     eviction: str = "lru"  # "lru" or "lfu"
-    prefetch: bool = True  # predict and load the next MoE layer's experts ahead of time
+    prefetch: bool = True  # predict and load the next MoE layers' experts ahead of time
     decode_workers: int | None = None  # CPU decode threads; None: default_decode_workers()
+    # MoE layers ahead to predict; None: as many as the cache has room for (offload/lookahead.py)
+    prefetch_depth: int | None = None
 
     def __post_init__(self):
         if self.eviction not in EVICTION_POLICIES:
@@ -37,6 +39,14 @@ class OffloadOptions:
         workers = self.decode_workers
         if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
             raise OffloadError(f"decode_workers must be a positive integer, got {workers!r}.")
+        depth = self.prefetch_depth
+        if depth is not None and (not isinstance(depth, int) or isinstance(depth, bool) or depth < 1):
+            raise OffloadError(
+                f"prefetch depth must be a positive number of MoE layers to predict ahead, got {depth!r}; "
+                "leave it out to let the cache size choose."
+            )
+        if depth is not None and not self.prefetch:
+            raise OffloadError("a prefetch depth is given with prefetch turned off; drop one of the two.")
 
     @property
     def workers(self) -> int:

@@ -1,14 +1,18 @@
 """`OffloadedExpertProvider`: the expert provider backed by the compressed store and the cache.
 
-In:  fetch(layer, experts) from a MoE block; prefetch(layer, predicted) from the model.
+In:  fetch(layer, experts) from a MoE block; prefetch(layer, predicted) from the model, for each of
+     the next `prediction_depth` MoE layers.
 Out: decoded experts from cache slots, one at a time: hits first, then misses. Every miss starts
      loading at once (as far as free slots allow), ahead of any prefetch, so demand loads never
      queue behind guesses and decoding the next overlaps computing the current.
 
-Prefetch hints are held until the next fetch has pinned that layer's resident experts and started
-its own misses, so a guess about layer l+1 can never evict what layer l is about to use. Slots are
-taken from the layers whose turn comes last in the cycle of MoE layers (the eviction policy picks
-within a layer), so neither a miss nor a guess evicts what the next layers are about to reuse.
+Prefetch hints (one per predicted layer; a newer one for a layer replaces the older) are held until
+the next fetch has pinned that layer's resident experts and started its own misses, so a guess can
+never evict what the current layer is about to use. They are then issued nearest layer first. Slots
+are taken from the layers whose turn comes last in the cycle of MoE layers (the eviction policy picks
+within a layer), so neither a miss nor a guess evicts what the next layers are about to reuse. A guess
+never evicts another pending guess; a guess more than one layer ahead takes only a free or stale slot
+on every device, so the deeper guesses live in the spare the depth rule (lookahead.py) counts on.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from moeserve.experts import ExpertWeights, keeps_gate_up_apart
 from moeserve.offload.cache import ExpertCache, ExpertKey, SlotEntry, SlotPool
+from moeserve.offload.lookahead import automatic_prediction_depth
 from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import CompressedStore
 
@@ -33,7 +38,9 @@ class OffloadedExpertProvider:
         cache: ExpertCache,
         filler,
         stats: OffloadStats,
+        top_k: int,
         prefetch: bool = True,
+        prefetch_depth: int | None = None,
     ):
         self.store, self.pool, self.cache, self.filler, self.stats = store, pool, cache, filler, stats
         # Per expert, the layout of gate and up the resident model would load it in (see keeps_gate_up_apart).
@@ -44,8 +51,12 @@ class OffloadedExpertProvider:
             )
             for key, packed in store.experts.items()
         }
-        self._prefetch = prefetch
-        self._hint: tuple[int, Sequence[int]] | None = None
+        self._prefetch, self._forced_depth = prefetch, prefetch_depth  # None: automatic_prediction_depth
+        # Per MoE layer, its latest prediction not yet fully issued, and the prediction's distance (MoE
+        # layers from the first fetch after it to the predicted layer; None until that fetch).
+        self._hints: dict[int, tuple[Sequence[int], int | None]] = {}
+        # Per MoE layer, the guesses issued for its next pass that are still loaded and not yet consumed.
+        self._pending: dict[int, set[ExpertKey]] = {}
         # Where a slot comes from: first an expert that its layer did not use on its latest pass (the
         # eviction policy's order across layers); with room for more than one step's experts, those are
         # the least likely to be reused. Then layer l's own experts unused this step (not needed before
@@ -57,21 +68,38 @@ class OffloadedExpertProvider:
         self._give_up_order = {
             layer: [cycle[(i - back) % len(cycle)] for back in range(len(cycle))] for i, layer in enumerate(cycle)
         }
+        self._cycle_index = {layer: i for i, layer in enumerate(cycle)}
+        self._current = cycle[0]  # the MoE layer fetched last
+        self._experts_per_layer = len(store.experts) // len(cycle)
+        self._width = top_k  # experts the latest fetch asked for (its routing width), at least top_k
+        self._top_k = top_k
 
     @property
-    def wants_predictions(self) -> bool:
-        """Whether the model should predict the next layer's experts: not once every expert is cached."""
-        return self._prefetch and len(self.cache) < len(self.store.experts)
+    def prediction_depth(self) -> int:
+        """How many MoE layers ahead the model should predict: 0 without prefetch or once every expert is
+        cached; the forced depth where one is given; else the rule of `automatic_prediction_depth`."""
+        if not self._prefetch or len(self.cache) >= len(self.store.experts):
+            return 0
+        if self._forced_depth is not None:
+            return self._forced_depth
+        return automatic_prediction_depth(
+            self.pool.num_slots, len(self._passes), self._experts_per_layer, self._width
+        )
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
-        self._hint = (layer, experts)
+        self._hints[layer] = (experts, None)  # replaces an older prediction for the layer
 
     def stacked(self, layer: int) -> None:
         """Never: which experts a layer needs must reach the host, to be loaded."""
         return None
 
     def fetch(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        self._current = layer
+        self._hints.pop(layer, None)  # the layer asks for its experts itself now
         self._passes[layer] += 1
+        self._width = max(self._top_k, len(experts))
+        # The layer's guesses it does not ask for were wrong: their slots are the first to give back.
+        self._drop_guesses(layer, keep={(layer, expert) for expert in experts})
         resident: list[SlotEntry] = []
         missing: deque[ExpertKey] = deque()
         for expert in experts:
@@ -85,13 +113,14 @@ class OffloadedExpertProvider:
         self.stats.misses += len(missing)
         in_flight: deque[SlotEntry] = deque()
         held = resident + self._start_misses(missing, in_flight)  # pinned by this fetch, not yet released
-        self._issue_hint()
+        self._issue_hints(missing)
         # Ready experts first: computing them hides the loads still in flight.
         resident.sort(key=lambda entry: not entry.ready.done())
         try:
             for entry in resident:
                 yield self._use(entry)
                 self._release(entry, held)
+                self._issue_hints(missing)
             while missing or in_flight:
                 if not in_flight:
                     # Every slot was held by this layer's residents or by prefetches still filling;
@@ -104,6 +133,7 @@ class OffloadedExpertProvider:
                 yield self._use(entry)
                 self._release(entry, held)
                 held += self._start_misses(missing, in_flight)
+                self._issue_hints(missing)
         finally:
             # A consumer that stops early (an exception in compute) must not leave slots pinned.
             for entry in held:
@@ -127,6 +157,7 @@ class OffloadedExpertProvider:
         if entry.prefetched:
             entry.prefetched = False
             self.stats.prefetches_used += 1
+            self.stats.prefetches_used_at[entry.distance] = self.stats.prefetches_used_at.get(entry.distance, 0) + 1
             self.stats.prefetch_used_bytes += self.store.experts[entry.key].nbytes
         return entry.key[1], self.pool.weights(entry.slot, self._gate_up_apart[entry.key])
 
@@ -148,36 +179,71 @@ class OffloadedExpertProvider:
             if not entry.ready.done():
                 entry.ready.synchronize()
 
-    def _issue_hint(self) -> None:
-        if self._hint is None:
-            return
-        layer, experts = self._hint
-        self._hint = None
-        guessed = {(layer, expert) for expert in experts}
-        for key in sorted(guessed):
-            if self.cache.get(key) is not None:
-                continue
-            # A guess must not delay a demand load: on a GPU it goes only onto an idle link (see _start
-            # for the slots it may take).
-            if not self.filler.link_idle():
-                return
-            if self._start(key, prefetched=True, keep=guessed) is None:
-                return  # no free or stale slot: the real routing will load what is missing
-            self.stats.prefetches_issued += 1
-            self.stats.prefetch_bytes += self.store.experts[key].nbytes
+    def _issue_hints(self, missing: deque[ExpertKey]) -> None:
+        """Issue the held predictions, nearest MoE layer first. Called once the current fetch has started
+        its misses and again after each expert it hands out: a guess held back by a busy link goes when
+        the link is idle again, during this fetch or the next."""
+        if missing or not self._hints:
+            return  # while a miss of the current layer waits for a slot, no guess may take one first
+        for target in sorted(self._hints, key=lambda layer: self._distance(self._current, layer)):
+            experts, distance = self._hints[target]
+            if distance is None:
+                distance = self._distance(self._current, target)
+                self._hints[target] = (experts, distance)
+            guessed = {(target, expert) for expert in experts}
+            # a newer prediction replaces the older one's guesses
+            pending = self._pending[target] = self._drop_guesses(target, keep=guessed)
+            for key in sorted(guessed):
+                if self.cache.get(key) is not None:
+                    continue
+                # A guess must not delay a demand load: on a GPU it goes only onto an idle link (see _start
+                # for the slots it may take).
+                if not self.filler.link_idle():
+                    return
+                keep = guessed.union(*self._pending.values())
+                if self._start(key, prefetched=True, keep=keep, distance=distance) is None:
+                    self._hints.clear()  # no free or stale slot: the real routing will load what is missing
+                    return
+                pending.add(key)
+                self.stats.prefetches_issued += 1
+                self.stats.prefetches_issued_at[distance] = self.stats.prefetches_issued_at.get(distance, 0) + 1
+                self.stats.prefetch_bytes += self.store.experts[key].nbytes
+            del self._hints[target]
 
-    def _start(self, key: ExpertKey, prefetched: bool, keep=()) -> SlotEntry | None:
-        # A miss may take any layer's slot, in give-up order. A guess too where the filler says guesses
-        # may evict (CPU: demand decodes jump the queue; on the prefetch test's qwen3_moe checkpoint,
-        # sz3 at a 50% cache, this cut misses from 27 to 19 in 24 tokens). On a GPU a wrong guess that
-        # evicts an expert another layer reuses costs a demand load over the link, so there a guess
-        # takes only a free or stale slot.
-        may_evict = not prefetched or self.filler.guesses_evict
+    def _drop_guesses(self, layer: int, keep: set[ExpertKey]) -> set[ExpertKey]:
+        """Forget `layer`'s pending guesses outside `keep`: they turn stale, the first slots to give back.
+        Returns the pending guesses in `keep`."""
+        pending = self._pending.pop(layer, set())
+        for key in pending - keep:
+            entry = self.cache.get(key)
+            if entry is not None and entry.prefetched:
+                entry.pass_used = self._passes[layer] - 1
+        return pending & keep
+
+    def _distance(self, layer: int, target: int) -> int:
+        """MoE layers from `layer` forward to `target` in the cycle: 1 for the next, up to a full cycle."""
+        cycle = len(self._cycle_index)
+        return (self._cycle_index[target] - self._cycle_index[layer] - 1) % cycle + 1
+
+    def _start(self, key: ExpertKey, prefetched: bool, keep=(), distance: int = 0) -> SlotEntry | None:
+        # A miss may take any layer's slot, in give-up order. The next layer's guess too where the filler
+        # says guesses may evict (CPU: demand decodes jump the queue; on the prefetch test's qwen3_moe
+        # checkpoint, sz3 at a 50% cache, this cut misses from 27 to 19 in 24 tokens). On a GPU a wrong
+        # guess that evicts an expert another layer reuses costs a demand load over the link, so there a
+        # guess takes only a free or stale slot; so does a deeper guess everywhere: its slot is held
+        # while the nearer layers' demand loads run, and the depth rule gives it only the spare.
+        may_evict = not prefetched or (self.filler.guesses_evict and distance == 1)
         layer_order = self._give_up_order[key[0]] if may_evict else ()
-        entry = self.cache.claim(key, prefetched, layer_order, keep, self._is_stale, self._evicted)
+        stale = self._is_stale
+        if distance > 1:
+            # Nor does it take a stale slot of a layer that runs before its own: that layer may reuse it.
+            sooner = {self._give_up_order[key[0]][back] for back in range(1, distance)}
+            stale = lambda entry: entry.key[0] not in sooner and self._is_stale(entry)  # noqa: E731
+        entry = self.cache.claim(key, prefetched, layer_order, keep, stale, self._evicted)
         if entry is not None:
             # a guess is for its layer's next pass; a miss is for the pass running now
             entry.pass_used = self._passes[key[0]] + (1 if prefetched else 0)
+            entry.distance = distance
             packed = self.store.experts[key]
             entry.ready = self.filler.start(packed, entry.slot, urgent=not prefetched)
             if not prefetched:
@@ -185,6 +251,7 @@ class OffloadedExpertProvider:
         return entry
 
     def _evicted(self, entry: SlotEntry) -> None:
+        self._pending.get(entry.key[0], set()).discard(entry.key)
         if entry.prefetched:  # a guess no fetch consumed
             self.stats.prefetch_bytes_wasted += self.store.experts[entry.key].nbytes
 

@@ -1,7 +1,8 @@
 """Assembles the offloading runtime for one loaded model: store, slot pool, cache, filler, provider.
 
 In:  the loaded model (its stored experts, or a compressed store written by `moeserve compress`), its
-     compute device, and `OffloadOptions` (policy, cache budget, eviction, prefetch, decode workers).
+     compute device, and `OffloadOptions` (policy, cache budget, eviction, prefetch and its depth,
+     decode workers).
 Out: an `OffloadedExpertProvider` for the model, plus the resolved policy and store for reporting.
 
 Compressed stores are cached on disk under $MOESERVE_CACHE_DIR (default ~/.cache/moeserve),
@@ -171,7 +172,10 @@ def provider_for_store(
     else:
         filler = CpuSlotFiller(pool, stats, options.workers)
     cache = ExpertCache(num_slots, options.eviction)
-    return OffloadedExpertProvider(store, pool, cache, filler, stats, prefetch=options.prefetch), budget
+    provider = OffloadedExpertProvider(
+        store, pool, cache, filler, stats, config.top_k, prefetch=options.prefetch, prefetch_depth=options.prefetch_depth
+    )
+    return provider, budget
 
 
 def _save_quietly(store: CompressedStore, path: Path) -> None:

@@ -22,6 +22,9 @@ class OffloadStats:
     prefetch_used_bytes: int = 0  # compressed bytes of guesses a fetch consumed
     prefetch_bytes: int = 0  # compressed bytes moved for guesses
     prefetch_bytes_wasted: int = 0  # of those, bytes of guesses evicted before any fetch used them
+    # Per distance (1: the next MoE layer, 2: the one after, ...): guesses issued, and of those, used.
+    prefetches_issued_at: dict[int, int] = field(default_factory=dict)
+    prefetches_used_at: dict[int, int] = field(default_factory=dict)
     bits_per_value: dict[int, float] = field(default_factory=dict)  # per MoE layer, from the store
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -47,7 +50,8 @@ class OffloadStats:
 
     def snapshot(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-        data["bits_per_value"] = dict(self.bits_per_value)
+        for name in ("bits_per_value", "prefetches_issued_at", "prefetches_used_at"):
+            data[name] = dict(getattr(self, name))
         data["hit_rate"] = self.hit_rate
         data["prefetch_precision"] = self.prefetch_precision
         return data
@@ -56,4 +60,5 @@ class OffloadStats:
         with self._lock:
             self.hits = self.misses = self.prefetches_issued = self.prefetches_used = self.bytes_transferred = 0
             self.prefetch_bytes = self.prefetch_bytes_wasted = self.miss_bytes = self.prefetch_used_bytes = 0
+            self.prefetches_issued_at, self.prefetches_used_at = {}, {}
             self.decode_seconds = self.wait_seconds = self.copy_seconds = self.compute_wait_seconds = 0.0
