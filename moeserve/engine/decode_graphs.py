@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
@@ -32,9 +33,55 @@ from moeserve.models.decoder import MoeCausalLM
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
+class Graph(Protocol):
+    def replay(self) -> None: ...
+
+
+class Capturer(Protocol):
+    """How steps are captured, and the host buffers and events that go with replays: CUDA's below; the
+    tests' stand-in replays eagerly on a CPU, which checks everything here but the capture itself."""
+
+    def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Graph, torch.Tensor]: ...
+
+    def staging(self, like: torch.Tensor) -> torch.Tensor: ...
+
+    def event(self): ...
+
+
+class CudaCapturer:
+    """CUDA graphs, all in one memory pool (replays never overlap, so they can share it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Graph, torch.Tensor]:
+        """The graph of `step` and its output tensor, which every replay rewrites."""
+        # One eager run of this very step on a side stream first: it compiles the Triton kernels and
+        # lets the caching allocator and the attention backends settle, none of which may happen
+        # during capture. It writes the K/V the replay writes again: the real rows' new positions,
+        # and position 0 of the free rows the padding uses.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: an offloading variant's fill threads may use the device meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            output = step()
+        return graph, output
+
+    def staging(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(like).pin_memory()
+
+    def event(self) -> torch.cuda.Event:
+        return torch.cuda.Event()
+
+
 @dataclass
 class CapturedStep:
-    graph: torch.cuda.CUDAGraph
+    graph: Graph
     inputs: torch.Tensor  # [2, bucket] long, static: token ids, positions
     logits: torch.Tensor  # [bucket, V] float32, static output
     # Every tensor the graph reads that was made outside it must live as long as the graph: the replay
@@ -45,12 +92,12 @@ class CapturedStep:
 
 
 class DecodeGraphs:
-    def __init__(self, model: MoeCausalLM, cache: KVCache, device: torch.device):
+    def __init__(self, model: MoeCausalLM, cache: KVCache, device: torch.device, capturer: Capturer | None = None):
         self.model, self.cache, self.device = model, cache, device
+        self.capturer = capturer or CudaCapturer(device)
         self._graphs: dict[tuple[int, int, int], CapturedStep] = {}  # (bucket, span, provider id) → graph
         self._watched: set[int] = set()  # providers whose graphs go when they do
         self._version = cache.version
-        self._pool = torch.cuda.graph_pool_handle()
         self._rope_ready = False
 
     def fits(self, seqs: list[Sequence], experts: ExpertProvider) -> bool:
@@ -108,22 +155,11 @@ class DecodeGraphs:
         ids, positions = inputs.unbind(0)  # [bucket] each
         row_index = torch.arange(bucket, device=self.device)
 
+        provider = weakref.ref(experts)  # a capturer may keep `step`; the provider must still be free to go
+
         def step() -> torch.Tensor:
             ctx = DecodeContext(self.cache, positions, row_index, span, rows_are_prefix=True)
-            return self.model(ids, ctx, experts)  # [bucket, V]
+            return self.model(ids, ctx, provider())  # [bucket, V]
 
-        # One eager run of this very step on a side stream first: it compiles the Triton kernels and
-        # lets the caching allocator and the attention backends settle, none of which may happen
-        # during capture. It writes the K/V the replay writes again: the real rows' new positions,
-        # and position 0 of the free rows the padding uses.
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: an offloading variant's fill threads may use the device meanwhile
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = step()
-        staging = torch.empty_like(host).pin_memory()
-        return CapturedStep(graph, inputs, logits, row_index, staging, torch.cuda.Event())
+        graph, logits = self.capturer.capture(step)
+        return CapturedStep(graph, inputs, logits, row_index, self.capturer.staging(host), self.capturer.event())
