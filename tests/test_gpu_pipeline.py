@@ -12,12 +12,11 @@ import random
 import pytest
 import torch
 from fake_streams import FakeStreams
+from random_store import random_store
 
 from moeserve.codecs import decode
-from moeserve.experts import ExpertWeights
 from moeserve.offload.cache import ExpertCache, SlotPool
 from moeserve.offload.gpu_filler import GpuSlotFiller, StagingRing
-from moeserve.offload.policy import load_policy
 from moeserve.offload.provider import OffloadedExpertProvider
 from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import CompressedStore
@@ -27,18 +26,7 @@ D, I, LAYERS, EXPERTS, TOP_K = 16, 8, 3, 6, 2
 
 @pytest.fixture(scope="module")
 def store() -> CompressedStore:
-    generator = torch.Generator().manual_seed(0)
-
-    def stored():
-        for layer in range(LAYERS):
-            yield layer, [
-                ExpertWeights(*(torch.randn(shape, generator=generator) for shape in ((I, D), (I, D), (D, I))))
-                for _ in range(EXPERTS)
-            ]
-
-    policy = load_policy({"default": {"codec": "szp", "mode": "abs", "error_bound": 1e-2}, "rules": [{"layers": "0", "codec": "raw"}]})
-    resolved = policy.resolve(list(range(LAYERS)), LAYERS, EXPERTS)
-    return CompressedStore.build(stored(), resolved, policy.to_yaml(), LAYERS * EXPERTS, progress=False)
+    return random_store(LAYERS, EXPERTS, D, I, {"default": {"codec": "szp", "mode": "abs", "error_bound": 1e-2}, "rules": [{"layers": "0", "codec": "raw"}]})
 
 
 def _pipeline(store, slots: int, prefetch: bool = True, depth: int | None = None, streams=None):

@@ -8,14 +8,13 @@ import random
 import pytest
 import torch
 from fake_streams import FakeStreams
+from random_store import random_store
 
 from moeserve import LLM, SamplingParams
-from moeserve.experts import ExpertWeights
 from moeserve.offload.cache import ExpertCache, SlotPool
 from moeserve.offload.gpu_filler import GpuSlotFiller
 from moeserve.offload.lookahead import automatic_prediction_depth
 from moeserve.offload.options import OffloadError, OffloadOptions
-from moeserve.offload.policy import load_policy
 from moeserve.offload.provider import OffloadedExpertProvider
 from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import CompressedStore
@@ -112,18 +111,7 @@ LAYERS, EXPERTS, TOP_K, D, I = 5, 8, 2, 16, 8
 
 @pytest.fixture(scope="module")
 def store() -> CompressedStore:
-    generator = torch.Generator().manual_seed(0)
-
-    def stored():
-        for layer in range(LAYERS):
-            yield layer, [
-                ExpertWeights(*(torch.randn(shape, generator=generator) for shape in ((I, D), (I, D), (D, I))))
-                for _ in range(EXPERTS)
-            ]
-
-    policy = load_policy(RAW)
-    resolved = policy.resolve(list(range(LAYERS)), LAYERS, EXPERTS)
-    return CompressedStore.build(stored(), resolved, policy.to_yaml(), LAYERS * EXPERTS, progress=False)
+    return random_store(LAYERS, EXPERTS, D, I, RAW)
 
 
 def _demand_loads(store, slots: int, depth: int, guesses_evict: bool, routing, predictions) -> OffloadStats:
