@@ -35,7 +35,8 @@ class EagerReplay:
 
         def replay():
             self.replays += 1
-            output.copy_(step())
+            with torch.inference_mode():  # the step's output is an inference tensor, as a graph's would be
+                output.copy_(step())
 
         return SimpleNamespace(replay=replay), output
 

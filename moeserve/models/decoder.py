@@ -105,7 +105,6 @@ class MoeCausalLM(nn.Module):
     def moe_block(self, layer: int) -> MoeBlock:
         return getattr(self.model.layers[layer], self.moe_attr)
 
-    @torch.no_grad()  # not inference_mode: torch.compile cannot functionalize in-place writes made under it
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
@@ -113,6 +112,12 @@ class MoeCausalLM(nn.Module):
         experts: ExpertProvider,
         logits_indices: torch.Tensor | None = None,  # [N]; None = every position
     ) -> torch.Tensor:
+        # inference_mode skips autograd's bookkeeping on every op (8% of a small batch-1 decode step on
+        # a CPU), but torch.compile cannot functionalize the KV cache writes made under it: compiled, no_grad
+        with torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode():
+            return self._forward(input_ids, ctx, experts, logits_indices)
+
+    def _forward(self, input_ids, ctx, experts, logits_indices) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)  # [T, D]
         rope = self.rotary.cos_sin(ctx.positions, x.dtype, ctx.max_position)
         layers = self.model.layers
