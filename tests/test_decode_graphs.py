@@ -2,9 +2,10 @@
 
 Everything but the CUDA capture itself is exercised: batch buckets and padding into free cache rows,
 static inputs refilled each step, span buckets, recapture after the KV cache grows, rows freed as
-sequences finish, and graphs dropped with their provider. Replayed steps must give what eager steps
-give (greedy tokens identical, log-probabilities within float32 rounding: padding changes the matmul
-shapes). tests/test_decode_graphs_gpu.py checks real graphs on a GPU."""
+sequences finish, graphs dropped with their provider, and chains of segment graphs with the routed
+experts run eagerly between them (offloaded and unstacked providers). Replayed steps must give what
+eager steps give (greedy tokens identical, log-probabilities within float32 rounding: padding changes
+the matmul shapes). tests/test_decode_graphs_gpu.py checks real graphs on a GPU."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class EagerReplay:
         def replay():
             self.replays += 1
             with torch.inference_mode():  # the step's output is an inference tensor, as a graph's would be
-                output.copy_(step())
+                _copy_tensors(output, step())
 
         return SimpleNamespace(replay=replay), output
 
@@ -47,12 +48,25 @@ class EagerReplay:
         return SimpleNamespace(record=lambda: None, synchronize=lambda: None)
 
 
-def _graphed(directory) -> tuple[LLM, EagerReplay]:
-    llm = LLM(directory, device="cpu", progress=False)
+def _copy_tensors(dst, src) -> None:
+    """Copy every tensor of `src` into the same place of `dst` (a tensor, a Segment, tuples and lists of them)."""
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for d, s in zip(dst, src):
+            _copy_tensors(d, s)
+    elif dst is not None and not isinstance(dst, int):
+        for name in vars(dst):
+            _copy_tensors(getattr(dst, name), getattr(src, name))
+
+
+def _graphed(directory, **options) -> tuple[LLM, EagerReplay]:
+    llm = LLM(directory, device="cpu", progress=False, **options)
     runner = llm.engine.runner
     capturer = EagerReplay()
     runner.graphs = DecodeGraphs(runner.model, runner.cache, CPU, capturer)
-    llm.experts = llm.experts.restacked()  # what the loader gives on a GPU
+    if llm.offload is None:
+        llm.experts = llm.experts.restacked()  # what the loader gives on a GPU
     return llm, capturer
 
 
@@ -73,15 +87,41 @@ def test_replayed_steps_equal_eager_steps(checkpoint_factory, batch):
     assert capturer.captures >= 2 and llm.engine.runner.cache.capacity >= 128
 
 
-def test_steps_that_do_not_fit_run_eagerly(checkpoint_factory):
+def test_raw_offload_replaying_segment_chains_equals_resident_replays(checkpoint_factory):
+    """Offloaded experts run eagerly between segment graphs. With the raw policy the tokens equal the
+    resident model's whole-step replays and log-probabilities agree within float32 rounding: here a CPU
+    computes the padded rows' experts with F.linear on the resident side only, and its matmuls round a
+    row differently with the number of rows (on a GPU the grouped GEMM does not, and
+    tests/test_decode_graphs_gpu.py holds the two bit for bit)."""
+    directory, _ = checkpoint_factory("qwen3_moe")
+    resident, _ = _graphed(directory)
+    offloaded, capturer = _graphed(directory, policy={"default": {"codec": "raw"}}, expert_cache="50%")
+    params = [SamplingParams(max_tokens=30 - 7 * i, temperature=0.0, ignore_eos=True, logprobs=2) for i in range(3)]
+    want = resident.generate(PROMPTS[:3], params)
+    for a, b in zip(offloaded.generate(PROMPTS[:3], params), want):
+        assert a.token_ids == b.token_ids
+        for lp_a, lp_b in zip(a.logprobs, b.logprobs):
+            assert lp_a.keys() == lp_b.keys() and max(abs(lp_a[t] - lp_b[t]) for t in lp_a) <= 1e-5
+    moe_layers = len(offloaded.model.moe_layer_ids)
+    assert capturer.replays == 29 * (moe_layers + 1)  # every decode step: one replay per segment
+    assert offloaded.offload.stats.prefetches_issued > 0  # the segments' predictions reached the provider
+
+
+def test_steps_over_some_rows_run_eagerly(checkpoint_factory):
+    """Two providers in one engine: each decode step covers only its own sequences' rows, so no graph."""
     directory, _ = checkpoint_factory("qwen3_moe")
     llm, capturer = _graphed(directory)
-    unstacked = LLM(directory, device="cpu", progress=False).experts  # a mapped checkpoint: not stacked
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    llm.generate(PROMPTS[:2], params, experts=unstacked)
-    assert capturer.captures == 0
-    llm.generate(PROMPTS[:2], params)
-    assert capturer.captures > 0
+    other = llm.experts.with_overrides({})  # the same experts, another provider (so another step group)
+    engine, params = llm.engine, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    seqs = [engine.make_sequence(p, params) for p in PROMPTS[:2]]
+    for seq, provider in zip(seqs, [llm.experts, other]):
+        engine.submit(seq, provider)
+    while engine.has_unfinished():
+        engine.step()
+    # graphs only once one of them had finished and freed its row: then a step covered every row
+    assert all(key[0] == 1 for key in llm.engine.runner.graphs._graphs)
+    want = LLM(directory, device="cpu", progress=False).generate(PROMPTS[:2], params)
+    assert [seq.output_ids for seq in seqs] == [o.token_ids for o in want]
 
 
 def test_a_freed_provider_takes_its_graphs_along(checkpoint_factory):

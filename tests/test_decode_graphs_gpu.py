@@ -1,9 +1,9 @@
 """CUDA graphs of decode steps (engine/decode_graphs.py) against eager steps, on a GPU; skipped without CUDA.
 
 The graph replays exactly the kernels the eager step launches, over padded batches, so greedy tokens must
-be identical and logits equal within float32 rounding; a raw-offloaded model (which never replays a graph:
-its experts are loaded on the host's say-so) must still equal the graphed resident model bit for bit
-(tokens and log-probabilities). Batches of 3 and 5 pad up to 4 and 8, and 40 tokens cross a span bucket (64 → 128)."""
+be identical and logits equal within float32 rounding. A raw-offloaded model replays a chain of segment
+graphs with its experts loaded and run eagerly between them, and must equal the resident model's
+whole-step graphs bit for bit (tokens and log-probabilities), in float32 and bfloat16. Batches of 3 and 5 pad up to 4 and 8, and 40 tokens cross a span bucket (64 → 128)."""
 
 from __future__ import annotations
 

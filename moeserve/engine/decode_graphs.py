@@ -1,7 +1,8 @@
-"""CUDA graphs for decode steps whose experts are all resident and stacked.
+"""CUDA graphs for decode steps: the whole step when its experts are resident and stacked, otherwise
+every segment between the routed experts (models/decoder.py `segment`), with the experts run eagerly.
 
 In:  a decode step's sequences (rows 0..B-1 of the KV cache, every running row) and their provider.
-Out: float32 logits [B, V], from replaying a graph captured for the step's shape bucket.
+Out: float32 logits [B, V], from replaying graphs captured for the step's shape bucket.
 
 A GPU runs a small-batch decode step far faster than the host can launch its few hundred kernels one
 by one. So, as vLLM does, each shape bucket's step is captured once and replayed: batch sizes are padded
@@ -10,10 +11,14 @@ a power of two. The graph reads its inputs from static buffers (token ids, posit
 fills with one host→device copy; padded entries decode token 0 at position 0 of a free cache row, which
 nothing reads. What a graph bakes in, and when it is recaptured:
   - the KV cache tensors: a reallocation (`KVCache.version`) drops every graph;
-  - the provider's stacked experts: graphs are kept per provider, and dropped when it is freed;
+  - the provider's stacked experts: whole-step graphs are kept per provider, and dropped when it is freed;
   - the rotary table: reserved for the whole context before the first capture.
-Steps that do not fit (a larger batch, rows that are not the cache's first B, experts not resident)
-run eagerly; so does every step with `enforce_eager`.
+An offloading provider must see each MoE layer's routing on the host to load its experts, so its steps
+replay a chain of segment graphs (kept per prediction depth: each segment also predicts the next layers'
+experts for the provider's prefetch) with the routed experts run eagerly between them, exactly as the
+eager forward runs them: only the host's launches of everything else are saved.
+Steps that do not fit (a larger batch, rows that are not the cache's first B) run eagerly; so does every
+step with `enforce_eager`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider
 from moeserve.kv.cache import KVCache
 from moeserve.kv.context import DecodeContext, decode_span
-from moeserve.models.decoder import MoeCausalLM
+from moeserve.models.decoder import MoeCausalLM, Segment, prefetch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
@@ -41,7 +46,7 @@ class Capturer(Protocol):
     """How steps are captured, and the host buffers and events that go with replays: CUDA's below; the
     tests' stand-in replays eagerly on a CPU, which checks everything here but the capture itself."""
 
-    def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Graph, torch.Tensor]: ...
+    def capture(self, step: Callable[[], object]) -> tuple[Graph, object]: ...
 
     def staging(self, like: torch.Tensor) -> torch.Tensor: ...
 
@@ -55,8 +60,8 @@ class CudaCapturer:
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
 
-    def capture(self, step: Callable[[], torch.Tensor]) -> tuple[Graph, torch.Tensor]:
-        """The graph of `step` and its output tensor, which every replay rewrites."""
+    def capture(self, step: Callable[[], object]) -> tuple[Graph, object]:
+        """The graph of `step` and its output (tensors), which every replay rewrites."""
         # One eager run of this very step on a side stream first: it compiles the Triton kernels and
         # lets the caching allocator and the attention backends settle, none of which may happen
         # during capture. It writes the K/V the replay writes again: the real rows' new positions,
@@ -81,7 +86,7 @@ class CudaCapturer:
 
 @dataclass
 class CapturedStep:
-    graph: Graph
+    graphs: list[Graph]  # the whole step, or one per segment
     inputs: torch.Tensor  # [2, bucket] long, static: token ids, positions
     logits: torch.Tensor  # [bucket, V] float32, static output
     # Every tensor the graph reads that was made outside it must live as long as the graph: the replay
@@ -89,6 +94,10 @@ class CapturedStep:
     row_index: torch.Tensor  # [bucket] long, 0..bucket-1: the cache rows the step writes
     staging: torch.Tensor  # [2, bucket] long, pinned host memory: the next step's inputs
     copied: torch.cuda.Event  # recorded after the last copy out of `staging`
+    # a chain of segments: the output of each but the last, and the static input of each but the first
+    # (the routed experts of the MoE layer before it, [bucket, D])
+    segments: list[Segment]
+    routed: list[torch.Tensor]
 
 
 class DecodeGraphs:
@@ -100,14 +109,12 @@ class DecodeGraphs:
         self._version = cache.version
         self._rope_ready = False
 
-    def fits(self, seqs: list[Sequence], experts: ExpertProvider) -> bool:
-        """Whether this decode step can replay a graph."""
+    def fits(self, seqs: list[Sequence]) -> bool:
+        """Whether this decode step can replay graphs."""
         return (
             len(seqs) <= BATCH_BUCKETS[-1]
             and len(seqs) == self.cache.num_rows
             and all(seq.kv_row == row for row, seq in enumerate(seqs))
-            and experts.prediction_depth == 0
-            and all(experts.stacked(layer) is not None for layer in self.model.config.moe_layer_ids)
         )
 
     def decode(self, seqs: list[Sequence], experts: ExpertProvider) -> torch.Tensor:
@@ -122,16 +129,29 @@ class DecodeGraphs:
         host = torch.zeros(2, bucket, dtype=torch.long)  # [2, bucket]: token ids, positions; padding: 0, 0
         host[0, :batch] = torch.tensor([seq.output_ids[-1] for seq in seqs])
         host[1, :batch] = torch.tensor([seq.num_cached for seq in seqs])
-        key = (bucket, decode_span(longest, self.cache.capacity), id(experts))
+        whole = all(experts.stacked(layer) is not None for layer in self.model.moe_layer_ids)
+        span = decode_span(longest, self.cache.capacity)
+        # a whole step bakes in the provider's experts; a chain only the prediction depth its segments make
+        key = (bucket, span, id(experts)) if whole else (bucket, span, None, experts.prediction_depth)
         step = self._graphs.get(key)
         if step is None:
-            step = self._graphs[key] = self._capture(bucket, key[1], experts, host)
-            self._watch(experts)
+            if whole:
+                step = self._graphs[key] = self._capture_whole(bucket, span, experts, host)
+                self._watch(experts)
+            else:
+                step = self._graphs[key] = self._capture_chain(bucket, span, experts.prediction_depth, host)
         step.copied.synchronize()  # normally long done: the previous step's tokens were read on the host
         step.staging.copy_(host)
         step.inputs.copy_(step.staging, non_blocking=True)
         step.copied.record()
-        step.graph.replay()
+        step.graphs[0].replay()
+        with torch.inference_mode():
+            for layer, done, routed, graph in zip(self.model.moe_layer_ids, step.segments, step.routed, step.graphs[1:]):
+                # as the eager forward does between segments, on the real rows only (no expert is loaded for padding)
+                prefetch(experts, done.predictions, batch)
+                block = self.model.moe_block(layer)
+                routed[:batch].copy_(block.routed(done.h[:batch], done.weights[:batch], done.ids[:batch], experts))
+                graph.replay()
         return step.logits[:batch]
 
     def _watch(self, experts: ExpertProvider) -> None:
@@ -146,15 +166,17 @@ class DecodeGraphs:
         for key in [key for key in self._graphs if key[2] == provider_id]:
             del self._graphs[key]
 
-    def _capture(self, bucket: int, span: int, experts: ExpertProvider, host: torch.Tensor) -> CapturedStep:
+    def _static_inputs(self, bucket: int, host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._rope_ready:
-            # the graph reads the table where it is at capture: it must never be rebuilt afterwards
+            # a graph reads the table where it is at capture: it must never be rebuilt afterwards
             self.model.rotary.reserve(self.cache.max_len, self.device)
             self._rope_ready = True
-        inputs = host.to(self.device)  # this step's inputs: the warm-up run below writes real K/V
-        ids, positions = inputs.unbind(0)  # [bucket] each
-        row_index = torch.arange(bucket, device=self.device)
+        # this step's inputs: the capturer's warm-up run writes real K/V at the step's positions
+        return host.to(self.device), torch.arange(bucket, device=self.device)  # [2, bucket], [bucket]
 
+    def _capture_whole(self, bucket: int, span: int, experts: ExpertProvider, host: torch.Tensor) -> CapturedStep:
+        inputs, row_index = self._static_inputs(bucket, host)
+        ids, positions = inputs.unbind(0)  # [bucket] each
         provider = weakref.ref(experts)  # a capturer may keep `step`; the provider must still be free to go
 
         def step() -> torch.Tensor:
@@ -162,4 +184,30 @@ class DecodeGraphs:
             return self.model(ids, ctx, provider())  # [bucket, V]
 
         graph, logits = self.capturer.capture(step)
-        return CapturedStep(graph, inputs, logits, row_index, self.capturer.staging(host), self.capturer.event())
+        return CapturedStep([graph], inputs, logits, row_index, self.capturer.staging(host), self.capturer.event(), [], [])
+
+    def _capture_chain(self, bucket: int, span: int, depth: int, host: torch.Tensor) -> CapturedStep:
+        inputs, row_index = self._static_inputs(bucket, host)
+        ids, positions = inputs.unbind(0)  # [bucket] each
+        config = self.model.config
+        routed = [
+            torch.zeros(bucket, config.hidden_size, dtype=config.dtype, device=self.device)  # padding rows stay 0
+            for _ in self.model.moe_layer_ids
+        ]
+        graphs, segments = [], []
+        for index in range(len(routed) + 1):
+            previous = segments[-1] if segments else None
+
+            def step(index=index, previous=previous) -> Segment:
+                # Its own context per segment: a mask cached in one graph's memory must not be read by another.
+                ctx = DecodeContext(self.cache, positions, row_index, span, rows_are_prefix=True)
+                with torch.inference_mode():
+                    moe_out = routed[index - 1] if index else None
+                    return self.model.segment(index, ids, ctx, depth, previous, moe_out)
+
+            graph, done = self.capturer.capture(step)
+            graphs.append(graph)
+            segments.append(done)
+        last = segments.pop()
+        return CapturedStep(graphs, inputs, last.x, row_index, self.capturer.staging(host), self.capturer.event(),
+                            segments, routed)

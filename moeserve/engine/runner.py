@@ -64,7 +64,7 @@ class ModelRunner:
 
     def decode(self, seqs: list[Sequence], experts: ExpertProvider) -> torch.Tensor:
         """One new token per sequence (each has exactly one uncached token), on `experts` → logits [B, V]."""
-        if self.graphs is not None and self.graphs.fits(seqs, experts):
+        if self.graphs is not None and self.graphs.fits(seqs):
             logits = self.graphs.decode(seqs, experts)  # [B, V]
         else:
             ids, ctx = self.decode_inputs(seqs)

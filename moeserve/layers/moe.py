@@ -74,8 +74,22 @@ class MoeBlock(nn.Module):
         return self.router_module(x)
 
     def forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
-        T, D = x.shape
         weights, ids = self.route(x)
+        out = self.routed(x, weights, ids, experts)
+        shared = self.shared(x)
+        return out if shared is None else out + shared
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert's output [T, D] (qwen2_moe's gated), or None for families without one."""
+        if self.shared_expert is not None:
+            return torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.shared_experts is not None:
+            return self.shared_experts(x)
+        return None
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider):
+        """x [T, D] and its routing (weights, expert ids [T, K]) → the weighted sum of the routed experts [T, D]."""
+        T = x.shape[0]
         stacked = experts.stacked(self.layer_id)
         # The step's token count picks the arithmetic, so every provider computes a step alike.
         grouped = T <= GROUPED_GEMM_MAX_TOKENS and runs_kernel(x.device)
@@ -85,10 +99,6 @@ class MoeBlock(nn.Module):
             out = self._single_token(x, weights, ids, experts, grouped)
         else:
             out = self._many_tokens(x, weights, ids, experts, grouped)
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        elif self.shared_experts is not None:
-            out = out + self.shared_experts(x)
         return out
 
     def _activate(self, gate: torch.Tensor, up: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:
@@ -155,11 +165,6 @@ class MoeBlock(nn.Module):
             y = self._expert(x[token_of[start : start + counts[expert_id]]], w, expert_id, grouped)  # [n, D]
             per_pair[pairs] = (y * weight_of[start : start + counts[expert_id], None]).to(x.dtype)
         return _sum_slots(per_pair.view(T, self.top_k, D).unbind(dim=1))  # [T, D]
-
-    def predict(self, x: torch.Tensor) -> list[int]:
-        """The experts this router would pick for hidden states x [T, D] (ascending ids)."""
-        ids = self.router_module.select(x)  # [T, K]
-        return sorted(set(ids.flatten().tolist()))
 
 
 def gate_and_up(h: torch.Tensor, w: ExpertWeights, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:

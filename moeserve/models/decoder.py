@@ -1,15 +1,23 @@
 """The decoder-only MoE transformer every supported family shares.
 
-In:  token ids [T] of one step (any mix of sequences), its `StepContext`, an `ExpertProvider`,
-     and which token positions need logits.
+In:  token ids [T] of one step (any mix of sequences), its `StepContext` or `DecodeContext`, an
+     `ExpertProvider`, and which token positions need logits.
 Out: float32 logits [N, vocab] for those positions.
 
 Module and parameter names mirror the Hugging Face checkpoints (`model.layers.3.self_attn.q_proj`),
 so the loader maps tensors by name. Routed experts are not parameters: each family only says
 where its experts live in the checkpoint (`expert_tensor_names`) and the provider supplies them.
+
+A forward pass is a chain of segments cut at the routed experts (`segment`): segment j runs every layer
+after MoE layer j-1 up to MoE layer j's routing and shared expert (the first starts at the embedding, the
+last ends at the logits), and MoE layer j's routed experts run between segments j and j+1. The routed
+experts are the one part of a step an offloading provider must see from the host (which experts to
+load), so engine/segment_graphs.py replays each segment from a CUDA graph and runs only them eagerly.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,20 +46,31 @@ class DecoderLayer(nn.Module):
             # Dense layers (qwen's mlp_only_layers / decoder_sparse_step, DeepSeek's and GLM's
             # first_k_dense_replace) are named `mlp`.
             self.mlp = GatedMLP(config.hidden_size, config.dense_intermediate_size, config.hidden_act, config.mlp_bias)
-        self.is_moe = config.moe_layers[layer_id]
 
     def attend(self, x: torch.Tensor, rope, ctx: StepContext | DecodeContext) -> torch.Tensor:
         return x + self.self_attn(self.input_layernorm(x), rope, ctx)
 
-    def feed_forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
-        h = self.post_attention_layernorm(x)
-        if self.is_moe:
-            return x + getattr(self, self.moe_attr)(h, experts)
-        return x + self.mlp(h)
+    def dense_feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A dense layer's MLP block (an MoE layer's is split across segments, see MoeCausalLM.segment)."""
+        return x + self.mlp(self.post_attention_layernorm(x))
 
-    def predict_experts(self, x: torch.Tensor) -> list[int]:
-        """This (MoE) layer's router applied to an earlier layer's hidden states x [T, D]."""
-        return getattr(self, self.moe_attr).predict(self.post_attention_layernorm(x))
+    def predicted_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """This (MoE) layer's router applied to an earlier layer's hidden states x [T, D] → expert ids [T, K]."""
+        return getattr(self, self.moe_attr).router_module.select(self.post_attention_layernorm(x))
+
+
+@dataclass
+class Segment:
+    """What a segment hands on (see the module docstring); tensors stay on the device."""
+
+    x: torch.Tensor  # [T, D] residual stream after the MoE layer's attention; the last segment: logits [N, V]
+    rope: tuple[torch.Tensor, torch.Tensor]  # the step's rotary tables, made once in segment 0
+    # (MoE layer, its router's choice [T, K] on this segment's hidden states), in the order they were made
+    predictions: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    h: torch.Tensor | None = None  # [T, D] the MoE layer's normed input
+    weights: torch.Tensor | None = None  # [T, K] routing weights
+    ids: torch.Tensor | None = None  # [T, K] routed expert ids
+    shared: torch.Tensor | None = None  # [T, D] shared-expert output, None for families without one
 
 
 class Backbone(nn.Module):
@@ -76,7 +95,7 @@ class MoeCausalLM(nn.Module):
         self.model = Backbone(config, self.moe_attr, self.moe_class)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rope)
-        moe_ids = config.moe_layer_ids
+        moe_ids = self.moe_layer_ids = config.moe_layer_ids
         # layer id → the MoE layers after it, nearest first (whose experts are worth prefetching)
         self.later_moe_layers = {i: [m for m in moe_ids if m > i] for i in range(config.num_layers)}
 
@@ -118,16 +137,56 @@ class MoeCausalLM(nn.Module):
             return self._forward(input_ids, ctx, experts, logits_indices)
 
     def _forward(self, input_ids, ctx, experts, logits_indices) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)  # [T, D]
-        rope = self.rotary.cos_sin(ctx.positions, x.dtype, ctx.max_position)
-        layers = self.model.layers
-        for i, layer in enumerate(layers):
+        depth = experts.prediction_depth
+        done = self.segment(0, input_ids, ctx, depth)
+        for index, layer in enumerate(self.moe_layer_ids):
+            prefetch(experts, done.predictions, input_ids.shape[0])
+            routed = self.moe_block(layer).routed(done.h, done.weights, done.ids, experts)  # [T, D]
+            done = self.segment(index + 1, input_ids, ctx, depth, done, routed, logits_indices)
+        return done.x
+
+    def segment(
+        self,
+        index: int,
+        input_ids: torch.Tensor,  # [T]
+        ctx: StepContext | DecodeContext,
+        depth: int,
+        previous: Segment | None = None,
+        routed: torch.Tensor | None = None,  # [T, D] MoE layer index-1's routed experts, given the previous segment
+        logits_indices: torch.Tensor | None = None,  # [N], last segment only; None = every position
+    ) -> Segment:
+        """Segment `index` (0 .. number of MoE layers); `depth`: MoE layers ahead each layer predicts."""
+        layers, moe_ids = self.model.layers, self.moe_layer_ids
+        if previous is None:
+            x = self.model.embed_tokens(input_ids)  # [T, D]
+            rope = self.rotary.cos_sin(ctx.positions, x.dtype, ctx.max_position)
+            first = 0
+        else:
+            moe_out = routed if previous.shared is None else routed + previous.shared  # as MoeBlock.forward adds them
+            x, rope, first = previous.x + moe_out, previous.rope, moe_ids[index - 1] + 1
+        last = moe_ids[index] if index < len(moe_ids) else len(layers) - 1
+        done = Segment(x, rope)
+        for i in range(first, last + 1):
+            layer = layers[i]
             x = layer.attend(x, rope, ctx)
-            for upcoming in self.later_moe_layers[i][: experts.prediction_depth]:
-                # While this layer's experts compute, each upcoming MoE layer's router on the current
-                # hidden states names the experts worth loading ahead of time.
-                experts.prefetch(upcoming, layers[upcoming].predict_experts(x))
-            x = layer.feed_forward(x, experts)
+            # While this layer's experts compute, each upcoming MoE layer's router on the current hidden
+            # states names the experts worth loading ahead of time.
+            done.predictions += [(u, layers[u].predicted_ids(x)) for u in self.later_moe_layers[i][:depth]]
+            if index < len(moe_ids) and i == last:
+                block = self.moe_block(i)
+                done.x, done.h = x, layer.post_attention_layernorm(x)
+                done.weights, done.ids = block.route(done.h)
+                done.shared = block.shared(done.h)
+                return done
+            x = layer.dense_feed_forward(x)
         if logits_indices is not None:
             x = x[logits_indices]  # [N, D]: the vocabulary projection only where it is needed
-        return self.lm_head(self.model.norm(x)).float()  # [N, vocab]
+        done.x = self.lm_head(self.model.norm(x)).float()  # [N, vocab]
+        return done
+
+
+def prefetch(experts: ExpertProvider, predictions: list[tuple[int, torch.Tensor]], tokens: int) -> None:
+    """Hand the provider each prediction ([T', K] ids, of which the first `tokens` rows are real: a
+    captured step pads its batch) as the sorted set of experts it names."""
+    for layer, ids in predictions:
+        experts.prefetch(layer, sorted(set(ids[:tokens].flatten().tolist())))
