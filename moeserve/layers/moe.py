@@ -1,8 +1,9 @@
 """The sparse MoE block: router → top-k → experts fetched through the expert provider.
 
 In:  hidden states [T, D] of every token in the step (any mix of sequences).
-Out: [T, D], the routing-weighted sum of each token's top-k experts (+ the shared expert: qwen2_moe's
-     behind a sigmoid gate, DeepSeek's and GLM's ungated).
+Out: [T, D], the routing-weighted sum of each token's top-k experts (`routed`), and the shared expert
+     (`shared`: qwen2_moe's behind a sigmoid gate, DeepSeek's and GLM's ungated). The model adds them
+     (models/decoder.py), the routing and the shared expert in one segment, the routed experts between two.
 
 Two ways to reach the experts, one arithmetic:
 - On the device. When the provider holds the layer's experts stacked ([S, 2I, D] and [S, D, I] with
@@ -43,8 +44,8 @@ GROUPED_GEMM_MAX_TOKENS = 64
 
 class MoeBlock(nn.Module):
     """The router comes from config.router (layers/routing.py); families change the router's
-    checkpoint name (`router_attr`) and the expert math (`_expert`) by subclassing, see
-    models/gpt_oss.py; both providers' experts go through the one `_expert`."""
+    checkpoint name (`router_attr`) and the expert math (`_activate`, `_finish`) by subclassing, see
+    models/gpt_oss.py; every path's experts go through those two."""
 
     router_attr = "gate"  # attribute (and checkpoint name) of the router
 
@@ -72,12 +73,6 @@ class MoeBlock(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] → (weights [T, K], expert ids [T, K])."""
         return self.router_module(x)
-
-    def forward(self, x: torch.Tensor, experts: ExpertProvider) -> torch.Tensor:
-        weights, ids = self.route(x)
-        out = self.routed(x, weights, ids, experts)
-        shared = self.shared(x)
-        return out if shared is None else out + shared
 
     def shared(self, x: torch.Tensor) -> torch.Tensor | None:
         """The shared expert's output [T, D] (qwen2_moe's gated), or None for families without one."""

@@ -162,7 +162,7 @@ class MoeCausalLM(nn.Module):
             rope = self.rotary.cos_sin(ctx.positions, x.dtype, ctx.max_position)
             first = 0
         else:
-            moe_out = routed if previous.shared is None else routed + previous.shared  # as MoeBlock.forward adds them
+            moe_out = routed if previous.shared is None else routed + previous.shared  # [T, D]: the MoE block's output
             x, rope, first = previous.x + moe_out, previous.rope, moe_ids[index - 1] + 1
         last = moe_ids[index] if index < len(moe_ids) else len(layers) - 1
         done = Segment(x, rope)
