@@ -19,9 +19,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     MOESERVE_CACHE_DIR=/var/cache/moeserve
 
-# libgomp1: the OpenMP runtime of the szp CPU codec (a C++ extension).
+# libgomp1: the OpenMP runtime of the szp CPU codec (a C++ extension). gcc and python3.11-dev stay in the
+# image: triton (a dependency of torch's CUDA wheels, which runs the MoE blocks' grouped expert GEMM) builds
+# its kernel launchers with a C compiler against Python's headers the first time it runs a kernel.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv libgomp1 \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
     && python3.11 -m venv /opt/venv
 
@@ -32,11 +34,11 @@ RUN pip install torch==2.13.0
 
 WORKDIR /opt/moeserve
 COPY . .
-# The szp CPU codec is compiled here: a compiler and the Python headers for this step only.
+# The szp CPU codec is compiled here: a C++ compiler for this step only.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ python3.11-dev \
+    && apt-get install -y --no-install-recommends g++ \
     && pip install '.[gpu-cuda13]' \
-    && apt-get purge -y --auto-remove g++ python3.11-dev \
+    && apt-get purge -y --auto-remove g++ \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 1000 moeserve \
     && mkdir -p "$MOESERVE_CACHE_DIR" \
