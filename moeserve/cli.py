@@ -38,7 +38,8 @@ def _add_model_options(parser: argparse.ArgumentParser, policy_variants: bool = 
     parser.add_argument("--enforce-eager", action="store_true", help="GPU: run decode steps eagerly, never from CUDA graphs")
     parser.add_argument(
         "--prefetch-depth", type=_prefetch_depth, default=None, metavar="N",
-        help="MoE layers ahead to predict and load experts for (default: as many as the expert cache has room for)",
+        help="MoE layers ahead to predict and load experts for "
+             "(default: on a GPU as many as the expert cache has room for, on a CPU 1)",
     )
 
 

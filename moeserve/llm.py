@@ -40,7 +40,8 @@ class LLM:
         when offloading, or no offloading at all when `expert_cache` is None too.
     expert_cache: decoded-expert budget: "25%" of all experts, "512MiB", or bytes; None = all.
     eviction: "lru" or "lfu". prefetch: predict and load the next layers' experts ahead of time.
-    prefetch_depth: MoE layers ahead to predict; None = as many as the expert cache has room for.
+    prefetch_depth: MoE layers ahead to predict; None = on a GPU as many as the expert cache has room
+        for, on a CPU 1.
     decode_workers: CPU threads decoding experts; None = one per 8 cores, at least two.
     enforce_eager: never replay decode steps from CUDA graphs (engine/decode_graphs.py); GPU only.
     """

@@ -59,23 +59,39 @@ def test_depth_is_the_spare_over_the_routing_width(slots, width, depth):
     assert automatic_prediction_depth(slots, moe_layers=4, experts_per_layer=8, width=width) == depth
 
 
-def test_provider_depth_follows_the_budget_the_width_and_the_options(checkpoint):
-    def provider(n: int, **options):
-        return LLM(checkpoint, device="cpu", policy=RAW, expert_cache=_slots(checkpoint, n), progress=False,
-                   **options).offload.provider
+def _gpu_provider(store, slots: int, **options) -> OffloadedExpertProvider:
+    """A provider over the fake-stream GPU filler (a GPU's depth rule) with `slots` slots."""
+    pool = SlotPool(slots, D, I, torch.float32, torch.device("cpu"))
+    stats = OffloadStats()
+    filler = GpuSlotFiller(pool, stats, max(p.nbytes for p in store.experts.values()), FakeStreams())
+    return OffloadedExpertProvider(store, pool, ExpertCache(slots), filler, stats, TOP_K, **options)
 
-    assert [provider(n).prediction_depth for n in (8, 10, 12, 14, 16)] == [1, 1, 2, 3, 3]
-    assert provider(8, prefetch_depth=3).prediction_depth == 3
-    assert provider(12, prefetch=False).prediction_depth == 0
-    wide = provider(12)
-    list(wide.fetch(0, list(range(8))))  # a prefill's width: every expert of the layer
+
+def test_gpu_provider_depth_follows_the_budget_the_width_and_the_options(store):
+    # 5 MoE layers, top-2: one step's working set is 10 slots
+    assert [_gpu_provider(store, n).prediction_depth for n in (10, 12, 14, 16, 40)] == [1, 1, 2, 3, 4]
+    assert _gpu_provider(store, 10, prefetch_depth=3).prediction_depth == 3
+    assert _gpu_provider(store, 14, prefetch=False).prediction_depth == 0
+    wide = _gpu_provider(store, 14)
+    list(wide.fetch(0, list(range(EXPERTS))))  # a prefill's width: every expert of the layer
     assert wide.prediction_depth == 1
     list(wide.fetch(1, [0, 1]))
     assert wide.prediction_depth == 2
 
 
+def test_cpu_provider_guesses_one_layer_ahead_unless_told(checkpoint):
+    """On a CPU a wrong guess costs the decode workers' compute: the automatic depth stays 1."""
+    def provider(n: int, **options):
+        return LLM(checkpoint, device="cpu", policy=RAW, expert_cache=_slots(checkpoint, n), progress=False,
+                   **options).offload.provider
+
+    assert provider(16).prediction_depth == 1  # the rule would say 3 here (test above)
+    assert provider(8, prefetch_depth=3).prediction_depth == 3
+
+
 def test_two_ahead_guesses_are_issued_and_used(checkpoint):
-    llm = LLM(checkpoint, device="cpu", policy=RAW, expert_cache=_slots(checkpoint, 12), progress=False)
+    llm = LLM(checkpoint, device="cpu", policy=RAW, expert_cache=_slots(checkpoint, 12), prefetch_depth=2,
+              progress=False)
     assert llm.offload.provider.prediction_depth == 2
     llm.generate([PROMPTS[1]], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))
     stats = llm.offload.stats

@@ -59,6 +59,7 @@ def leave_cores_for_decoding(workers: int) -> None:
 
 class CpuSlotFiller:
     guesses_evict = True  # see OffloadedExpertProvider._start
+    guesses_cost_compute = True  # the decode workers share the cores with compute (OffloadedExpertProvider.prediction_depth)
 
     def __init__(self, pool: SlotPool, stats: OffloadStats, workers: int | None = None):
         workers = default_decode_workers() if workers is None else workers

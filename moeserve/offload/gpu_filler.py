@@ -88,6 +88,7 @@ class StagingRing:
 
 class GpuSlotFiller:
     guesses_evict = False  # see OffloadedExpertProvider._start
+    guesses_cost_compute = False  # a guess only uses an idle link and the decode stream (see prediction_depth)
 
     def __init__(
         self,
