@@ -14,8 +14,8 @@ nothing reads. What a graph bakes in, and when it is recaptured:
   - the provider's stacked experts: whole-step graphs are kept per provider, and dropped when it is freed;
   - the rotary table: reserved for the whole context before the first capture.
 An offloading provider must see each MoE layer's routing on the host to load its experts, so its steps
-replay a chain of segment graphs (kept per prediction depth: each segment also predicts the next layers'
-experts for the provider's prefetch) with the routed experts run eagerly between them, exactly as the
+replay a chain of segment graphs (kept per prediction depth, rounded down to a power of two: each
+segment also predicts the next layers' experts for the provider's prefetch) with the routed experts run eagerly between them, exactly as the
 eager forward runs them: only the host's launches of everything else are saved.
 Steps that do not fit (a larger batch, rows that are not the cache's first B) run eagerly; so does every
 step with `enforce_eager`.
@@ -132,14 +132,18 @@ class DecodeGraphs:
         whole = all(experts.stacked(layer) is not None for layer in self.model.moe_layer_ids)
         span = decode_span(longest, self.cache.capacity)
         # a whole step bakes in the provider's experts; a chain only the prediction depth its segments make
-        key = (bucket, span, id(experts)) if whole else (bucket, span, None, experts.prediction_depth)
+        # The depth changes with the batch's routing width; a power of two below it keeps the chains few
+        # (a depth changes which guesses the provider hears of, never a number the step computes).
+        depth = experts.prediction_depth
+        depth = depth and 1 << (depth.bit_length() - 1)
+        key = (bucket, span, id(experts)) if whole else (bucket, span, None, depth)
         step = self._graphs.get(key)
         if step is None:
             if whole:
                 step = self._graphs[key] = self._capture_whole(bucket, span, experts, host)
                 self._watch(experts)
             else:
-                step = self._graphs[key] = self._capture_chain(bucket, span, experts.prediction_depth, host)
+                step = self._graphs[key] = self._capture_chain(bucket, span, depth, host)
         step.copied.synchronize()  # normally long done: the previous step's tokens were read on the host
         step.staging.copy_(host)
         step.inputs.copy_(step.staging, non_blocking=True)
@@ -191,7 +195,8 @@ class DecodeGraphs:
         ids, positions = inputs.unbind(0)  # [bucket] each
         config = self.model.config
         routed = [
-            torch.zeros(bucket, config.hidden_size, dtype=config.dtype, device=self.device)  # padding rows stay 0
+            # padding rows keep what an earlier, larger batch left: they feed padding rows only
+            torch.zeros(bucket, config.hidden_size, dtype=config.dtype, device=self.device)
             for _ in self.model.moe_layer_ids
         ]
         graphs, segments = [], []

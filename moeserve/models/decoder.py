@@ -138,7 +138,7 @@ class MoeCausalLM(nn.Module):
 
     def _forward(self, input_ids, ctx, experts, logits_indices) -> torch.Tensor:
         depth = experts.prediction_depth
-        done = self.segment(0, input_ids, ctx, depth)
+        done = self.segment(0, input_ids, ctx, depth, logits_indices=logits_indices)  # (the last, without MoE layers)
         for index, layer in enumerate(self.moe_layer_ids):
             prefetch(experts, done.predictions, input_ids.shape[0])
             routed = self.moe_block(layer).routed(done.h, done.weights, done.ids, experts)  # [T, D]
@@ -187,6 +187,9 @@ class MoeCausalLM(nn.Module):
 
 def prefetch(experts: ExpertProvider, predictions: list[tuple[int, torch.Tensor]], tokens: int) -> None:
     """Hand the provider each prediction ([T', K] ids, of which the first `tokens` rows are real: a
-    captured step pads its batch) as the sorted set of experts it names."""
-    for layer, ids in predictions:
-        experts.prefetch(layer, sorted(set(ids[:tokens].flatten().tolist())))
+    captured step pads its batch) as the sorted set of experts it names; one device→host copy for all."""
+    if not predictions:
+        return
+    host = torch.stack([ids[:tokens] for _, ids in predictions]).tolist()  # [predictions][tokens][K]
+    for (layer, _), rows in zip(predictions, host):
+        experts.prefetch(layer, sorted({expert for row in rows for expert in row}))
