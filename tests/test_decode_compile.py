@@ -62,7 +62,10 @@ def test_decode_step_compiles_whole_and_matches_eager(checkpoint_factory, model_
         _advance(seqs, eager)
 
 
-def test_decode_step_compiles_through_inductor(checkpoint_factory):
+def test_decode_step_compiles_through_inductor(checkpoint_factory, tmp_path, monkeypatch):
+    # A cache of its own: inductor's cache key leaves out ATEN_CPU_CAPABILITY, so code generated for
+    # AVX-512 by an earlier run would be reused, and fail to build, under ATEN_CPU_CAPABILITY=default.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     directory, _ = checkpoint_factory("qwen3_moe")
     llm = LLM(directory, device="cpu", progress=False)
     experts = llm.experts.restacked()
