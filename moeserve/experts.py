@@ -96,14 +96,18 @@ class StackedExperts:
     @classmethod
     def over(cls, memory: torch.Tensor, intermediate: int, hidden: int, slot_of: torch.Tensor) -> StackedExperts:
         """Views of `memory` [S, 3*I*D]."""
-        rows, split = memory.shape[0], 2 * intermediate * hidden
-        gate_up = memory[:, :split].view(rows, 2 * intermediate, hidden)
-        down = memory[:, split:].view(rows, hidden, intermediate)
-        return cls(gate_up, down, slot_of)
+        return cls(*expert_rows(memory, intermediate, hidden), slot_of)
 
     def expert(self, row: int) -> ExpertWeights:
         """Row `row` as an expert (gate and up fused)."""
         return ExpertWeights.fused(self.gate_up[row], self.down[row])
+
+
+def expert_rows(memory: torch.Tensor, intermediate: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """memory [S, 3*I*D], each row an expert's gate | up | down → views gate_up [S, 2I, D] and down [S, D, I].
+    The one layout of stacked resident experts and of the offload cache's slots."""
+    rows, split = memory.shape[0], 2 * intermediate * hidden
+    return memory[:, :split].view(rows, 2 * intermediate, hidden), memory[:, split:].view(rows, hidden, intermediate)
 
 
 def stack_experts(

@@ -16,6 +16,11 @@ from typing import Protocol
 import torch
 
 
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
 class HasKvRow(Protocol):
     kv_row: int
 
@@ -78,7 +83,7 @@ class KVCache:
         new_rows = max(rows, 2 * cap_rows, 1) if rows > cap_rows else cap_rows
         # powers of two (or the context length), like decode spans (kv/context.py), so a span never
         # reads past the capacity and growth is rare
-        new_len = min(max(1 << (length - 1).bit_length(), 2 * cap_len, 64), self.max_len) if length > cap_len else cap_len
+        new_len = min(max(next_power_of_two(length), 2 * cap_len, 64), self.max_len) if length > cap_len else cap_len
         shape = (new_rows, self.num_kv_heads, new_len, self.head_dim)
         for tensors in (self.k, self.v) if self.separate_values else (self.k,):
             for i in range(self.num_layers):

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from moeserve.kv.cache import KVCache
+from moeserve.kv.cache import KVCache, next_power_of_two
 
 # Decode steps read at least this many cached positions per row; spans are powers of two above it.
 MIN_DECODE_SPAN = 64
@@ -28,7 +28,7 @@ MIN_DECODE_SPAN = 64
 def decode_span(longest: int, capacity: int) -> int:
     """Positions a decode step reads per row: the smallest power of two >= `longest` (and >= 64),
     within the cache's `capacity` (which is itself such a power of two, or the context length)."""
-    span = max(MIN_DECODE_SPAN, 1 << (longest - 1).bit_length())
+    span = max(MIN_DECODE_SPAN, next_power_of_two(longest))
     return min(span, capacity)
 
 

@@ -89,12 +89,10 @@ class MoeBlock(nn.Module):
         # The step's token count picks the arithmetic, so every provider computes a step alike.
         grouped = T <= GROUPED_GEMM_MAX_TOKENS and runs_kernel(x.device)
         if stacked is not None and (grouped or torch.compiler.is_compiling()):
-            out = self._on_device(x, weights, ids, stacked)
-        elif T == 1:
-            out = self._single_token(x, weights, ids, experts, grouped)
-        else:
-            out = self._many_tokens(x, weights, ids, experts, grouped)
-        return out
+            return self._on_device(x, weights, ids, stacked)
+        if T == 1:
+            return self._single_token(x, weights, ids, experts, grouped)
+        return self._many_tokens(x, weights, ids, experts, grouped)
 
     def _activate(self, gate: torch.Tensor, up: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:
         """gate, up [n, I] of rows routed to `expert` (one id, or an id per row [n]) → [n, I]."""

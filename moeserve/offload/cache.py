@@ -20,7 +20,7 @@ from typing import Callable, Container, Sequence
 
 import torch
 
-from moeserve.experts import ExpertWeights
+from moeserve.experts import ExpertWeights, expert_rows
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -87,14 +87,15 @@ class SlotPool:
 
     def __init__(self, num_slots: int, hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device):
         self.hidden, self.intermediate = hidden, intermediate
-        self.matrix_numel = hidden * intermediate
-        # [S, 3 * I * D]: per slot gate | up | down, contiguous so each decodes straight into place.
-        self.memory = torch.empty(num_slots, 3 * self.matrix_numel, dtype=dtype, device=device)
+        # [S, 3 * I * D]: per slot gate | up | down (experts.expert_rows, the layout of stacked resident
+        # experts), contiguous so each decodes straight into place.
+        self.memory = torch.empty(num_slots, 3 * hidden * intermediate, dtype=dtype, device=device)
         self.num_slots = num_slots
         # The views are made once: building them per use costs more than a small expert's matmuls.
         # Each slot serves both layouts of gate and up (fused, or apart like a mapped unfused
         # checkpoint), so an expert is computed exactly as the resident model would compute it.
-        self._fused_views = [self._slot_views(slot) for slot in range(num_slots)]
+        gate_up, down = expert_rows(self.memory, intermediate, hidden)  # [S, 2I, D], [S, D, I]
+        self._fused_views = [ExpertWeights.fused(gate_up[slot], down[slot]) for slot in range(num_slots)]
         self._apart_views = [ExpertWeights(w.gate, w.up, w.down) for w in self._fused_views]
 
     @staticmethod
@@ -110,9 +111,6 @@ class SlotPool:
         matmuls), otherwise also as one [2I, D] matrix (one matmul)."""
         return (self._apart_views if gate_up_apart else self._fused_views)[slot]
 
-    def _slot_views(self, slot: int) -> ExpertWeights:
-        row, n, d, i = self.memory[slot], self.matrix_numel, self.hidden, self.intermediate
-        return ExpertWeights.fused(gate_up=row[: 2 * n].view(2 * i, d), down=row[2 * n :].view(d, i))
 
 
 class ExpertCache:
