@@ -8,6 +8,7 @@ Out: `RequestOutput`s; `score` gives logits. The LLM owns one expert provider, i
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Sequence as Seq
 
@@ -20,6 +21,7 @@ from moeserve.engine.llm_engine import LLMEngine
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.errors import InputError, ModelLoadError
+from moeserve.kv.plan import DEFAULT_GPU_MEMORY_UTILIZATION, MemoryPlan
 from moeserve.experts import ExpertProvider
 from moeserve.loader import load_dense_experts, load_model, resolve_model_dir
 from moeserve.offload.options import OffloadOptions
@@ -44,6 +46,9 @@ class LLM:
         for, on a CPU 1.
     decode_workers: CPU threads decoding experts; None = one per 8 cores, at least two.
     enforce_eager: never replay decode steps from CUDA graphs (engine/decode_graphs.py); GPU only.
+    kv_cache: the paged KV cache's size: bytes ("4GiB", or a number) or a share of the device's memory
+        ("30%"); None = what remains of gpu_memory_utilization on a GPU, a share of RAM on a CPU (kv/plan.py).
+    gpu_memory_utilization: the share of the GPU's memory the whole memory plan may take (default 0.9).
     """
 
     def __init__(
@@ -63,6 +68,8 @@ class LLM:
         decode_workers: int | None = None,
         prefetch_depth: int | None = None,
         enforce_eager: bool = False,
+        kv_cache: str | int | None = None,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         progress: bool = True,
     ):
         self.device = resolve_device(device, ModelLoadError)
@@ -77,6 +84,8 @@ class LLM:
             if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
                 raise ModelLoadError(f"max_model_len must be an integer in 2..{context} for this model, got {max_model_len!r}.")
             context = max_model_len
+        if not isinstance(gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization <= 1:
+            raise ModelLoadError(f"gpu_memory_utilization must be a share in (0, 1], got {gpu_memory_utilization!r}.")
         self.offload_options = OffloadOptions(policy, expert_cache, eviction, prefetch, decode_workers, prefetch_depth)
         self.offload: OffloadRuntime | None = None
         self.experts: ExpertProvider | None  # the default provider; None once handed over
@@ -95,11 +104,36 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens,
             seed=seed,
             enforce_eager=enforce_eager,
+            kv_cache=kv_cache,
+            gpu_memory_utilization=gpu_memory_utilization,
+            profile_experts=self.experts,
         )
+        self.memory_plan = self._memory_plan()
+        if progress:
+            print(self.memory_plan.line(), file=sys.stderr)
 
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    def stats(self) -> dict[str, float]:
+        """The engine's KV cache figures (kv_cache_usage_perc, kv_blocks_in_use / _free / _peak, kv_block_bytes,
+        num_preemptions); offloading figures are in `llm.offload.stats`."""
+        return self.engine.kv_stats()
+
+    def _memory_plan(self) -> MemoryPlan:
+        weights = sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
+        if self.offload is None:
+            weights += self.experts.nbytes
+        cache = self.engine.runner.cache
+        return MemoryPlan(
+            device=str(self.device),
+            weights=weights,
+            expert_cache=0 if self.offload is None else self.offload.budget_bytes,
+            kv=cache.nbytes,
+            kv_tokens=cache.manager.usable_blocks // cache.num_groups * cache.block_size,
+            workspace=self.engine.workspace_bytes,
+        )
 
     def hand_over_experts(self) -> tuple[ExpertProvider, OffloadRuntime | None]:
         """Give up this LLM's expert provider (and its runtime) to a new owner, e.g. the server's first
@@ -157,7 +191,7 @@ class LLM:
         try:
             (logits,) = self.engine.runner.extend([seq], [True], experts)
         finally:
-            self.engine.runner.release(seq)
+            self.engine.scheduler.release(seq)
         return logits.cpu()
 
 

@@ -33,7 +33,7 @@ def _prefilled(llm: LLM, experts):
     for seq in seqs:
         engine.submit(seq, experts)
     engine.step()
-    return sorted(seqs, key=lambda s: s.kv_row)
+    return sorted(seqs, key=lambda s: s.num_tokens)
 
 
 def _advance(seqs, logits: torch.Tensor) -> None:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
-from moeserve.kv.cache import KVCache
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 PROMPTS = [[7, 8, 9, 10, 11, 12, 13], [3], [100, 101, 102], list(range(20, 45)), [9, 9]]
@@ -134,30 +133,12 @@ def test_chat_renders_template_once(llm):
 def test_score_accepts_text_and_matches_generate_logits(llm):
     text_logits = llm.score("hello world")
     assert text_logits.shape[0] == len(llm.tokenizer.encode("hello world"))
-    assert llm.engine.runner.cache.num_rows == 0  # score leaves no row behind
+    assert llm.engine.runner.blocks.blocks_in_use == 0  # score leaves no block behind
 
 
-def test_kv_cache_rows_stay_dense():
-    class Owner:
-        kv_row = -1
-
-    cache = KVCache(num_layers=2, num_kv_heads=1, head_dim=2, max_len=16, dtype=torch.float32, device=torch.device("cpu"))
-    owners = [Owner() for _ in range(3)]
-    for i, owner in enumerate(owners):
-        cache.allocate(owner, 4)
-        for layer in range(2):
-            cache.k[layer][owner.kv_row].fill_(i)
-    cache.free(owners[0])
-    assert sorted(o.kv_row for o in owners[1:]) == [0, 1] and owners[0].kv_row == -1
-    for i, owner in enumerate(owners[1:], start=1):
-        assert bool((cache.k[1][owner.kv_row] == i).all())
-    cache.reserve(40)  # grows past the initial length but never past max_len
-    assert cache.k[0].shape[2] == 16
-
-
-def test_decode_of_a_subset_of_cache_rows(llm):
+def test_decode_of_a_subset_of_running_sequences(llm):
     # A step may decode some running sequences but not others (e.g. one policy variant at a
-    # time): rows 2 and 0, out of order, must give what each sequence gives alone.
+    # time): sequences 2 and 0, out of order, must give what each sequence gives alone.
     engine, runner, experts = llm.engine, llm.engine.runner, llm.experts
 
     def prepared(prompts):
@@ -170,11 +151,11 @@ def test_decode_of_a_subset_of_cache_rows(llm):
     seqs = prepared(PROMPTS[:3])
     subset = runner.decode([seqs[2], seqs[0]], experts)  # [2, V]
     for seq in seqs:
-        runner.release(seq)
+        engine.scheduler.release(seq)
     for row, prompt in zip(subset, (PROMPTS[2], PROMPTS[0])):
         (alone,) = prepared([prompt])
         assert torch.allclose(row, runner.decode([alone], experts)[0], atol=1e-5)
-        runner.release(alone)
+        engine.scheduler.release(alone)
 
 
 def test_step_outputs_add_up_to_the_finished_sequence(llm):

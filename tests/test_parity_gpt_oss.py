@@ -4,15 +4,12 @@ the clamped SwiGLU; fp32 logits and greedy tokens, and bf16 under the bf16 rule.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
 from moeserve.config import parse_model_config
-from moeserve.kv.context import StepContext
-from moeserve.kv.cache import KVCache
 from moeserve.errors import ModelLoadError
 from parity_checks import assert_bf16_matches, hf_greedy, hf_logits
 
@@ -67,14 +64,13 @@ def test_prefill_in_chunks_matches_transformers(checkpoint_factory):
     # Extending a cached sequence (the sliding window then reaches back into the cache) against one pass.
     directory, hf_model = checkpoint_factory("gpt_oss")
     llm = LLM(directory, device="cpu")
-    c = llm.config
-    cache = KVCache(c.num_layers, c.num_kv_heads, c.head_dim, 64, c.dtype, torch.device("cpu"))
-    owner = SimpleNamespace(kv_row=-1)
-    cache.allocate(owner, len(SCORE_IDS))
+    runner = llm.engine.runner
+    seq = llm.engine.make_sequence(SCORE_IDS, SamplingParams(max_tokens=1))
     logits, done = [], 0
     for n in (5, 1, 7):
-        ctx = StepContext(cache, torch.arange(done, done + n), [owner.kv_row], [n], [done])
-        logits.append(llm.model(torch.tensor(SCORE_IDS[done : done + n]), ctx, llm.experts))
+        seq.prompt_ids = SCORE_IDS[: done + n]  # the sequence grows by n tokens; the runner computes only those
+        (rows,) = runner.extend([seq], [True], llm.experts)
+        logits.append(rows)
         done += n
     assert (torch.cat(logits) - hf_logits(hf_model, SCORE_IDS)).abs().max().item() <= 1e-4
 

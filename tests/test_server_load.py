@@ -54,7 +54,7 @@ def wait_until_idle(url: str, llm: LLM, timeout: float = 30.0) -> None:
             running_requests(url) == 0
             and not scheduler.running
             and not scheduler.waiting
-            and llm.engine.runner.cache.num_rows == 0
+            and llm.engine.runner.blocks.blocks_in_use == 0
         ):
             return
         time.sleep(0.05)

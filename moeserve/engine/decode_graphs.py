@@ -7,18 +7,17 @@ Out: float32 logits [B, V], from replaying graphs captured for the step's shape 
 A GPU runs a small-batch decode step far faster than the host can launch its few hundred kernels one
 by one. So, as vLLM does, each shape bucket's step is captured once and replayed: batch sizes are padded
 up to a bucket (1, 2, 4, 8, 16, 32), and the positions a row reads are the step's span (kv/context.py),
-a power of two. The graph reads its inputs from static buffers (token ids, positions) that each step
-fills with one host→device copy; padded entries decode token 0 at position 0 of a free cache row, which
-nothing reads. What a graph bakes in, and when it is recaptured:
-  - the KV cache tensors: a reallocation (`KVCache.version`) drops every graph;
+a power of two. The graph reads its inputs from static buffers (token ids, positions, block tables) that
+each step fills with host→device copies; padded entries decode token 0 at position 0 of the null block
+(kv/blocks.py), which nothing reads unmasked. What a graph bakes in, and when it is recaptured:
+  - the KV pool: allocated once and never moved, so never;
   - the provider's stacked experts: whole-step graphs are kept per provider, and dropped when it is freed;
   - the rotary table: reserved for the whole context before the first capture.
 An offloading provider must see each MoE layer's routing on the host to load its experts, so its steps
 replay a chain of segment graphs (kept per prediction depth, rounded down to a power of two: each
 segment also predicts the next layers' experts for the provider's prefetch) with the routed experts run eagerly between them, exactly as the
 eager forward runs them: only the host's launches of everything else are saved.
-Steps that do not fit (a larger batch, rows that are not the cache's first B) run eagerly; so does every
-step with `enforce_eager`.
+Larger batches run eagerly; so does every step with `enforce_eager`.
 """
 
 from __future__ import annotations
@@ -31,8 +30,7 @@ import torch
 
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider
-from moeserve.kv.cache import KVCache
-from moeserve.kv.context import DecodeContext, decode_span
+from moeserve.kv.context import DecodeContext, Part
 from moeserve.models.decoder import MoeCausalLM, Segment, prefetch
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -87,12 +85,12 @@ class CudaCapturer:
 @dataclass
 class CapturedStep:
     graphs: list[Graph]  # the whole step, or one per segment
-    inputs: torch.Tensor  # [2, bucket] long, static: token ids, positions
-    logits: torch.Tensor  # [bucket, V] float32, static output
     # Every tensor the graph reads that was made outside it must live as long as the graph: the replay
     # reads these addresses, and a freed block would be handed to the next allocation.
-    row_index: torch.Tensor  # [bucket] long, 0..bucket-1: the cache rows the step writes
-    staging: torch.Tensor  # [2, bucket] long, pinned host memory: the next step's inputs
+    inputs: torch.Tensor  # [2, bucket] long, static: token ids, positions
+    tables: torch.Tensor  # [groups, bucket, blocks] long, static: block tables
+    logits: torch.Tensor  # [bucket, V] float32, static output
+    staging: tuple[torch.Tensor, torch.Tensor]  # pinned host memory: the next step's inputs and tables
     copied: torch.cuda.Event  # recorded after the last copy out of `staging`
     # a chain of segments: the output of each but the last, and the static input of each but the first
     # (the routed experts of the MoE layer before it, [bucket, D])
@@ -101,52 +99,45 @@ class CapturedStep:
 
 
 class DecodeGraphs:
-    def __init__(self, model: MoeCausalLM, cache: KVCache, device: torch.device, capturer: Capturer | None = None):
-        self.model, self.cache, self.device = model, cache, device
+    def __init__(self, model: MoeCausalLM, runner, device: torch.device, capturer: Capturer | None = None):
+        """`runner`: the engine/runner.py ModelRunner whose cache and block tables the steps read."""
+        self.model, self.runner, self.device = model, runner, device
         self.capturer = capturer or CudaCapturer(device)
-        self._graphs: dict[tuple[int, int, int], CapturedStep] = {}  # (bucket, span, provider id) → graph
+        self._graphs: dict[tuple, CapturedStep] = {}  # (bucket, blocks, provider id) or (bucket, blocks, None, depth)
         self._watched: set[int] = set()  # providers whose graphs go when they do
-        self._version = cache.version
         self._rope_ready = False
 
     def fits(self, seqs: list[Sequence]) -> bool:
         """Whether this decode step can replay graphs."""
-        return (
-            len(seqs) <= BATCH_BUCKETS[-1]
-            and len(seqs) == self.cache.num_rows
-            and all(seq.kv_row == row for row, seq in enumerate(seqs))
-        )
+        return len(seqs) <= BATCH_BUCKETS[-1]
 
     def decode(self, seqs: list[Sequence], experts: ExpertProvider) -> torch.Tensor:
         """The step's logits [B, V] (call only when `fits`)."""
         batch = len(seqs)
         bucket = next(b for b in BATCH_BUCKETS if b >= batch)
-        longest = max(seq.num_tokens for seq in seqs)
-        self.cache.reserve(longest, rows=bucket)
-        if self.cache.version != self._version:  # the tensors the graphs read are gone
-            self._graphs.clear()
-            self._version = self.cache.version
+        blocks = self.runner.decode_blocks(seqs)
         host = torch.zeros(2, bucket, dtype=torch.long)  # [2, bucket]: token ids, positions; padding: 0, 0
         host[0, :batch] = torch.tensor([seq.output_ids[-1] for seq in seqs])
         host[1, :batch] = torch.tensor([seq.num_cached for seq in seqs])
+        tables = self.runner.block_tables(seqs, bucket, blocks)  # [groups, bucket, blocks]; padding: null block
         whole = all(experts.stacked(layer) is not None for layer in self.model.moe_layer_ids)
-        span = decode_span(longest, self.cache.capacity)
         # a whole step bakes in the provider's experts; a chain only the prediction depth its segments make
         # The depth changes with the batch's routing width; a power of two below it keeps the chains few
         # (a depth changes which guesses the provider hears of, never a number the step computes).
         depth = experts.prediction_depth
         depth = depth and 1 << (depth.bit_length() - 1)
-        key = (bucket, span, id(experts)) if whole else (bucket, span, None, depth)
+        key = (bucket, blocks, id(experts)) if whole else (bucket, blocks, None, depth)
         step = self._graphs.get(key)
         if step is None:
             if whole:
-                step = self._graphs[key] = self._capture_whole(bucket, span, experts, host)
+                step = self._graphs[key] = self._capture_whole(bucket, experts, host, tables)
                 self._watch(experts)
             else:
-                step = self._graphs[key] = self._capture_chain(bucket, span, depth, host)
+                step = self._graphs[key] = self._capture_chain(bucket, depth, host, tables)
         step.copied.synchronize()  # normally long done: the previous step's tokens were read on the host
-        step.staging.copy_(host)
-        step.inputs.copy_(step.staging, non_blocking=True)
+        for staging, static, now in zip(step.staging, (step.inputs, step.tables), (host, tables)):
+            staging.copy_(now)
+            static.copy_(staging, non_blocking=True)
         step.copied.record()
         step.graphs[0].replay()
         with torch.inference_mode():
@@ -170,28 +161,35 @@ class DecodeGraphs:
         for key in [key for key in self._graphs if key[2] == provider_id]:
             del self._graphs[key]
 
-    def _static_inputs(self, bucket: int, host: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _static_inputs(self, host: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self._rope_ready:
             # a graph reads the table where it is at capture: it must never be rebuilt afterwards
-            self.model.rotary.reserve(self.cache.max_len, self.device)
+            self.model.rotary.reserve(self.runner.max_len, self.device)
             self._rope_ready = True
         # this step's inputs: the capturer's warm-up run writes real K/V at the step's positions
-        return host.to(self.device), torch.arange(bucket, device=self.device)  # [2, bucket], [bucket]
+        return host.to(self.device), tables.to(self.device)  # [2, bucket], [groups, bucket, blocks]
 
-    def _capture_whole(self, bucket: int, span: int, experts: ExpertProvider, host: torch.Tensor) -> CapturedStep:
-        inputs, row_index = self._static_inputs(bucket, host)
+    def _context(self, positions: torch.Tensor, tables: torch.Tensor) -> DecodeContext:
+        bucket, blocks = tables.shape[1], tables.shape[2]
+        runner = self.runner
+        return DecodeContext(runner.cache, positions, tables, (Part(0, bucket, blocks),), use_kernel=runner.paged_kernel)
+
+    def _staging(self, host: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.capturer.staging(host), self.capturer.staging(tables)
+
+    def _capture_whole(self, bucket: int, experts: ExpertProvider, host: torch.Tensor, tables: torch.Tensor) -> CapturedStep:
+        inputs, static_tables = self._static_inputs(host, tables)
         ids, positions = inputs.unbind(0)  # [bucket] each
         provider = weakref.ref(experts)  # a capturer may keep `step`; the provider must still be free to go
 
         def step() -> torch.Tensor:
-            ctx = DecodeContext(self.cache, positions, row_index, span, rows_are_prefix=True)
-            return self.model(ids, ctx, provider())  # [bucket, V]
+            return self.model(ids, self._context(positions, static_tables), provider())  # [bucket, V]
 
         graph, logits = self.capturer.capture(step)
-        return CapturedStep([graph], inputs, logits, row_index, self.capturer.staging(host), self.capturer.event(), [], [])
+        return CapturedStep([graph], inputs, static_tables, logits, self._staging(host, tables), self.capturer.event(), [], [])
 
-    def _capture_chain(self, bucket: int, span: int, depth: int, host: torch.Tensor) -> CapturedStep:
-        inputs, row_index = self._static_inputs(bucket, host)
+    def _capture_chain(self, bucket: int, depth: int, host: torch.Tensor, tables: torch.Tensor) -> CapturedStep:
+        inputs, static_tables = self._static_inputs(host, tables)
         ids, positions = inputs.unbind(0)  # [bucket] each
         config = self.model.config
         routed = [
@@ -205,7 +203,7 @@ class DecodeGraphs:
 
             def step(index=index, previous=previous) -> Segment:
                 # Its own context per segment: a mask cached in one graph's memory must not be read by another.
-                ctx = DecodeContext(self.cache, positions, row_index, span, rows_are_prefix=True)
+                ctx = self._context(positions, static_tables)
                 with torch.inference_mode():
                     moe_out = routed[index - 1] if index else None
                     return self.model.segment(index, ids, ctx, depth, previous, moe_out)
@@ -214,5 +212,5 @@ class DecodeGraphs:
             graphs.append(graph)
             segments.append(done)
         last = segments.pop()
-        return CapturedStep(graphs, inputs, last.x, row_index, self.capturer.staging(host), self.capturer.event(),
+        return CapturedStep(graphs, inputs, static_tables, last.x, self._staging(host, tables), self.capturer.event(),
                             segments, routed)

@@ -15,13 +15,16 @@ import itertools
 import torch
 
 from moeserve.engine.outputs import StepOutput
-from moeserve.engine.runner import ModelRunner
+from moeserve.engine.profile import step_peak_bytes
+from moeserve.engine.runner import ModelRunner, kv_layout
 from moeserve.engine.sampler import sample, token_logprobs
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.engine.scheduler import Scheduler
 from moeserve.engine.sequence import Sequence
 from moeserve.errors import InputError
 from moeserve.experts import ExpertProvider
+from moeserve.kv.cache import DEFAULT_BLOCK_SIZE
+from moeserve.kv.plan import DEFAULT_GPU_MEMORY_UTILIZATION, kv_budget, num_blocks
 from moeserve.models.decoder import MoeCausalLM
 from moeserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -37,12 +40,27 @@ class LLMEngine:
         max_num_batched_tokens: int = 8192,
         seed: int = 0,
         enforce_eager: bool = False,
+        kv_cache: str | int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+        profile_experts: ExpertProvider | None = None,
     ):
+        """kv_cache: the KV cache's size, bytes or a share of device memory (kv/plan.py); None = the device's
+        default, for which a GPU runs one profiling step of max_num_batched_tokens on `profile_experts`."""
         self.config = model.config
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.runner = ModelRunner(model, device, max_model_len, enforce_eager)
-        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
+        self.workspace_bytes: int | None = None  # reserved for activations (GPU default plan only)
+        if device.type == "cuda" and kv_cache is None and profile_experts is not None:
+            steps = min(max_num_batched_tokens, max_model_len - 1)
+            self.workspace_bytes = step_peak_bytes(model, device, steps, block_size, profile_experts)
+        budget = kv_budget(kv_cache, device, self.workspace_bytes or 0, gpu_memory_utilization)
+        blocks = num_blocks(budget, kv_layout(model), block_size, max_model_len, max_num_seqs)
+        self.runner = ModelRunner(model, device, max_model_len, blocks, block_size, enforce_eager)
+        self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.runner.blocks)
+        manager = self.runner.blocks
+        # the most positions one sequence can hold when it has every block to itself
+        self.kv_tokens_alone = manager.usable_blocks // len(manager.windows) * block_size
         self.eos_token_ids = set(self.config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
@@ -62,6 +80,7 @@ class LLMEngine:
         else:
             prompt_ids = list(prompt)
         self._check_prompt(prompt_ids)
+        max_len = self._fit_in_kv_cache(len(prompt_ids), params.max_tokens)
         if params.stop and self.tokenizer is None:
             self._require_tokenizer("stop strings")
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if self.tokenizer else None
@@ -72,7 +91,7 @@ class LLMEngine:
             seq_id=next(self._ids),
             prompt_ids=prompt_ids,
             params=params,
-            max_len=self.max_model_len,
+            max_len=max_len,
             detokenizer=detokenizer,
             generator=generator,
             prompt=text,
@@ -95,7 +114,6 @@ class LLMEngine:
             return
         self.scheduler.abort(seq)
         self.scheduler.remove_finished()
-        self.runner.release(seq)
 
     def step(self) -> list[StepOutput]:
         """Run one step; return what each of its sequences produced (finished ones have left)."""
@@ -107,7 +125,8 @@ class LLMEngine:
         if step.is_decode:
             logits = self.runner.decode(seqs, step.experts)  # [B, V]
         else:
-            wants_prompt = [seq.params.prompt_logprobs is not None for seq in seqs]
+            # (a preempted sequence that runs again has its prompt's logprobs already)
+            wants_prompt = [seq.params.prompt_logprobs is not None and not seq.output_ids for seq in seqs]
             per_seq = self.runner.extend(seqs, wants_prompt, step.experts)
             for i, (seq, rows, wanted) in enumerate(zip(seqs, per_seq, wants_prompt)):
                 if wanted:
@@ -129,8 +148,7 @@ class LLMEngine:
                     prompt_lp,
                 )
             )
-        for seq in self.scheduler.remove_finished():
-            self.runner.release(seq)
+        self.scheduler.remove_finished()
         return outputs
 
     @staticmethod
@@ -202,6 +220,32 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_model_len} "
                 f"(prompt plus at least one generated token); shorten the prompt."
             )
+
+    def _fit_in_kv_cache(self, prompt_len: int, max_tokens: int | None) -> int:
+        """The most tokens a request may reach: the context, or what the whole KV cache holds for one
+        sequence if that is less. A request whose prompt and max_tokens cannot fit even alone is refused."""
+        alone = self.kv_tokens_alone
+        needed = prompt_len + 1 if max_tokens is None else min(self.max_model_len, prompt_len + max_tokens)
+        if needed > alone:
+            cache = self.runner.cache
+            asked = f"the prompt ({prompt_len} tokens)" + ("" if max_tokens is None else f" and max_tokens ({max_tokens})")
+            raise InputError(
+                f"{asked} need {needed} tokens of KV cache but the whole KV cache ({cache.nbytes / 2**20:.1f} MiB) "
+                f"holds {alone} for one sequence; raise kv_cache (--kv-cache) or ask for fewer tokens."
+            )
+        return min(self.max_model_len, alone)
+
+    def kv_stats(self) -> dict[str, float]:
+        """The KV cache's state: usage, blocks in use and free, their peak, preemptions so far."""
+        manager = self.runner.blocks
+        return {
+            "kv_cache_usage_perc": manager.blocks_in_use / manager.usable_blocks,
+            "kv_blocks_in_use": manager.blocks_in_use,
+            "kv_blocks_free": manager.free_blocks,
+            "kv_blocks_peak": manager.peak_in_use,
+            "kv_block_bytes": self.runner.cache.bytes_per_block,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
 
     def _require_tokenizer(self, what: str) -> Tokenizer:
         if self.tokenizer is None:

@@ -1,69 +1,100 @@
 """Runs one forward step of the model for a batch of sequences.
 
-In:  the sequences of a step (from the scheduler); each brings its uncached tokens.
-Out: float32 logits for the positions that need them; the K/V of the step stay in the cache.
+In:  the sequences of a step (from the scheduler, which gave each the KV blocks its tokens need); each
+     brings its uncached tokens.
+Out: float32 logits for the positions that need them; the K/V of the step stay in the paged cache.
 
-Owns the per-step contexts (host-built metadata), the KV cache on the compute device and, on a GPU,
-the decode steps' CUDA graphs. Holds no expert provider: each call is given the one of its step.
+Owns the per-step contexts (host-built metadata: positions, write slots, block tables), the paged KV
+cache on the compute device and, on a GPU, the decode steps' CUDA graphs. Holds no expert provider:
+each call is given the one of its step.
 """
 
 from __future__ import annotations
 
 import torch
 
-from moeserve.kv.context import DecodeContext, StepContext, decode_span
 from moeserve.engine.decode_graphs import DecodeGraphs
-from moeserve.kv.cache import KVCache
-from moeserve.layers.grouped_gemm import runs_kernel
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider
+from moeserve.kv.blocks import blocks_for
+from moeserve.kv.cache import KvLayout, PagedKVCache
+from moeserve.kv.context import DecodeContext, Part, StepContext, decode_blocks
+from moeserve.layers.grouped_gemm import runs_kernel
+from moeserve.layers.paged_attention import runs_paged_kernel
 from moeserve.models.decoder import MoeCausalLM
 
 
+def kv_layout(model: MoeCausalLM) -> KvLayout:
+    config = model.config
+    heads, head_dim, separate_values = config.kv_cache_layout
+    return KvLayout(config.num_layers, heads, head_dim, separate_values, tuple(config.sliding_windows), config.dtype)
+
+
 class ModelRunner:
-    def __init__(self, model: MoeCausalLM, device: torch.device, max_len: int, enforce_eager: bool = False):
-        config = model.config
+    def __init__(
+        self,
+        model: MoeCausalLM,
+        device: torch.device,
+        max_len: int,
+        num_blocks: int,
+        block_size: int,
+        enforce_eager: bool = False,
+    ):
         self.model = model
         self.device = device
-        heads, head_dim, separate_values = config.kv_cache_layout
-        self.cache = KVCache(config.num_layers, heads, head_dim, max_len, config.dtype, device, separate_values)
+        self.max_len = max_len
+        self.cache = PagedKVCache(kv_layout(model), num_blocks, block_size, device)
+        self.max_blocks = blocks_for(max_len, block_size)  # of one sequence's table
+        self.paged_kernel = runs_paged_kernel(device)
         # decode steps replay CUDA graphs where they can (engine/decode_graphs.py)
         # (they need the grouped GEMM's kernel: without triton, MoE blocks on a GPU read routing on the host)
         capturable = device.type == "cuda" and runs_kernel(device) and not enforce_eager
-        self.graphs = DecodeGraphs(model, self.cache, device) if capturable else None
+        self.graphs = DecodeGraphs(model, self, device) if capturable else None
+
+    @property
+    def blocks(self):
+        """The block manager: which blocks each sequence holds."""
+        return self.cache.manager
 
     def extend(self, seqs: list[Sequence], all_positions: list[bool], experts: ExpertProvider) -> list[torch.Tensor]:
         """Run every uncached token of `seqs` on `experts`. Per sequence: logits [n, V] for all its new
         positions where `all_positions[i]`, else [1, V] for its last position only."""
-        for seq in seqs:
-            if seq.kv_row < 0:
-                self.cache.allocate(seq, seq.num_tokens)
-        self.cache.reserve(max(seq.num_tokens for seq in seqs))
-        ids, positions, wanted, spans = [], [], [], []
+        size = self.cache.block_size
+        ids, positions, wanted, spans, slots = [], [], [], [], [[] for _ in range(self.cache.num_groups)]
         for seq, everything in zip(seqs, all_positions):
+            self.cover(seq, seq.num_tokens)
             new = seq.all_ids[seq.num_cached :]
             base = len(ids)
             ids.extend(new)
-            positions.extend(range(seq.num_cached, seq.num_tokens))
+            new_positions = range(seq.num_cached, seq.num_tokens)
+            positions.extend(new_positions)
+            for group, table in zip(slots, seq.blocks.tables):
+                group.extend(table[p // size] * size + p % size for p in new_positions)
             first = base if everything else base + len(new) - 1
             spans.append((len(wanted), len(wanted) + base + len(new) - first))
             wanted.extend(range(first, base + len(new)))
+        host = torch.tensor([positions, *slots])  # [1 + groups, T]
+        on_device = host.to(self.device, non_blocking=True)
         ctx = StepContext(
             cache=self.cache,
-            positions=torch.tensor(positions, device=self.device),
-            rows=[seq.kv_row for seq in seqs],
+            positions=on_device[0],
+            slots=on_device[1:],
             query_lens=[seq.num_tokens - seq.num_cached for seq in seqs],
             cached_lens=[seq.num_cached for seq in seqs],
+            block_tables=[seq.blocks.tables for seq in seqs],
         )
         logits = self.model(
             torch.tensor(ids, device=self.device), ctx, experts, torch.tensor(wanted, device=self.device)
         )  # [N, V]
         for seq in seqs:
             seq.num_cached = seq.num_tokens
+            self.blocks.leave_window(seq.blocks, seq.num_cached)
         return [logits[a:b] for a, b in spans]
 
     def decode(self, seqs: list[Sequence], experts: ExpertProvider) -> torch.Tensor:
         """One new token per sequence (each has exactly one uncached token), on `experts` → logits [B, V]."""
+        for seq in seqs:
+            self.cover(seq, seq.num_tokens)
         if self.graphs is not None and self.graphs.fits(seqs):
             logits = self.graphs.decode(seqs, experts)  # [B, V]
         else:
@@ -71,25 +102,49 @@ class ModelRunner:
             logits = self.model(ids, ctx, experts)  # [B, V]
         for seq in seqs:
             seq.num_cached += 1
+            self.blocks.leave_window(seq.blocks, seq.num_cached)
         return logits
 
+    def decode_blocks(self, seqs: list[Sequence]) -> int:
+        """Blocks per row the decode step of `seqs` reads (its span, in blocks)."""
+        return decode_blocks(max(seq.num_tokens for seq in seqs), self.cache.block_size, self.max_blocks)
+
+    def block_tables(self, seqs: list[Sequence], rows: int, blocks: int) -> torch.Tensor:
+        """[groups, rows, blocks] long on the host: each sequence's tables, padded with the null block
+        (as are rows past the sequences)."""
+        tables = torch.zeros(self.cache.num_groups, rows, blocks, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            for group, table in enumerate(seq.blocks.tables):
+                held = table[:blocks]
+                tables[group, row, : len(held)] = torch.tensor(held)
+        return tables
+
     def decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, DecodeContext]:
-        """The decode step's token ids [B] and context, with one host→device copy."""
-        longest = max(seq.num_tokens for seq in seqs)
-        self.cache.reserve(longest)
-        rows = [seq.kv_row for seq in seqs]
-        host = torch.tensor([[seq.output_ids[-1] for seq in seqs], [seq.num_cached for seq in seqs], rows])  # [3, B]
-        ids, positions, row_index = host.to(self.device, non_blocking=True).unbind(0)  # [B] each
-        ctx = DecodeContext(
-            cache=self.cache,
-            positions=positions,
-            row_index=row_index,
-            span=decode_span(longest, self.cache.capacity),
-            rows_are_prefix=rows == list(range(len(rows))),
-        )
+        """The decode step's token ids [B] and context, with one host→device copy of ids and positions and
+        one of the block tables."""
+        for seq in seqs:
+            self.cover(seq, seq.num_tokens)
+        blocks = self.decode_blocks(seqs)
+        host = torch.tensor([[seq.output_ids[-1] for seq in seqs], [seq.num_cached for seq in seqs]])  # [2, B]
+        ids, positions = host.to(self.device, non_blocking=True).unbind(0)  # [B] each
+        tables = self.block_tables(seqs, len(seqs), blocks).to(self.device, non_blocking=True)
+        ctx = DecodeContext(self.cache, positions, tables, self.parts(seqs), use_kernel=self.paged_kernel)
         return ids, ctx
 
-    def release(self, seq: Sequence) -> None:
-        if seq.kv_row >= 0:
-            self.cache.free(seq)
-        seq.num_cached = 0
+    def parts(self, seqs: list[Sequence]) -> tuple[Part, ...]:
+        """Runs of consecutive rows whose lengths bucket alike, each read over its own span (kv/context.py)."""
+        size, most = self.cache.block_size, self.max_blocks
+        parts: list[Part] = []
+        for row, seq in enumerate(seqs):
+            blocks = decode_blocks(seq.num_tokens, size, most)
+            if parts and parts[-1].blocks == blocks:
+                parts[-1] = Part(parts[-1].start, row + 1, blocks)
+            else:
+                parts.append(Part(row, row + 1, blocks))
+        return tuple(parts)
+
+    def cover(self, seq: Sequence, tokens: int) -> None:
+        """Give `seq` blocks for positions 0..tokens-1 (the scheduler normally has already)."""
+        if seq.blocks is None:
+            seq.blocks = self.blocks.new_tables()
+        self.blocks.cover(seq.blocks, tokens)

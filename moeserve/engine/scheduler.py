@@ -4,6 +4,13 @@ Plain Python with no tensors, so it can be tested on its own. Each step is eithe
 step (newly admitted sequences bring their prompts) or a decode step (every running sequence
 brings one token). Finished sequences leave between steps; waiting ones join when there is room.
 
+Memory is KV blocks (kv/blocks.py). A waiting sequence is admitted only when its tokens' blocks are free
+and, after it, so are the blocks every running sequence (it included) needs for its next token: an
+admission never forces the very next decode step to preempt. A decode step that still runs short takes
+the blocks of the most recently admitted running sequence (preemption by recompute): it goes back to the
+front of the queue, keeps its generated tokens and recomputes their K/V when it is admitted again, so its
+output is the one an uninterrupted run gives. Finished and aborted sequences return their blocks.
+
 Groups: every sequence runs on the expert provider it was submitted with (`Sequence.experts`; the
 server gives each policy variant its own). One step runs sequences of one provider only, so one
 provider serves the whole step; with several providers holding work, steps go round-robin between
@@ -17,6 +24,7 @@ from dataclasses import dataclass
 
 from moeserve.engine.sequence import Sequence, SequenceStatus
 from moeserve.experts import ExpertProvider
+from moeserve.kv.blocks import BlockManager
 
 
 @dataclass
@@ -31,9 +39,11 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, blocks: BlockManager):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.blocks = blocks
+        self.num_preemptions = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._last_group: ExpertProvider | None = None
@@ -68,28 +78,75 @@ class Scheduler:
         """Prefill-first over `waiting` (consumed in place), else a decode step of `running`."""
         admitted: list[Sequence] = []
         budget = self.max_num_batched_tokens
+        # blocks the running sequences' next tokens need, kept free through admission
+        reserved = sum(self._next_token_blocks(seq) for seq in self.running)
         while waiting and len(self.running) + len(admitted) < self.max_num_seqs:
-            cost = waiting[0].num_tokens
+            seq = waiting[0]
+            cost = seq.num_tokens
             # A prompt longer than the whole budget still runs, alone, rather than waiting forever.
             if admitted and cost > budget:
                 break
-            seq = waiting.popleft()
+            needed = self.blocks.blocks_to_cover(seq.blocks, seq.num_tokens)
+            after = self.blocks.blocks_to_cover(seq.blocks, seq.num_tokens + 1) - needed
+            if needed + after + reserved > self.blocks.free_blocks:
+                break
+            waiting.popleft()
+            if seq.blocks is None:
+                seq.blocks = self.blocks.new_tables()
+            self.blocks.cover(seq.blocks, seq.num_tokens)
+            reserved += after
             seq.status = SequenceStatus.RUNNING
             admitted.append(seq)
             budget -= cost
         if admitted:
             self.running.extend(admitted)
             return ScheduledStep(admitted, is_decode=False)
+        running = self._make_room(running)
         if running:
-            # Cache-row order lets the attention read rows 0..B-1 as one slice.
-            return ScheduledStep(sorted(running, key=lambda s: s.kv_row), is_decode=True)
+            for seq in running:
+                self.blocks.cover(seq.blocks, seq.num_tokens)
+            # Length order: attention that gathers blocks reads rows of similar length together (kv/context.py).
+            return ScheduledStep(sorted(running, key=lambda s: s.num_tokens), is_decode=True)
         return None
 
+    def _next_token_blocks(self, seq: Sequence) -> int:
+        """Blocks `seq` must take before its next decode step."""
+        return self.blocks.blocks_to_cover(seq.blocks, seq.num_tokens)
+
+    def _make_room(self, running: list[Sequence]) -> list[Sequence]:
+        """Preempt the most recently admitted sequences until `running`'s next tokens have their blocks;
+        `running` less the preempted."""
+        running = list(running)
+        while running and sum(self._next_token_blocks(s) for s in running) > self.blocks.free_blocks:
+            victim = self.running[-1]  # admitted last (of any provider: every one shares the blocks)
+            self.preempt(victim)
+            if victim in running:
+                running.remove(victim)
+        return running
+
+    def preempt(self, seq: Sequence) -> None:
+        """Take `seq`'s blocks back and queue it first; it recomputes its K/V when it runs again."""
+        self.running.remove(seq)
+        self.release(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
     def remove_finished(self) -> list[Sequence]:
+        """Finished sequences leave, returning their blocks."""
         finished = [seq for seq in self.running if seq.is_finished]
         if finished:
             self.running = [seq for seq in self.running if not seq.is_finished]
+            for seq in finished:
+                self.release(seq)
         return finished
+
+    def release(self, seq: Sequence) -> None:
+        """Return `seq`'s blocks; it holds no cached tokens afterwards."""
+        if seq.blocks is not None:
+            self.blocks.release(seq.blocks)
+            seq.blocks = None
+        seq.num_cached = 0
 
     def abort(self, seq: Sequence) -> None:
         """Finish `seq` as aborted (a running one leaves at the next `remove_finished`); a finished one stays as is."""

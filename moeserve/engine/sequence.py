@@ -1,5 +1,8 @@
 """One request's state as it moves through the engine: waiting → running → finished.
 
+A running sequence may be preempted (its KV blocks taken back) and go back to waiting; it then keeps its
+generated tokens and recomputes their K/V when it runs again.
+
 A sequence carries the expert provider it runs on, set once when it is submitted: the scheduler groups
 steps by it and the runner computes with it, so a running sequence's provider is read from here only.
 """
@@ -13,6 +16,7 @@ import torch
 
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.experts import ExpertProvider
+from moeserve.kv.blocks import BlockTables
 from moeserve.tokenizer import IncrementalDetokenizer
 
 TokenLogprobs = dict[int, float]  # token id → log-probability; the sampled token first
@@ -36,7 +40,7 @@ class Sequence:
     experts: ExpertProvider | None = None  # set once by LLMEngine.submit; None only before that
     output_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    kv_row: int = -1
+    blocks: BlockTables | None = None  # the KV blocks it holds (kv/blocks.py); None while it holds none
     num_cached: int = 0  # leading tokens whose K/V are in the cache
     text: str = ""
     text_emitted: int = 0  # leading characters of `text` already handed out in step outputs

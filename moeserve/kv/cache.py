@@ -1,112 +1,128 @@
-"""The KV cache: one row per running sequence, rows kept dense so a decode step reads a slice.
+"""The paged KV cache: fixed-size blocks of K and V per layer, one pool for every sequence.
 
-Per layer, K and V are [rows, kv_heads, capacity, head_dim] on the compute device; a model with
-multi-head latent attention caches one latent "head" per token that serves as keys and values,
-so it has `k` only (`separate_values=False`, `v` stays empty). A sequence
-owns one row for its whole life. When it leaves, the last row moves into the hole, so the
-running sequences always occupy rows 0..n-1 and batched decode attends over `k[:n]` with no
-gather. Capacity grows by doubling (rows and length), never past `max_len` positions; memory
-is zero-filled so padded positions are finite and masked attention weights stay exact zeros.
+Per layer the pool is [num_blocks, block_size, kv_heads, head_dim] for K and for V; a model with
+multi-head latent attention caches one latent "head" per token that serves as keys and values, so it
+has K only (`separate_values=False`). Which block holds which sequence's positions is kv/blocks.py's
+business; attention reads a step's blocks through its block tables (kv/context.py).
+
+Layers are grouped by attention window (kv/blocks.py). A block id belongs to one group at a time, so
+the i-th layer of every group shares one pool tensor: a block costs the bytes of the largest group's
+layers, not of all layers (with one group, as most models have, that is every layer).
+
+On a CPU the pool lives in an anonymous memory mapping: the kernel hands out zero pages on first
+touch, so a generous budget costs only the blocks ever used, and a block never written reads as
+zeros (finite, as masked positions must be). On a GPU the pool is allocated whole at start-up,
+zero-filled, and never reallocated, so captured graphs may keep its addresses.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import mmap
+from dataclasses import dataclass
 
 import torch
 
+from moeserve.kv.blocks import BlockManager
 
-def next_power_of_two(n: int) -> int:
-    """The smallest power of two >= n (n >= 1)."""
-    return 1 << (n - 1).bit_length()
-
-
-class HasKvRow(Protocol):
-    kv_row: int
+DEFAULT_BLOCK_SIZE = 16
 
 
-class KVCache:
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        max_len: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        separate_values: bool = True,
-    ):
-        self.num_layers = num_layers
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.separate_values = separate_values
-        self.max_len = max_len
-        self.dtype = dtype
+@dataclass(frozen=True)
+class KvLayout:
+    """What one token's cache entry looks like in each layer."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    separate_values: bool  # False: MLA's latent serves as both
+    windows: tuple[int | None, ...]  # per layer: None = full attention, else its sliding window
+    dtype: torch.dtype
+
+    @property
+    def groups(self) -> tuple[int | None, ...]:
+        """The distinct windows, full attention first."""
+        distinct = set(self.windows)
+        return tuple(sorted(distinct, key=lambda w: -1 if w is None else w))
+
+    @property
+    def slots(self) -> int:
+        """Pool tensors per K (and V): the most layers any one group has."""
+        return max(self.windows.count(window) for window in self.groups)
+
+    def bytes_per_block(self, block_size: int) -> int:
+        tensors = 2 if self.separate_values else 1
+        return self.slots * tensors * block_size * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+class PagedKVCache:
+    def __init__(self, layout: KvLayout, num_blocks: int, block_size: int, device: torch.device):
+        self.layout = layout
+        self.block_size = block_size
         self.device = device
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self._owners: list[HasKvRow] = []  # owner of row i
-        self._rows_capacity = 0
-        self._len_capacity = 0
-        self.version = 0  # counts reallocations: what a captured CUDA graph read is gone once it changes
+        self.dtype = layout.dtype
+        groups = layout.groups
+        self.manager = BlockManager(num_blocks, block_size, groups)
+        self.group_of_layer = [groups.index(window) for window in layout.windows]
+        self.slot_of_layer = [layout.windows[:i].count(w) for i, w in enumerate(layout.windows)]
+        shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
+        self.k = [_pool(shape, layout.dtype, device) for _ in range(layout.slots)]
+        self.v = [_pool(shape, layout.dtype, device) for _ in range(layout.slots)] if layout.separate_values else []
+        self._workspace = torch.empty(0, dtype=layout.dtype, device=device)
 
     @property
-    def num_rows(self) -> int:
-        return len(self._owners)
-
-    def allocate(self, owner: HasKvRow, length: int) -> None:
-        """Give `owner` the next free row, with room for `length` positions."""
-        self._owners.append(owner)
-        owner.kv_row = len(self._owners) - 1
-        self.reserve(length)
-
-    def free(self, owner: HasKvRow) -> None:
-        """Release `owner`'s row; the last row moves into it (its owner's `kv_row` is updated)."""
-        row = owner.kv_row
-        last = len(self._owners) - 1
-        if row != last:
-            moved = self._owners[last]
-            for tensors in (self.k, self.v):
-                for layer_tensor in tensors:
-                    layer_tensor[row].copy_(layer_tensor[last])
-            self._owners[row] = moved
-            moved.kv_row = row
-        self._owners.pop()
-        owner.kv_row = -1
-
-    def reserve(self, length: int, rows: int = 0) -> None:
-        """Make room for every row to hold `length` positions, and for at least `rows` rows (a
-        captured decode step pads its batch with free rows)."""
-        rows, cap_rows, cap_len = max(len(self._owners), rows), self._rows_capacity, self._len_capacity
-        if rows <= cap_rows and length <= cap_len:
-            return
-        new_rows = max(rows, 2 * cap_rows, 1) if rows > cap_rows else cap_rows
-        # powers of two (or the context length), like decode spans (kv/context.py), so a span never
-        # reads past the capacity and growth is rare
-        new_len = min(max(next_power_of_two(length), 2 * cap_len, 64), self.max_len) if length > cap_len else cap_len
-        shape = (new_rows, self.num_kv_heads, new_len, self.head_dim)
-        for tensors in (self.k, self.v) if self.separate_values else (self.k,):
-            for i in range(self.num_layers):
-                grown = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if i < len(tensors):
-                    grown[:cap_rows, :, :cap_len].copy_(tensors[i])
-                    tensors[i] = grown
-                else:
-                    tensors.append(grown)
-        self._rows_capacity, self._len_capacity = new_rows, new_len
-        self.version += 1
+    def num_blocks(self) -> int:
+        return self.manager.num_blocks
 
     @property
-    def capacity(self) -> int:
-        """Positions each row holds now."""
-        return self._len_capacity
+    def num_groups(self) -> int:
+        return len(self.layout.groups)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.layout.bytes_per_block(self.block_size)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        return self.num_blocks * self.bytes_per_block
 
     @property
-    def bytes_per_token(self) -> int:
-        """Bytes one cached position takes over all layers (K and V, or MLA's latent)."""
-        tensors = 2 if self.separate_values else 1
-        return self.num_layers * tensors * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+    def workspace_nbytes(self) -> int:
+        return self._workspace.numel() * self._workspace.element_size()
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s K pool [num_blocks, block_size, G, Dh] (MLA: its latents)."""
+        return self.k[self.slot_of_layer[layer]]
+
+    def values(self, layer: int) -> torch.Tensor:
+        return self.v[self.slot_of_layer[layer]]
+
+    def write(self, pool: torch.Tensor, slots: torch.Tensor, entries: torch.Tensor) -> None:
+        """Store entries [N, G, Dh] at flat positions `slots` [N] (block * block_size + offset) of `pool`."""
+        pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, entries)
+
+    def gather(self, pool: torch.Tensor, tables: torch.Tensor, part: int) -> torch.Tensor:
+        """The blocks `tables` [B, n] name, in order: [B, n * block_size, G, Dh]. Eager steps gather into a
+        workspace kept from step to step (`part` 0 and 1: keys and values of one attention call), so a
+        decode step allocates nothing the size of its KV."""
+        B, n = tables.shape
+        block = pool[0].numel()
+        if torch.compiler.is_compiling():  # the compiled step manages its own buffers
+            gathered = pool.view(pool.shape[0], block)[tables.reshape(-1)]
+        else:
+            needed = 2 * B * n * block
+            if self._workspace.numel() < needed:
+                self._workspace = torch.empty(needed, dtype=pool.dtype, device=pool.device)
+            out = self._workspace[part * (needed // 2) : (part + 1) * (needed // 2)].view(B * n, block)
+            gathered = torch.index_select(pool.view(pool.shape[0], block), 0, tables.reshape(-1), out=out)
+        return gathered.view(B, n * self.block_size, *pool.shape[2:])
+
+
+def _pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    numel = 1
+    for size in shape:
+        numel *= size
+    # anonymous pages: zero until first written, and resident only once touched
+    pages = mmap.mmap(-1, numel * dtype.itemsize)
+    return torch.frombuffer(pages, dtype=dtype, count=numel).view(shape)

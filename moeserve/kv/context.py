@@ -1,83 +1,135 @@
-"""Per-step metadata handed to the model: which cache rows, which positions, which tokens.
+"""Per-step metadata handed to the model: which blocks, which positions, which tokens.
 
-Built by the model runner on the host, once per step; the model only reads it. A step is either
-a prefill/extend step (`StepContext`: each sequence brings `query_len` new tokens after `cached_len`
+Built by the model runner on the host, once per step; the model only reads it. A step is either a
+prefill/extend step (`StepContext`: each sequence brings `query_len` new tokens after `cached_len`
 cached ones, described by host lists) or a decode step (`DecodeContext`: every sequence brings exactly
 one token, described by device tensors only).
 
 A decode step's shapes depend on the batch size and one bucketed length, `span`, never on the exact
-lengths: each sequence reads its cache row up to `span` positions under a mask built on the device
-from its position. So a decode step has no host sync and no shape that changes from one token to the
-next; it compiles without graph breaks, a CUDA graph captured for a (batch, span) pair replays for
-every step that fits it, and attention backends that plan per shape plan once per bucket.
+lengths: each sequence reads its blocks up to `span` positions (its block table padded with the null
+block) under a mask built on the device from its position. So a decode step has no host sync and no
+shape that changes from one token to the next; it compiles without graph breaks, and a CUDA graph
+captured for a (batch, span) pair replays for every step that fits it, its block tables being static
+inputs refreshed by each step.
+
+Where attention gathers blocks (every device but a GPU with the paged kernel), a step's rows are cut
+into parts of similar length (`parts`, rows sorted by length), each read at its own span: one long
+sequence among short ones then costs its own length, not every row's.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import torch
 
-from moeserve.kv.cache import KVCache, next_power_of_two
+from moeserve.kv.blocks import blocks_for
+from moeserve.kv.cache import PagedKVCache
 
 # Decode steps read at least this many cached positions per row; spans are powers of two above it.
 MIN_DECODE_SPAN = 64
 
 
-def decode_span(longest: int, capacity: int) -> int:
-    """Positions a decode step reads per row: the smallest power of two >= `longest` (and >= 64),
-    within the cache's `capacity` (which is itself such a power of two, or the context length)."""
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def decode_blocks(longest: int, block_size: int, max_blocks: int) -> int:
+    """Blocks a decode step reads per row: a power of two covering `longest` positions and at least
+    MIN_DECODE_SPAN, within the `max_blocks` of a whole context."""
     span = max(MIN_DECODE_SPAN, next_power_of_two(longest))
-    return min(span, capacity)
+    return min(blocks_for(span, block_size), max_blocks)
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows start..end-1 of a decode step, read over their first `blocks` blocks."""
+
+    start: int
+    end: int
+    blocks: int
 
 
 @dataclass
 class StepContext:
     """A prefill/extend step."""
 
-    cache: KVCache
+    cache: PagedKVCache
     positions: torch.Tensor  # [T] long, on the compute device
-    rows: list[int]  # cache row of each sequence, in token order
+    slots: torch.Tensor  # [groups, T] long: where each new token's K/V go (block * block_size + offset)
     query_lens: list[int]  # new tokens of each sequence in this step
     cached_lens: list[int]  # tokens of each sequence already in the cache
+    block_tables: list[list[list[int]]]  # [sequence][group] → block ids
     is_decode: ClassVar[bool] = False
     max_position: int = field(init=False)
+    _tables: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         self.max_position = max(c + q for c, q in zip(self.cached_lens, self.query_lens)) - 1
 
+    def table(self, seq: int, group: int) -> torch.Tensor:
+        """[1, n] the blocks holding sequence `seq`'s positions 0..cached+new-1 in `group`."""
+        if (seq, group) not in self._tables:
+            n = blocks_for(self.cached_lens[seq] + self.query_lens[seq], self.cache.block_size)
+            ids = self.block_tables[seq][group][:n]
+            self._tables[seq, group] = torch.tensor([ids], device=self.positions.device)
+        return self._tables[seq, group]
+
+    def read(self, pool: torch.Tensor, seq: int, group: int, part: int) -> torch.Tensor:
+        """Sequence `seq`'s cached and new entries of `pool`: [total, G, Dh]."""
+        total = self.cached_lens[seq] + self.query_lens[seq]
+        return self.cache.gather(pool, self.table(seq, group), part)[0, :total]
+
 
 @dataclass
 class DecodeContext:
-    """A decode step: one new token per sequence, at `positions`, written into cache rows `row_index`."""
+    """A decode step: one new token per sequence, at `positions`, its K/V written through `tables`."""
 
-    cache: KVCache
+    cache: PagedKVCache
     positions: torch.Tensor  # [B] long: each sequence's new token's position (= its cached length)
-    row_index: torch.Tensor  # [B] long: each sequence's cache row
-    span: int  # positions read per row (decode_span of the longest sequence); fixed per shape bucket
-    rows_are_prefix: bool  # row_index is 0..B-1: the step reads one slice of the cache, no gather
+    tables: torch.Tensor  # [groups, B, span / block_size] long: block tables, padded with the null block
+    parts: tuple[Part, ...]  # where attention gathers: row ranges and the blocks each reads
+    use_kernel: bool = False  # attention reads the blocks in place (layers/paged_attention.py)
     is_decode: ClassVar[bool] = True
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _slots: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def span(self) -> int:
+        return self.tables.shape[2] * self.cache.block_size
 
     @property
     def max_position(self) -> int:
         """The rotary table must cover every position a row may read."""
         return self.span - 1
 
-    def cached(self, layer_tensor: torch.Tensor) -> torch.Tensor:
-        """One layer's cache [rows, G, capacity, Dh] → this step's rows up to `span` [B, G, span, Dh]."""
-        if self.rows_are_prefix:
-            return layer_tensor[: self.row_index.shape[0], :, : self.span]
-        return layer_tensor[self.row_index, :, : self.span]
+    def slots(self, group: int) -> torch.Tensor:
+        """[B] where each row's new K/V go in `group`'s blocks, computed on the device."""
+        if group not in self._slots:
+            size = self.cache.block_size
+            block = self.tables[group].gather(1, (self.positions // size)[:, None])[:, 0]  # [B]
+            self._slots[group] = block * size + self.positions % size
+        return self._slots[group]
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """[B, 1, 1, span] bool: the cached positions each sequence may attend to (its own, within `window`)."""
-        if window not in self._masks:
-            key_pos = torch.arange(self.span, device=self.positions.device)[None, :]  # [1, span]
-            newest = self.positions[:, None]  # [B, 1]
+    def mask(self, window: int | None, part: Part) -> torch.Tensor:
+        """[n, 1, 1, L] bool: the positions rows of `part` may attend to (their own, within `window`)."""
+        key = (window, part)
+        if key not in self._masks:
+            key_pos = torch.arange(part.blocks * self.cache.block_size, device=self.positions.device)[None, :]
+            newest = self.positions[part.start : part.end, None]  # [n, 1]
             allowed = key_pos <= newest
             if window is not None:
                 allowed &= key_pos > newest - window
-            self._masks[window] = allowed[:, None, None, :]
-        return self._masks[window]
+            self._masks[key] = allowed[:, None, None, :]
+        return self._masks[key]
+
+    def read(self, pool: torch.Tensor, group: int, part: Part, which: int) -> torch.Tensor:
+        """Rows of `part`: their entries of `pool` over their blocks, [n, G, L, Dh] (a view of a workspace)."""
+        tables = self.tables[group, part.start : part.end, : part.blocks]  # [n, blocks]
+        return self.cache.gather(pool, tables, which).transpose(1, 2)
+
+    def each_part(self) -> Iterator[tuple[slice, Part]]:
+        for part in self.parts:
+            yield slice(part.start, part.end), part

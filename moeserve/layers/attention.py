@@ -1,12 +1,14 @@
 """Self-attention over the KV cache, for prefill/extend steps and batched decode steps.
 
 In:  hidden states [T, D] of the step and its `StepContext` (prefill/extend) or `DecodeContext`.
-Out: [T, D]. Side effect: this step's K/V are written into the context's cache rows.
+Out: [T, D]. Side effect: this step's K/V are written into the cache's blocks.
 
-Sliding-window layers keep every position in the cache like full ones; their masks (prefill,
-extend and decode alike) let a query see only the last `window` keys. A decode step writes and
-reads through device tensors only, over a bucketed span of positions (kv/context.py), so its cost
-does not depend on having seen a length before. Layers with sinks (gpt_oss) attend through
+K and V go to the paged cache (kv/cache.py) through the step's block tables. Sliding-window layers'
+masks (prefill, extend and decode alike) let a query see only the last `window` keys, and their blocks
+leave the cache once no query can see them (kv/blocks.py). A decode step writes and reads through
+device tensors only, over a bucketed span of positions (kv/context.py), so its cost does not depend on
+having seen a length before; on a GPU its attention reads the blocks in place
+(layers/paged_attention.py), elsewhere it gathers them into a workspace. Layers with sinks (gpt_oss) attend through
 layers/sinks.py, every other layer through torch's SDPA.
 """
 
@@ -19,6 +21,7 @@ from torch import nn
 from moeserve.config import ModelConfig
 from moeserve.kv.context import DecodeContext, StepContext
 from moeserve.layers.norms import RMSNorm
+from moeserve.layers.paged_attention import paged_decode_attention
 from moeserve.layers.rotary import apply_rotary
 from moeserve.layers.sinks import sink_attention
 
@@ -77,12 +80,21 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
-        k_cache[ctx.row_index, :, ctx.positions] = k  # [B, G, Dh] at each sequence's position
-        v_cache[ctx.row_index, :, ctx.positions] = v
-        keys, values = ctx.cached(k_cache), ctx.cached(v_cache)  # [B, G, span, Dh]
-        out = self._attend(q.unsqueeze(2), keys, values, ctx.mask(self.window))  # [B, H, 1, Dh]
-        return out.squeeze(2)
+        cache, group = ctx.cache, ctx.cache.group_of_layer[self.layer_id]
+        k_pool, v_pool = cache.keys(self.layer_id), cache.values(self.layer_id)  # [blocks, size, G, Dh]
+        slots = ctx.slots(group)
+        cache.write(k_pool, slots, k)  # [B, G, Dh] at each sequence's position
+        cache.write(v_pool, slots, v)
+        if ctx.use_kernel:
+            return paged_decode_attention(
+                q, k_pool, v_pool, ctx.tables[group], ctx.positions, self.head_dim**-0.5, self.window, self.sinks
+            )  # [B, H, Dh]
+        outputs = []
+        for part in ctx.parts:
+            keys, values = ctx.read(k_pool, group, part, 0), ctx.read(v_pool, group, part, 1)  # [n, G, L, Dh]
+            query = q[part.start : part.end].unsqueeze(2)  # [n, H, 1, Dh]
+            outputs.append(self._attend(query, keys, values, ctx.mask(self.window, part)).squeeze(2))  # [n, H, Dh]
+        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
     def _attend(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal=False
@@ -96,19 +108,23 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        k_cache, v_cache = ctx.cache.k[self.layer_id], ctx.cache.v[self.layer_id]
+        cache, group = ctx.cache, ctx.cache.group_of_layer[self.layer_id]
+        k_pool, v_pool = cache.keys(self.layer_id), cache.values(self.layer_id)
+        cache.write(k_pool, ctx.slots[group], k)  # [T, G, Dh]
+        cache.write(v_pool, ctx.slots[group], v)
         outputs = []
         start = 0
-        for row, cached, new in zip(ctx.rows, ctx.cached_lens, ctx.query_lens):
+        for i, (cached, new) in enumerate(zip(ctx.cached_lens, ctx.query_lens)):
             end = start + new
-            total = cached + new
-            k_cache[row, :, cached:total] = k[start:end].transpose(0, 1)  # [G, new, Dh]
-            v_cache[row, :, cached:total] = v[start:end].transpose(0, 1)
-            keys = k_cache[row, :, :total].unsqueeze(0)  # [1, G, total, Dh]
-            values = v_cache[row, :, :total].unsqueeze(0)
+            if cached:  # the sequence continues: read its earlier positions back from its blocks
+                keys, values = ctx.read(k_pool, i, group, 0), ctx.read(v_pool, i, group, 1)  # [total, G, Dh]
+            else:
+                keys, values = k[start:end], v[start:end]
             query = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, new, Dh]
             mask = extend_mask(cached, new, self.window, q.device)
-            out = self._attend(query, keys, values, mask, causal=mask is None)  # [1, H, new, Dh]
+            out = self._attend(
+                query, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0), mask, causal=mask is None
+            )  # [1, H, new, Dh]
             outputs.append(out[0].transpose(0, 1))  # [new, H, Dh]
             start = end
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]

@@ -2,7 +2,7 @@
 
 In:  hidden states [T, D] of the step and its `StepContext` (prefill/extend) or `DecodeContext`.
 Out: [T, D]. Side effect: each new token's latent (the normalised kv_lora_rank values, then the
-     rotated qk_rope_head_dim key shared by all heads) is written into its cache row; no per-head
+     rotated qk_rope_head_dim key shared by all heads) is written into the cache's blocks; no per-head
      K or V is ever stored.
 
 Prefill/extend steps expand the cached latents into per-head K and V with kv_b_proj, exactly as
@@ -21,6 +21,7 @@ from moeserve.config import ModelConfig
 from moeserve.kv.context import DecodeContext, StepContext
 from moeserve.layers.attention import extend_mask
 from moeserve.layers.norms import RMSNorm
+from moeserve.layers.paged_attention import paged_decode_attention
 from moeserve.layers.rotary import ROTARY_LAYOUTS
 
 # Legend: T = tokens in the step, B = sequences, H = heads, L = cached positions attended to,
@@ -73,31 +74,45 @@ class MlaAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def _decode(self, q_nope, q_rot, latent, ctx: DecodeContext) -> torch.Tensor:
-        cache = ctx.cache.k[self.layer_id]  # [rows, 1, capacity, R + Dr]
-        cache[ctx.row_index, 0, ctx.positions] = latent  # [B, R + Dr] at each sequence's position
-        keys = ctx.cached(cache)  # [B, 1, span, R + Dr]
+        cache, group = ctx.cache, ctx.cache.group_of_layer[self.layer_id]
+        pool = cache.keys(self.layer_id)  # [blocks, size, 1, R + Dr]
+        cache.write(pool, ctx.slots(group), latent.unsqueeze(1))  # [B, 1, R + Dr] at each sequence's position
         w_uk, w_uv = self._kv_b()
         q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)  # [B, H, R]: q_nope · (W_UK · latent)
-        query = torch.cat((q_latent, q_rot), dim=-1).unsqueeze(2)  # [B, H, 1, R + Dr]
-        out_latent = F.scaled_dot_product_attention(
-            query,
-            keys,
-            keys[..., : self.rank],  # the values are the latents themselves, expanded after the sum
-            attn_mask=ctx.mask(None),
-            scale=self.scale,
-            enable_gqa=True,
-        )  # [B, H, 1, R]
-        return torch.einsum("bhr,hvr->bhv", out_latent[:, :, 0], w_uv)  # [B, H, Dv]
+        query = torch.cat((q_latent, q_rot), dim=-1)  # [B, H, R + Dr]
+        if ctx.use_kernel:
+            # the values are the latents themselves (their first R entries), expanded after the sum
+            out_latent = paged_decode_attention(
+                query, pool, None, ctx.tables[group], ctx.positions, self.scale, None, None, value_dim=self.rank
+            )  # [B, H, R]
+        else:
+            outputs = []
+            for part in ctx.parts:
+                keys = ctx.read(pool, group, part, 0)  # [n, 1, L, R + Dr]
+                out = F.scaled_dot_product_attention(
+                    query[part.start : part.end].unsqueeze(2),  # [n, H, 1, R + Dr]
+                    keys,
+                    keys[..., : self.rank],  # the values are the latents themselves, expanded after the sum
+                    attn_mask=ctx.mask(None, part),
+                    scale=self.scale,
+                    enable_gqa=True,
+                )  # [n, H, 1, R]
+                outputs.append(out[:, :, 0])
+            out_latent = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+        return torch.einsum("bhr,hvr->bhv", out_latent, w_uv)  # [B, H, Dv]
 
     def _extend(self, q_nope, q_rot, latent, ctx: StepContext) -> torch.Tensor:
-        cache = ctx.cache.k[self.layer_id]
+        cache, group = ctx.cache, ctx.cache.group_of_layer[self.layer_id]
+        pool = cache.keys(self.layer_id)
+        cache.write(pool, ctx.slots[group], latent.unsqueeze(1))  # [T, 1, R + Dr]
         query = torch.cat((q_nope, q_rot), dim=-1)  # [T, H, Dn + Dr]
         outputs = []
         start = 0
-        for row, cached, new in zip(ctx.rows, ctx.cached_lens, ctx.query_lens):
+        for i, (cached, new) in enumerate(zip(ctx.cached_lens, ctx.query_lens)):
             end, total = start + new, cached + new
-            cache[row, 0, cached:total] = latent[start:end]
-            kv_latent, k_rot = cache[row, 0, :total].split([self.rank, self.rope_dim], dim=-1)  # [L, R], [L, Dr]
+            # a continued sequence reads its earlier latents back from its blocks
+            latents = ctx.read(pool, i, group, 0)[:, 0] if cached else latent[start:end]  # [L, R + Dr]
+            kv_latent, k_rot = latents.split([self.rank, self.rope_dim], dim=-1)  # [L, R], [L, Dr]
             kv = self.kv_b_proj(kv_latent).view(total, self.num_heads, -1)  # [L, H, Dn + Dv]
             k_nope, values = kv.split([self.nope_dim, self.v_dim], dim=-1)
             keys = torch.cat((k_nope, k_rot.unsqueeze(1).expand(-1, self.num_heads, -1)), dim=-1)  # [L, H, Dn + Dr]

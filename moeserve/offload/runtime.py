@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +30,12 @@ from moeserve.offload.policy import Policy, ResolvedPolicy, load_policy
 from moeserve.offload.provider import OffloadedExpertProvider
 from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import CompressedStore
+from moeserve.sizes import parse_size
 from moeserve.offload.streams import CudaStreams
 
 STORE_FILE = "experts.msstore"
 STORE_MARKER = "moeserve_store.json"  # present in directories written by `moeserve compress`
 _STORE_FORMAT = 2  # 2: the index records each expert's gate/up layout
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
 @dataclass
 class OffloadRuntime:
     options: OffloadOptions
@@ -57,28 +54,7 @@ def is_compressed_dir(model_dir: Path) -> bool:
 
 def parse_budget(spec: str | int | float, total_bytes: int) -> int:
     """'25%' of all decoded experts, '512MiB' / '2GB', or a number of bytes → bytes."""
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        value = int(spec)
-    elif isinstance(spec, str) and spec.strip().endswith("%"):
-        try:
-            share = float(spec.strip()[:-1])
-            value = int(total_bytes * share / 100)
-        except (ValueError, OverflowError):  # not a number, or nan% / inf%
-            value = -1
-        else:
-            if share > 100:
-                raise OffloadError(
-                    f"expert cache size {spec!r} is more than all the experts; use at most '100%'."
-                )
-    else:
-        match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(spec))
-        unit = match.group(2).lower() if match else None
-        if not match or unit not in _UNITS:
-            raise OffloadError(f"expert cache size {spec!r} is not understood; use e.g. '25%', '512MiB' or a byte count.")
-        value = int(float(match.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise OffloadError(f"expert cache size {spec!r} must be positive; use e.g. '25%' or '512MiB'.")
-    return value
+    return parse_size(spec, total_bytes, "expert cache size", "all the experts", OffloadError)
 
 
 def checkpoint_identity(model_dir: Path) -> str:
