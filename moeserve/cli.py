@@ -43,6 +43,18 @@ def _add_model_options(parser: argparse.ArgumentParser, policy_variants: bool = 
     )
 
 
+def _add_memory_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kv-cache", default=None,
+        help="KV cache size: bytes ('4GiB') or a share of device memory ('30%%'); default: what remains of "
+             "--gpu-memory-utilization on a GPU, a quarter of RAM on a CPU",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9,
+        help="share of the GPU's memory the whole memory plan may take (default 0.9)",
+    )
+
+
 def _prefetch_depth(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"{value!r} is not a positive number of MoE layers; give e.g. 2")
@@ -64,6 +76,8 @@ def _load_llm(args: argparse.Namespace, **overrides):
         prefetch=not args.no_prefetch,
         enforce_eager=args.enforce_eager,
         prefetch_depth=args.prefetch_depth,
+        kv_cache=args.kv_cache,
+        gpu_memory_utilization=args.gpu_memory_utilization,
     )
     return LLM(**{**options, **overrides})
 
@@ -194,8 +208,10 @@ def _cmd_policy_show(args: argparse.Namespace) -> int:
     from moeserve import LLM
     from moeserve.offload.report import format_policy_table
 
-    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, policy=args.policy_file)
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, policy=args.policy_file,
+              kv_cache=args.kv_cache, gpu_memory_utilization=args.gpu_memory_utilization, progress=False)
     print(format_policy_table(llm.offload))
+    print(llm.memory_plan.line())
     print(llm.config.describe_kv_cache())
     return 0
 
@@ -279,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate a completion for one prompt")
     _add_model_options(gen)
+    _add_memory_options(gen)
     gen.add_argument("prompt")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--system", default=None, help="system message (with --chat)")
@@ -293,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="exact-match accuracy on the task suite")
     _add_model_options(ev)
+    _add_memory_options(ev)
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ev.add_argument("--tasks", default=None, help="comma-separated skills (default: all)")
     ev.add_argument("--limit", type=int, default=None, help="items per skill")
@@ -331,11 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = commands.add_parser("compress", help="write the compressed expert store and resident weights to a directory")
     _add_model_options(comp)
+    _add_memory_options(comp)
     comp.add_argument("--out", required=True, help="output directory; serve it with --model OUT")
     comp.set_defaults(run=_cmd_compress)
 
     srv = commands.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, metrics, policy API)")
     _add_model_options(srv, policy_variants=True)
+    _add_memory_options(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument(
@@ -354,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     pol_commands = pol.add_subparsers(dest="policy_command", required=True)
     show = pol_commands.add_parser("show", help="print the resolved per-layer policy with bits/value and bytes")
     _add_model_options(show, offload=False)  # the policy is the positional file; the table ignores cache options
+    _add_memory_options(show)  # for the memory plan it prints
     show.add_argument("policy_file", metavar="POLICY.yaml")
     show.set_defaults(run=_cmd_policy_show)
     return parser

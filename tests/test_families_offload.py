@@ -105,10 +105,10 @@ def test_mla_kv_cache_holds_only_the_latent(checkpoint_factory):
     llm.generate(PROMPTS, GREEDY)
     cache = llm.engine.runner.cache
     assert cache.v == [] and len(cache.k) == 4
-    rows, heads, capacity, width = cache.k[0].shape
+    blocks, block_size, heads, width = cache.k[0].shape  # one pool tensor per layer: a single layer group
     assert (heads, width) == (1, latent)
     assert cache.bytes_per_token == config.kv_bytes_per_token
-    assert cache.nbytes == rows * capacity * config.kv_bytes_per_token
+    assert cache.nbytes == blocks * block_size * config.kv_bytes_per_token
 
 
 def test_grouped_query_kv_cache_is_unchanged(checkpoint_factory):

@@ -82,6 +82,11 @@ class PagedKVCache:
         return self.layout.bytes_per_block(self.block_size)
 
     @property
+    def bytes_per_token(self) -> int:
+        """What one cached position costs: a block slot in every layer group."""
+        return self.num_groups * self.bytes_per_block // self.block_size
+
+    @property
     def nbytes(self) -> int:
         return self.num_blocks * self.bytes_per_block
 

@@ -20,7 +20,7 @@ sequence among short ones then costs its own length, not every row's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 
@@ -113,11 +113,28 @@ class DecodeContext:
             self._slots[group] = block * size + self.positions % size
         return self._slots[group]
 
+    def _window(self, window: int | None, part: Part) -> tuple[torch.Tensor | None, int]:
+        """The first block each row of `part` reads ([n] long; None: block 0 for every row) and how many it
+        reads: a sliding window's rows read only the blocks their window reaches, so their cost is the
+        window's, not the sequence's."""
+        if window is None:
+            return None, part.blocks
+        count = min(part.blocks, blocks_for(window, self.cache.block_size) + 1)
+        if count == part.blocks:
+            return None, count
+        last = self.positions[part.start : part.end] // self.cache.block_size  # [n]
+        return (last - (count - 1)).clamp(min=0), count
+
     def mask(self, window: int | None, part: Part) -> torch.Tensor:
-        """[n, 1, 1, L] bool: the positions rows of `part` may attend to (their own, within `window`)."""
+        """[n, 1, 1, L] bool: the positions rows of `part` read (see `read`) that they may attend to (their
+        own and earlier, within `window`)."""
         key = (window, part)
         if key not in self._masks:
-            key_pos = torch.arange(part.blocks * self.cache.block_size, device=self.positions.device)[None, :]
+            first, count = self._window(window, part)
+            size = self.cache.block_size
+            key_pos = torch.arange(count * size, device=self.positions.device)[None, :]  # [1, L]
+            if first is not None:
+                key_pos = key_pos + first[:, None] * size  # [n, L]
             newest = self.positions[part.start : part.end, None]  # [n, 1]
             allowed = key_pos <= newest
             if window is not None:
@@ -125,11 +142,13 @@ class DecodeContext:
             self._masks[key] = allowed[:, None, None, :]
         return self._masks[key]
 
-    def read(self, pool: torch.Tensor, group: int, part: Part, which: int) -> torch.Tensor:
-        """Rows of `part`: their entries of `pool` over their blocks, [n, G, L, Dh] (a view of a workspace)."""
-        tables = self.tables[group, part.start : part.end, : part.blocks]  # [n, blocks]
+    def read(self, pool: torch.Tensor, group: int, part: Part, which: int, window: int | None = None) -> torch.Tensor:
+        """Rows of `part`: their entries of `pool` over the blocks they read (all up to the part's span, or
+        those `window` reaches), [n, G, L, Dh] (a view of a workspace)."""
+        first, count = self._window(window, part)
+        tables = self.tables[group, part.start : part.end]  # [n, blocks]
+        if first is None:
+            tables = tables[:, :count]
+        else:
+            tables = tables.gather(1, first[:, None] + torch.arange(count, device=tables.device))  # [n, count]
         return self.cache.gather(pool, tables, which).transpose(1, 2)
-
-    def each_part(self) -> Iterator[tuple[slice, Part]]:
-        for part in self.parts:
-            yield slice(part.start, part.end), part

@@ -43,15 +43,15 @@ class MemoryPlan:
     workspace: int | None  # reserved for activations and graphs; None on a CPU (taken from the allocator as needed)
 
     def line(self) -> str:
-        workspace = "as needed" if self.workspace is None else _gib(self.workspace)
+        workspace = "as needed" if self.workspace is None else _size(self.workspace)
         return (
-            f"memory plan ({self.device}): weights {_gib(self.weights)} / expert cache {_gib(self.expert_cache)} / "
-            f"KV {_gib(self.kv)} ({self.kv_tokens:,} tokens) / workspace {workspace}"
+            f"memory plan ({self.device}): weights {_size(self.weights)} / expert cache {_size(self.expert_cache)} / "
+            f"KV {_size(self.kv)} ({self.kv_tokens:,} tokens) / workspace {workspace}"
         )
 
 
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / GiB:.2f} GiB"
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.1f} MiB"
 
 
 def device_memory(device: torch.device) -> tuple[int, int]:
@@ -78,8 +78,8 @@ def kv_budget(
     budget = int(total * gpu_memory_utilization) - used - workspace - GRAPH_RESERVE_BYTES
     if budget <= 0:
         raise KvCacheError(
-            f"no device memory is left for the KV cache: {_gib(used)} of {_gib(total)} is in use and the largest step "
-            f"needs {_gib(workspace)} more; raise --gpu-memory-utilization ({gpu_memory_utilization}), lower "
+            f"no device memory is left for the KV cache: {_size(used)} of {_size(total)} is in use and the largest step "
+            f"needs {_size(workspace)} more; raise --gpu-memory-utilization ({gpu_memory_utilization}), lower "
             "--max-num-batched-tokens or keep fewer experts on the device (--expert-cache)."
         )
     return budget

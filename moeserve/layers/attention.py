@@ -91,7 +91,8 @@ class Attention(nn.Module):
             )  # [B, H, Dh]
         outputs = []
         for part in ctx.parts:
-            keys, values = ctx.read(k_pool, group, part, 0), ctx.read(v_pool, group, part, 1)  # [n, G, L, Dh]
+            keys = ctx.read(k_pool, group, part, 0, self.window)  # [n, G, L, Dh]
+            values = ctx.read(v_pool, group, part, 1, self.window)
             query = q[part.start : part.end].unsqueeze(2)  # [n, H, 1, Dh]
             outputs.append(self._attend(query, keys, values, ctx.mask(self.window, part)).squeeze(2))  # [n, H, Dh]
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]

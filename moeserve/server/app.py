@@ -90,6 +90,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     for name, runtime in named.items():
         variants.add(name, runtime)
     metrics.watch(engine.counts, lambda: variants.variants.values())
+    metrics.watch_kv(llm.engine.kv_stats, model_name)
     limits = Limits(
         max_model_len=llm.max_model_len,
         max_n=config.max_n,

@@ -116,6 +116,10 @@ class ServerMetrics:
         """Gauges and offloading counters read at scrape time from the engine and the variants."""
         self.registry.register(_ScrapeCollector(counts, variants))
 
+    def watch_kv(self, kv_stats: Callable[[], dict[str, float]], model_name: str) -> None:
+        """The KV cache's gauges and preemptions, read at scrape time (one cache serves every variant)."""
+        self.registry.register(_KvCollector(kv_stats, model_name))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -158,3 +162,29 @@ class _ScrapeCollector(Collector):
                 bits.add_metric([variant.name, str(layer)], value)
         yield from families.values()
         yield bits
+
+
+class _KvCollector(Collector):
+    def __init__(self, kv_stats, model_name: str):
+        self._stats, self._labels = kv_stats, [model_name]
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        stats = self._stats()
+        gauges = (
+            ("kv_cache_usage_perc", "kv_cache_usage_perc", "Share of the KV cache's blocks in use (1 = full)."),
+            ("kv_cache_blocks_in_use", "kv_blocks_in_use", "KV cache blocks held by sequences."),
+            ("kv_cache_blocks_free", "kv_blocks_free", "KV cache blocks free."),
+        )
+        for name, key, help_text in gauges:
+            gauge = GaugeMetricFamily(f"moeserve:{name}", help_text, labels=_MODEL)
+            gauge.add_metric(self._labels, stats[key])
+            yield gauge
+        preemptions = CounterMetricFamily(
+            "moeserve:num_preemptions", "Running sequences preempted (their KV recomputed later) to free blocks.",
+            labels=_MODEL,
+        )
+        preemptions.add_metric(self._labels, stats["num_preemptions"])
+        yield preemptions

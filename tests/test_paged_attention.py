@@ -1,0 +1,140 @@
+"""Decode attention over paged KV blocks: the CPU gather path and the Triton kernel against a plain reference.
+
+Fresh random pools, block tables that scatter each sequence over the pool in random order, positions that
+end mid-block and on block edges, GQA, sliding windows, sinks and MLA's latent-as-value layout. The kernel
+runs in the Triton interpreter (a TRITON_INTERPRET=1 subprocess, since the variable must be set before
+triton is imported) and on CUDA when there is one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeserve.kv.cache import KvLayout, PagedKVCache
+from moeserve.kv.context import DecodeContext, Part
+from moeserve.layers.paged_attention import paged_decode_attention, paged_decode_reference
+from moeserve.layers.sinks import sink_attention
+
+TESTS = Path(__file__).parent
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreter_only = pytest.mark.skipif(
+    not (INTERPRETED and HAS_TRITON), reason="runs in test_triton_interpreter_subprocess's TRITON_INTERPRET=1 run"
+)
+requires_cuda_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAS_TRITON and not INTERPRETED), reason="needs a CUDA device and triton"
+)
+# (heads, kv heads, key dim, value dim or None for separate V of the key's size, window, sinks)
+CASES = [
+    (4, 2, 16, None, None, False),  # GQA
+    (4, 4, 8, None, 5, False),  # sliding window
+    (8, 2, 16, None, 7, True),  # window and sinks (gpt_oss)
+    (4, 1, 20, 12, None, False),  # MLA: one latent "head" serving as keys, its first 12 values as values
+]
+BLOCK = 4
+
+
+def random_case(heads, kv_heads, key_dim, value_dim, sinks, dtype, device, seed):
+    """A pool with three sequences scattered over it, in random block order."""
+    gen = torch.Generator().manual_seed(seed)
+    positions = torch.tensor([0, 9, 22])  # one, mid-block, last of a block (23 tokens = blocks of 4: 5 full + 3)
+    num_blocks = 1 + 16
+    k_pool = torch.randn(num_blocks, BLOCK, kv_heads, key_dim, generator=gen).to(dtype)
+    v_pool = None if value_dim else torch.randn(num_blocks, BLOCK, kv_heads, key_dim, generator=gen).to(dtype)
+    order = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    tables = torch.zeros(3, 8, dtype=torch.long)  # padded with the null block 0
+    for row, position in enumerate(positions.tolist()):
+        needed = position // BLOCK + 1
+        tables[row, :needed] = torch.tensor([order.pop() for _ in range(needed)])
+    query = torch.randn(3, heads, key_dim, generator=gen).to(dtype)
+    sink = torch.randn(heads, generator=gen) if sinks else None
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return move(query), move(k_pool), move(v_pool), move(tables), move(positions), move(sink)
+
+
+def gathered_attention(query, k_pool, v_pool, tables, positions, window, sinks, value_dim):
+    """What layers/attention.py and layers/mla.py compute without the kernel: gather into the workspace, then SDPA."""
+    kv_heads, key_dim = k_pool.shape[2], k_pool.shape[3]
+    layout = KvLayout(1, kv_heads, key_dim, v_pool is not None, (window,), k_pool.dtype)
+    cache = PagedKVCache(layout, k_pool.shape[0], BLOCK, k_pool.device)
+    part = Part(0, query.shape[0], tables.shape[1])
+    ctx = DecodeContext(cache, positions, tables[None], (part,))
+    keys = ctx.read(k_pool, 0, part, 0, window)  # [B, G, L, Dk]
+    values = keys[..., :value_dim] if v_pool is None else ctx.read(v_pool, 0, part, 1, window)
+    mask = ctx.mask(window, part)
+    scale = key_dim**-0.5
+    q = query.unsqueeze(2)  # [B, H, 1, Dk]
+    if sinks is not None:
+        return sink_attention(q, keys, values, mask, sinks).squeeze(2)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    ).squeeze(2)
+
+
+@pytest.mark.parametrize("heads, kv_heads, key_dim, value_dim, window, sinks", CASES)
+def test_gathered_blocks_attend_like_the_reference(heads, kv_heads, key_dim, value_dim, window, sinks):
+    query, k_pool, v_pool, tables, positions, sink = random_case(
+        heads, kv_heads, key_dim, value_dim, sinks, torch.float32, "cpu", seed=heads + key_dim
+    )
+    got = gathered_attention(query, k_pool, v_pool, tables, positions, window, sink, value_dim)
+    want = paged_decode_reference(query, k_pool, v_pool, tables, positions, key_dim**-0.5, window, sink, value_dim)
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def test_the_gather_workspace_is_kept_between_steps():
+    query, k_pool, v_pool, tables, positions, _ = random_case(4, 2, 16, None, False, torch.float32, "cpu", seed=1)
+    layout = KvLayout(1, 2, 16, True, (None,), torch.float32)
+    cache = PagedKVCache(layout, k_pool.shape[0], BLOCK, torch.device("cpu"))
+    part = Part(0, 3, tables.shape[1])
+    ctx = DecodeContext(cache, positions, tables[None], (part,))
+    first = ctx.read(k_pool, 0, part, 0).data_ptr()
+    workspace = cache.workspace_nbytes
+    for _ in range(3):
+        assert ctx.read(k_pool, 0, part, 0).data_ptr() == first
+    assert cache.workspace_nbytes == workspace > 0
+
+
+def _check_kernel(device, dtype, rtol):
+    for seed, (heads, kv_heads, key_dim, value_dim, window, sinks) in enumerate(CASES):
+        query, k_pool, v_pool, tables, positions, sink = random_case(
+            heads, kv_heads, key_dim, value_dim, sinks, dtype, device, seed
+        )
+        scale = key_dim**-0.5
+        got = paged_decode_attention(query, k_pool, v_pool, tables, positions, scale, window, sink, value_dim)
+        want = paged_decode_reference(query, k_pool, v_pool, tables, positions, scale, window, sink, value_dim)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert torch.allclose(got.float(), want.float(), rtol=rtol, atol=rtol), (heads, kv_heads, window, sinks)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton, or the test extra)")
+@pytest.mark.skipif(INTERPRETED, reason="this is the driver of the interpreted run")
+def test_triton_interpreter_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted_kernel",
+         str(TESTS / "test_paged_attention.py")],
+        env=env, capture_output=True, text=True, cwd=TESTS.parent,
+    )
+    assert result.returncode == 0, f"TRITON_INTERPRET=1 run:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
+    last = result.stdout.splitlines()[-1]
+    assert " passed" in last and "skipped" not in last, last
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_kernel_matches_the_reference(dtype):
+    _check_kernel("cpu", dtype, 1e-5 if dtype == torch.float32 else 2**-7)
+
+
+@pytest.mark.gpu
+@requires_cuda_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_on_cuda_matches_the_reference(dtype):
+    _check_kernel("cuda", dtype, 1e-5 if dtype == torch.float32 else 2**-8)
