@@ -59,15 +59,25 @@ def random_case(heads, kv_heads, key_dim, value_dim, sinks, dtype, device, seed)
     return move(query), move(k_pool), move(v_pool), move(tables), move(positions), move(sink)
 
 
-def gathered_attention(query, k_pool, v_pool, tables, positions, window, sinks, value_dim):
-    """What layers/attention.py and layers/mla.py compute without the kernel: gather into the workspace, then SDPA."""
+def cache_over(k_pool, v_pool, window) -> PagedKVCache:
+    """A one-layer cache holding these pools."""
     kv_heads, key_dim = k_pool.shape[2], k_pool.shape[3]
     layout = KvLayout(1, kv_heads, key_dim, v_pool is not None, (window,), k_pool.dtype)
     cache = PagedKVCache(layout, k_pool.shape[0], BLOCK, k_pool.device)
+    cache.keys(0).copy_(k_pool)
+    if v_pool is not None:
+        cache.values(0).copy_(v_pool)
+    return cache
+
+
+def gathered_attention(query, k_pool, v_pool, tables, positions, window, sinks, value_dim):
+    """What layers/attention.py and layers/mla.py compute without the kernel: gather into the workspace, then SDPA."""
+    key_dim = k_pool.shape[3]
+    cache = cache_over(k_pool, v_pool, window)
     part = Part(0, query.shape[0], tables.shape[1])
     ctx = DecodeContext(cache, positions, tables[None], (part,))
-    keys = ctx.read(k_pool, 0, part, 0, window)  # [B, G, L, Dk]
-    values = keys[..., :value_dim] if v_pool is None else ctx.read(v_pool, 0, part, 1, window)
+    keys, values = ctx.read(0, 0, part, window)  # [B, G, L, Dk]
+    values = keys[..., :value_dim] if v_pool is None else values
     mask = ctx.mask(window, part)
     scale = key_dim**-0.5
     q = query.unsqueeze(2)  # [B, H, 1, Dk]
@@ -90,14 +100,13 @@ def test_gathered_blocks_attend_like_the_reference(heads, kv_heads, key_dim, val
 
 def test_the_gather_workspace_is_kept_between_steps():
     query, k_pool, v_pool, tables, positions, _ = random_case(4, 2, 16, None, False, torch.float32, "cpu", seed=1)
-    layout = KvLayout(1, 2, 16, True, (None,), torch.float32)
-    cache = PagedKVCache(layout, k_pool.shape[0], BLOCK, torch.device("cpu"))
+    cache = cache_over(k_pool, v_pool, None)
     part = Part(0, 3, tables.shape[1])
-    ctx = DecodeContext(cache, positions, tables[None], (part,))
-    first = ctx.read(k_pool, 0, part, 0).data_ptr()
+    first = [t.data_ptr() for t in DecodeContext(cache, positions, tables[None], (part,)).read(0, 0, part, None)]
     workspace = cache.workspace_nbytes
-    for _ in range(3):
-        assert ctx.read(k_pool, 0, part, 0).data_ptr() == first
+    for _ in range(3):  # later steps, each with its own context
+        ctx = DecodeContext(cache, positions, tables[None], (part,))
+        assert [t.data_ptr() for t in ctx.read(0, 0, part, None)] == first
     assert cache.workspace_nbytes == workspace > 0
 
 

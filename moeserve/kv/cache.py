@@ -67,6 +67,10 @@ class PagedKVCache:
         shape = (num_blocks, block_size, layout.num_kv_heads, layout.head_dim)
         self.k = [_pool(shape, layout.dtype, device) for _ in range(layout.slots)]
         self.v = [_pool(shape, layout.dtype, device) for _ in range(layout.slots)] if layout.separate_values else []
+        # the same memory seen as tokens (for writes) and as blocks (for gathers), made once: a decode step
+        # runs a few ops per layer, and on a CPU each costs more than its arithmetic
+        self._tokens = [[p.view(-1, *shape[2:]) for p in pools] for pools in (self.k, self.v)]
+        self._blocks = [[p.view(num_blocks, -1) for p in pools] for pools in (self.k, self.v)]
         self._workspace = torch.empty(0, dtype=layout.dtype, device=device)
 
     @property
@@ -101,25 +105,32 @@ class PagedKVCache:
     def values(self, layer: int) -> torch.Tensor:
         return self.v[self.slot_of_layer[layer]]
 
-    def write(self, pool: torch.Tensor, slots: torch.Tensor, entries: torch.Tensor) -> None:
-        """Store entries [N, G, Dh] at flat positions `slots` [N] (block * block_size + offset) of `pool`."""
-        pool.view(-1, *pool.shape[2:]).index_copy_(0, slots, entries)
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None) -> None:
+        """Store one layer's entries [N, G, Dh] at flat positions `slots` [N] (block * block_size + offset)."""
+        slot = self.slot_of_layer[layer]
+        self._tokens[0][slot].index_copy_(0, slots, keys)
+        if values is not None:
+            self._tokens[1][slot].index_copy_(0, slots, values)
 
-    def gather(self, pool: torch.Tensor, tables: torch.Tensor, part: int) -> torch.Tensor:
-        """The blocks `tables` [B, n] name, in order: [B, n * block_size, G, Dh]. Eager steps gather into a
-        workspace kept from step to step (`part` 0 and 1: keys and values of one attention call), so a
-        decode step allocates nothing the size of its KV."""
-        B, n = tables.shape
-        block = pool[0].numel()
+    def gather(self, layer: int, index: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The blocks `index` [rows * n] names (row-major), in order, of one layer's keys and values:
+        [rows, n * block_size, G, Dh] each (values None for MLA). Eager steps gather into a workspace kept
+        from step to step, so a decode step allocates nothing the size of its KV."""
+        slot = self.slot_of_layer[layer]
+        pools = [blocks[slot] for blocks in self._blocks if blocks]
+        shape = (rows, -1, *self.k[slot].shape[2:])
         if torch.compiler.is_compiling():  # the compiled step manages its own buffers
-            gathered = pool.view(pool.shape[0], block)[tables.reshape(-1)]
+            gathered = [pool[index] for pool in pools]
         else:
-            needed = 2 * B * n * block
-            if self._workspace.numel() < needed:
-                self._workspace = torch.empty(needed, dtype=pool.dtype, device=pool.device)
-            out = self._workspace[part * (needed // 2) : (part + 1) * (needed // 2)].view(B * n, block)
-            gathered = torch.index_select(pool.view(pool.shape[0], block), 0, tables.reshape(-1), out=out)
-        return gathered.view(B, n * self.block_size, *pool.shape[2:])
+            part = index.shape[0] * pools[0].shape[1]
+            if self._workspace.numel() < 2 * part:
+                self._workspace = torch.empty(2 * part, dtype=self.dtype, device=self.device)
+            gathered = [
+                torch.index_select(pool, 0, index, out=self._workspace[i * part : (i + 1) * part].view(index.shape[0], -1))
+                for i, pool in enumerate(pools)
+            ]
+        keys = gathered[0].view(shape)
+        return keys, gathered[1].view(shape) if len(gathered) > 1 else None
 
 
 def _pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

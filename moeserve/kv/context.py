@@ -69,18 +69,15 @@ class StepContext:
     def __post_init__(self):
         self.max_position = max(c + q for c, q in zip(self.cached_lens, self.query_lens)) - 1
 
-    def table(self, seq: int, group: int) -> torch.Tensor:
-        """[1, n] the blocks holding sequence `seq`'s positions 0..cached+new-1 in `group`."""
+    def read(self, layer: int, seq: int, group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sequence `seq`'s cached and new entries of one layer: keys and values [total, G, Dh] (values None
+        for MLA)."""
         if (seq, group) not in self._tables:
             n = blocks_for(self.cached_lens[seq] + self.query_lens[seq], self.cache.block_size)
-            ids = self.block_tables[seq][group][:n]
-            self._tables[seq, group] = torch.tensor([ids], device=self.positions.device)
-        return self._tables[seq, group]
-
-    def read(self, pool: torch.Tensor, seq: int, group: int, part: int) -> torch.Tensor:
-        """Sequence `seq`'s cached and new entries of `pool`: [total, G, Dh]."""
+            self._tables[seq, group] = torch.tensor(self.block_tables[seq][group][:n], device=self.positions.device)
         total = self.cached_lens[seq] + self.query_lens[seq]
-        return self.cache.gather(pool, self.table(seq, group), part)[0, :total]
+        keys, values = self.cache.gather(layer, self._tables[seq, group], 1)
+        return keys[0, :total], None if values is None else values[0, :total]
 
 
 @dataclass
@@ -95,6 +92,7 @@ class DecodeContext:
     is_decode: ClassVar[bool] = True
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
     _slots: dict[int, torch.Tensor] = field(default_factory=dict)
+    _indices: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     @property
     def span(self) -> int:
@@ -142,13 +140,17 @@ class DecodeContext:
             self._masks[key] = allowed[:, None, None, :]
         return self._masks[key]
 
-    def read(self, pool: torch.Tensor, group: int, part: Part, which: int, window: int | None = None) -> torch.Tensor:
-        """Rows of `part`: their entries of `pool` over the blocks they read (all up to the part's span, or
-        those `window` reaches), [n, G, L, Dh] (a view of a workspace)."""
-        first, count = self._window(window, part)
-        tables = self.tables[group, part.start : part.end]  # [n, blocks]
-        if first is None:
-            tables = tables[:, :count]
-        else:
-            tables = tables.gather(1, first[:, None] + torch.arange(count, device=tables.device))  # [n, count]
-        return self.cache.gather(pool, tables, which).transpose(1, 2)
+    def read(self, layer: int, group: int, part: Part, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows of `part`: one layer's keys and values over the blocks they read (all up to the part's span,
+        or those `window` reaches), [n, G, L, Dh] each (views of a workspace; values None for MLA)."""
+        key = (group, part, window)
+        if key not in self._indices:
+            first, count = self._window(window, part)
+            tables = self.tables[group, part.start : part.end]  # [n, blocks]
+            if first is None:
+                tables = tables[:, :count]
+            else:
+                tables = tables.gather(1, first[:, None] + torch.arange(count, device=tables.device))  # [n, count]
+            self._indices[key] = tables.reshape(-1)
+        keys, values = self.cache.gather(layer, self._indices[key], part.end - part.start)
+        return keys.transpose(1, 2), None if values is None else values.transpose(1, 2)

@@ -80,22 +80,20 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
 
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
-        cache, group = ctx.cache, ctx.cache.group_of_layer[self.layer_id]
-        k_pool, v_pool = cache.keys(self.layer_id), cache.values(self.layer_id)  # [blocks, size, G, Dh]
-        slots = ctx.slots(group)
-        cache.write(k_pool, slots, k)  # [B, G, Dh] at each sequence's position
-        cache.write(v_pool, slots, v)
+        cache, layer = ctx.cache, self.layer_id
+        group = cache.group_of_layer[layer]
+        cache.write(layer, ctx.slots(group), k, v)  # [B, G, Dh] at each sequence's position
         if ctx.use_kernel:
             return paged_decode_attention(
-                q, k_pool, v_pool, ctx.tables[group], ctx.positions, self.head_dim**-0.5, self.window, self.sinks
+                q, cache.keys(layer), cache.values(layer), ctx.tables[group], ctx.positions, self.head_dim**-0.5,
+                self.window, self.sinks,
             )  # [B, H, Dh]
         outputs = []
         for part in ctx.parts:
-            keys = ctx.read(k_pool, group, part, 0, self.window)  # [n, G, L, Dh]
-            values = ctx.read(v_pool, group, part, 1, self.window)
+            keys, values = ctx.read(layer, group, part, self.window)  # [n, G, L, Dh]
             query = q[part.start : part.end].unsqueeze(2)  # [n, H, 1, Dh]
-            outputs.append(self._attend(query, keys, values, ctx.mask(self.window, part)).squeeze(2))  # [n, H, Dh]
-        return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+            outputs.append(self._attend(query, keys, values, ctx.mask(self.window, part)))  # [n, H, 1, Dh]
+        return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]).squeeze(2)
 
     def _attend(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal=False
@@ -109,18 +107,15 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        cache, group = ctx.cache, ctx.cache.group_of_layer[self.layer_id]
-        k_pool, v_pool = cache.keys(self.layer_id), cache.values(self.layer_id)
-        cache.write(k_pool, ctx.slots[group], k)  # [T, G, Dh]
-        cache.write(v_pool, ctx.slots[group], v)
+        cache, layer = ctx.cache, self.layer_id
+        group = cache.group_of_layer[layer]
+        cache.write(layer, ctx.slots[group], k, v)  # [T, G, Dh]
         outputs = []
         start = 0
         for i, (cached, new) in enumerate(zip(ctx.cached_lens, ctx.query_lens)):
             end = start + new
-            if cached:  # the sequence continues: read its earlier positions back from its blocks
-                keys, values = ctx.read(k_pool, i, group, 0), ctx.read(v_pool, i, group, 1)  # [total, G, Dh]
-            else:
-                keys, values = k[start:end], v[start:end]
+            # a sequence that continues reads its earlier positions back from its blocks
+            keys, values = ctx.read(layer, i, group) if cached else (k[start:end], v[start:end])  # [total, G, Dh]
             query = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, new, Dh]
             mask = extend_mask(cached, new, self.window, q.device)
             out = self._attend(

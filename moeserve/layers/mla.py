@@ -74,21 +74,21 @@ class MlaAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def _decode(self, q_nope, q_rot, latent, ctx: DecodeContext) -> torch.Tensor:
-        cache, group = ctx.cache, ctx.cache.group_of_layer[self.layer_id]
-        pool = cache.keys(self.layer_id)  # [blocks, size, 1, R + Dr]
-        cache.write(pool, ctx.slots(group), latent.unsqueeze(1))  # [B, 1, R + Dr] at each sequence's position
+        cache, layer = ctx.cache, self.layer_id
+        group = cache.group_of_layer[layer]
+        cache.write(layer, ctx.slots(group), latent.unsqueeze(1), None)  # [B, 1, R + Dr] at each sequence's position
         w_uk, w_uv = self._kv_b()
         q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)  # [B, H, R]: q_nope · (W_UK · latent)
         query = torch.cat((q_latent, q_rot), dim=-1)  # [B, H, R + Dr]
         if ctx.use_kernel:
             # the values are the latents themselves (their first R entries), expanded after the sum
             out_latent = paged_decode_attention(
-                query, pool, None, ctx.tables[group], ctx.positions, self.scale, None, None, value_dim=self.rank
+                query, cache.keys(layer), None, ctx.tables[group], ctx.positions, self.scale, None, None, value_dim=self.rank
             )  # [B, H, R]
         else:
             outputs = []
             for part in ctx.parts:
-                keys = ctx.read(pool, group, part, 0)  # [n, 1, L, R + Dr]
+                keys, _ = ctx.read(layer, group, part, None)  # [n, 1, L, R + Dr]
                 out = F.scaled_dot_product_attention(
                     query[part.start : part.end].unsqueeze(2),  # [n, H, 1, R + Dr]
                     keys,
@@ -102,16 +102,16 @@ class MlaAttention(nn.Module):
         return torch.einsum("bhr,hvr->bhv", out_latent, w_uv)  # [B, H, Dv]
 
     def _extend(self, q_nope, q_rot, latent, ctx: StepContext) -> torch.Tensor:
-        cache, group = ctx.cache, ctx.cache.group_of_layer[self.layer_id]
-        pool = cache.keys(self.layer_id)
-        cache.write(pool, ctx.slots[group], latent.unsqueeze(1))  # [T, 1, R + Dr]
+        cache, layer = ctx.cache, self.layer_id
+        group = cache.group_of_layer[layer]
+        cache.write(layer, ctx.slots[group], latent.unsqueeze(1), None)  # [T, 1, R + Dr]
         query = torch.cat((q_nope, q_rot), dim=-1)  # [T, H, Dn + Dr]
         outputs = []
         start = 0
         for i, (cached, new) in enumerate(zip(ctx.cached_lens, ctx.query_lens)):
             end, total = start + new, cached + new
             # a continued sequence reads its earlier latents back from its blocks
-            latents = ctx.read(pool, i, group, 0)[:, 0] if cached else latent[start:end]  # [L, R + Dr]
+            latents = ctx.read(layer, i, group)[0][:, 0] if cached else latent[start:end]  # [L, R + Dr]
             kv_latent, k_rot = latents.split([self.rank, self.rope_dim], dim=-1)  # [L, R], [L, Dr]
             kv = self.kv_b_proj(kv_latent).view(total, self.num_heads, -1)  # [L, H, Dn + Dv]
             k_nope, values = kv.split([self.nope_dim, self.v_dim], dim=-1)
