@@ -48,6 +48,7 @@ from throughput_run import DEVICE_HEADROOM, WARMUP_PROMPT, WorkloadRun, release 
 from moeserve.config import parse_dtype_option  # noqa: E402
 from moeserve.errors import MoeServeError  # noqa: E402
 from moeserve.models import build_model  # noqa: E402
+from moeserve.offload.cache import SlotPool  # noqa: E402
 from moeserve.offload.policy import load_policy  # noqa: E402
 from moeserve.offload.runtime import parse_budget  # noqa: E402
 
@@ -176,7 +177,7 @@ def fitting_layers(preset: str, budgets: list[str], device: torch.device) -> int
     """The most layers of `preset` whose bf16 host copies fit in HOST_SHARE of the available host memory
     and whose largest slot pool fits on the device beside the resident weights."""
     full = preset_config(preset, None)
-    expert_bytes = 3 * full.hidden_size * full.moe_intermediate_size * full.dtype.itemsize
+    expert_bytes = SlotPool.slot_nbytes(full.hidden_size, full.moe_intermediate_size, full.dtype)  # a host row
     # torch's pinned allocator rounds each buffer up to a power of two.
     host_expert = 1 << (expert_bytes - 1).bit_length() if device.type == "cuda" else expert_bytes
     available = host_available_bytes()

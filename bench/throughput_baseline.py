@@ -1,7 +1,7 @@
 """Baseline (b) of bench/throughput.py: naive offload, the pattern of mixtral-offloading and of accelerate.
 
 In:  every routed expert uncompressed in its stored dtype (bf16 for the presets and most checkpoints), one
-     host buffer per expert laid out like a cache slot (gate | up | down), pinned when the compute device is
+     host buffer per expert laid out like a cache slot (experts.expert_rows), pinned when the compute device is
      a GPU, so a miss is one copy (converted to the compute dtype on the way when the two differ); a budget
      of device slots.
 Out: the `ExpertProvider` protocol: fetch(layer, experts) yields each expert from a slot. A miss takes the
@@ -20,11 +20,11 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from moeserve.experts import ExpertWeights
+from moeserve.experts import ExpertWeights, expert_row_numel, expert_rows
 from moeserve.offload.cache import ExpertCache, ExpertKey, SlotPool
 from moeserve.offload.stats import OffloadStats
 
-# Legend: D = hidden size, I = expert width, N = 3 * I * D values of one expert.
+# Legend: D = hidden size, I = expert width, N = experts.expert_row_numel values of one slot row.
 
 
 class NaiveOffloadProvider:
@@ -70,11 +70,13 @@ def host_copies(experts: Iterator[tuple[int, Iterable[ExpertWeights]]], pin: boo
 
 
 def host_copy(w: ExpertWeights, pin: bool) -> torch.Tensor:
-    """One expert as a slot row [N]: gate | up | down, in its stored dtype, in (pinned) host memory."""
-    parts = (w.gate, w.up, w.down)
-    row = torch.empty(sum(t.numel() for t in parts), dtype=w.gate.dtype, pin_memory=pin)
-    at = 0
-    for t in parts:
-        row[at : at + t.numel()].copy_(t.reshape(-1))  # from the device or a mapped file
-        at += t.numel()
-    return row
+    """One expert as a slot row [N] (gate and up fused, down in its aligned region), in its stored dtype,
+    in (pinned) host memory."""
+    intermediate, hidden = w.gate.shape
+    row = torch.zeros(1, expert_row_numel(intermediate, hidden, w.gate.dtype), dtype=w.gate.dtype, pin_memory=pin)
+    gate_up, down = expert_rows(row, intermediate, hidden)
+    # from the device or a mapped file
+    gate_up[0, :intermediate].copy_(w.gate)
+    gate_up[0, intermediate:].copy_(w.up)
+    down[0].copy_(w.down)
+    return row[0]

@@ -9,9 +9,9 @@ The model never owns routed-expert weights. `DenseExpertProvider` simply holds t
 device; the offloading runtime implements the same protocol on top of a compressed host store
 and a bounded device cache, without the model code changing.
 
-A provider may also hold a layer's experts stacked (`stacked`): one [S, 3*I*D] tensor, each row an
-expert's gate | up | down, the layout of the offload cache's slots, plus an expert → row map on the
-device. The MoE block then computes every routed pair from device-side ids, with no host sync.
+A provider may also hold a layer's experts stacked (`stacked`): one [S, expert_row_numel] tensor, each
+row an expert's gate | up | down, the layout of the offload cache's slots, plus an expert → row map on
+the device. The MoE block then computes every routed pair from device-side ids, with no host sync.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Iterable, Protocol, Sequence
 
 import torch
 
+from moeserve.alignment import aligned_empty, aligned_numel, ensure_aligned
 from moeserve.codecs.mxfp4 import Mxfp4Tensor
 
 
@@ -40,16 +41,18 @@ class ExpertWeights:
         return cls(gate=gate_up[:i], up=gate_up[i:], down=down, gate_up=gate_up)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
-        """These weights on `device` in `dtype`: themselves when they already are (a memory-mapped
-        checkpoint stays mapped), otherwise a copy with gate and up fused."""
+        """These weights on `device` in `dtype`, every matrix a matmul reads starting 64-byte aligned
+        (alignment.py). A tensor already where, what and aligned as it must be is kept (a memory-mapped
+        checkpoint stays mapped); another is copied. Converting fuses gate and up; a copy made only
+        to align keeps the stored layout (see keeps_gate_up_apart)."""
         stored = [(t.device, t.dtype) for t in (self.gate, self.up, self.down)]
         if keeps_gate_up_apart(self.gate_up is None, stored, device, dtype):
-            return self
-        down = self.down.to(device=device, dtype=dtype)
+            return ExpertWeights(*(ensure_aligned(t) for t in (self.gate, self.up, self.down)))
+        down = ensure_aligned(self.down.to(device=device, dtype=dtype))
         if self.gate_up is not None:
-            return ExpertWeights.fused(self.gate_up.to(device=device, dtype=dtype), down)
+            return ExpertWeights.fused(ensure_aligned(self.gate_up.to(device=device, dtype=dtype)), down)
         gate_up = torch.cat((self.gate, self.up)).to(device=device, dtype=dtype)  # [2I, D]
-        return ExpertWeights.fused(gate_up, down)
+        return ExpertWeights.fused(ensure_aligned(gate_up), down)
 
     @property
     def nbytes(self) -> int:
@@ -76,9 +79,10 @@ def keeps_gate_up_apart(
 ) -> bool:
     """Whether loading an expert onto `device` in `dtype` leaves gate and up as two tensors.
 
-    Only a zero-copy load does: a checkpoint that stores them apart (`stored_apart`), whose tensors
-    (`stored`: device and dtype of gate, up and down) are already where and what they must be. Every
-    copy fuses them. The expert cache asks the same question of each stored expert, so a slot holds
+    Only a load that converts nothing does: a checkpoint that stores them apart (`stored_apart`), whose
+    tensors (`stored`: device and dtype of gate, up and down) are already where and what they must be.
+    Such a load copies a tensor only to align it (alignment.py), in place in the layout; every
+    conversion fuses them. The expert cache asks the same question of each stored expert, so a slot holds
     an expert in the layout the resident model would use, and both run the same arithmetic: SiLU
     over a strided half of a fused [n, 2I] product does not round like SiLU over a contiguous
     [n, I] one on every CPU (AVX-512 kernels differ)."""
@@ -87,15 +91,15 @@ def keeps_gate_up_apart(
 
 @dataclass(frozen=True)
 class StackedExperts:
-    """One MoE layer's experts in rows of one tensor [S, 3*I*D] (per row gate | up | down), as views."""
+    """One MoE layer's experts in rows of one tensor [S, expert_row_numel] (per row gate | up | down), as views."""
 
-    gate_up: torch.Tensor  # [S, 2I, D] (row stride 3*I*D)
-    down: torch.Tensor  # [S, D, I] (row stride 3*I*D)
+    gate_up: torch.Tensor  # [S, 2I, D] (row stride expert_row_numel)
+    down: torch.Tensor  # [S, D, I] (row stride expert_row_numel)
     slot_of: torch.Tensor  # [E] long on the compute device: the row holding each expert
 
     @classmethod
     def over(cls, memory: torch.Tensor, intermediate: int, hidden: int, slot_of: torch.Tensor) -> StackedExperts:
-        """Views of `memory` [S, 3*I*D]."""
+        """Views of `memory` [S, expert_row_numel]."""
         return cls(*expert_rows(memory, intermediate, hidden), slot_of)
 
     def expert(self, row: int) -> ExpertWeights:
@@ -103,11 +107,29 @@ class StackedExperts:
         return ExpertWeights.fused(self.gate_up[row], self.down[row])
 
 
+def expert_row_numel(intermediate: int, hidden: int, dtype: torch.dtype) -> int:
+    """Values in one row of stacked experts: three regions (gate, up, down) of I*D values each, rounded up
+    to whole 64-byte alignments, so that in memory starting aligned every row and region does too."""
+    return 3 * aligned_numel(intermediate * hidden, dtype)
+
+
 def expert_rows(memory: torch.Tensor, intermediate: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """memory [S, 3*I*D], each row an expert's gate | up | down → views gate_up [S, 2I, D] and down [S, D, I].
-    The one layout of stacked resident experts and of the offload cache's slots."""
-    rows, split = memory.shape[0], 2 * intermediate * hidden
-    return memory[:, :split].view(rows, 2 * intermediate, hidden), memory[:, split:].view(rows, hidden, intermediate)
+    """memory [S, expert_row_numel], each row an expert's gate | up | down → views gate_up [S, 2I, D] (from
+    the gate region's start, up right after gate) and down [S, D, I] (the down region). The one layout of
+    stacked resident experts and of the offload cache's slots."""
+    rows, numel = memory.shape[0], intermediate * hidden
+    down_start = 2 * aligned_numel(numel, memory.dtype)
+    gate_up = memory[:, : 2 * numel].view(rows, 2 * intermediate, hidden)
+    return gate_up, memory[:, down_start : down_start + numel].view(rows, hidden, intermediate)
+
+
+def apart_rows(memory: torch.Tensor, intermediate: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """memory [S, expert_row_numel] → views gate [S, I, D] and up [S, I, D], each at its own region's start:
+    where a slot holds an expert whose gate and up stay apart (two matmuls), each one aligned."""
+    rows, numel = memory.shape[0], intermediate * hidden
+    up_start = aligned_numel(numel, memory.dtype)
+    gate = memory[:, :numel].view(rows, intermediate, hidden)
+    return gate, memory[:, up_start : up_start + numel].view(rows, intermediate, hidden)
 
 
 def stack_experts(
@@ -115,7 +137,7 @@ def stack_experts(
 ) -> StackedExperts:
     """Copy `count` experts (any device, dtype and layout) into one stacked tensor on `device` in
     `dtype`, expert e in row e."""
-    memory = torch.empty(count, 3 * intermediate * hidden, dtype=dtype, device=device)  # [E, 3*I*D]
+    memory = aligned_empty((count, expert_row_numel(intermediate, hidden, dtype)), dtype, device)
     stacked = StackedExperts.over(memory, intermediate, hidden, torch.arange(count, device=device))
     for e, w in enumerate(experts):
         stacked.gate_up[e, :intermediate].copy_(w.gate)

@@ -7,7 +7,9 @@ Out: `LoadedModel`: the resident model (attention, norms, embeddings, routers, d
 
 Tensors are taken one at a time from the memory-mapped files and converted in place of the
 model's meta-device parameters, so peak memory is one copy of the weights plus one tensor;
-when no conversion is needed (CPU, stored dtype) the parameters stay views of the mapped file.
+when no conversion is needed (CPU, stored dtype) the parameters stay views of the mapped file,
+except those the file does not start on a 64-byte boundary: safetensors aligns tensor data to
+8 bytes only, and every weight a matmul reads starts aligned (alignment.py), so those are copied.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from moeserve.alignment import ensure_aligned
 from moeserve.checkpoint import CheckpointTensors
 from moeserve.config import ModelConfig, parse_model_config, read_config_json
 from moeserve.errors import ModelLoadError
@@ -84,13 +87,14 @@ def load_dense_experts(loaded: LoadedModel, device: torch.device) -> DenseExpert
     dequantized there, exactly as transformers dequantizes them. A layer whose experts must be copied
     anyway is copied into one stacked tensor (the layout of the offload cache's slots, which lets the
     MoE block route on the device); one already where and what it must be (a mapped checkpoint in
-    the compute dtype on a CPU) stays mapped."""
+    the compute dtype on a CPU) stays mapped, except each tensor the file does not start 64-byte
+    aligned, which is copied on its own (ExpertWeights.to), keeping gate and up as stored."""
     dtype = loaded.config.dtype
     experts: dict[int, list[ExpertWeights]] = {}
     stacked: dict[int, StackedExperts] = {}
     for layer, weights in iter_stored_experts(loaded.model, loaded.checkpoint, loaded.config, keep_mxfp4=True):
         if all(isinstance(w, ExpertWeights) and _already_on(w, device, dtype) for w in weights):
-            experts[layer] = list(weights)
+            experts[layer] = [w.to(device, dtype) for w in weights]
         else:
             d, i = loaded.config.hidden_size, loaded.config.moe_intermediate_size
             # a generator: one expert converted at a time, never a second copy of the layer
@@ -181,4 +185,4 @@ def _require_float(tensor: torch.Tensor) -> None:
 
 def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     _require_float(tensor)
-    return tensor.to(device=device, dtype=dtype)
+    return ensure_aligned(tensor.to(device=device, dtype=dtype))

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moeserve.experts import expert_row_numel, expert_rows
 from moeserve.layers.grouped_gemm import align_pairs, grouped_gemm, max_padded_pairs
 
 TESTS = Path(__file__).parent
@@ -36,13 +37,12 @@ requires_cuda_triton = pytest.mark.skipif(
 
 
 def slot_pool_views(num_slots: int, hidden: int, intermediate: int, dtype, device="cpu", seed=0):
-    """gate_up [S, 2I, D] and down [S, D, I] viewed out of one [S, 3*I*D] memory, exactly as SlotPool lays it."""
+    """gate_up [S, 2I, D] and down [S, D, I] viewed out of one [S, expert_row_numel] memory, exactly as SlotPool
+    lays it (experts.expert_rows)."""
     gen = torch.Generator().manual_seed(seed)
-    numel = hidden * intermediate
-    memory = (torch.randn(num_slots, 3 * numel, generator=gen) / hidden**0.5).to(dtype).to(device)
-    gate_up = memory[:, : 2 * numel].view(num_slots, 2 * intermediate, hidden)
-    down = memory[:, 2 * numel :].view(num_slots, hidden, intermediate)
-    return gate_up, down
+    row = expert_row_numel(intermediate, hidden, dtype)
+    memory = (torch.randn(num_slots, row, generator=gen) / hidden**0.5).to(dtype).to(device)
+    return expert_rows(memory, intermediate, hidden)
 
 
 def random_pairs(num_pairs: int, num_rows: int, num_slots: int, seed: int, device="cpu"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from moeserve.alignment import aligned_empty
 from moeserve.codecs import mxfp4, quant, raw, sz3, szp, szp_cpu, zfp  # noqa: F401  (importing registers them)
 from moeserve.codecs.base import Codec, CodecError, NativeDecoder
 from moeserve.codecs.blob import DTYPES, Blob
@@ -65,8 +66,9 @@ def encode(tensor: torch.Tensor, codec: str = "szp", mode: str = "abs", error_bo
 
 
 def decode(blob: Blob, device: str | torch.device = "cpu") -> torch.Tensor:
-    """A new tensor with the blob's dtype and shape on `device` ("cpu" or a CUDA device)."""
-    out = torch.empty(blob.shape, dtype=blob.dtype, device=resolve_device(device, CodecError))
+    """A new tensor with the blob's dtype and shape on `device` ("cpu" or a CUDA device), starting
+    64-byte aligned like every weight a matmul reads (alignment.py)."""
+    out = aligned_empty(blob.shape, blob.dtype, resolve_device(device, CodecError))
     return decode_into(blob, out)
 
 

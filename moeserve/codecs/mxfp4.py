@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from moeserve.alignment import aligned_empty
 from moeserve.codecs.base import Codec
 from moeserve.codecs.blob import Blob
 from moeserve.codecs.registry import register
@@ -53,7 +54,7 @@ class Mxfp4Tensor:
     def dequantize(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The values [..., G * 32] in `dtype` on `device`, decoded there."""
         scales = self.scales.to(device).reshape(-1)
-        out = torch.empty(scales.numel(), BLOCK, dtype=self.dtype, device=scales.device)
+        out = aligned_empty((scales.numel(), BLOCK), self.dtype, scales.device)  # a matmul may read it
         _dequantize(scales, self.blocks.to(device).reshape(-1, BLOCK // 2), out)
         return out.view(self.shape)
 

@@ -2,7 +2,7 @@
 
 In:  activations a [R, Kdim]; per pair p = 0..P-1 the row it reads (rows [P]) and the slot it uses
      (slots [P]), both long tensors on a's device; weights [S, N, Kdim], one matrix per slot, possibly
-     a strided view (SlotPool.memory[:, :2*I*D].view(S, 2I, D): slot stride 3*I*D, inner dims contiguous).
+     a strided view (experts.expert_rows: slot stride experts.expert_row_numel, inner dims contiguous).
 Out: [P, N] in a's dtype, out[p] = a[rows[p]] @ weights[slots[p]].T accumulated in float32 (as F.linear).
 
 Nothing here reads a tensor's values on the host or makes a shape that depends on them, so the MoE block

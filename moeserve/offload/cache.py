@@ -1,7 +1,8 @@
 """The expert cache: a pool of decoded-expert slots allocated once, and who occupies each slot.
 
 Memory: one tensor [num_slots, slot_numel] in the compute dtype on the compute device, sized so
-that num_slots * slot bytes <= the byte budget. Nothing else ever holds decoded experts. The
+that num_slots * slot bytes <= the byte budget; every slot, and each matrix in it, starts 64-byte
+aligned (alignment.py), like the resident experts it stands in for. Nothing else ever holds decoded experts. The
 host's compressed copy is immutable, so evicting a slot only forgets it (no write-back).
 
 Eviction is pluggable (LRU by default, LFU); a slot that is pinned (in use by the current layer)
@@ -16,11 +17,15 @@ import itertools
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Container, Sequence
+from typing import TYPE_CHECKING, Callable, Container, Sequence
 
 import torch
 
-from moeserve.experts import ExpertWeights, expert_rows
+from moeserve.alignment import aligned_empty
+from moeserve.experts import ExpertWeights, apart_rows, expert_row_numel, expert_rows, keeps_gate_up_apart
+
+if TYPE_CHECKING:
+    from moeserve.offload.store import PackedExpert
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -87,20 +92,21 @@ class SlotPool:
 
     def __init__(self, num_slots: int, hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device):
         self.hidden, self.intermediate = hidden, intermediate
-        # [S, 3 * I * D]: per slot gate | up | down (experts.expert_rows, the layout of stacked resident
-        # experts), contiguous so each decodes straight into place.
-        self.memory = torch.empty(num_slots, 3 * hidden * intermediate, dtype=dtype, device=device)
+        # [S, expert_row_numel]: per slot gate | up | down (experts.expert_rows, the layout of stacked
+        # resident experts), each matrix contiguous so it decodes straight into place.
+        self.memory = aligned_empty((num_slots, expert_row_numel(intermediate, hidden, dtype)), dtype, device)
         self.num_slots = num_slots
         # The views are made once: building them per use costs more than a small expert's matmuls.
         # Each slot serves both layouts of gate and up (fused, or apart like a mapped unfused
         # checkpoint), so an expert is computed exactly as the resident model would compute it.
         gate_up, down = expert_rows(self.memory, intermediate, hidden)  # [S, 2I, D], [S, D, I]
+        gate, up = apart_rows(self.memory, intermediate, hidden)  # [S, I, D] each
         self._fused_views = [ExpertWeights.fused(gate_up[slot], down[slot]) for slot in range(num_slots)]
-        self._apart_views = [ExpertWeights(w.gate, w.up, w.down) for w in self._fused_views]
+        self._apart_views = [ExpertWeights(gate[slot], up[slot], down[slot]) for slot in range(num_slots)]
 
     @staticmethod
     def slot_nbytes(hidden: int, intermediate: int, dtype: torch.dtype) -> int:
-        return 3 * hidden * intermediate * dtype.itemsize
+        return expert_row_numel(intermediate, hidden, dtype) * dtype.itemsize
 
     @property
     def nbytes(self) -> int:
@@ -111,6 +117,12 @@ class SlotPool:
         matmuls), otherwise also as one [2I, D] matrix (one matmul)."""
         return (self._apart_views if gate_up_apart else self._fused_views)[slot]
 
+    def serves_apart(self, packed: PackedExpert) -> bool:
+        """Whether a slot serves the packed expert with gate and up apart: as the
+        resident model loads it (keeps_gate_up_apart). Decoding and computing must agree on it: the up
+        matrix lies elsewhere in the slot in each layout."""
+        stored = [(torch.device("cpu"), blob.dtype) for blob in packed.blobs]
+        return keeps_gate_up_apart(packed.gate_up_apart, stored, self.memory.device, self.memory.dtype)
 
 
 class ExpertCache:

@@ -70,7 +70,7 @@ class CpuSlotFiller:
     def start(self, packed: PackedExpert, slot: int, urgent: bool) -> CpuPending:
         """Queues the fill; an urgent one (a layer waits for it) is decoded before queued prefetches."""
         self._collect_timing()
-        weights = self.pool.weights(slot)
+        weights = self.pool.weights(slot, self.pool.serves_apart(packed))  # the layout compute will read
         handle = self._decoders.submit(list(zip(packed.blobs, (weights.gate, weights.up, weights.down))), urgent)
         self._running.append(handle)
         self.stats.bytes_transferred += packed.nbytes

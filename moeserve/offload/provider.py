@@ -21,9 +21,7 @@ import time
 from collections import deque
 from typing import Iterator, Sequence
 
-import torch
-
-from moeserve.experts import ExpertWeights, keeps_gate_up_apart
+from moeserve.experts import ExpertWeights
 from moeserve.offload.cache import ExpertCache, ExpertKey, SlotEntry, SlotPool
 from moeserve.offload.lookahead import automatic_prediction_depth
 from moeserve.offload.stats import OffloadStats
@@ -44,13 +42,7 @@ class OffloadedExpertProvider:
     ):
         self.store, self.pool, self.cache, self.filler, self.stats = store, pool, cache, filler, stats
         # Per expert, the layout of gate and up the resident model would load it in (see keeps_gate_up_apart).
-        memory = pool.memory
-        self._gate_up_apart = {
-            key: keeps_gate_up_apart(
-                packed.gate_up_apart, [(torch.device("cpu"), b.dtype) for b in packed.blobs], memory.device, memory.dtype
-            )
-            for key, packed in store.experts.items()
-        }
+        self._gate_up_apart = {key: pool.serves_apart(packed) for key, packed in store.experts.items()}
         self._prefetch, self._forced_depth = prefetch, prefetch_depth  # None: automatic_prediction_depth
         # Per MoE layer, its latest prediction not yet fully issued, and the prediction's distance (MoE
         # layers from the first fetch after it to the predicted layer; None until that fetch).
