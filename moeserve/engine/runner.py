@@ -112,12 +112,12 @@ class ModelRunner:
     def block_tables(self, seqs: list[Sequence], rows: int, blocks: int) -> torch.Tensor:
         """[groups, rows, blocks] long on the host: each sequence's tables, padded with the null block
         (as are rows past the sequences)."""
-        tables = torch.zeros(self.cache.num_groups, rows, blocks, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            for group, table in enumerate(seq.blocks.tables):
-                held = table[:blocks]
-                tables[group, row, : len(held)] = torch.tensor(held)
-        return tables
+        padding = [0] * blocks
+        tables = [
+            [(seq.blocks.tables[group][:blocks] + padding)[:blocks] for seq in seqs] + [padding] * (rows - len(seqs))
+            for group in range(self.cache.num_groups)
+        ]
+        return torch.tensor(tables, dtype=torch.long)
 
     def decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, DecodeContext]:
         """The decode step's token ids [B] and context, with one host→device copy of ids and positions and
