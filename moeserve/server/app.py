@@ -26,7 +26,7 @@ from moeserve.llm import LLM
 from moeserve.offload.runtime import build_offload_runtime
 from moeserve.server.async_engine import AsyncEngine
 from moeserve.server.auth import ApiKeyMiddleware, BodyLimitMiddleware
-from moeserve.server.errors import install_error_handlers
+from moeserve.server.errors import InternalErrorMiddleware, install_error_handlers
 from moeserve.server.metrics import ServerMetrics
 from moeserve.server.policy_jobs import PolicyJobs
 from moeserve.server.prompt_guard import PromptGuard
@@ -92,6 +92,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     metrics.watch(engine.counts, lambda: variants.variants.values())
     limits = Limits(
         max_model_len=llm.max_model_len,
+        vocab_size=llm.config.vocab_size,
         max_n=config.max_n,
         max_choices=engine.capacity,
         max_logprobs=config.max_logprobs,
@@ -122,6 +123,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     app = FastAPI(title="moeserve", version="0.1.0", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    app.add_middleware(InternalErrorMiddleware)  # added first: innermost, inside Starlette's, which re-raises
     app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(tokenizer_router)

@@ -41,7 +41,7 @@ async def get_policy(request: Request, model: str | None = None):
 
 @router.put("/v1/policy")
 async def put_policy(request: Request, model: str | None = None):
-    job = request.app.state.server.jobs.submit(model, await request.body())
+    job = await request.app.state.server.jobs.submit(model, await request.body())
     return JSONResponse(job.to_dict(), status_code=202)
 
 
