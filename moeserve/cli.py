@@ -164,7 +164,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from moeserve import LLM
-    from moeserve.eval.tune import Tuner, TuneOptions, policy_yaml
+    from moeserve.eval.tune import Tuner, TuneOptions, budget_warnings, policy_yaml
 
     options = TuneOptions(
         max_accuracy_drop=args.max_accuracy_drop,
@@ -186,9 +186,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         out.write_text(text)
     except OSError as exc:
         raise MoeServeError(f"--out {out} cannot be written ({exc.strerror}); choose a writable path.") from None
-    print("".join(line[2:] + "\n" for line in text.splitlines() if line.startswith("# ")), end="")
+    warnings = budget_warnings(result)
+    summary = [line[2:] for line in text.splitlines() if line.startswith("# ") and not line.startswith("# WARNING: ")]
+    print("".join(line + "\n" for line in summary), end="")
     print(f"wrote {out}")
-    return 0
+    for warning in warnings:  # also in the YAML's header
+        print(f"warning: {warning}", file=sys.stderr)
+    return 1 if warnings and args.strict else 0
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -345,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--heldout-limit", type=int, default=None, help="test items per skill (default: all 200)")
     tune.add_argument("--out", required=True, help="policy YAML to write")
     tune.add_argument("--quiet", action="store_true", help="no progress output")
+    tune.add_argument(
+        "--strict", action="store_true", help="exit 1 when the held-out check warns that the budget is not kept"
+    )
     tune.set_defaults(run=_cmd_tune)
 
     comp = commands.add_parser("compress", help="write the compressed expert store and resident weights to a directory")

@@ -9,6 +9,7 @@ Out: `Tokenizer.encode/decode/apply_chat_template`, and `IncrementalDetokenizer`
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,21 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HfTokenizer
 
 from moeserve.errors import InputError, ModelLoadError
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_unicode(text: str, name: str) -> None:
+    """Raise an InputError naming `name` when `text` holds a lone surrogate: it is not valid Unicode, and the
+    tokenizers library refuses it with a TypeError. A Python str holds one only from input such as JSON's
+    "\\ud800" escape (the two escapes of a pair decode to one character)."""
+    match = _SURROGATE.search(text)
+    if match is not None:
+        raise InputError(
+            f"{name} contains a lone surrogate (U+{ord(match.group()):04X}) at character {match.start()}, which is "
+            f"not valid Unicode; send the character itself or a complete surrogate pair."
+        )
 
 
 def load_tokenizer(model_dir: Path) -> Tokenizer | None:
@@ -73,6 +89,7 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_unicode(text, "the text")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -14,7 +14,7 @@ from moeserve.eval import bench as bench_module
 from moeserve.eval.bench import BenchError, BenchOptions, layer_groups, run_bench
 from moeserve.eval.evaluate import EvalReport, TaskScore
 from moeserve.eval.perturb import GAUSSIAN, ExpertPerturber, Perturbation
-from moeserve.eval.tune import Measured, TuneOptions, TuneResult, knapsack, paired_drop, policy_yaml
+from moeserve.eval.tune import Measured, TuneOptions, TuneResult, budget_warnings, knapsack, paired_drop, policy_yaml
 from moeserve.offload.policy import load_policy
 
 SMALL = dict(tasks=("add", "sort"), limit=2, quality_items=2)
@@ -158,6 +158,47 @@ def test_tuned_policy_yaml_loads_and_resolves_to_the_chosen_rungs():
     assert resolved.setting(1, 0, "gate").error_bound == 1e-3
     assert resolved.setting(2, 1, "up").codec == "raw"
     assert resolved.setting(3, 0, "gate").codec == "szp"
+
+
+def _tuned(held_out: Measured, budget: float = 0.05) -> TuneResult:
+    options = TuneOptions(max_accuracy_drop=budget, ladder=(1e-3, 1e-2))
+    layers = [0, 1]
+    result = TuneResult(options, layers, options.rungs(), {0: 1, 1: 2}, 1, {layer: [400, 150, 100] for layer in layers},
+                        {}, 2 * 100, {"validation": 0.9, "test": 0.9})
+    result.tuned = result.uniform = {"validation": Measured(0.9, 0.0, 0.0), "test": held_out}
+    return result
+
+
+def test_tune_warns_when_the_held_out_check_breaks_the_budget(tmp_path):
+    """Issue 26: +10 ± 14 points (2 SE) held out against a 5-point budget was written without a word."""
+    result = _tuned(Measured(0.80, 0.10, 0.07))
+    warnings = budget_warnings(result)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("the held-out accuracy drop of 10.00 points exceeds the budget of 5 points;")
+    assert warnings[1].startswith("the held-out drop's standard error of 7.00 points exceeds the budget of 5 points")
+    text = policy_yaml(result, "tiny")
+    assert [line for line in text.splitlines() if line.startswith("# WARNING: ")] == [f"# WARNING: {w}" for w in warnings]
+    path = tmp_path / "tuned.yaml"
+    path.write_text(text)
+    assert load_policy(path) == load_policy(text)  # read back as any --policy file: the warnings are comments
+    assert budget_warnings(_tuned(Measured(0.89, 0.01, 0.004))) == []
+    assert budget_warnings(_tuned(Measured(0.80, 0.02, 0.06)))[0].startswith("the held-out drop's standard error")
+
+
+def test_tune_strict_exits_non_zero_on_a_warning(tmp_path, monkeypatch, capsys):
+    from moeserve.cli import main
+    from moeserve.eval import tune
+
+    held_out = {"breaks": Measured(0.80, 0.10, 0.07), "keeps": Measured(0.89, 0.01, 0.004)}
+    for name, measured in held_out.items():
+        monkeypatch.setattr(tune.Tuner, "run", lambda self, measured=measured: _tuned(measured))
+        for strict in ([], ["--strict"]):
+            out = tmp_path / f"{name}.yaml"
+            code = main(["tune", "--max-accuracy-drop", "0.05", "--out", str(out), "--quiet", *strict])
+            captured = capsys.readouterr()
+            assert code == (1 if strict and name == "breaks" else 0)
+            assert captured.err.count("warning: the held-out") == (2 if name == "breaks" else 0)
+            assert "WARNING" not in captured.out and f"wrote {out}" in captured.out and out.is_file()
 
 
 def test_tune_options_refuse_unbounded_codec():

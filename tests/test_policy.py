@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from moeserve.offload.policy import (
     TensorSetting,
     load_policy,
 )
+from moeserve.offload.yaml_locations import MAX_CHARS, MAX_NODES
+from policy_bombs import DEEP_NESTING, alias_bomb
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "policy.md"
 
@@ -132,6 +135,46 @@ def test_file_errors_name_the_file(tmp_path):
     json_path = tmp_path / "p.json"
     json_path.write_text('{\n\t"default": {\n\t\t"codec": "szp",\n\t\t"error_bound": -1e-3\n\t}\n}\n')
     _error(json_path, "p.json, line 4", "default.error_bound", line=4)
+
+
+# --- hostile texts (issue 26): refused at once, wherever a policy is read ----------------------------------
+
+
+def _refused_at_once(source, *fragments: str, line: int | None = None) -> PolicyError:
+    start = time.perf_counter()
+    exc = _error(source, *fragments, line=line)
+    assert time.perf_counter() - start < 1.0
+    return exc
+
+
+def test_anchors_and_aliases_are_refused_before_anything_expands():
+    _refused_at_once(alias_bomb(7), "line 2, column 5: the anchor &a0 is not allowed", "write each value out", line=2)
+    _refused_at_once(alias_bomb(8), "the anchor &a0", line=2)
+    _refused_at_once("default: {codec: raw}\nrules:\n  - {layers: *x, codec: raw}\n", "the alias *x is not allowed", line=3)
+
+
+@pytest.mark.parametrize("text", DEEP_NESTING.values(), ids=DEEP_NESTING.keys())
+def test_deep_nesting_is_an_error_not_a_recursion_error(text):
+    _refused_at_once(text, "policy text, line 1", "nest", line=1)
+
+
+def test_size_and_value_count_are_bounded():
+    _refused_at_once("default: {codec: raw}\n#" + "x" * MAX_CHARS, f"more than the {MAX_CHARS} a policy may have")
+    many = "default: {codec: raw}\nrules:\n  - {layers: [" + "0, " * MAX_NODES + "0], codec: raw}\n"
+    _refused_at_once(many, f"holds more than {MAX_NODES} values", line=3)
+    start = time.perf_counter()  # just under the bound: read, and fast
+    policy = load_policy("default: {codec: raw}\nrules:\n  - {layers: [" + "0, " * (MAX_NODES - 21) + "0], codec: int8}\n")
+    assert len(policy.rules[0].layers) == MAX_NODES - 20 and time.perf_counter() - start < 1.0
+
+
+def test_policy_files_are_held_to_the_same_bounds(tmp_path, capsys):
+    from moeserve.cli import main
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(7))
+    assert main(["policy", "show", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: policy file {path}, line 2, column 5: the anchor &a0"), err
 
 
 # --- resolve-time (model-aware) errors ------------------------------------------------------------------

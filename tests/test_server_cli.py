@@ -79,6 +79,5 @@ def test_serve_command_end_to_end(checkpoint_factory, tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=60)[0]
-    # uvicorn re-raises the signal once its graceful shutdown has finished
-    assert server.returncode in (0, -signal.SIGTERM), output
+    assert server.returncode == 0, output  # a drained shutdown is a clean exit, not death by the signal
     assert "Application shutdown complete" in output

@@ -4,6 +4,7 @@ body size limit and the 429 of a full queue."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 
 import httpx
@@ -99,6 +100,38 @@ def test_malformed_bodies_unknown_model_and_routes(http):
     assert_error(http.get("/v1/nothing"), 404)
     assert_error(http.delete("/v1/models"), 405)
     assert_error(http.get("/v1/policy/jobs/unknown"), 404)
+    assert http.get("/health").status_code == 200
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_bug_is_a_500_with_one_traceback_in_the_log(server, http, monkeypatch):
+    """Starlette's outermost middleware re-raises what the app's 500 handler answered, so that uvicorn
+    logged each bug's traceback a second time."""
+
+    def bug(*args):
+        raise RuntimeError("a bug in moeserve")
+
+    monkeypatch.setattr(server.server.config.app.state.server.completions, "create", bug)
+    collected = _Records()
+    loggers = [logging.getLogger(name) for name in ("moeserve.server", "uvicorn.error")]
+    for logger in loggers:
+        logger.addHandler(collected)
+    try:
+        error = assert_error(http.post("/v1/completions", json={"prompt": "x"}), 500)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(collected)
+    assert error["message"] == "internal server error; the server log has the details."
+    tracebacks = [r for r in collected.records if r.exc_info]
+    assert len(tracebacks) == 1 and "a bug in moeserve" in str(tracebacks[0].exc_info[1])
     assert http.get("/health").status_code == 200
 
 

@@ -72,3 +72,10 @@ def test_named_templates_and_jinja_file(tmp_path):
     assert load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}]) == "plain"
     (tmp_path / "chat_template.jinja").write_text("from-file")
     assert load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}]) == "from-file"
+
+
+def test_a_lone_surrogate_is_a_user_error_not_a_type_error(tokenizer):
+    """JSON's "\\ud800" escape decodes to a str that is not valid Unicode; the tokenizers library raised TypeError."""
+    with pytest.raises(MoeServeError, match=r"^the text contains a lone surrogate \(U\+D800\) at character 6, "):
+        tokenizer.encode("hello \ud800 world")
+    assert tokenizer.encode("hello \U0001F600")  # a character beyond the BMP (a surrogate pair in JSON) is fine

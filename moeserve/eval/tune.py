@@ -19,6 +19,9 @@ The search, on the calibration split (validation), then checked on the held-out 
 4. The best uniform policy (one rung for every layer, the loosest within the budget on calibration) is
    found the same way, and both are measured on the held-out split, with the paired standard error of
    each drop (items answered by both models, so only items that flip add noise).
+5. The held-out measurement of the tuned policy is the verdict: `budget_warnings` says when its drop
+   exceeds the budget, or its standard error does (then the split is too small to tell); the YAML
+   header carries those warnings and `moeserve tune --strict` fails on them.
 """
 
 from __future__ import annotations
@@ -284,6 +287,27 @@ class Tuner:
         return accepted
 
 
+def budget_warnings(result: TuneResult) -> list[str]:
+    """One sentence per way the tuned policy's held-out measurement breaks the budget; empty when it keeps it.
+
+    The calibration split chose the policy, so only the held-out split tests it. A drop above the budget
+    is a miss; a standard error above the budget means the held-out split cannot tell a policy within the
+    budget from one far outside it (small --calibration-limit / --heldout-limit settings do this)."""
+    budget, held = result.options.max_accuracy_drop, result.tuned[HELD_OUT]
+    warnings = []
+    if held.drop > budget:
+        warnings.append(
+            f"the held-out accuracy drop of {100 * held.drop:.2f} points exceeds the budget of "
+            f"{100 * budget:g} points; tune with a smaller --max-accuracy-drop or more calibration items."
+        )
+    if held.drop_se > budget:
+        warnings.append(
+            f"the held-out drop's standard error of {100 * held.drop_se:.2f} points exceeds the budget of "
+            f"{100 * budget:g} points, so the held-out split cannot show the budget is met; raise --heldout-limit."
+        )
+    return warnings
+
+
 def policy_yaml(result: TuneResult, model_name: str) -> str:
     """The tuned policy as YAML for --policy, with the measurements as a header comment."""
     rungs, choice = result.rungs, result.choice
@@ -317,6 +341,7 @@ def policy_yaml(result: TuneResult, model_name: str) -> str:
         f"{result.bits_per_value(result.uniform_choice()):.2f} bits/value",
         f"             {CALIBRATION} {line(uniform[CALIBRATION])}; {HELD_OUT} {line(uniform[HELD_OUT])}",
         "per layer: " + ", ".join(f"{layer}: {rungs[choice[layer]].label()}" for layer in result.moe_layers),
+        *(f"WARNING: {warning}" for warning in budget_warnings(result)),
     ]
     return "".join(f"# {h}\n" for h in header) + body
 

@@ -47,7 +47,7 @@ from moeserve.offload.policy_resolve import (
     bounded,
     resolve,
 )
-from moeserve.offload.yaml_locations import KeyPath, Location, YamlSourceError, locate, parse
+from moeserve.offload.yaml_locations import KeyPath, Location, YamlSourceError, dotted, locate, parse
 
 __all__ = ["PROJECTIONS", "Default", "Policy", "PolicyError", "ResolvedPolicy", "Rule", "TensorSetting", "load_policy"]
 
@@ -267,12 +267,7 @@ def load_policy(source: str | os.PathLike | Mapping[str, Any] | Policy) -> Polic
         data, where = parse(text)
     except YamlSourceError as exc:
         place = origin if exc.line is None else f"{origin}, line {exc.line}, column {exc.column}"
-        if exc.path:
-            key = _dotted(exc.path)
-            raise PolicyError(f"{place}: {key} appears twice; keep one.", key, exc.line, exc.column) from None
-        problem = " ".join(exc.problem.split())
-        message = f"{place}: the text is not valid YAML ({problem}); fix it there."
-        raise PolicyError(message, "", exc.line, exc.column) from None
+        raise PolicyError(f"{place}: {exc.problem}.", dotted(exc.path), exc.line, exc.column) from None
     return _validate(data, origin, where)
 
 
@@ -328,15 +323,8 @@ def _problem(err: Mapping[str, Any]) -> str:
 
 
 def _error(origin: str, where: Mapping[KeyPath, Location], path: KeyPath, problem: str) -> PolicyError:
-    key = _dotted(path)
+    key = dotted(path)
     loc = locate(where, path)
     place = origin if loc is None else f"{origin}, line {loc[0]}, column {loc[1]}"
     return PolicyError(f"{place}: {key or 'the policy'} {problem}.", key, *(loc or (None, None)))
 
-
-def _dotted(path: KeyPath) -> str:
-    """("rules", 1, "error_bound") → "rules[1].error_bound"."""
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else f".{part}" if out else str(part)
-    return out

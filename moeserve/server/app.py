@@ -1,6 +1,6 @@
 """`create_app(llm, config)`: the FastAPI app around one loaded model; `serve(...)`: run it with uvicorn.
 
-    HTTP ─► BodyLimitMiddleware ─► ApiKeyMiddleware ─► routes ─► CompletionServing / ChatServing
+    HTTP ─► DrainMiddleware ─► BodyLimitMiddleware ─► ApiKeyMiddleware ─► routes ─► CompletionServing / ChatServing
                                                                      │ prompts + SamplingParams
                                                                      ▼
                    variants (policy per served name) ─────────► AsyncEngine ─► step thread ─► LLMEngine
@@ -8,8 +8,9 @@
 
 The app owns its AsyncEngine, metrics registry, variants and policy jobs, and takes over the LLM's expert
 provider as the base variant's first policy generation (offloading options: the LLM's). The step thread starts
-with the app (lifespan) and drains on shutdown: new requests get 503, running ones finish (up to
-`drain_timeout` seconds), then the thread stops.
+with the app (lifespan). On SIGINT / SIGTERM the server drains while the port stays open (shutdown.py):
+new requests get 503, running ones finish (up to `drain_timeout` seconds, then they end with a 503), and
+the step thread stops.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from fastapi import FastAPI
 from moeserve.llm import LLM
 from moeserve.offload.runtime import build_offload_runtime
 from moeserve.server.async_engine import AsyncEngine
-from moeserve.server.auth import ApiKeyMiddleware, BodyLimitMiddleware
-from moeserve.server.errors import install_error_handlers
+from moeserve.server.auth import ApiKeyMiddleware, BodyLimitMiddleware, DrainMiddleware
+from moeserve.server.errors import InternalErrorMiddleware, install_error_handlers
 from moeserve.server.metrics import ServerMetrics
 from moeserve.server.policy_jobs import PolicyJobs
 from moeserve.server.prompt_guard import PromptGuard
@@ -93,6 +94,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     metrics.watch_kv(llm.engine.kv_stats, model_name)
     limits = Limits(
         max_model_len=llm.max_model_len,
+        vocab_size=llm.config.vocab_size,
         max_n=config.max_n,
         max_choices=engine.capacity,
         max_logprobs=config.max_logprobs,
@@ -123,20 +125,25 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     app = FastAPI(title="moeserve", version="0.1.0", lifespan=lifespan)
     app.state.server = state
     install_error_handlers(app)
+    app.add_middleware(InternalErrorMiddleware)  # added first: innermost, inside Starlette's, which re-raises
     app.include_router(openai_router)
     app.include_router(admin_router)
     app.include_router(tokenizer_router)
     if config.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)  # added last: runs first
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(DrainMiddleware, draining=lambda: engine.draining)  # added last: runs first
     return app
 
 
 def serve(llm: LLM, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run the app until SIGINT / SIGTERM, then drain."""
+    """Run the app until SIGINT / SIGTERM, then drain (shutdown.py) and return."""
     import uvicorn
+
+    from moeserve.server.shutdown import FLUSH_SECONDS, DrainingServer
 
     if config.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without --api-key: anyone who can reach the port can use it", host)
     app = create_app(llm, config)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(config.drain_timeout) + 1)
+    uvicorn_config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=FLUSH_SECONDS)
+    DrainingServer(uvicorn_config, app.state.server.engine, config.drain_timeout).run()

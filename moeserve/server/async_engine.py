@@ -120,13 +120,20 @@ class RequestHandle:
             yield batch
 
     def abort(self) -> None:
-        """Cancel whatever has not finished (the client went away, or shutdown); idempotent."""
+        """Cancel whatever has not finished (the client went away); idempotent."""
+        self._end(None)
+
+    def fail(self, error: BaseException) -> None:
+        """End whatever has not finished with `error` for its reader (the shutdown's drain ran out of time)."""
+        self._end(error)
+
+    def _end(self, error: BaseException | None) -> None:
         if self.closed:
             return
         unfinished = [i for i, done in enumerate(self.finished) if not done]
         for i in unfinished:
             self._finish(i, "abort")
-            self.queue.put_nowait(SeqUpdate(i, [], [], "", "abort"))
+            self.queue.put_nowait(SeqUpdate(i, [], [], "", "abort", error=error))
         self.engine.cancel([self.seqs[i] for i in unfinished])
 
     def deliver(self, update: SeqUpdate, now: float) -> None:
@@ -235,14 +242,24 @@ class AsyncEngine:
             self._handles.discard(handle)
             self._retire(handle.variant)
 
-    async def shutdown(self, timeout: float) -> None:
-        """Refuse new requests, let the running ones finish (up to `timeout` s), then stop the step thread."""
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests (503) and let the running ones finish, for up to `timeout` s; those still
+        running then end with a 503 (a stream: with an error event, then [DONE])."""
         self.draining = True
         deadline = time.monotonic() + timeout
         while self._handles and time.monotonic() < deadline and self.healthy:
             await asyncio.sleep(0.05)
+        cut = ApiError(
+            503,
+            f"the server shut down before this response finished (it gives running requests {timeout:g} s); "
+            f"send the request again.",
+        )
         for handle in list(self._handles):
-            handle.abort()
+            handle.fail(cut)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Drain (up to `timeout` s; at once when already drained), then stop the step thread."""
+        await self.drain(timeout)
         self._send(Stop())
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)

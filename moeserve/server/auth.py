@@ -1,7 +1,10 @@
-"""Edge guards that run before any route reads the request: API key and body size.
+"""Edge guards that run before any route reads the request: the shutdown's drain, API key and body size.
 
 In:  every HTTP request (ASGI scope, receive).
-Out: the request passed on unchanged, or a 401 / 413 with OpenAI's error JSON.
+Out: the request passed on unchanged, or a 503 / 401 / 413 with OpenAI's error JSON.
+
+- `DrainMiddleware`: while the server drains for shutdown, every new request gets 503 (/health included,
+  so a load balancer stops sending); /metrics still answers, so the drain can be watched.
 
 - `ApiKeyMiddleware`: with --api-key, /v1/* and the tokenizer endpoints need `Authorization: Bearer
   KEY` (compared in constant time); /health and /metrics stay open for probes and scrapers, as in vLLM.
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import hmac
 
+from typing import Callable
+
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +25,18 @@ from moeserve.server.errors import error_response
 
 
 _TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+
+
+class DrainMiddleware:
+    def __init__(self, app: ASGIApp, draining: Callable[[], bool]):
+        self.app, self.draining = app, draining
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.draining() and scope.get("path") != "/metrics":
+            response = error_response(503, "the server is shutting down; send the request to another server.")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class ApiKeyMiddleware:

@@ -4,7 +4,7 @@ In:  `ApiError` raised by moeserve.server code, `MoeServeError` from the engine,
      code (a user mistake, one sentence), FastAPI's request validation errors, Starlette's HTTP
      exceptions (unknown route, wrong method), and anything else (a bug).
 Out: `{"error": {"message", "type", "param", "code"}}` with a 4xx status for every user error, and
-     500 only for a bug in moeserve (logged with its traceback, never shown to the client).
+     500 only for a bug in moeserve (logged once with its traceback, never shown to the client).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moeserve.errors import MoeServeError
 
@@ -137,6 +138,8 @@ def _shown(value: object, limit: int = 40) -> str:
     """A client value quoted in an error message: JSON, cut short (a prompt may be megabytes)."""
     try:
         text = json.dumps(value, allow_nan=True)
+    except RecursionError:  # a value nested as deep as the JSON parser allows
+        return "a deeply nested value"
     except (TypeError, ValueError):
         text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -167,11 +170,48 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"{request.url.path} does not accept {request.method}; see /docs for the API."
         else:
-            message = str(exc.detail)
+            message = _unparsable_body(exc) or str(exc.detail)
         code = "request_too_large" if exc.status_code == 413 else None  # a chunked body stopped mid-read
         return error_response(exc.status_code, message, code=code)
 
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, exc: Exception):
-        logger.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error; the server log has the details.")
+
+def _unparsable_body(exc: StarletteHTTPException) -> str | None:
+    """Our sentence for a body FastAPI could not parse as JSON for a reason other than its syntax: it
+    answers those with a generic 400 raised from the cause (json.JSONDecodeError has its own path)."""
+    cause = exc.__cause__
+    if exc.status_code != 400:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 (at byte {cause.start}); send the JSON encoded as UTF-8."
+    if isinstance(cause, RecursionError):
+        return "the request body nests arrays or objects too deeply to parse; send a flatter JSON body."
+    return None
+
+
+class InternalErrorMiddleware:
+    """A bug (any exception no handler took) → its traceback logged once, and a 500 with the error JSON.
+
+    Starlette's outermost middleware would answer too, but it then re-raises the exception so that the
+    server logs it as well: every traceback appeared twice in the log. Added first, this middleware sits
+    inside that one and ends the exception here."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            logger.exception("internal error on %s %s", scope["method"], scope["path"])
+            if not started:  # else the client already has a status line: the connection just ends
+                await error_response(500, "internal server error; the server log has the details.")(scope, receive, send)

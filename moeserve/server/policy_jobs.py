@@ -1,6 +1,6 @@
 """PUT /v1/policy: validate a new policy now, re-encode the experts in the background, switch.
 
-    request thread (event loop)          policy thread (one job at a time)         event loop
+    event loop → worker thread           policy thread (one job at a time)         event loop
     load_policy + resolve ── 400 ──┐
     job queued, id returned (202)  └──► build_offload_runtime from the original  ──► AsyncEngine.switch:
                                         weights (llm.loaded.checkpoint): store,      new requests of the
@@ -8,7 +8,9 @@
                                         reused                                       provider; running ones
                                                                                      finish on the old one
 
-In:  the policy text (YAML or JSON), the variant it replaces.
+In:  the policy text (YAML or JSON), the variant it replaces. The text is parsed and resolved on a worker
+     thread, so the event loop (and /health) keeps answering while it is; its size, nesting and parse
+     time are bounded (offload/yaml_locations.py), so a hostile text is refused in well under a second.
 Out: a `PolicyJob` whose status GET /v1/policy/jobs/{id} shows: queued → encoding (with the share of
      expert tensors read so far) → done (switched) or failed (with the one-sentence reason).
 """
@@ -90,7 +92,7 @@ class PolicyJobs:
         self.jobs: OrderedDict[str, PolicyJob] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeserve-policy")
 
-    def submit(self, model: str | None, body: bytes) -> PolicyJob:
+    async def submit(self, model: str | None, body: bytes) -> PolicyJob:
         variant = self.variants.lookup(model)
         if is_compressed_dir(self.llm.model_dir):
             raise ApiError(
@@ -98,6 +100,17 @@ class PolicyJobs:
                 f"{self.llm.model_dir} holds experts compressed by `moeserve compress`, so they cannot be re-encoded; "
                 f"serve the original checkpoint to switch policies.",
             )
+        policy, fingerprint = await asyncio.to_thread(self._check, body)
+        job = PolicyJob(id=f"policyjob-{uuid.uuid4().hex[:16]}", model=variant.name, fingerprint=fingerprint)
+        job.tensors_total = self._expected_reads()
+        self.jobs[job.id] = job
+        while len(self.jobs) > _KEEP_JOBS:
+            self.jobs.popitem(last=False)
+        self._executor.submit(self._build, job, variant, policy, asyncio.get_running_loop())
+        return job
+
+    def _check(self, body: bytes) -> tuple[Policy, str]:
+        """Worker thread: the body as a policy that fits the model, and its fingerprint; else a 400."""
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -108,13 +121,7 @@ class PolicyJobs:
         policy = load_policy(text + "\n")  # PolicyError (400) with the line and key
         config = self.llm.config
         resolved = policy.resolve(config.moe_layer_ids, config.num_layers, config.num_experts)
-        job = PolicyJob(id=f"policyjob-{uuid.uuid4().hex[:16]}", model=variant.name, fingerprint=resolved.fingerprint())
-        job.tensors_total = self._expected_reads()
-        self.jobs[job.id] = job
-        while len(self.jobs) > _KEEP_JOBS:
-            self.jobs.popitem(last=False)
-        self._executor.submit(self._build, job, variant, policy, asyncio.get_running_loop())
-        return job
+        return policy, resolved.fingerprint()
 
     def get(self, job_id: str) -> PolicyJob:
         job = self.jobs.get(job_id)

@@ -3,7 +3,8 @@
 In:  the model's `Tokenizer` and context length; prompt texts (completions, the rendered chat
      template, /tokenize) on a worker thread, before they are encoded.
 Out: nothing, or an `ApiError` 400 naming the input, when its character count alone proves that
-     it has more tokens than the limit.
+     it has more tokens than the limit, or when it is not valid Unicode (a lone surrogate, which the
+     tokenizer refuses).
 
 Why: encoding holds the GIL, and some pre-tokenizer regexes are quadratic in the length of a run
 of letters (the embedded model's takes 38 s for 100,000 letters), so a few megabytes of prompt
@@ -29,6 +30,7 @@ import json
 import math
 
 from moeserve.server.errors import ApiError
+from moeserve.server.protocol import check_text
 from moeserve.tokenizer import Tokenizer
 
 _DROPPING_PRE_TOKENIZERS = {"Whitespace", "WhitespaceSplit", "BertPreTokenizer", "CharDelimiterSplit"}
@@ -43,6 +45,7 @@ class PromptGuard:
     def check(self, text: str, max_tokens: int, name: str) -> None:
         """Raise a 400 when `text` certainly has more than `max_tokens` tokens. Linear in the text
         at most (its normalization); run it off the event loop."""
+        check_text(text, name)
         if self.chars_per_token is None:
             return
         normalizer = self.tokenizer.backend.normalizer

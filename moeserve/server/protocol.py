@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from moeserve.engine.sampling_params import SamplingParams
 from moeserve.errors import InputError
 from moeserve.server.errors import ApiError
+from moeserve.tokenizer import check_unicode
 
 _SEED_SPACE = 2**64  # torch generators take seeds in [0, 2**64)
 
@@ -30,6 +31,7 @@ class Limits:
     """Per-request bounds, set by the server's configuration."""
 
     max_model_len: int
+    vocab_size: int
     max_n: int = 16
     max_choices: int = 512  # prompts × n in one request; the server sets it to what can ever be admitted
     max_logprobs: int = 20
@@ -91,6 +93,15 @@ class _SamplingFields(StrictModel):
             # An empty stop string would end every choice before its first token; refused in both forms.
             raise ApiError(
                 400, f"stop must be a non-empty string or a list of them, got {json.dumps(self.stop)}.", "stop"
+            )
+        for stop in [self.stop] if isinstance(self.stop, str) else self.stop or []:
+            check_text(stop, "stop")
+        bad = next((t for t in self.stop_token_ids or [] if not 0 <= t < limits.vocab_size), None)
+        if bad is not None:
+            raise ApiError(
+                400,
+                f"stop_token_ids has {bad}, which is not in the vocabulary (ids 0..{limits.vocab_size - 1}).",
+                "stop_token_ids",
             )
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed together with stream=true.", "stream_options")
@@ -178,6 +189,13 @@ class ChatMessage(StrictModel):
 
     def to_template(self, index: int) -> dict[str, Any]:
         content = self.content
+        if content is None and self.role != "assistant":
+            # OpenAI's schema lets only an assistant message (one that calls tools) go without content.
+            raise ApiError(
+                400,
+                f"messages[{index}].content is null or missing; a {self.role} message needs text content.",
+                "messages",
+            )
         if isinstance(content, list):
             for part in content:
                 if part.type != "text" or part.text is None:
@@ -187,6 +205,8 @@ class ChatMessage(StrictModel):
                         "messages",
                     )
             content = "".join(part.text for part in content)
+        for field, text in (("role", self.role), ("content", content or ""), ("name", self.name or "")):
+            check_text(text, f"messages[{index}].{field}")
         message = {**(self.model_extra or {}), "role": self.role, "content": content or ""}
         if self.name is not None:
             message["name"] = self.name
@@ -244,6 +264,15 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
         if not p:
             raise ApiError(400, f"prompt[{i}] is empty; every prompt needs at least one token.", "prompt")
     return list(prompt)
+
+
+def check_text(text: str, name: str) -> None:
+    """A 400 naming `name` (such as messages[2].content) when `text` is not valid Unicode: the tokenizer
+    cannot take it."""
+    try:
+        check_unicode(text, name)
+    except InputError as exc:
+        raise ApiError(400, str(exc), name.split("[")[0]) from None
 
 
 def stream_usage(request: _SamplingFields) -> bool:

@@ -21,10 +21,8 @@ router = APIRouter()
 @router.get("/health")
 async def health(request: Request):
     engine = request.app.state.server.engine
-    if not engine.healthy:
+    if not engine.healthy:  # (while the server drains, DrainMiddleware answers 503 before this route)
         return error_response(503, "the engine's step thread has stopped; restart the server.")
-    if engine.draining:
-        return error_response(503, "the server is shutting down.")
     return Response(status_code=200)
 
 
@@ -41,7 +39,7 @@ async def get_policy(request: Request, model: str | None = None):
 
 @router.put("/v1/policy")
 async def put_policy(request: Request, model: str | None = None):
-    job = request.app.state.server.jobs.submit(model, await request.body())
+    job = await request.app.state.server.jobs.submit(model, await request.body())
     return JSONResponse(job.to_dict(), status_code=202)
 
 
