@@ -93,9 +93,9 @@ class ModelRunner:
 
     def decode(self, seqs: list[Sequence], experts: ExpertProvider) -> torch.Tensor:
         """One new token per sequence (each has exactly one uncached token), on `experts` → logits [B, V]."""
-        for seq in seqs:
-            self.cover(seq, seq.num_tokens)
         if self.graphs is not None and self.graphs.fits(seqs):
+            for seq in seqs:
+                self.cover(seq, seq.num_tokens)
             logits = self.graphs.decode(seqs, experts)  # [B, V]
         else:
             ids, ctx = self.decode_inputs(seqs)
@@ -134,6 +134,10 @@ class ModelRunner:
     def parts(self, seqs: list[Sequence]) -> tuple[Part, ...]:
         """Runs of consecutive rows whose lengths bucket alike, each read over its own span (kv/context.py)."""
         size, most = self.cache.block_size, self.max_blocks
+        lengths = [seq.num_tokens for seq in seqs]
+        shortest, longest = decode_blocks(min(lengths), size, most), decode_blocks(max(lengths), size, most)
+        if shortest == longest:
+            return (Part(0, len(seqs), longest),)
         parts: list[Part] = []
         for row, seq in enumerate(seqs):
             blocks = decode_blocks(seq.num_tokens, size, most)

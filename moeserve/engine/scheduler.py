@@ -79,7 +79,7 @@ class Scheduler:
         admitted: list[Sequence] = []
         budget = self.max_num_batched_tokens
         # blocks the running sequences' next tokens need, kept free through admission
-        reserved = sum(self._next_token_blocks(seq) for seq in self.running)
+        reserved = sum(self._next_token_blocks(seq) for seq in self.running) if waiting else 0
         while waiting and len(self.running) + len(admitted) < self.max_num_seqs:
             seq = waiting[0]
             cost = seq.num_tokens

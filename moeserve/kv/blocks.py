@@ -45,6 +45,7 @@ class BlockManager:
     peak_in_use: int = field(init=False, default=0)
 
     def __post_init__(self):
+        self._slides = any(window is not None for window in self.windows)
         if self.num_blocks < 2:
             raise ValueError("a block pool needs at least one block besides the null block")
         self._free = list(range(self.num_blocks - 1, NULL_BLOCK, -1))  # block 1 on top
@@ -90,6 +91,8 @@ class BlockManager:
     def leave_window(self, blocks: BlockTables, next_position: int) -> None:
         """Let go of every sliding group's blocks that no query from `next_position` on can see (a query at
         p sees keys p - window + 1 .. p)."""
+        if not self._slides:
+            return
         for table, window in zip(blocks.tables, self.windows):
             if window is None:
                 continue

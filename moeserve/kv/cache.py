@@ -70,7 +70,10 @@ class PagedKVCache:
         # the same memory seen as tokens (for writes) and as blocks (for gathers), made once: a decode step
         # runs a few ops per layer, and on a CPU each costs more than its arithmetic
         self._tokens = [[p.view(-1, *shape[2:]) for p in pools] for pools in (self.k, self.v)]
-        self._blocks = [[p.view(num_blocks, -1) for p in pools] for pools in (self.k, self.v)]
+        self._blocks = [  # per pool slot: its K (and V) seen as [num_blocks, block entries]
+            [p.view(num_blocks, -1) for p in pools] for pools in zip(*(t for t in (self.k, self.v) if t))
+        ]
+        self._entry = shape[2:]  # (G, Dh)
         self._workspace = torch.empty(0, dtype=layout.dtype, device=device)
 
     @property
@@ -112,25 +115,31 @@ class PagedKVCache:
         if values is not None:
             self._tokens[1][slot].index_copy_(0, slots, values)
 
-    def gather(self, layer: int, index: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def workspace(self, blocks: int) -> list[torch.Tensor] | None:
+        """Where a gather of `blocks` blocks goes: [blocks, block entries] for keys (and values), in a
+        workspace kept from step to step, so a decode step allocates nothing the size of its KV. None while
+        compiling: the compiled step manages its own buffers."""
+        if torch.compiler.is_compiling():
+            return None
+        per_block = self._blocks[0][0].shape[1]
+        part = blocks * per_block
+        parts = len(self._blocks[0])
+        if self._workspace.numel() < parts * part:
+            self._workspace = torch.empty(parts * part, dtype=self.dtype, device=self.device)
+        return [self._workspace[i * part : (i + 1) * part].view(blocks, per_block) for i in range(parts)]
+
+    def gather(
+        self, layer: int, index: torch.Tensor, rows: int, out: list[torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The blocks `index` [rows * n] names (row-major), in order, of one layer's keys and values:
-        [rows, n * block_size, G, Dh] each (values None for MLA). Eager steps gather into a workspace kept
-        from step to step, so a decode step allocates nothing the size of its KV."""
-        slot = self.slot_of_layer[layer]
-        pools = [blocks[slot] for blocks in self._blocks if blocks]
-        shape = (rows, -1, *self.k[slot].shape[2:])
-        if torch.compiler.is_compiling():  # the compiled step manages its own buffers
+        [rows, n * block_size, G, Dh] each (values None for MLA), into `out` (`workspace`) when given."""
+        pools = self._blocks[self.slot_of_layer[layer]]
+        if out is None:
             gathered = [pool[index] for pool in pools]
         else:
-            part = index.shape[0] * pools[0].shape[1]
-            if self._workspace.numel() < 2 * part:
-                self._workspace = torch.empty(2 * part, dtype=self.dtype, device=self.device)
-            gathered = [
-                torch.index_select(pool, 0, index, out=self._workspace[i * part : (i + 1) * part].view(index.shape[0], -1))
-                for i, pool in enumerate(pools)
-            ]
-        keys = gathered[0].view(shape)
-        return keys, gathered[1].view(shape) if len(gathered) > 1 else None
+            gathered = [torch.index_select(pool, 0, index, out=o) for pool, o in zip(pools, out)]
+        keys = gathered[0].view(rows, -1, *self._entry)
+        return keys, gathered[1].view(rows, -1, *self._entry) if len(gathered) > 1 else None
 
 
 def _pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -76,7 +76,8 @@ class StepContext:
             n = blocks_for(self.cached_lens[seq] + self.query_lens[seq], self.cache.block_size)
             self._tables[seq, group] = torch.tensor(self.block_tables[seq][group][:n], device=self.positions.device)
         total = self.cached_lens[seq] + self.query_lens[seq]
-        keys, values = self.cache.gather(layer, self._tables[seq, group], 1)
+        index = self._tables[seq, group]
+        keys, values = self.cache.gather(layer, index, 1, self.cache.workspace(index.shape[0]))
         return keys[0, :total], None if values is None else values[0, :total]
 
 
@@ -92,7 +93,7 @@ class DecodeContext:
     is_decode: ClassVar[bool] = True
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
     _slots: dict[int, torch.Tensor] = field(default_factory=dict)
-    _indices: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _indices: dict[tuple, tuple] = field(default_factory=dict)  # → (block index [n * count], workspace views)
 
     @property
     def span(self) -> int:
@@ -144,13 +145,15 @@ class DecodeContext:
         """Rows of `part`: one layer's keys and values over the blocks they read (all up to the part's span,
         or those `window` reaches), [n, G, L, Dh] each (views of a workspace; values None for MLA)."""
         key = (group, part, window)
-        if key not in self._indices:
+        if key not in self._indices:  # the same for every layer of the step: made once
             first, count = self._window(window, part)
             tables = self.tables[group, part.start : part.end]  # [n, blocks]
             if first is None:
                 tables = tables[:, :count]
             else:
                 tables = tables.gather(1, first[:, None] + torch.arange(count, device=tables.device))  # [n, count]
-            self._indices[key] = tables.reshape(-1)
-        keys, values = self.cache.gather(layer, self._indices[key], part.end - part.start)
+            index = tables.reshape(-1)
+            self._indices[key] = index, self.cache.workspace(index.shape[0])
+        index, out = self._indices[key]
+        keys, values = self.cache.gather(layer, index, part.end - part.start, out)
         return keys.transpose(1, 2), None if values is None else values.transpose(1, 2)
