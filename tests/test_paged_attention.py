@@ -75,7 +75,7 @@ def gathered_attention(query, k_pool, v_pool, tables, positions, window, sinks, 
     key_dim = k_pool.shape[3]
     cache = cache_over(k_pool, v_pool, window)
     part = Part(0, query.shape[0], tables.shape[1])
-    ctx = DecodeContext(cache, positions, tables[None], (part,))
+    ctx = DecodeContext(cache, positions, positions[None], tables[None], (part,))
     keys, values = ctx.read(0, 0, part, window)  # [B, G, L, Dk]
     values = keys[..., :value_dim] if v_pool is None else values
     mask = ctx.mask(window, part)
@@ -102,10 +102,10 @@ def test_the_gather_workspace_is_kept_between_steps():
     query, k_pool, v_pool, tables, positions, _ = random_case(4, 2, 16, None, False, torch.float32, "cpu", seed=1)
     cache = cache_over(k_pool, v_pool, None)
     part = Part(0, 3, tables.shape[1])
-    first = [t.data_ptr() for t in DecodeContext(cache, positions, tables[None], (part,)).read(0, 0, part, None)]
+    first = [t.data_ptr() for t in DecodeContext(cache, positions, positions[None], tables[None], (part,)).read(0, 0, part, None)]
     workspace = cache.workspace_nbytes
     for _ in range(3):  # later steps, each with its own context
-        ctx = DecodeContext(cache, positions, tables[None], (part,))
+        ctx = DecodeContext(cache, positions, positions[None], tables[None], (part,))
         assert [t.data_ptr() for t in ctx.read(0, 0, part, None)] == first
     assert cache.workspace_nbytes == workspace > 0
 

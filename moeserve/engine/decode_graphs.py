@@ -7,7 +7,7 @@ Out: float32 logits [B, V], from replaying graphs captured for the step's shape 
 A GPU runs a small-batch decode step far faster than the host can launch its few hundred kernels one
 by one. So, as vLLM does, each shape bucket's step is captured once and replayed: batch sizes are padded
 up to a bucket (1, 2, 4, 8, 16, 32), and the positions a row reads are the step's span (kv/context.py),
-a power of two. The graph reads its inputs from static buffers (token ids, positions, block tables) that
+a power of two. The graph reads its inputs from static buffers (token ids, positions, write slots, block tables) that
 each step fills with host→device copies; padded entries decode token 0 at position 0 of the null block
 (kv/blocks.py), which nothing reads unmasked. What a graph bakes in, and when it is recaptured:
   - the KV pool: allocated once and never moved, so never;
@@ -87,7 +87,7 @@ class CapturedStep:
     graphs: list[Graph]  # the whole step, or one per segment
     # Every tensor the graph reads that was made outside it must live as long as the graph: the replay
     # reads these addresses, and a freed block would be handed to the next allocation.
-    inputs: torch.Tensor  # [2, bucket] long, static: token ids, positions
+    inputs: torch.Tensor  # [2 + groups, bucket] long, static: token ids, positions, write slots
     tables: torch.Tensor  # [groups, bucket, blocks] long, static: block tables
     logits: torch.Tensor  # [bucket, V] float32, static output
     staging: tuple[torch.Tensor, torch.Tensor]  # pinned host memory: the next step's inputs and tables
@@ -116,9 +116,7 @@ class DecodeGraphs:
         batch = len(seqs)
         bucket = next(b for b in BATCH_BUCKETS if b >= batch)
         blocks = self.runner.decode_blocks(seqs)
-        host = torch.zeros(2, bucket, dtype=torch.long)  # [2, bucket]: token ids, positions; padding: 0, 0
-        host[0, :batch] = torch.tensor([seq.output_ids[-1] for seq in seqs])
-        host[1, :batch] = torch.tensor([seq.num_cached for seq in seqs])
+        host = self.runner.step_inputs(seqs, bucket)  # [2 + groups, bucket]: token ids, positions, write slots
         tables = self.runner.block_tables(seqs, bucket, blocks)  # [groups, bucket, blocks]; padding: null block
         whole = all(experts.stacked(layer) is not None for layer in self.model.moe_layer_ids)
         # a whole step bakes in the provider's experts; a chain only the prediction depth its segments make
@@ -167,30 +165,29 @@ class DecodeGraphs:
             self.model.rotary.reserve(self.runner.max_len, self.device)
             self._rope_ready = True
         # this step's inputs: the capturer's warm-up run writes real K/V at the step's positions
-        return host.to(self.device), tables.to(self.device)  # [2, bucket], [groups, bucket, blocks]
+        return host.to(self.device), tables.to(self.device)  # [2 + groups, bucket], [groups, bucket, blocks]
 
-    def _context(self, positions: torch.Tensor, tables: torch.Tensor) -> DecodeContext:
+    def _context(self, inputs: torch.Tensor, tables: torch.Tensor) -> DecodeContext:
         bucket, blocks = tables.shape[1], tables.shape[2]
         runner = self.runner
-        return DecodeContext(runner.cache, positions, tables, (Part(0, bucket, blocks),), use_kernel=runner.paged_kernel)
+        parts = (Part(0, bucket, blocks),)
+        return DecodeContext(runner.cache, inputs[1], inputs[2:], tables, parts, use_kernel=runner.paged_kernel)
 
     def _staging(self, host: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.capturer.staging(host), self.capturer.staging(tables)
 
     def _capture_whole(self, bucket: int, experts: ExpertProvider, host: torch.Tensor, tables: torch.Tensor) -> CapturedStep:
         inputs, static_tables = self._static_inputs(host, tables)
-        ids, positions = inputs.unbind(0)  # [bucket] each
         provider = weakref.ref(experts)  # a capturer may keep `step`; the provider must still be free to go
 
         def step() -> torch.Tensor:
-            return self.model(ids, self._context(positions, static_tables), provider())  # [bucket, V]
+            return self.model(inputs[0], self._context(inputs, static_tables), provider())  # [bucket, V]
 
         graph, logits = self.capturer.capture(step)
         return CapturedStep([graph], inputs, static_tables, logits, self._staging(host, tables), self.capturer.event(), [], [])
 
     def _capture_chain(self, bucket: int, depth: int, host: torch.Tensor, tables: torch.Tensor) -> CapturedStep:
         inputs, static_tables = self._static_inputs(host, tables)
-        ids, positions = inputs.unbind(0)  # [bucket] each
         config = self.model.config
         routed = [
             # padding rows keep what an earlier, larger batch left: they feed padding rows only
@@ -203,10 +200,10 @@ class DecodeGraphs:
 
             def step(index=index, previous=previous) -> Segment:
                 # Its own context per segment: a mask cached in one graph's memory must not be read by another.
-                ctx = self._context(positions, static_tables)
+                ctx = self._context(inputs, static_tables)
                 with torch.inference_mode():
                     moe_out = routed[index - 1] if index else None
-                    return self.model.segment(index, ids, ctx, depth, previous, moe_out)
+                    return self.model.segment(index, inputs[0], ctx, depth, previous, moe_out)
 
             graph, done = self.capturer.capture(step)
             graphs.append(graph)

@@ -120,16 +120,27 @@ class ModelRunner:
         return torch.tensor(tables, dtype=torch.long)
 
     def decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, DecodeContext]:
-        """The decode step's token ids [B] and context, with one host→device copy of ids and positions and
-        one of the block tables."""
+        """The decode step's token ids [B] and context, with one host→device copy of ids, positions and
+        write slots and one of the block tables."""
         for seq in seqs:
             self.cover(seq, seq.num_tokens)
         blocks = self.decode_blocks(seqs)
-        host = torch.tensor([[seq.output_ids[-1] for seq in seqs], [seq.num_cached for seq in seqs]])  # [2, B]
-        ids, positions = host.to(self.device, non_blocking=True).unbind(0)  # [B] each
+        host = self.step_inputs(seqs, len(seqs)).to(self.device, non_blocking=True)  # [2 + groups, B]
         tables = self.block_tables(seqs, len(seqs), blocks).to(self.device, non_blocking=True)
-        ctx = DecodeContext(self.cache, positions, tables, self.parts(seqs), use_kernel=self.paged_kernel)
-        return ids, ctx
+        ctx = DecodeContext(self.cache, host[1], host[2:], tables, self.parts(seqs), use_kernel=self.paged_kernel)
+        return host[0], ctx
+
+    def step_inputs(self, seqs: list[Sequence], rows: int) -> torch.Tensor:
+        """[2 + groups, rows] long on the host: token ids, positions and, per layer group, where each new
+        token's K/V go; rows past the sequences decode token 0 at position 0 of the null block."""
+        size = self.cache.block_size
+        positions = [seq.num_cached for seq in seqs]
+        inputs = [[seq.output_ids[-1] for seq in seqs], positions] + [
+            [seq.blocks.tables[group][p // size] * size + p % size for seq, p in zip(seqs, positions)]
+            for group in range(self.cache.num_groups)
+        ]
+        padding = [0] * (rows - len(seqs))
+        return torch.tensor([row + padding for row in inputs], dtype=torch.long)
 
     def parts(self, seqs: list[Sequence]) -> tuple[Part, ...]:
         """Runs of consecutive rows whose lengths bucket alike, each read over its own span (kv/context.py)."""

@@ -83,16 +83,16 @@ class StepContext:
 
 @dataclass
 class DecodeContext:
-    """A decode step: one new token per sequence, at `positions`, its K/V written through `tables`."""
+    """A decode step: one new token per sequence, at `positions`, its K/V written at `slots`."""
 
     cache: PagedKVCache
     positions: torch.Tensor  # [B] long: each sequence's new token's position (= its cached length)
+    slots: torch.Tensor  # [groups, B] long: where each new token's K/V go (block * block_size + offset)
     tables: torch.Tensor  # [groups, B, span / block_size] long: block tables, padded with the null block
     parts: tuple[Part, ...]  # where attention gathers: row ranges and the blocks each reads
     use_kernel: bool = False  # attention reads the blocks in place (layers/paged_attention.py)
     is_decode: ClassVar[bool] = True
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
-    _slots: dict[int, torch.Tensor] = field(default_factory=dict)
     _indices: dict[tuple, tuple] = field(default_factory=dict)  # → (block index [n * count], workspace views)
 
     @property
@@ -103,14 +103,6 @@ class DecodeContext:
     def max_position(self) -> int:
         """The rotary table must cover every position a row may read."""
         return self.span - 1
-
-    def slots(self, group: int) -> torch.Tensor:
-        """[B] where each row's new K/V go in `group`'s blocks, computed on the device."""
-        if group not in self._slots:
-            size = self.cache.block_size
-            block = self.tables[group].gather(1, (self.positions // size)[:, None])[:, 0]  # [B]
-            self._slots[group] = block * size + self.positions % size
-        return self._slots[group]
 
     def _window(self, window: int | None, part: Part) -> tuple[torch.Tensor | None, int]:
         """The first block each row of `part` reads ([n] long; None: block 0 for every row) and how many it

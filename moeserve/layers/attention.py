@@ -82,7 +82,7 @@ class Attention(nn.Module):
     def _decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: DecodeContext) -> torch.Tensor:
         cache, layer = ctx.cache, self.layer_id
         group = cache.group_of_layer[layer]
-        cache.write(layer, ctx.slots(group), k, v)  # [B, G, Dh] at each sequence's position
+        cache.write(layer, ctx.slots[group], k, v)  # [B, G, Dh] at each sequence's position
         if ctx.use_kernel:
             return paged_decode_attention(
                 q, cache.keys(layer), cache.values(layer), ctx.tables[group], ctx.positions, self.head_dim**-0.5,

@@ -76,7 +76,7 @@ class MlaAttention(nn.Module):
     def _decode(self, q_nope, q_rot, latent, ctx: DecodeContext) -> torch.Tensor:
         cache, layer = ctx.cache, self.layer_id
         group = cache.group_of_layer[layer]
-        cache.write(layer, ctx.slots(group), latent.unsqueeze(1), None)  # [B, 1, R + Dr] at each sequence's position
+        cache.write(layer, ctx.slots[group], latent.unsqueeze(1), None)  # [B, 1, R + Dr] at each sequence's position
         w_uk, w_uv = self._kv_b()
         q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)  # [B, H, R]: q_nope · (W_UK · latent)
         query = torch.cat((q_latent, q_rot), dim=-1)  # [B, H, R + Dr]
