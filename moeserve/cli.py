@@ -53,6 +53,10 @@ def _add_memory_options(parser: argparse.ArgumentParser) -> None:
         "--gpu-memory-utilization", type=float, default=0.9,
         help="share of the GPU's memory the whole memory plan may take (default 0.9)",
     )
+    parser.add_argument(
+        "--no-prefix-caching", action="store_true",
+        help="compute every prompt in full instead of reusing the KV of prefixes seen before",
+    )
 
 
 def _prefetch_depth(value: str) -> int:
@@ -78,6 +82,7 @@ def _load_llm(args: argparse.Namespace, **overrides):
         prefetch_depth=args.prefetch_depth,
         kv_cache=args.kv_cache,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        prefix_caching=not args.no_prefix_caching,
     )
     return LLM(**{**options, **overrides})
 

@@ -49,6 +49,7 @@ class LLM:
     kv_cache: the paged KV cache's size: bytes ("4GiB", or a number) or a share of the device's memory
         ("30%"); None = what remains of gpu_memory_utilization on a GPU, a share of RAM on a CPU (kv/plan.py).
     gpu_memory_utilization: the share of the GPU's memory the whole memory plan may take (default 0.9).
+    prefix_caching: reuse the KV of prompt prefixes seen before (under the same policy); docs/kv-cache.md.
     """
 
     def __init__(
@@ -70,6 +71,7 @@ class LLM:
         enforce_eager: bool = False,
         kv_cache: str | int | None = None,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+        prefix_caching: bool = True,
         progress: bool = True,
     ):
         self.device = resolve_device(device, ModelLoadError)
@@ -107,6 +109,7 @@ class LLM:
             kv_cache=kv_cache,
             gpu_memory_utilization=gpu_memory_utilization,
             profile_experts=self.experts,
+            prefix_caching=prefix_caching,
         )
         self.memory_plan = self._memory_plan()
         if progress:
@@ -118,7 +121,7 @@ class LLM:
 
     def stats(self) -> dict[str, float]:
         """The engine's KV cache figures (kv_cache_usage_perc, kv_blocks_in_use / _free / _peak, kv_block_bytes,
-        num_preemptions); offloading figures are in `llm.offload.stats`."""
+        num_preemptions, prefix_cache_queries / _hits in tokens); offloading figures are in `llm.offload.stats`."""
         return self.engine.kv_stats()
 
     def _memory_plan(self) -> MemoryPlan:
@@ -160,9 +163,12 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         seqs = [self.engine.make_sequence(p, sp) for p, sp in zip(prompt_list, params)]
-        experts = self._default_experts() if experts is None else experts
+        salt = None  # another provider: its own prefix-cache blocks only
+        if experts is None:
+            experts = self._default_experts()
+            salt = "resident" if self.offload is None else self.offload.policy.fingerprint()
         for seq in seqs:
-            self.engine.submit(seq, experts)
+            self.engine.submit(seq, experts, salt)
         with tqdm(total=len(seqs), disable=not use_tqdm, desc="generate", unit="req") as bar:
             while self.engine.has_unfinished():
                 bar.update(sum(out.finish_reason is not None for out in self.engine.step()))

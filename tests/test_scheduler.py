@@ -36,41 +36,51 @@ def seq(prompt_len: int, experts=A) -> Sequence:
     return s
 
 
-def make_scheduler(max_num_seqs=8, max_num_batched_tokens=100, num_blocks=1000, block_size=4, windows=(None,)):
-    return Scheduler(max_num_seqs, max_num_batched_tokens, BlockManager(num_blocks, block_size, windows))
+def make_scheduler(max_num_seqs=8, max_num_batched_tokens=100, num_blocks=1000, block_size=4, windows=(None,),
+                   prefix_caching=False):
+    blocks = BlockManager(num_blocks, block_size, windows, prefix_caching)
+    return Scheduler(max_num_seqs, max_num_batched_tokens, blocks)
 
 
 def run(scheduler: Scheduler):
-    """One step as the engine takes it: every token of the step is cached, then one is generated."""
+    """One step as the engine takes it: the step's tokens are cached, then every sequence with all its
+    tokens cached generates one."""
     step = scheduler.schedule()
     if step is not None:
-        for s in step.seqs:
-            s.num_cached = s.num_tokens
-            s.output_ids.append(0)
+        for s, count in zip(step.seqs, step.counts or [1] * len(step.seqs)):
+            s.num_cached += count
+            scheduler.blocks.commit(s.blocks, s.prompt_ids, s.output_ids, s.num_cached, s.cache_salt)
+            if s.num_cached == s.num_tokens:
+                s.output_ids.append(0)
         scheduler.remove_finished()
     return step
 
 
-def test_admission_stays_within_the_token_budget():
+def test_prompts_share_the_token_budget_and_the_last_one_in_is_chunked():
     scheduler = make_scheduler(max_num_seqs=8, max_num_batched_tokens=10)
     first, second, third = seq(4), seq(4), seq(4)
     for s in (first, second, third):
         scheduler.add(s)
     step = run(scheduler)
-    assert not step.is_decode and step.seqs == [first, second]  # 8 tokens; a third would make 12
-    assert list(scheduler.waiting) == [third] and third.status is SequenceStatus.WAITING
-    step = run(scheduler)
-    assert not step.is_decode and step.seqs == [third]
+    assert not step.is_decode and step.seqs == [first, second, third] and step.counts == [4, 4, 2]
+    assert third.num_cached == 2 and not third.output_ids  # part-way: no token yet
+    step = run(scheduler)  # the two decode and the third's last 2 prompt tokens, in one step
+    assert not step.is_decode and step.seqs == [first, second, third] and step.counts == [1, 1, 2]
+    assert len(third.output_ids) == 1
+    assert run(scheduler).is_decode
 
 
-def test_a_prompt_longer_than_the_budget_runs_alone():
+def test_a_prompt_longer_than_the_budget_prefills_in_chunks_while_the_others_decode():
     scheduler = make_scheduler(max_num_seqs=8, max_num_batched_tokens=10)
-    short, long, after = seq(3), seq(15), seq(1)
-    for s in (short, long, after):
-        scheduler.add(s)
-    assert run(scheduler).seqs == [short]  # the long one does not join a batch it overflows
-    assert run(scheduler).seqs == [long]  # but it is not left waiting forever
-    assert run(scheduler).seqs == [after]
+    short, long = seq(3), seq(25)
+    scheduler.add(short)
+    scheduler.add(long)
+    steps = [run(scheduler) for _ in range(4)]
+    assert [step.counts for step in steps] == [[3, 7], [1, 10], [1, 8], None]  # then a plain decode step
+    assert [step.seqs for step in steps[:3]] == [[short, long]] * 3
+    assert len(short.output_ids) == 4 and len(long.output_ids) == 2
+    for step in steps[:3]:  # never more than the budget of prompt tokens
+        assert sum(n for s, n in zip(step.seqs, step.counts) if s is long or n > 1) <= 10
 
 
 def test_admission_stays_within_the_sequence_limit():
@@ -83,7 +93,7 @@ def test_admission_stays_within_the_sequence_limit():
     assert step.is_decode and step.seqs == seqs[:2] and list(scheduler.waiting) == [seqs[2]]
 
 
-def test_prefill_runs_before_decode_and_decode_runs_everyone_shortest_first():
+def test_a_prompt_joins_the_running_ones_next_token_and_decode_runs_everyone_shortest_first():
     scheduler = make_scheduler(max_num_seqs=8, max_num_batched_tokens=100)
     old = seq(3)
     scheduler.add(old)
@@ -91,7 +101,7 @@ def test_prefill_runs_before_decode_and_decode_runs_everyone_shortest_first():
     new = seq(5)
     scheduler.add(new)
     step = run(scheduler)
-    assert not step.is_decode and step.seqs == [new]  # the newcomer's prompt first
+    assert not step.is_decode and step.seqs == [old, new] and step.counts == [1, 5]
     step = run(scheduler)
     assert step.is_decode and step.seqs == [old, new]  # 5 tokens, then 6
 
@@ -187,20 +197,17 @@ def test_admission_waits_for_free_blocks_and_keeps_room_for_the_next_tokens():
 
 def test_a_short_decode_step_preempts_the_most_recently_admitted_and_requeues_it_first():
     scheduler = make_scheduler(num_blocks=7)  # 6 usable blocks of 4 tokens
-    older, newer, latest = seq(7), seq(7), seq(3)
+    older, newer = seq(7), seq(7)
     scheduler.add(older)
     scheduler.add(newer)
-    run(scheduler)  # 2 blocks each; 8 tokens each after their first generated one
-    scheduler.add(latest)
-    assert run(scheduler).seqs == [latest]  # 1 block; nobody's next token needs a new one
-    step = run(scheduler)  # positions 7, 7 and 3 are in blocks already held
-    assert step.is_decode and len(step.seqs) == 3 and scheduler.blocks.free_blocks == 1
-    step = run(scheduler)  # each needs a new block now: 3 needed, 1 free
+    for _ in range(6):  # the prefill, then decode steps up to 12 cached tokens each: 3 blocks each
+        run(scheduler)
+    assert scheduler.blocks.free_blocks == 0 and scheduler.num_preemptions == 0
+    step = run(scheduler)  # each needs a fourth block now
     assert scheduler.num_preemptions == 1
-    assert step.seqs == [older, newer] and scheduler.waiting[0] is latest  # admitted last, preempted first
-    assert latest.blocks is None and latest.num_cached == 0 and latest.status is SequenceStatus.WAITING
-    assert len(latest.output_ids) == 2  # its tokens are kept: it recomputes their K/V when it runs again
-    assert scheduler.blocks.free_blocks == 0
+    assert step.seqs == [older] and scheduler.waiting[0] is newer  # admitted last, preempted first
+    assert newer.blocks is None and newer.num_cached == 0 and newer.status is SequenceStatus.WAITING
+    assert len(newer.output_ids) == 6  # its tokens are kept: it recomputes their K/V when it runs again
 
 
 def test_finishing_and_aborting_return_every_block():
@@ -240,3 +247,63 @@ def test_freed_blocks_are_reused_first():
     manager.release(a)
     manager.cover(b, 8)
     assert manager.peak_in_use == 2 and sorted(b.tables[0]) == [1, 2]
+
+
+# -- prefix caching -------------------------------------------------------------------------------------
+
+
+def prompt_seq(tokens: list[int], salt: bytes = b"policy-a") -> Sequence:
+    s = Sequence(next(_ids), list(tokens), SamplingParams(max_tokens=4), 64, None, None)
+    s.experts, s.cache_salt = A, salt
+    return s
+
+
+def test_a_prompt_takes_the_cached_blocks_of_a_shared_prefix_and_computes_only_the_rest():
+    scheduler = make_scheduler(prefix_caching=True)
+    first = prompt_seq(list(range(10)))
+    scheduler.add(first)
+    run(scheduler)  # blocks [0..3] and [4..7] are full: both findable
+    second = prompt_seq(list(range(8)) + [50, 51, 52])
+    scheduler.add(second)
+    step = run(scheduler)
+    assert step.seqs == [first, second] and step.counts == [1, 3]  # 8 of its 11 tokens were cached
+    assert second.num_cached_prompt_tokens == 8 and second.blocks.tables[0][:2] == first.blocks.tables[0][:2]
+    assert scheduler.blocks.prefix_queries == 10 + 11 and scheduler.blocks.prefix_hits == 8
+
+
+def test_at_least_one_token_is_computed_and_only_full_blocks_are_shared():
+    scheduler = make_scheduler(prefix_caching=True)
+    scheduler.add(prompt_seq(list(range(8))))
+    run(scheduler)
+    again = prompt_seq(list(range(8)))  # the same 8 tokens: its last one must run to give logits
+    scheduler.add(again)
+    step = run(scheduler)
+    assert again.num_cached_prompt_tokens == 4 and step.counts[-1] == 4
+
+
+def test_another_salt_never_shares_a_block():
+    scheduler = make_scheduler(prefix_caching=True)
+    scheduler.add(prompt_seq(list(range(10)), salt=b"policy-a"))
+    run(scheduler)
+    other = prompt_seq(list(range(10)), salt=b"policy-b")
+    scheduler.add(other)
+    run(scheduler)
+    assert other.num_cached_prompt_tokens == 0
+
+
+def test_released_cached_blocks_stay_findable_until_their_memory_is_needed_least_recent_first():
+    scheduler = make_scheduler(num_blocks=13, prefix_caching=True)  # 12 usable blocks of 4
+    old, recent = prompt_seq([1] * 8), prompt_seq([2] * 8)
+    big = prompt_seq(list(range(100, 138)))  # 38 tokens: 10 blocks, the 8 never used and 2 cached ones
+    for s in (old, recent, big):
+        scheduler.add(s)
+        run(scheduler)
+        s.finish("length")
+        scheduler.remove_finished()
+    assert scheduler.blocks.blocks_in_use == 0 and scheduler.blocks.free_blocks == 12
+    again_recent, again_old = prompt_seq([2] * 8 + [7]), prompt_seq([1] * 8 + [7])
+    for s in (again_recent, again_old):
+        scheduler.add(s)
+    run(scheduler)
+    assert again_recent.num_cached_prompt_tokens == 8  # released last: still cached
+    assert again_old.num_cached_prompt_tokens == 0  # released first: its blocks went to `big`

@@ -10,7 +10,10 @@ its own loop. Everything here runs on the host except the model step and samplin
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import uuid
+import weakref
 
 import torch
 
@@ -44,6 +47,7 @@ class LLMEngine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         profile_experts: ExpertProvider | None = None,
+        prefix_caching: bool = True,
     ):
         """kv_cache: the KV cache's size, bytes or a share of device memory (kv/plan.py); None = the device's
         default, for which a GPU runs one profiling step of max_num_batched_tokens on `profile_experts`."""
@@ -59,6 +63,9 @@ class LLMEngine:
         self.runner = ModelRunner(model, device, max_model_len, blocks, block_size, enforce_eager)
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.runner.blocks)
         manager = self.runner.blocks
+        manager.prefix_caching = prefix_caching
+        self._model_tag = f"{self.config.model_type}|{self.config.dtype}"
+        self._provider_salts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # provider → its own salt
         # the most positions one sequence can hold when it has every block to itself
         self.kv_tokens_alone = manager.usable_blocks // len(manager.windows) * block_size
         self.eos_token_ids = set(self.config.eos_token_ids)
@@ -97,12 +104,17 @@ class LLMEngine:
             prompt=text,
         )
 
-    def submit(self, seq: Sequence, experts: ExpertProvider) -> None:
+    def submit(self, seq: Sequence, experts: ExpertProvider, cache_salt: str | None = None) -> None:
         """Queue `seq`; it runs wholly on `experts`. Steps never mix providers, so a server can hold
-        several policy variants over one model and one KV cache."""
+        several policy variants over one model and one KV cache. `cache_salt` names what `experts`
+        computes (e.g. its policy's fingerprint): sequences share prefix-cache blocks only under the same
+        salt. None: this provider object's own (shared only with sequences on the very same provider)."""
         if seq.experts is not None:
             raise ValueError(f"sequence {seq.seq_id} was already submitted")
         seq.experts = experts
+        if cache_salt is None:
+            cache_salt = self._provider_salts.setdefault(experts, f"provider-{uuid.uuid4().hex}")
+        seq.cache_salt = hashlib.sha256(f"{self._model_tag}|{cache_salt}".encode()).digest()
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
@@ -125,14 +137,21 @@ class LLMEngine:
         if step.is_decode:
             logits = self.runner.decode(seqs, step.experts)  # [B, V]
         else:
+            starts = [seq.num_cached for seq in seqs]
             # (a preempted sequence that runs again has its prompt's logprobs already)
             wants_prompt = [seq.params.prompt_logprobs is not None and not seq.output_ids for seq in seqs]
-            per_seq = self.runner.extend(seqs, wants_prompt, step.experts)
-            for i, (seq, rows, wanted) in enumerate(zip(seqs, per_seq, wants_prompt)):
+            per_seq = self.runner.extend(seqs, wants_prompt, step.experts, step.counts)
+            for i, (seq, rows, wanted, start) in enumerate(zip(seqs, per_seq, wants_prompt, starts)):
                 if wanted:
-                    self._record_prompt_logprobs(seq, rows[:-1])
-                    prompt_logprobs[i] = list(seq.prompt_logprobs)
-            logits = torch.cat([rows[-1:] for rows in per_seq])  # [B, V]
+                    self._record_prompt_logprobs(seq, rows, start)
+                    if seq.num_cached == seq.num_tokens:
+                        prompt_logprobs[i] = list(seq.prompt_logprobs)
+            # only sequences whose every token is now computed sample; the others are part-way through a prompt
+            done = [i for i, seq in enumerate(seqs) if seq.num_cached == seq.num_tokens]
+            if not done:
+                return []
+            seqs, prompt_logprobs = [seqs[i] for i in done], [prompt_logprobs[i] for i in done]
+            logits = torch.cat([per_seq[i][-1:] for i in done])  # [B, V]
         sampled = sample(logits, seqs, self._generator)
         outputs = []
         for seq, token, lp, prompt_lp in zip(seqs, sampled.tokens, sampled.logprobs, prompt_logprobs):
@@ -202,11 +221,13 @@ class LLMEngine:
         seq.finish("stop", stop)
         return True
 
-    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """logits [P-1, V]: row j predicts prompt token j+1."""
-        targets = seq.prompt_ids[1:]
-        entries = token_logprobs(logits, targets, [seq.params.prompt_logprobs] * len(targets)) if targets else []
-        seq.prompt_logprobs = [None, *entries]
+    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, start: int) -> None:
+        """logits [n, V] of prompt positions start..start+n-1 (one chunk): row j predicts token start+j+1."""
+        if start == 0:
+            seq.prompt_logprobs = [None]  # the first token has no prediction
+        targets = seq.prompt_ids[start + 1 : start + 1 + logits.shape[0]]
+        if targets:
+            seq.prompt_logprobs += token_logprobs(logits[: len(targets)], targets, [seq.params.prompt_logprobs] * len(targets))
 
     def _check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -245,6 +266,8 @@ class LLMEngine:
             "kv_blocks_peak": manager.peak_in_use,
             "kv_block_bytes": self.runner.cache.bytes_per_block,
             "num_preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_queries": manager.prefix_queries,
+            "prefix_cache_hits": manager.prefix_hits,
         }
 
     def _require_tokenizer(self, what: str) -> Tokenizer:

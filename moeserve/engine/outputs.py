@@ -39,6 +39,7 @@ class RequestOutput:
     stop_reason: str | int | None  # the stop string or stop token id that ended it, if any
     logprobs: list[TokenLogprobs] | None  # per generated token, when requested
     prompt_logprobs: list[TokenLogprobs | None] | None  # per prompt token (first is None), when requested
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (their K/V were not computed again)
 
     @classmethod
     def from_sequence(cls, seq: Sequence) -> RequestOutput:
@@ -52,4 +53,5 @@ class RequestOutput:
             stop_reason=seq.stop_reason,
             logprobs=seq.logprobs if seq.params.logprobs is not None else None,
             prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
         )

@@ -16,7 +16,7 @@ import torch
 from moeserve.engine.decode_graphs import DecodeGraphs
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider
-from moeserve.kv.blocks import blocks_for
+from moeserve.kv.blocks import blocks_for, tokens_between
 from moeserve.kv.cache import KvLayout, PagedKVCache
 from moeserve.kv.context import DecodeContext, Part, StepContext, decode_blocks
 from moeserve.layers.grouped_gemm import runs_kernel
@@ -56,17 +56,23 @@ class ModelRunner:
         """The block manager: which blocks each sequence holds."""
         return self.cache.manager
 
-    def extend(self, seqs: list[Sequence], all_positions: list[bool], experts: ExpertProvider) -> list[torch.Tensor]:
-        """Run every uncached token of `seqs` on `experts`. Per sequence: logits [n, V] for all its new
-        positions where `all_positions[i]`, else [1, V] for its last position only."""
+    def extend(
+        self, seqs: list[Sequence], all_positions: list[bool], experts: ExpertProvider, counts: list[int] | None = None
+    ) -> list[torch.Tensor]:
+        """Run the next `counts[i]` uncached tokens of `seqs[i]` (None: all of them) on `experts`. Per
+        sequence: logits [n, V] for all its new positions where `all_positions[i]`, else [1, V] for its last
+        new position only."""
         size = self.cache.block_size
+        if counts is None:
+            counts = [seq.num_tokens - seq.num_cached for seq in seqs]
         ids, positions, wanted, spans, slots = [], [], [], [], [[] for _ in range(self.cache.num_groups)]
-        for seq, everything in zip(seqs, all_positions):
-            self.cover(seq, seq.num_tokens)
-            new = seq.all_ids[seq.num_cached :]
+        for seq, everything, count in zip(seqs, all_positions, counts):
+            end = seq.num_cached + count
+            self.cover(seq, end)
+            new = tokens_between(seq.prompt_ids, seq.output_ids, seq.num_cached, end)
             base = len(ids)
             ids.extend(new)
-            new_positions = range(seq.num_cached, seq.num_tokens)
+            new_positions = range(seq.num_cached, end)
             positions.extend(new_positions)
             for group, table in zip(slots, seq.blocks.tables):
                 group.extend(table[p // size] * size + p % size for p in new_positions)
@@ -79,16 +85,16 @@ class ModelRunner:
             cache=self.cache,
             positions=on_device[0],
             slots=on_device[1:],
-            query_lens=[seq.num_tokens - seq.num_cached for seq in seqs],
+            query_lens=counts,
             cached_lens=[seq.num_cached for seq in seqs],
             block_tables=[seq.blocks.tables for seq in seqs],
         )
         logits = self.model(
             torch.tensor(ids, device=self.device), ctx, experts, torch.tensor(wanted, device=self.device)
         )  # [N, V]
-        for seq in seqs:
-            seq.num_cached = seq.num_tokens
-            self.blocks.leave_window(seq.blocks, seq.num_cached)
+        for seq, count in zip(seqs, counts):
+            seq.num_cached += count
+            self._cached(seq)
         return [logits[a:b] for a, b in spans]
 
     def decode(self, seqs: list[Sequence], experts: ExpertProvider) -> torch.Tensor:
@@ -102,8 +108,16 @@ class ModelRunner:
             logits = self.model(ids, ctx, experts)  # [B, V]
         for seq in seqs:
             seq.num_cached += 1
-            self.blocks.leave_window(seq.blocks, seq.num_cached)
+            self._cached(seq)
         return logits
+
+    def _cached(self, seq: Sequence) -> None:
+        """After a step: `seq`'s full blocks become findable by later prompts, then a sliding window's blocks
+        that no later query sees go (both in that order, so they stay findable once released)."""
+        blocks = self.blocks
+        if blocks.prefix_caching and seq.num_cached // self.cache.block_size > len(seq.blocks.hashes):
+            blocks.commit(seq.blocks, seq.prompt_ids, seq.output_ids, seq.num_cached, seq.cache_salt)
+        blocks.leave_window(seq.blocks, seq.num_cached)
 
     def decode_blocks(self, seqs: list[Sequence]) -> int:
         """Blocks per row the decode step of `seqs` reads (its span, in blocks)."""
@@ -163,3 +177,4 @@ class ModelRunner:
         if seq.blocks is None:
             seq.blocks = self.blocks.new_tables()
         self.blocks.cover(seq.blocks, tokens)
+

@@ -1,15 +1,19 @@
-"""Chooses which sequences run in the next step: continuous batching with prefill first.
+"""Chooses which sequences run in the next step: continuous batching with chunked prefill.
 
-Plain Python with no tensors, so it can be tested on its own. Each step is either an extend
-step (newly admitted sequences bring their prompts) or a decode step (every running sequence
-brings one token). Finished sequences leave between steps; waiting ones join when there is room.
+Plain Python with no tensors, so it can be tested on its own. While prompts wait or are part-way
+through their prefill, a step is an extend step that carries every running sequence's next token plus
+at most `max_num_batched_tokens` prompt tokens: first the next chunks of prompts already admitted, then
+newly admitted ones (SARATHI's mixed steps, as vLLM's chunked prefill). A long prompt so prefills over
+several steps and the running streams keep getting tokens meanwhile. Otherwise a step is a decode step:
+every running sequence brings one token. Only sequences whose every token is computed sample one.
 
-Memory is KV blocks (kv/blocks.py). A waiting sequence is admitted only when its tokens' blocks are free
-and, after it, so are the blocks every running sequence (it included) needs for its next token: an
-admission never forces the very next decode step to preempt. A decode step that still runs short takes
-the blocks of the most recently admitted running sequence (preemption by recompute): it goes back to the
-front of the queue, keeps its generated tokens and recomputes their K/V when it is admitted again, so its
-output is the one an uninterrupted run gives. Finished and aborted sequences return their blocks.
+Memory is KV blocks (kv/blocks.py). A waiting sequence first takes the longest prefix of its tokens found
+in the prefix cache (when on), then is admitted only when its chunk's blocks are free and, after it, so are
+the blocks every running sequence needs for its next token: an admission never forces the very next step
+to preempt. A step that still runs short takes the blocks of the most recently admitted running sequence
+(preemption by recompute): it goes back to the front of the queue, keeps its generated tokens and
+recomputes their K/V when it is admitted again, so its output is the one an uninterrupted run gives.
+Finished and aborted sequences return their blocks.
 
 Groups: every sequence runs on the expert provider it was submitted with (`Sequence.experts`; the
 server gives each policy variant its own). One step runs sequences of one provider only, so one
@@ -31,6 +35,7 @@ from moeserve.kv.blocks import BlockManager
 class ScheduledStep:
     seqs: list[Sequence]
     is_decode: bool
+    counts: list[int] | None = None  # extend steps: the tokens each sequence computes (its next uncached ones)
 
     @property
     def experts(self) -> ExpertProvider:
@@ -75,54 +80,90 @@ class Scheduler:
         return None
 
     def _schedule_group(self, waiting: deque[Sequence], running: list[Sequence]) -> ScheduledStep | None:
-        """Prefill-first over `waiting` (consumed in place), else a decode step of `running`."""
-        admitted: list[Sequence] = []
-        budget = self.max_num_batched_tokens
-        # blocks the running sequences' next tokens need, kept free through admission
-        reserved = sum(self._next_token_blocks(seq) for seq in self.running) if waiting else 0
-        while waiting and len(self.running) + len(admitted) < self.max_num_seqs:
-            seq = waiting[0]
-            cost = seq.num_tokens
-            # A prompt longer than the whole budget still runs, alone, rather than waiting forever.
-            if admitted and cost > budget:
-                break
-            needed = self.blocks.blocks_to_cover(seq.blocks, seq.num_tokens)
-            after = self.blocks.blocks_to_cover(seq.blocks, seq.num_tokens + 1) - needed
-            if needed + after + reserved > self.blocks.free_blocks:
-                break
-            waiting.popleft()
-            if seq.blocks is None:
-                seq.blocks = self.blocks.new_tables()
-            self.blocks.cover(seq.blocks, seq.num_tokens)
-            reserved += after
-            seq.status = SequenceStatus.RUNNING
-            admitted.append(seq)
-            budget -= cost
-        if admitted:
-            self.running.extend(admitted)
-            return ScheduledStep(admitted, is_decode=False)
-        running = self._make_room(running)
-        if running:
+        """A mixed extend step while `waiting` (consumed in place) or a partial prefill has work, else a
+        decode step of `running`."""
+        prefilling = [seq for seq in running if seq.num_tokens - seq.num_cached > 1]
+        if not prefilling and (not waiting or len(self.running) >= self.max_num_seqs):
+            running = self._make_room(running, [1] * len(running))
             for seq in running:
                 self.blocks.cover(seq.blocks, seq.num_tokens)
-            # Length order: attention that gathers blocks reads rows of similar length together (kv/context.py).
-            return ScheduledStep(sorted(running, key=lambda s: s.num_tokens), is_decode=True)
-        return None
+            return self._decode_step(running)
+        budget = self.max_num_batched_tokens
+        seqs = [seq for seq in running if seq.num_tokens - seq.num_cached <= 1]  # decoding: one token each
+        counts = [1] * len(seqs)
+        for seq in prefilling:  # the next chunks of prompts already admitted, oldest first
+            if budget == 0:
+                break
+            seqs.append(seq)
+            counts.append(min(seq.num_tokens - seq.num_cached, budget))
+            budget -= counts[-1]
+        kept = self._make_room(seqs, counts)
+        counts = [count for seq, count in zip(seqs, counts) if seq in kept]
+        seqs = kept
+        for seq, count in zip(seqs, counts):
+            self.blocks.cover(seq.blocks, seq.num_cached + count)
+        # blocks the step after this one needs for the running sequences' next tokens, kept free
+        reserved = sum(self.blocks.blocks_to_cover(s.blocks, s.num_tokens + 1) for s in seqs if s.num_tokens - s.num_cached <= 1)
+        while waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = waiting[0]
+            count = self._admit(seq, budget, reserved)
+            if count is None:
+                break
+            waiting.popleft()
+            seqs.append(seq)
+            counts.append(count)
+            budget -= count
+            if seq.num_cached + count == seq.num_tokens:  # it samples after this step: its next token's block
+                reserved += self.blocks.blocks_to_cover(seq.blocks, seq.num_tokens + 1)
+        if all(seq.num_tokens - seq.num_cached == 1 for seq in seqs):  # nobody was admitted: a plain decode step
+            return self._decode_step(seqs)
+        return ScheduledStep(seqs, is_decode=False, counts=counts)
 
-    def _next_token_blocks(self, seq: Sequence) -> int:
-        """Blocks `seq` must take before its next decode step."""
-        return self.blocks.blocks_to_cover(seq.blocks, seq.num_tokens)
+    @staticmethod
+    def _decode_step(seqs: list[Sequence]) -> ScheduledStep | None:
+        # Length order: attention that gathers blocks reads rows of similar length together (kv/context.py).
+        return ScheduledStep(sorted(seqs, key=lambda s: s.num_tokens), is_decode=True) if seqs else None
 
-    def _make_room(self, running: list[Sequence]) -> list[Sequence]:
-        """Preempt the most recently admitted sequences until `running`'s next tokens have their blocks;
-        `running` less the preempted."""
-        running = list(running)
-        while running and sum(self._next_token_blocks(s) for s in running) > self.blocks.free_blocks:
+    def _admit(self, seq: Sequence, budget: int, reserved: int) -> int | None:
+        """Take `seq`'s cached prefix and the blocks of its first chunk, and mark it running; the chunk's
+        tokens, or None when the blocks are not free (nothing is taken then)."""
+        hit = None
+        # Prompt logprobs need logits at every prompt position: a request asking for them computes them all.
+        if seq.blocks is None and not (seq.params.prompt_logprobs is not None and not seq.output_ids):
+            hit = self.blocks.find(seq.all_ids, seq.num_tokens - 1, seq.cache_salt)  # one token left to compute
+        cached = hit.tokens(self.blocks.block_size) if hit is not None else 0
+        count = min(seq.num_tokens - cached, budget)
+        covered = len(hit.hashes) if hit is not None else 0
+        size, groups = self.blocks.block_size, len(self.blocks.windows)
+        needed = (-(-(cached + count) // size) - covered) * groups + (hit.idle if hit is not None else 0)
+        after = 0
+        if cached + count == seq.num_tokens and (cached + count) % size == 0:
+            after = groups  # its first generated token starts a block
+        if needed + after + reserved > self.blocks.free_blocks:
+            return None
+        seq.blocks = seq.blocks or self.blocks.new_tables()
+        if hit is not None:
+            self.blocks.adopt(seq.blocks, hit)
+            seq.num_cached = cached
+        if not seq.output_ids:
+            seq.num_cached_prompt_tokens = cached
+            self.blocks.count_query(seq.num_tokens, cached)
+        self.blocks.cover(seq.blocks, cached + count)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        return count
+
+    def _make_room(self, seqs: list[Sequence], counts: list[int]) -> list[Sequence]:
+        """Preempt the most recently admitted sequences until the rest of `seqs` have the blocks for their
+        next `counts` tokens; `seqs` less the preempted."""
+        seqs, counts = list(seqs), list(counts)
+        while seqs and sum(self.blocks.blocks_to_cover(s.blocks, s.num_cached + n) for s, n in zip(seqs, counts)) > self.blocks.free_blocks:
             victim = self.running[-1]  # admitted last (of any provider: every one shares the blocks)
             self.preempt(victim)
-            if victim in running:
-                running.remove(victim)
-        return running
+            if victim in seqs:
+                i = seqs.index(victim)
+                del seqs[i], counts[i]
+        return seqs
 
     def preempt(self, seq: Sequence) -> None:
         """Take `seq`'s blocks back and queue it first; it recomputes its K/V when it runs again."""

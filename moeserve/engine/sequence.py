@@ -42,6 +42,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     blocks: BlockTables | None = None  # the KV blocks it holds (kv/blocks.py); None while it holds none
     num_cached: int = 0  # leading tokens whose K/V are in the cache
+    cache_salt: bytes = b""  # what computed its K/V (model, dtype, expert policy): its prefix-cache blocks' salt
+    num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache when it was first admitted
     text: str = ""
     text_emitted: int = 0  # leading characters of `text` already handed out in step outputs
     finish_reason: str | None = None  # "stop" | "length" | "abort"

@@ -1,6 +1,7 @@
-"""Which KV blocks each sequence holds: the block pool's allocator, plain Python with no tensors.
+"""Which KV blocks each sequence holds, and which full blocks are kept for reuse: plain Python, no tensors.
 
-In:  sequences growing token by token (the scheduler asks before each step), finishing or being preempted.
+In:  sequences growing token by token (the scheduler asks before each step), finishing or being preempted;
+     after each step, the tokens whose K/V are now cached.
 Out: per sequence and per layer group, a block table: block i of the table holds positions
      [i * block_size, (i + 1) * block_size). The tensors those ids index live in kv/cache.py.
 
@@ -11,6 +12,13 @@ Block 0 is that null block: never handed out, it is where a table points when it
 (freed window blocks, a captured step's padding rows), so every id in a table indexes a real block of
 finite values and masked positions never read garbage.
 
+Prefix caching. A full block is known by a hash chained over its tokens: sha256 of the previous block's
+hash, a salt and the block's token ids. The salt names what computed the K/V (the model, its dtype and the
+expert provider's policy: KV computed under a lossy policy differs from raw), so two policies never share
+a block. Blocks are shared by reference count; a block nobody holds keeps its hash and stays findable
+until its memory is needed, the least recently released first (LRU). A new sequence takes the longest
+chain of its prompt's full blocks found in every layer group, and computes only the rest.
+
 Allocation and release are O(1) per block: a stack of free ids, most recently freed on top, so the
 pool's working set stays as small as the peak number of blocks in use (on a CPU, the untouched rest of
 the pool takes no memory: kv/cache.py).
@@ -18,6 +26,9 @@ the pool takes no memory: kv/cache.py).
 
 from __future__ import annotations
 
+import hashlib
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 NULL_BLOCK = 0
@@ -30,10 +41,23 @@ def blocks_for(tokens: int, block_size: int) -> int:
 
 @dataclass
 class BlockTables:
-    """One sequence's blocks: a table per layer group."""
+    """One sequence's blocks: a table per layer group, and the hash chain of its full blocks."""
 
     tables: list[list[int]]  # [group][block index] → block id (NULL_BLOCK once a window has left it)
     held: int = 0  # blocks this sequence holds (non-null entries over all groups)
+    hashes: list[bytes] = field(default_factory=list)  # chain hash of full block i (same in every group)
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """Blocks of a cached prefix: per group, the block of each of the first `len(hashes)` block positions."""
+
+    tables: list[list[int]]
+    hashes: list[bytes]
+    idle: int  # of them, blocks nobody holds (taking them takes them off the free count)
+
+    def tokens(self, block_size: int) -> int:
+        return len(self.hashes) * block_size
 
 
 @dataclass
@@ -41,14 +65,20 @@ class BlockManager:
     num_blocks: int  # including the null block
     block_size: int
     windows: tuple[int | None, ...]  # per group: None = full attention, else the sliding window
-    _free: list[int] = field(init=False)
+    prefix_caching: bool = False
     peak_in_use: int = field(init=False, default=0)
+    prefix_queries: int = field(init=False, default=0)  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = field(init=False, default=0)  # of them, found
 
     def __post_init__(self):
-        self._slides = any(window is not None for window in self.windows)
         if self.num_blocks < 2:
             raise ValueError("a block pool needs at least one block besides the null block")
-        self._free = list(range(self.num_blocks - 1, NULL_BLOCK, -1))  # block 1 on top
+        self._slides = any(window is not None for window in self.windows)
+        self._free = list(range(self.num_blocks - 1, NULL_BLOCK, -1))  # never-hashed free blocks, block 1 on top
+        self._refs = [0] * self.num_blocks
+        self._key: list[tuple[int, bytes] | None] = [None] * self.num_blocks  # (group, hash) a block is known by
+        self._cached: dict[tuple[int, bytes], int] = {}  # (group, hash) → block
+        self._idle: OrderedDict[int, None] = OrderedDict()  # hashed blocks nobody holds, least recently released first
 
     @property
     def usable_blocks(self) -> int:
@@ -56,11 +86,12 @@ class BlockManager:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can take: never used, or cached but held by nobody."""
+        return len(self._free) + len(self._idle)
 
     @property
     def blocks_in_use(self) -> int:
-        return self.usable_blocks - len(self._free)
+        return self.usable_blocks - self.free_blocks
 
     def new_tables(self) -> BlockTables:
         return BlockTables([[] for _ in self.windows])
@@ -80,11 +111,11 @@ class BlockManager:
         needed = blocks_for(tokens, self.block_size) - len(blocks.tables[0])
         if needed <= 0:
             return
-        if needed * len(self.windows) > len(self._free):
-            raise RuntimeError(f"{needed * len(self.windows)} KV blocks were needed but only {len(self._free)} are free")
+        if needed * len(self.windows) > self.free_blocks:
+            raise RuntimeError(f"{needed * len(self.windows)} KV blocks were needed but only {self.free_blocks} are free")
         for table in blocks.tables:
             for _ in range(needed):
-                table.append(self._free.pop())
+                table.append(self._take())
         blocks.held += needed * len(self.windows)
         self.peak_in_use = max(self.peak_in_use, self.blocks_in_use)
 
@@ -101,13 +132,103 @@ class BlockManager:
             for i in range(min(gone, len(table)) - 1, -1, -1):
                 if table[i] == NULL_BLOCK:
                     break  # everything before it left earlier
-                self._free.append(table[i])
+                self._drop(table[i])
                 table[i] = NULL_BLOCK
                 blocks.held -= 1
 
     def release(self, blocks: BlockTables) -> None:
-        """Return every block of `blocks` to the pool."""
+        """Return every block of `blocks` to the pool; hashed ones stay findable until their memory is needed
+        (a sequence's last blocks are the least likely to be shared: they are released, and so evicted, first)."""
         for table in blocks.tables:
-            self._free.extend(block for block in reversed(table) if block != NULL_BLOCK)
+            for block in reversed(table):
+                if block != NULL_BLOCK:
+                    self._drop(block)
             table.clear()
         blocks.held = 0
+        blocks.hashes.clear()
+
+    # -- prefix caching ---------------------------------------------------------------------------------
+
+    def commit(self, blocks: BlockTables, prompt: list[int], output: list[int], cached: int, salt: bytes) -> None:
+        """Make the full blocks among positions 0..cached-1 of a sequence (`prompt` then `output` tokens)
+        findable by their tokens."""
+        if not self.prefix_caching:
+            return
+        size = self.block_size
+        for i in range(len(blocks.hashes), cached // size):
+            key = _chain(blocks.hashes[-1] if blocks.hashes else salt, tokens_between(prompt, output, i * size, (i + 1) * size))
+            blocks.hashes.append(key)
+            for group, table in enumerate(blocks.tables):
+                block = table[i]
+                if block != NULL_BLOCK and self._key[block] is None and (group, key) not in self._cached:
+                    self._key[block] = (group, key)
+                    self._cached[group, key] = block
+
+    def find(self, token_ids: list[int], limit: int, salt: bytes) -> PrefixHit | None:
+        """The longest chain of full blocks over `token_ids[:limit]` cached in every group; None without one."""
+        if not self.prefix_caching:
+            return None
+        size = self.block_size
+        tables: list[list[int]] = [[] for _ in self.windows]
+        hashes: list[bytes] = []
+        idle = 0
+        for i in range(limit // size):
+            key = _chain(hashes[-1] if hashes else salt, token_ids[i * size : (i + 1) * size])
+            found = [self._cached.get((group, key)) for group in range(len(self.windows))]
+            if None in found:
+                break
+            hashes.append(key)
+            for table, block in zip(tables, found):
+                table.append(block)
+                idle += self._refs[block] == 0
+        return PrefixHit(tables, hashes, idle) if hashes else None
+
+    def count_query(self, tokens: int, found: int) -> None:
+        """A prompt of `tokens` looked up at admission, `found` of them in the cache (the prefix-cache figures)."""
+        if self.prefix_caching:
+            self.prefix_queries += tokens
+            self.prefix_hits += found
+
+    def adopt(self, blocks: BlockTables, hit: PrefixHit) -> None:
+        """Give `blocks` (holding none yet) the blocks of `hit`, shared with whoever else holds them."""
+        for table, found in zip(blocks.tables, hit.tables):
+            for block in found:
+                if self._refs[block] == 0:
+                    del self._idle[block]
+                self._refs[block] += 1
+                table.append(block)
+        blocks.held += sum(len(found) for found in hit.tables)
+        blocks.hashes.extend(hit.hashes)
+        self.peak_in_use = max(self.peak_in_use, self.blocks_in_use)
+
+    def _take(self) -> int:
+        if self._free:
+            block = self._free.pop()
+        else:  # evict the cached block released longest ago
+            block, _ = self._idle.popitem(last=False)
+            del self._cached[self._key[block]]
+            self._key[block] = None
+        self._refs[block] = 1
+        return block
+
+    def _drop(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            if self._key[block] is None:
+                self._free.append(block)
+            else:
+                self._idle[block] = None
+
+
+def tokens_between(prompt: list[int], output: list[int], start: int, end: int) -> list[int]:
+    """(prompt + output)[start:end] without joining the two lists."""
+    if end <= len(prompt):
+        return prompt[start:end]
+    if start >= len(prompt):
+        return output[start - len(prompt) : end - len(prompt)]
+    return prompt[start:] + output[: end - len(prompt)]
+
+
+def _chain(previous: bytes, tokens: list[int]) -> bytes:
+    """A block's hash: its predecessor's hash (or the salt, for the first) and its token ids."""
+    return hashlib.sha256(previous + array("q", tokens).tobytes()).digest()

@@ -72,6 +72,7 @@ class SeqUpdate:
 class Submit:
     handle: RequestHandle
     experts: ExpertProvider  # the provider of the handle's policy generation
+    cache_salt: str  # its policy's fingerprint: prefix-cache blocks are shared only under the same policy
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,11 +226,11 @@ class AsyncEngine:
         handle = RequestHandle(self, seqs, variant, generation)
         self._handles.add(handle)
         self.metrics.prompt_tokens.labels(variant.name).inc(sum(len(s.prompt_ids) for s in seqs))
-        self._send(Submit(handle, generation.experts))
+        self._send(Submit(handle, generation.experts, generation.fingerprint))
         return handle
 
     def cancel(self, seqs: list[Sequence]) -> None:
-        """Abort these sequences on the step thread (their KV rows and scheduler slots are freed)."""
+        """Abort these sequences on the step thread (their KV blocks and scheduler slots are freed)."""
         self._send(Abort(seqs))
 
     def sequence_finished(self, handle: RequestHandle, reason: str) -> None:
@@ -331,7 +332,7 @@ class AsyncEngine:
             if isinstance(command, Submit):
                 for index, seq in enumerate(command.handle.seqs):
                     active[seq.seq_id] = (command.handle, index)
-                    self.engine.submit(seq, command.experts)
+                    self.engine.submit(seq, command.experts, command.cache_salt)
             elif isinstance(command, Abort):
                 for seq in command.seqs:
                     if active.pop(seq.seq_id, None) is not None:

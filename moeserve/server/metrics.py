@@ -188,3 +188,10 @@ class _KvCollector(Collector):
         )
         preemptions.add_metric(self._labels, stats["num_preemptions"])
         yield preemptions
+        for name, key, help_text in (
+            ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+            ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed again)."),
+        ):
+            counter = CounterMetricFamily(f"moeserve:{name}", help_text, labels=_MODEL)
+            counter.add_metric(self._labels, stats[key])
+            yield counter

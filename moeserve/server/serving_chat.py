@@ -88,12 +88,11 @@ class ChatServing:
                     "stop_reason": choice.stop_reason,
                 }
             )
-        prompt_tokens = len(handle.seqs[0].prompt_ids)
         return {
             **self._head(handle, model),
             "object": "chat.completion",
             "choices": out,
-            "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in choices)),
+            "usage": usage(handle.seqs[:1], sum(len(c.token_ids) for c in choices)),
         }
 
     async def _stream(
@@ -129,7 +128,7 @@ class ChatServing:
                             }
                         )
             if stream_usage(request):
-                yield sse({**head, "choices": [], "usage": usage(len(handle.seqs[0].prompt_ids), completion_tokens)})
+                yield sse({**head, "choices": [], "usage": usage(handle.seqs[:1], completion_tokens)})
         except Exception as exc:  # after the 200 header: report in-band
             yield error_event(exc)
         finally:

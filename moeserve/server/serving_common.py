@@ -137,11 +137,15 @@ def chat_logprobs(token_text: TokenText, ids: list[int], entries: list[TokenLogp
     return {"content": content}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompts: list, completion_tokens: int) -> dict:
+    """OpenAI's usage of a request whose prompts ran as the sequences `prompts` (one per prompt):
+    `prompt_tokens_details.cached_tokens` counts the prompt tokens found in the prefix cache."""
+    prompt_tokens = sum(len(seq.prompt_ids) for seq in prompts)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(seq.num_cached_prompt_tokens for seq in prompts)},
     }
 
 

@@ -92,13 +92,8 @@ class CompletionServing:
             "model": model,
             "system_fingerprint": handle.generation.system_fingerprint,
             "choices": out,
-            "usage": usage(self._prompt_tokens(handle, engine_request), completion_tokens),
+            "usage": usage(handle.seqs[:: engine_request.n], completion_tokens),
         }
-
-    @staticmethod
-    def _prompt_tokens(handle: RequestHandle, engine_request: EngineRequest) -> int:
-        """Each prompt counts once, however many choices it has."""
-        return sum(len(seq.prompt_ids) for seq in handle.seqs[:: engine_request.n])
 
     async def _stream(
         self, handle: RequestHandle, request: CompletionRequest, engine_request: EngineRequest, model: str
@@ -143,7 +138,7 @@ class CompletionServing:
                     {
                         **head,
                         "choices": [],
-                        "usage": usage(self._prompt_tokens(handle, engine_request), completion_tokens),
+                        "usage": usage(handle.seqs[:: engine_request.n], completion_tokens),
                     }
                 )
         except Exception as exc:  # after the 200 header: report in-band
