@@ -22,8 +22,8 @@ def random_load(vocab: int, seed: int = 0) -> tuple[list[list[int]], list[Sampli
     rng = random.Random(seed)
     prompts, params = [], []
     for i in range(REQUESTS):
-        prompts.append([rng.randrange(vocab) for _ in range(rng.randint(1, 24))])
-        options = dict(max_tokens=rng.randint(1, 12), ignore_eos=True)
+        prompts.append([rng.randrange(vocab) for _ in range(rng.randint(1, 16))])
+        options = dict(max_tokens=rng.randint(4, 32), ignore_eos=True)
         if i % 2:
             options.update(temperature=1.0, top_p=0.9, seed=rng.randrange(2**31))
         else:

@@ -104,6 +104,7 @@ class Scheduler:
             self.blocks.cover(seq.blocks, seq.num_cached + count)
         # blocks the step after this one needs for the running sequences' next tokens, kept free
         reserved = sum(self.blocks.blocks_to_cover(s.blocks, s.num_tokens + 1) for s in seqs if s.num_tokens - s.num_cached <= 1)
+        decoding = len(seqs) - len([s for s in seqs if s in prefilling])
         while waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = waiting[0]
             count = self._admit(seq, budget, reserved)
@@ -115,7 +116,7 @@ class Scheduler:
             budget -= count
             if seq.num_cached + count == seq.num_tokens:  # it samples after this step: its next token's block
                 reserved += self.blocks.blocks_to_cover(seq.blocks, seq.num_tokens + 1)
-        if all(seq.num_tokens - seq.num_cached == 1 for seq in seqs):  # nobody was admitted: a plain decode step
+        if len(seqs) == decoding:  # no prompt got a chunk in: a plain decode step
             return self._decode_step(seqs)
         return ScheduledStep(seqs, is_decode=False, counts=counts)
 
