@@ -144,6 +144,9 @@ class LLMEngine:
             for i, (seq, rows, wanted, start) in enumerate(zip(seqs, per_seq, wants_prompt, starts)):
                 if wanted:
                     self._record_prompt_logprobs(seq, rows, start)
+                    self.runner.blocks.keep_prompt_logprobs(
+                        seq.blocks, seq.prompt_ids, seq.prompt_logprobs, seq.params.prompt_logprobs
+                    )
                     if seq.num_cached == seq.num_tokens:
                         prompt_logprobs[i] = list(seq.prompt_logprobs)
             # only sequences whose every token is now computed sample; the others are part-way through a prompt

@@ -129,9 +129,10 @@ class Scheduler:
         """Take `seq`'s cached prefix and the blocks of its first chunk, and mark it running; the chunk's
         tokens, or None when the blocks are not free (nothing is taken then)."""
         hit = None
-        # Prompt logprobs need logits at every prompt position: a request asking for them computes them all.
-        if seq.blocks is None and not (seq.params.prompt_logprobs is not None and not seq.output_ids):
-            hit = self.blocks.find(seq.all_ids, seq.num_tokens - 1, seq.cache_salt)  # one token left to compute
+        # A first prefill that asks for prompt logprobs needs them at the cached positions too (kv/blocks.py).
+        logprobs = seq.params.prompt_logprobs if not seq.output_ids else None
+        if seq.blocks is None:
+            hit = self.blocks.find(seq.all_ids, seq.num_tokens - 1, seq.cache_salt, logprobs)  # one token left to compute
         cached = hit.tokens(self.blocks.block_size) if hit is not None else 0
         count = min(seq.num_tokens - cached, budget)
         covered = len(hit.hashes) if hit is not None else 0
@@ -146,6 +147,8 @@ class Scheduler:
         if hit is not None:
             self.blocks.adopt(seq.blocks, hit)
             seq.num_cached = cached
+            if logprobs is not None:
+                seq.prompt_logprobs = self.blocks.prompt_logprobs(hit, seq.prompt_ids)
         if not seq.output_ids:
             seq.num_cached_prompt_tokens = cached
             self.blocks.count_query(seq.num_tokens, cached)

@@ -19,6 +19,12 @@ a block. Blocks are shared by reference count; a block nobody holds keeps its ha
 until its memory is needed, the least recently released first (LRU). A new sequence takes the longest
 chain of its prompt's full blocks found in every layer group, and computes only the rest.
 
+A request for prompt logprobs needs them at cached positions too, which a cache hit does not compute. So
+the prompt logprobs a request computed stay with its cached blocks: block b keeps the entries of tokens
+b*size+1 .. (b+1)*size-1 and, per following token, the entry of token (b+1)*size (it depends on that
+token, which is not in the block's hash). A later request asking for the same number of logprobs reuses
+a block only together with those entries.
+
 Allocation and release are O(1) per block: a stack of free ids, most recently freed on top, so the
 pool's working set stays as small as the peak number of blocks in use (on a CPU, the untouched rest of
 the pool takes no memory: kv/cache.py).
@@ -46,6 +52,7 @@ class BlockTables:
     tables: list[list[int]]  # [group][block index] → block id (NULL_BLOCK once a window has left it)
     held: int = 0  # blocks this sequence holds (non-null entries over all groups)
     hashes: list[bytes] = field(default_factory=list)  # chain hash of full block i (same in every group)
+    logprobs_kept: int = 0  # of its full blocks, those whose prompt logprobs were offered to the cache
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class BlockManager:
         self._key: list[tuple[int, bytes] | None] = [None] * self.num_blocks  # (group, hash) a block is known by
         self._cached: dict[tuple[int, bytes], int] = {}  # (group, hash) → block
         self._idle: OrderedDict[int, None] = OrderedDict()  # hashed blocks nobody holds, least recently released first
+        # block (of group 0) → (logprobs per entry, entries of its tokens after the first, {next token: its entry})
+        self._logprobs: dict[int, tuple[int, list, dict[int, object]]] = {}
 
     @property
     def usable_blocks(self) -> int:
@@ -146,6 +155,7 @@ class BlockManager:
             table.clear()
         blocks.held = 0
         blocks.hashes.clear()
+        blocks.logprobs_kept = 0
 
     # -- prefix caching ---------------------------------------------------------------------------------
 
@@ -164,8 +174,9 @@ class BlockManager:
                     self._key[block] = (group, key)
                     self._cached[group, key] = block
 
-    def find(self, token_ids: list[int], limit: int, salt: bytes) -> PrefixHit | None:
-        """The longest chain of full blocks over `token_ids[:limit]` cached in every group; None without one."""
+    def find(self, token_ids: list[int], limit: int, salt: bytes, logprobs: int | None = None) -> PrefixHit | None:
+        """The longest chain of full blocks over `token_ids[:limit]` cached in every group (with their prompt
+        logprobs of `logprobs` entries, when asked for); None without one."""
         if not self.prefix_caching:
             return None
         size = self.block_size
@@ -177,11 +188,40 @@ class BlockManager:
             found = [self._cached.get((group, key)) for group in range(len(self.windows))]
             if None in found:
                 break
+            if logprobs is not None:
+                kept = self._logprobs.get(found[0])
+                if kept is None or kept[0] != logprobs or token_ids[(i + 1) * size] not in kept[2]:
+                    break
             hashes.append(key)
             for table, block in zip(tables, found):
                 table.append(block)
                 idle += self._refs[block] == 0
         return PrefixHit(tables, hashes, idle) if hashes else None
+
+    def prompt_logprobs(self, hit: PrefixHit, token_ids: list[int]) -> list:
+        """The prompt-logprob entries of tokens 0 .. hit's end (the first is None) kept with `hit`'s blocks."""
+        entries: list = [None]
+        for i, block in enumerate(hit.tables[0]):
+            _, within, following = self._logprobs[block]
+            entries += within
+            entries.append(following[token_ids[(i + 1) * self.block_size]])
+        return entries
+
+    def keep_prompt_logprobs(self, blocks: BlockTables, prompt: list[int], entries: list, logprobs: int) -> None:
+        """Offer the prompt-logprob entries a sequence has so far (`entries[j]`: of prompt token j) to its
+        cached full blocks, so that later requests for the same number of logprobs can reuse them."""
+        if not self.prefix_caching:
+            return
+        size = self.block_size
+        while blocks.logprobs_kept < len(blocks.hashes) and (blocks.logprobs_kept + 1) * size < len(entries):
+            i = blocks.logprobs_kept
+            block = self._cached.get((0, blocks.hashes[i]))  # this sequence's block, or the one found for its tokens
+            after = prompt[(i + 1) * size]
+            if block is not None:
+                kept = self._logprobs.setdefault(block, (logprobs, entries[i * size + 1 : (i + 1) * size], {}))
+                if kept[0] == logprobs:
+                    kept[2].setdefault(after, entries[(i + 1) * size])
+            blocks.logprobs_kept += 1
 
     def count_query(self, tokens: int, found: int) -> None:
         """A prompt of `tokens` looked up at admission, `found` of them in the cache (the prefix-cache figures)."""
@@ -208,6 +248,7 @@ class BlockManager:
             block, _ = self._idle.popitem(last=False)
             del self._cached[self._key[block]]
             self._key[block] = None
+            self._logprobs.pop(block, None)
         self._refs[block] = 1
         return block
 
