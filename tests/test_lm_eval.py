@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,10 @@ from moeserve.eval.tasks import split_items  # noqa: E402
 
 PER_SKILL = 10  # 30 items per task
 CHAT = "<|user|>{}<|end|><|assistant|>"
+# The multiple-choice task's contexts open with one of the system prompts the model was trained with, a
+# shared preamble as few-shot examples are: its full KV blocks are computed once and then found in the
+# prefix cache by every later request.
+SYSTEM = "<|system|>You are a careful calculator.<|end|>"
 
 GENERATE_TASK = """task: moeserve_arith
 dataset_path: json
@@ -55,7 +61,7 @@ dataset_kwargs:
     test: {data}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "<|user|>{{{{question}}}}<|end|><|assistant|>"
+doc_to_text: "<|system|>You are a careful calculator.<|end|><|user|>{{{{question}}}}<|end|><|assistant|>"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: label
 target_delimiter: ""
@@ -106,9 +112,9 @@ def reference_scores() -> tuple[float, float]:
     generated = sum(o.text == i.answer for o, i in zip(outs, items)) / len(items)
     wholes, starts = [], []
     for item, options in zip(items, choices):
-        context = llm.tokenizer.encode(CHAT.format(item.prompt), add_special_tokens=False)
+        context = llm.tokenizer.encode(SYSTEM + CHAT.format(item.prompt), add_special_tokens=False)
         for option in options:
-            wholes.append(llm.tokenizer.encode(CHAT.format(item.prompt) + option, add_special_tokens=False))
+            wholes.append(llm.tokenizer.encode(SYSTEM + CHAT.format(item.prompt) + option, add_special_tokens=False))
             starts.append(len(context))
     # One engine pass over every prompt; prompt_logprobs=0: each prompt token's own log-probability.
     scored = llm.generate(wholes, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
@@ -123,6 +129,12 @@ def reference_scores() -> tuple[float, float]:
     return generated, right / len(items)
 
 
+def prefix_cache_hits(url: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics") as response:
+        text = response.read().decode()
+    return float(re.search(r"^moeserve:prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M).group(1))
+
+
 def test_lm_eval_local_completions_with_remote_tokenizer(default_server, tmp_path):
     write_tasks(tmp_path)
     model_args = (
@@ -132,16 +144,23 @@ def test_lm_eval_local_completions_with_remote_tokenizer(default_server, tmp_pat
     command = [
         sys.executable, "-c", RUN_LM_EVAL,
         "--model", "local-completions", "--model_args", model_args,
-        "--tasks", "moeserve_arith,moeserve_choice", "--include_path", str(tmp_path),
-        "--batch_size", "16", "--output_path", str(tmp_path / "out"),
+        "--include_path", str(tmp_path), "--batch_size", "16", "--output_path", str(tmp_path / "out"),
     ]  # fmt: skip
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    (results_file,) = (tmp_path / "out").rglob("results_*.json")
-    results = json.loads(results_file.read_text())["results"]
+    results = {}
+    hits = {}
+    for task in ("moeserve_arith", "moeserve_choice"):  # one at a time, to see the prefix cache serve each
+        before = prefix_cache_hits(default_server.url)
+        run = subprocess.run(command + ["--tasks", task], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        hits[task] = prefix_cache_hits(default_server.url) - before
+        (results_file,) = (tmp_path / "out").rglob("results_*.json")
+        results.update(json.loads(results_file.read_text())["results"])
+        results_file.unlink()  # the next task's run writes its own
     generated = results["moeserve_arith"]["exact_match,none"]
     chosen = results["moeserve_choice"]["acc,none"]
+    # the choices' shared system prompt (16 tokens and more) was computed once and then found in the cache
+    assert hits["moeserve_choice"] > 0, hits
 
     expected_generated, expected_chosen = reference_scores()
     assert generated == pytest.approx(expected_generated)

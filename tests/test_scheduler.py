@@ -307,3 +307,13 @@ def test_released_cached_blocks_stay_findable_until_their_memory_is_needed_least
     run(scheduler)
     assert again_recent.num_cached_prompt_tokens == 8  # released last: still cached
     assert again_old.num_cached_prompt_tokens == 0  # released first: its blocks went to `big`
+
+
+def test_prompts_admitted_in_one_step_share_the_blocks_the_first_fills():
+    scheduler = make_scheduler(prefix_caching=True)
+    first, second = prompt_seq(list(range(12))), prompt_seq(list(range(8)) + [40, 41])
+    scheduler.add(first)
+    scheduler.add(second)
+    step = run(scheduler)
+    assert step.seqs == [first, second] and step.counts == [12, 2]  # the layer writes first's K/V before reading
+    assert second.blocks.tables[0][:2] == first.blocks.tables[0][:2] and second.num_cached_prompt_tokens == 8

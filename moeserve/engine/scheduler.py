@@ -102,6 +102,7 @@ class Scheduler:
         seqs = kept
         for seq, count in zip(seqs, counts):
             self.blocks.cover(seq.blocks, seq.num_cached + count)
+            self._announce(seq, count)
         # blocks the step after this one needs for the running sequences' next tokens, kept free
         reserved = sum(self.blocks.blocks_to_cover(s.blocks, s.num_tokens + 1) for s in seqs if s.num_tokens - s.num_cached <= 1)
         decoding = len(seqs) - len([s for s in seqs if s in prefilling])
@@ -153,9 +154,15 @@ class Scheduler:
             seq.num_cached_prompt_tokens = cached
             self.blocks.count_query(seq.num_tokens, cached)
         self.blocks.cover(seq.blocks, cached + count)
+        self._announce(seq, count)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         return count
+
+    def _announce(self, seq: Sequence, count: int) -> None:
+        """Make the blocks `seq` fills in this step findable now: a prompt admitted later in the same step may
+        share them, as every layer writes the step's K/V before any of its attention reads them."""
+        self.blocks.commit(seq.blocks, seq.prompt_ids, seq.output_ids, seq.num_cached + count, seq.cache_salt)
 
     def _make_room(self, seqs: list[Sequence], counts: list[int]) -> list[Sequence]:
         """Preempt the most recently admitted sequences until the rest of `seqs` have the blocks for their
