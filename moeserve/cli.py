@@ -251,12 +251,26 @@ def _check_listen_address(host: str, port: int) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from moeserve.server.app import ServerConfig, serve
-
+    from moeserve.server.app import serve
     from moeserve.server.scale_out_cli import scale_out_options
 
     scale = scale_out_options(args)
     _check_listen_address(args.host, args.port)
+    engine_options, config = _serve_options(args)
+    if scale is not None:
+        from moeserve.server.scale_out_cli import serve_scaled_out
+
+        serve_scaled_out(_llm_options(args, **engine_options), config, scale, args.host, args.port)
+        return 0
+    llm = _load_llm_to_run(args, **engine_options)
+    serve(llm, config, host=args.host, port=args.port)
+    return 0
+
+
+def _serve_options(args: argparse.Namespace):
+    """`serve`'s LLM overrides (the base policy, engine limits) and its ServerConfig."""
+    from moeserve.server.app import ServerConfig
+
     base, named = _split_policies(args.policy)
     base_name = None
     if base is None and named:
@@ -270,15 +284,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         drain_timeout=args.drain_timeout,
     )
-    engine_limits = dict(policy=base, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
-    if scale is not None:
-        from moeserve.server.scale_out_cli import serve_scaled_out
-
-        serve_scaled_out(_llm_options(args, **engine_limits), config, scale, args.host, args.port)
-        return 0
-    llm = _load_llm_to_run(args, **engine_limits)
-    serve(llm, config, host=args.host, port=args.port)
-    return 0
+    return dict(policy=base, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs), config
 
 
 def _split_policies(values: list[str]) -> tuple[str | None, dict[str, str]]:

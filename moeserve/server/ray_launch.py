@@ -67,7 +67,7 @@ def serve_replicas(replica_spec, front_spec, scale: ScaleOut, host: str, port: i
         signal.signal(signum, on_signal)
     try:
         serve.start(http_options={"host": host, "port": port}, detached=not started_cluster)
-        serve.run(_application(serve, replica_spec, front_spec, scale), name=APP_NAME, route_prefix="/")
+        serve.run(application(replica_spec, front_spec, scale), name=APP_NAME, route_prefix="/")
         ready = True
         print(f"moeserve: serving on http://{host}:{port} with {_describe(scale)}", flush=True)
         stop.wait()
@@ -93,7 +93,9 @@ def _connect(ray, scale: ScaleOut) -> None:
         ) from None
 
 
-def _application(serve, replica_spec, front_spec, scale: ScaleOut):
+def application(replica_spec, front_spec, scale: ScaleOut):
+    """The bound Serve application: Front → Replica × N, both reading the Board."""
+    from ray import serve
     from ray.serve.config import RequestRouterConfig
 
     from moeserve.server.ray_board import Board

@@ -112,13 +112,18 @@ def _default_gpus(device: str | None) -> float:
 
 def serve_scaled_out(llm_options: dict, config, scale, host: str, port: int) -> None:
     """Resolve the model and policies here, then run the application (ray_launch.py)."""
+    from moeserve.server.ray_launch import require_ray, serve_replicas
+
+    require_ray()
+    serve_replicas(*application_specs(llm_options, config, scale), scale, host, port)
+
+
+def application_specs(llm_options: dict, config, scale) -> tuple:
+    """(ReplicaSpec, FrontSpec): the model path absolute, the policies loaded (a mistake is an error here)."""
     from dataclasses import replace
 
     from moeserve.loader import resolve_model_dir
     from moeserve.offload.policy import load_policy
-    from moeserve.server.ray_launch import require_ray, serve_replicas
-
-    require_ray()
     from moeserve.server.ray_front import FrontSpec
     from moeserve.server.ray_replica import ReplicaSpec
 
@@ -127,7 +132,4 @@ def serve_scaled_out(llm_options: dict, config, scale, host: str, port: int) -> 
     llm_options = {**llm_options, "model": model, "policy": load_policy(policy) if policy is not None else None}
     config = replace(config, policies={name: load_policy(path) for name, path in config.policies.items()})
     threads = max(1, int(scale.cpus_per_replica))
-    replica = ReplicaSpec(llm_options, config, threads)
-    front = FrontSpec(model, scale.prefix_blocks, config.max_body_bytes)
-    serve_replicas(replica, front, scale, host, port)
-
+    return ReplicaSpec(llm_options, config, threads), FrontSpec(model, scale.prefix_blocks, config.max_body_bytes)
