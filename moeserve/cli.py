@@ -65,11 +65,9 @@ def _prefetch_depth(value: str) -> int:
     return int(value)
 
 
-def _load_llm(args: argparse.Namespace, **overrides):
-    """The LLM the model options describe; `overrides` replace or add LLM arguments (serve passes the
+def _llm_options(args: argparse.Namespace, **overrides) -> dict:
+    """The LLM arguments the model options describe; `overrides` replace or add some (serve passes the
     policy it split off its variants, and its engine limits)."""
-    from moeserve import LLM
-
     options = dict(
         model=args.model,
         device=args.device,
@@ -84,7 +82,14 @@ def _load_llm(args: argparse.Namespace, **overrides):
         gpu_memory_utilization=args.gpu_memory_utilization,
         prefix_caching=not args.no_prefix_caching,
     )
-    return LLM(**{**options, **overrides})
+    return {**options, **overrides}
+
+
+def _load_llm(args: argparse.Namespace, **overrides):
+    """The LLM the model options describe (see `_llm_options`)."""
+    from moeserve import LLM
+
+    return LLM(**_llm_options(args, **overrides))
 
 
 def _load_llm_to_run(args: argparse.Namespace, **overrides):
@@ -251,14 +256,30 @@ def _check_listen_address(host: str, port: int) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from moeserve.server.app import ServerConfig, serve
+    from moeserve.server.app import serve
+    from moeserve.server.scale_out_cli import scale_out_options
 
+    scale = scale_out_options(args)
     _check_listen_address(args.host, args.port)
+    engine_options, config = _serve_options(args)
+    if scale is not None:
+        from moeserve.server.scale_out_cli import serve_scaled_out
+
+        serve_scaled_out(_llm_options(args, **engine_options), config, scale, args.host, args.port)
+        return 0
+    llm = _load_llm_to_run(args, **engine_options)
+    serve(llm, config, host=args.host, port=args.port)
+    return 0
+
+
+def _serve_options(args: argparse.Namespace):
+    """`serve`'s LLM overrides (the base policy, engine limits) and its ServerConfig."""
+    from moeserve.server.app import ServerConfig
+
     base, named = _split_policies(args.policy)
     base_name = None
     if base is None and named:
         base_name, base = next(iter(named.items()))  # MODEL serves the first named policy
-    llm = _load_llm_to_run(args, policy=base, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
     config = ServerConfig(
         model_name=args.served_model_name,
         policies=named,
@@ -268,8 +289,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         drain_timeout=args.drain_timeout,
     )
-    serve(llm, config, host=args.host, port=args.port)
-    return 0
+    return dict(policy=base, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs), config
 
 
 def _split_policies(values: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -380,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting", type=int, default=256, help="sequences queued beyond the running ones (then 429)")
     srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted (413 beyond)")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish running requests on shutdown")
+    from moeserve.server.scale_out_cli import add_scale_out_options
+
+    add_scale_out_options(srv)
     srv.set_defaults(run=_cmd_serve)
 
     pol = commands.add_parser("policy", help="inspect error-bound policies")
