@@ -52,7 +52,10 @@ def gap_while_prefilling(http, long_prompt: list[int]) -> tuple[float, float]:
     ]
     for thread in threads:
         thread.start()
+    deadline = time.perf_counter() + 120
     while min(len(r) for r in results) < 10:  # every stream is decoding
+        if time.perf_counter() > deadline or not all(thread.is_alive() for thread in threads):
+            raise SystemExit("the streams did not all start decoding; see the server's log")
         time.sleep(0.01)
     sent = time.perf_counter()
     first = stream_times(http, long_prompt, 1)[0][0]

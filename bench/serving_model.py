@@ -48,7 +48,7 @@ def stream_times(http: httpx.Client, prompt: list[int], max_tokens: int) -> tupl
     """Stream a completion: the arrival time of each chunk that carries text (time.perf_counter), and the
     final usage."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, "logprobs": 0}  # a chunk per token: no tokenizer, no text
     times, usage = [], {}
     with http.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 
+from moeserve.kv.cache import DEFAULT_BLOCK_SIZE
 from moeserve.tokenizer import Tokenizer
 
-BLOCK_TOKENS = 16  # the KV cache's block (moeserve/kv/cache.py DEFAULT_BLOCK_SIZE): what a prefix cache reuses
+BLOCK_TOKENS = DEFAULT_BLOCK_SIZE  # the KV cache's block: what the prefix cache reuses
 MAX_CHARS_PER_TOKEN = 64
 
 
