@@ -44,12 +44,15 @@ def serve(directory: Path, **llm_options) -> Iterator[httpx.Client]:
             yield http
 
 
-def stream_times(http: httpx.Client, prompt: list[int], max_tokens: int) -> tuple[list[float], dict]:
-    """Stream a completion: the arrival time of each chunk that carries text (time.perf_counter), and the
-    final usage."""
+def stream_times(
+    http: httpx.Client, prompt: list[int], max_tokens: int, times: list[float] | None = None
+) -> tuple[list[float], dict]:
+    """Stream a completion: the arrival time of each chunk that carries a token (time.perf_counter), appended
+    to `times` as they arrive, and the final usage."""
     body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}, "logprobs": 0}  # a chunk per token: no tokenizer, no text
-    times, usage = [], {}
+    times = [] if times is None else times
+    usage = {}
     with http.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():

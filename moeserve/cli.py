@@ -289,7 +289,8 @@ def _serve_options(args: argparse.Namespace):
         max_body_bytes=args.max_body_bytes,
         drain_timeout=args.drain_timeout,
     )
-    return dict(policy=base, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs), config
+    return dict(policy=base, max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens), config
 
 
 def _split_policies(values: list[str]) -> tuple[str | None, dict[str, str]]:
@@ -397,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: the directory's name)")
     srv.add_argument("--max-model-len", type=int, default=None, help="context in tokens (default: the model's)")
     srv.add_argument("--max-num-seqs", type=int, default=64, help="sequences decoded together (running limit)")
+    srv.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048,
+        help="prompt tokens a step carries besides the running sequences' next tokens; longer prompts prefill "
+             "in chunks of this many (default 2048)",
+    )
     srv.add_argument("--max-waiting", type=int, default=256, help="sequences queued beyond the running ones (then 429)")
     srv.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body accepted (413 beyond)")
     srv.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish running requests on shutdown")

@@ -20,6 +20,7 @@ from moeserve.devices import resolve_device
 from moeserve.engine.llm_engine import LLMEngine
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
+from moeserve.engine.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from moeserve.errors import InputError, ModelLoadError
 from moeserve.kv.plan import DEFAULT_GPU_MEMORY_UTILIZATION, MemoryPlan
 from moeserve.experts import ExpertProvider
@@ -60,7 +61,7 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         seed: int = 0,
         policy: str | Path | dict | None = None,
         expert_cache: str | int | None = None,
@@ -86,6 +87,9 @@ class LLM:
             if not isinstance(max_model_len, int) or not 2 <= max_model_len <= context:
                 raise ModelLoadError(f"max_model_len must be an integer in 2..{context} for this model, got {max_model_len!r}.")
             context = max_model_len
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ModelLoadError(f"{name} must be a positive integer, got {value!r}.")
         if not isinstance(gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization <= 1:
             raise ModelLoadError(f"gpu_memory_utilization must be a share in (0, 1], got {gpu_memory_utilization!r}.")
         self.offload_options = OffloadOptions(policy, expert_cache, eviction, prefetch, decode_workers, prefetch_depth)

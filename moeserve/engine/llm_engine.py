@@ -22,7 +22,7 @@ from moeserve.engine.profile import step_peak_bytes
 from moeserve.engine.runner import ModelRunner, kv_layout
 from moeserve.engine.sampler import sample, token_logprobs
 from moeserve.engine.sampling_params import SamplingParams
-from moeserve.engine.scheduler import Scheduler
+from moeserve.engine.scheduler import DEFAULT_MAX_NUM_BATCHED_TOKENS, Scheduler
 from moeserve.engine.sequence import Sequence
 from moeserve.errors import InputError
 from moeserve.experts import ExpertProvider
@@ -40,7 +40,7 @@ class LLMEngine:
         device: torch.device,
         max_model_len: int,
         max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 8192,
+        max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         seed: int = 0,
         enforce_eager: bool = False,
         kv_cache: str | int | None = None,
@@ -56,7 +56,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.workspace_bytes: int | None = None  # reserved for activations (GPU default plan only)
         if device.type == "cuda" and kv_cache is None and profile_experts is not None:
-            steps = min(max_num_batched_tokens, max_model_len - 1)
+            steps = min(max_num_batched_tokens + max_num_seqs, max_model_len - 1)  # a mixed step's most tokens
             self.workspace_bytes = step_peak_bytes(model, device, steps, block_size, profile_experts)
         budget = kv_budget(kv_cache, device, self.workspace_bytes or 0, gpu_memory_utilization)
         blocks = num_blocks(budget, kv_layout(model), block_size, max_model_len, max_num_seqs)

@@ -31,6 +31,12 @@ from moeserve.experts import ExpertProvider
 from moeserve.kv.blocks import BlockManager
 
 
+# Prompt tokens a step carries by default: with offloaded experts each chunk loads nearly every expert it
+# uses again (bench/chunked_prefill.py: ~51 loads per chunk of 512 tokens on its model, 59 for one pass of
+# 2048), so chunks are kept large enough to amortize that, and small enough that a step stays short.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
+
+
 @dataclass
 class ScheduledStep:
     seqs: list[Sequence]
