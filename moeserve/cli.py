@@ -293,6 +293,25 @@ def _serve_options(args: argparse.Namespace):
                 max_num_batched_tokens=args.max_num_batched_tokens), config
 
 
+def ray_application(args: dict):
+    """The scale-out application as a Ray Serve application builder, for deployments that Serve itself starts
+    (`serve run`, `serve deploy`, a KubeRay RayService): `moeserve.cli:ray_application` with the arguments of
+    `moeserve serve` as one string, e.g.
+    `serve run moeserve.cli:ray_application argv="--replicas 2 --policy lossy=/etc/moeserve/lossy.yaml"`.
+    The cluster, host and port are Serve's to choose here: --ray-address, --host and --port are ignored."""
+    import shlex
+
+    from moeserve.server.ray_launch import application
+    from moeserve.server.scale_out_cli import application_specs, scale_out_options
+
+    parsed = build_parser().parse_args(["serve", *shlex.split(str(args.get("argv", "")))])
+    scale = scale_out_options(parsed)
+    if scale is None:
+        raise MoeServeError("the application needs --replicas N (or --max-replicas N) in argv.")
+    engine_options, config = _serve_options(parsed)
+    return application(*application_specs(_llm_options(parsed, **engine_options), config, scale), scale)
+
+
 def _split_policies(values: list[str]) -> tuple[str | None, dict[str, str]]:
     """`--policy FILE` (at most once) and `--policy NAME=FILE` (any number, distinct names)."""
     import re

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from triton_interpreter import assert_interpreted_tests_pass
 from moeserve.experts import expert_row_numel, expert_rows
 from moeserve.layers.grouped_gemm import align_pairs, grouped_gemm, max_padded_pairs
 
@@ -213,15 +214,7 @@ def test_an_alignment_for_other_pairs_is_refused():
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton, or the test extra)")
 @pytest.mark.skipif(INTERPRETED, reason="this is the driver of the interpreted run")
 def test_triton_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted_kernel",
-         str(TESTS / "test_grouped_gemm.py")],
-        env=env, capture_output=True, text=True, cwd=TESTS.parent,
-    )
-    assert result.returncode == 0, f"TRITON_INTERPRET=1 run:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
-    last = result.stdout.splitlines()[-1]
-    assert " passed" in last and "skipped" not in last, last
+    assert_interpreted_tests_pass(Path(__file__), "interpreted_kernel")
 
 
 @interpreter_only

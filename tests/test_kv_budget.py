@@ -3,12 +3,16 @@
 A randomized load of 200 requests (mixed lengths, greedy and seeded sampling) runs with a KV cache of
 40% of what they need at once: it must finish with preemptions, hold no more KV than the budget, and
 give every request the output it gets alone. It is marked `exact`, so tests/test_exact_everywhere.py
-repeats it at other thread counts and under ATEN_CPU_CAPABILITY=avx2.
+repeats it at 1 and 4 threads; it runs once more here under ATEN_CPU_CAPABILITY=avx2 at 1 thread.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +53,17 @@ def test_a_load_over_budget_finishes_by_preempting_and_every_output_equals_the_r
     for prompt, sp, out in zip(prompts, params, outs):
         (alone,) = llm.generate([prompt], sp)
         assert out.token_ids == alone.token_ids and len(out.token_ids) == sp.max_tokens
+
+
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") == "avx2", reason="this is the driver of the avx2 run")
+def test_the_load_over_budget_holds_under_avx2_kernels_at_one_thread():
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "MOESERVE_TEST_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "load_over_budget_finishes", __file__],
+        env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, f"ATEN_CPU_CAPABILITY=avx2 run:\n{result.stdout[-4000:]}{result.stderr[-2000:]}"
+    assert " 1 passed" in result.stdout.splitlines()[-1]
 
 
 def test_a_request_that_cannot_fit_even_alone_is_refused_naming_the_budget(checkpoint_factory):

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from triton_interpreter import assert_interpreted_tests_pass
 from moeserve.kv.cache import KvLayout, PagedKVCache
 from moeserve.kv.context import DecodeContext, Part
 from moeserve.layers.paged_attention import paged_decode_attention, paged_decode_reference
 from moeserve.layers.sinks import sink_attention
 
-TESTS = Path(__file__).parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interpreter_only = pytest.mark.skipif(
@@ -125,15 +123,7 @@ def _check_kernel(device, dtype, rtol):
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (pip install triton, or the test extra)")
 @pytest.mark.skipif(INTERPRETED, reason="this is the driver of the interpreted run")
 def test_triton_interpreter_subprocess():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted_kernel",
-         str(TESTS / "test_paged_attention.py")],
-        env=env, capture_output=True, text=True, cwd=TESTS.parent,
-    )
-    assert result.returncode == 0, f"TRITON_INTERPRET=1 run:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
-    last = result.stdout.splitlines()[-1]
-    assert " passed" in last and "skipped" not in last, last
+    assert_interpreted_tests_pass(Path(__file__), "interpreted_kernel")
 
 
 @interpreter_only
