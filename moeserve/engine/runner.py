@@ -115,7 +115,8 @@ class ModelRunner:
         """After a step: `seq`'s full blocks become findable by later prompts, then a sliding window's blocks
         that no later query sees go (both in that order, so they stay findable once released)."""
         blocks = self.blocks
-        if blocks.prefix_caching and seq.num_cached // self.cache.block_size > len(seq.blocks.hashes):
+        # (a sequence never submitted, as `LLM.score` runs one, has no salt: nothing to share it under)
+        if blocks.prefix_caching and seq.cache_salt and seq.num_cached // self.cache.block_size > len(seq.blocks.hashes):
             blocks.commit(seq.blocks, seq.prompt_ids, seq.output_ids, seq.num_cached, seq.cache_salt)
         blocks.leave_window(seq.blocks, seq.num_cached)
 

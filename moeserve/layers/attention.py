@@ -88,12 +88,16 @@ class Attention(nn.Module):
                 q, cache.keys(layer), cache.values(layer), ctx.tables[group], ctx.positions, self.head_dim**-0.5,
                 self.window, self.sinks,
             )  # [B, H, Dh]
+        if len(ctx.parts) == 1:  # the usual case: every row reads the same span
+            (part,) = ctx.parts
+            keys, values = ctx.read(layer, group, part, self.window)  # [B, G, L, Dh]
+            return self._attend(q.unsqueeze(2), keys, values, ctx.mask(self.window, part)).squeeze(2)  # [B, H, Dh]
         outputs = []
         for part in ctx.parts:
             keys, values = ctx.read(layer, group, part, self.window)  # [n, G, L, Dh]
             query = q[part.start : part.end].unsqueeze(2)  # [n, H, 1, Dh]
             outputs.append(self._attend(query, keys, values, ctx.mask(self.window, part)))  # [n, H, 1, Dh]
-        return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]).squeeze(2)
+        return torch.cat(outputs).squeeze(2)
 
     def _attend(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal=False
