@@ -139,10 +139,11 @@ class ModelRunner:
         write slots and one of the block tables."""
         for seq in seqs:
             self.cover(seq, seq.num_tokens)
-        blocks = self.decode_blocks(seqs)
+        parts = self.parts(seqs)
+        blocks = max(part.blocks for part in parts)
         host = self.step_inputs(seqs, len(seqs)).to(self.device, non_blocking=True)  # [2 + groups, B]
         tables = self.block_tables(seqs, len(seqs), blocks).to(self.device, non_blocking=True)
-        ctx = DecodeContext(self.cache, host[1], host[2:], tables, self.parts(seqs), use_kernel=self.paged_kernel)
+        ctx = DecodeContext(self.cache, host[1], host[2:], tables, parts, use_kernel=self.paged_kernel)
         return host[0], ctx
 
     def step_inputs(self, seqs: list[Sequence], rows: int) -> torch.Tensor:

@@ -173,6 +173,8 @@ class Scheduler:
     def _make_room(self, seqs: list[Sequence], counts: list[int]) -> list[Sequence]:
         """Preempt the most recently admitted sequences until the rest of `seqs` have the blocks for their
         next `counts` tokens; `seqs` less the preempted."""
+        if len(seqs) * len(self.blocks.windows) <= self.blocks.free_blocks and all(n == 1 for n in counts):
+            return seqs  # one token each takes at most a block per group: room enough (every decode step)
         seqs, counts = list(seqs), list(counts)
         while seqs and sum(self.blocks.blocks_to_cover(s.blocks, s.num_cached + n) for s, n in zip(seqs, counts)) > self.blocks.free_blocks:
             victim = self.running[-1]  # admitted last (of any provider: every one shares the blocks)

@@ -119,7 +119,7 @@ class DecodeContext:
     def mask(self, window: int | None, part: Part) -> torch.Tensor:
         """[n, 1, 1, L] bool: the positions rows of `part` read (see `read`) that they may attend to (their
         own and earlier, within `window`)."""
-        key = (window, part)
+        key = (window, part.start)
         if key not in self._masks:
             first, count = self._window(window, part)
             size = self.cache.block_size
@@ -136,7 +136,7 @@ class DecodeContext:
     def read(self, layer: int, group: int, part: Part, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows of `part`: one layer's keys and values over the blocks they read (all up to the part's span,
         or those `window` reaches), [n, G, L, Dh] each (views of a workspace; values None for MLA)."""
-        key = (group, part, window)
+        key = (group, part.start, window)
         if key not in self._indices:  # the same for every layer of the step: made once
             first, count = self._window(window, part)
             tables = self.tables[group, part.start : part.end]  # [n, blocks]
