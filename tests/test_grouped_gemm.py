@@ -7,7 +7,6 @@ on the CPU path at 1 and 2 threads and under other ATEN_CPU_CAPABILITY values, i
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -17,7 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from triton_interpreter import assert_interpreted_tests_pass
+from triton_interpreter import (
+    HAS_TRITON,
+    INTERPRETED,
+    assert_interpreted_tests_pass,
+    interpreter_only,
+    requires_cuda_triton,
+)
 from moeserve.experts import expert_row_numel, expert_rows
 from moeserve.layers.grouped_gemm import align_pairs, grouped_gemm, max_padded_pairs
 
@@ -27,14 +32,6 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-8, torch.float16: 2**-10}
 # triton 3.9's interpreter casts float32 to bfloat16 by truncation (a GPU rounds to nearest): one ulp.
 RTOL_INTERPRETED = {**RTOL, torch.bfloat16: 2**-7}
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreter_only = pytest.mark.skipif(
-    not (INTERPRETED and HAS_TRITON), reason="runs in test_triton_interpreter_subprocess's TRITON_INTERPRET=1 run"
-)
-requires_cuda_triton = pytest.mark.skipif(
-    not (torch.cuda.is_available() and HAS_TRITON and not INTERPRETED), reason="needs a CUDA device and triton"
-)
 
 
 def slot_pool_views(num_slots: int, hidden: int, intermediate: int, dtype, device="cpu", seed=0):

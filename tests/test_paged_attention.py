@@ -8,27 +8,23 @@ triton is imported) and on CUDA when there is one.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from triton_interpreter import assert_interpreted_tests_pass
+from triton_interpreter import (
+    HAS_TRITON,
+    INTERPRETED,
+    assert_interpreted_tests_pass,
+    interpreter_only,
+    requires_cuda_triton,
+)
 from moeserve.kv.cache import KvLayout, PagedKVCache
 from moeserve.kv.context import DecodeContext, Part
 from moeserve.layers.paged_attention import paged_decode_attention, paged_decode_reference
 from moeserve.layers.sinks import sink_attention
 
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-interpreter_only = pytest.mark.skipif(
-    not (INTERPRETED and HAS_TRITON), reason="runs in test_triton_interpreter_subprocess's TRITON_INTERPRET=1 run"
-)
-requires_cuda_triton = pytest.mark.skipif(
-    not (torch.cuda.is_available() and HAS_TRITON and not INTERPRETED), reason="needs a CUDA device and triton"
-)
 # (heads, kv heads, key dim, value dim or None for separate V of the key's size, window, sinks)
 CASES = [
     (4, 2, 16, None, None, False),  # GQA

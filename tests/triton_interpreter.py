@@ -1,12 +1,26 @@
-"""Runs a test file's Triton-kernel tests in a fresh interpreter under TRITON_INTERPRET=1 (the variable must be
-set before triton is imported, so the run that sets it cannot be this one)."""
+"""Triton kernels in the tests: the markers that pick where a kernel test runs, and the run of a test file's
+kernel tests in a fresh interpreter under TRITON_INTERPRET=1 (the variable must be set before triton is
+imported, so the run that sets it cannot be this one)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+interpreter_only = pytest.mark.skipif(
+    not (INTERPRETED and HAS_TRITON), reason="runs in test_triton_interpreter_subprocess's TRITON_INTERPRET=1 run"
+)
+requires_cuda_triton = pytest.mark.skipif(
+    not (torch.cuda.is_available() and HAS_TRITON and not INTERPRETED), reason="needs a CUDA device and triton"
+)
 
 
 def assert_interpreted_tests_pass(test_file: Path, keyword: str) -> None:
