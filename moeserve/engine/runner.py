@@ -16,7 +16,7 @@ import torch
 from moeserve.engine.decode_graphs import DecodeGraphs
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider
-from moeserve.kv.blocks import blocks_for, tokens_between
+from moeserve.kv.blocks import blocks_for, tokens_between, write_slot
 from moeserve.kv.cache import KvLayout, PagedKVCache
 from moeserve.kv.context import DecodeContext, Part, StepContext, decode_blocks
 from moeserve.layers.grouped_gemm import runs_kernel
@@ -75,7 +75,7 @@ class ModelRunner:
             new_positions = range(seq.num_cached, end)
             positions.extend(new_positions)
             for group, table in zip(slots, seq.blocks.tables):
-                group.extend(table[p // size] * size + p % size for p in new_positions)
+                group.extend(write_slot(table, p, size) for p in new_positions)
             first = base if everything else base + len(new) - 1
             spans.append((len(wanted), len(wanted) + base + len(new) - first))
             wanted.extend(range(first, base + len(new)))
@@ -152,7 +152,7 @@ class ModelRunner:
         size = self.cache.block_size
         positions = [seq.num_cached for seq in seqs]
         inputs = [[seq.output_ids[-1] for seq in seqs], positions] + [
-            [seq.blocks.tables[group][p // size] * size + p % size for seq, p in zip(seqs, positions)]
+            [write_slot(seq.blocks.tables[group], p, size) for seq, p in zip(seqs, positions)]
             for group in range(self.cache.num_groups)
         ]
         padding = [0] * (rows - len(seqs))

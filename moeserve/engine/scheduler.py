@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from moeserve.engine.sequence import Sequence, SequenceStatus
 from moeserve.experts import ExpertProvider
-from moeserve.kv.blocks import BlockManager
+from moeserve.kv.blocks import BlockManager, blocks_for
 
 
 # Prompt tokens a step carries by default: with offloaded experts each chunk loads nearly every expert it
@@ -144,7 +144,7 @@ class Scheduler:
         count = min(seq.num_tokens - cached, budget)
         covered = len(hit.hashes) if hit is not None else 0
         size, groups = self.blocks.block_size, len(self.blocks.windows)
-        needed = (-(-(cached + count) // size) - covered) * groups + (hit.idle if hit is not None else 0)
+        needed = (blocks_for(cached + count, size) - covered) * groups + (hit.idle if hit is not None else 0)
         after = 0
         if cached + count == seq.num_tokens and (cached + count) % size == 0:
             after = groups  # its first generated token starts a block

@@ -45,6 +45,11 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+def write_slot(table: list[int], position: int, block_size: int) -> int:
+    """Where in the pool (block * block_size + offset) the K/V of `position` go, by one group's `table`."""
+    return table[position // block_size] * block_size + position % block_size
+
+
 @dataclass
 class BlockTables:
     """One sequence's blocks: a table per layer group, and the hash chain of its full blocks."""
