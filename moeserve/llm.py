@@ -26,7 +26,7 @@ from moeserve.kv.plan import DEFAULT_GPU_MEMORY_UTILIZATION, MemoryPlan
 from moeserve.experts import ExpertProvider
 from moeserve.loader import load_dense_experts, load_model, resolve_model_dir
 from moeserve.offload.options import OffloadOptions
-from moeserve.offload.runtime import OffloadRuntime, build_offload_runtime, is_compressed_dir
+from moeserve.offload.runtime import OffloadRuntime, build_offload_runtime, is_compressed_dir, policy_fingerprint
 
 Prompt = str | list[int]
 
@@ -170,7 +170,7 @@ class LLM:
         salt = None  # another provider: its own prefix-cache blocks only
         if experts is None:
             experts = self._default_experts()
-            salt = "resident" if self.offload is None else self.offload.policy.fingerprint()
+            salt = policy_fingerprint(self.offload)
         for seq in seqs:
             self.engine.submit(seq, experts, salt)
         with tqdm(total=len(seqs), disable=not use_tqdm, desc="generate", unit="req") as bar:

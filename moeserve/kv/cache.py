@@ -17,6 +17,7 @@ zero-filled, and never reallocated, so captured graphs may keep its addresses.
 
 from __future__ import annotations
 
+import math
 import mmap
 from dataclasses import dataclass
 
@@ -145,9 +146,7 @@ class PagedKVCache:
 def _pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     # anonymous pages: zero until first written, and resident only once touched
     pages = mmap.mmap(-1, numel * dtype.itemsize)
     return torch.frombuffer(pages, dtype=dtype, count=numel).view(shape)

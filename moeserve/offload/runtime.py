@@ -48,6 +48,12 @@ class OffloadRuntime:
     num_slots: int
 
 
+def policy_fingerprint(runtime: OffloadRuntime | None) -> str:
+    """What computes with these experts: the sha256 of the runtime's resolved policy, or "resident" for
+    resident, uncompressed experts (the KV prefix cache's salt, and the server's policy identity)."""
+    return "resident" if runtime is None else runtime.policy.fingerprint()
+
+
 def is_compressed_dir(model_dir: Path) -> bool:
     return (model_dir / STORE_MARKER).is_file()
 

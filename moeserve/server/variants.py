@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from moeserve.experts import ExpertProvider
-from moeserve.offload.runtime import OffloadRuntime
+from moeserve.offload.runtime import OffloadRuntime, policy_fingerprint
 from moeserve.offload.stats import OffloadStats
 from moeserve.server.errors import ApiError
 
@@ -34,7 +34,7 @@ class PolicyGeneration:
     fingerprint: str = field(init=False)  # sha256 of the resolved policy; "resident" without one
 
     def __post_init__(self):
-        self.fingerprint = self.runtime.policy.fingerprint() if self.runtime is not None else "resident"
+        self.fingerprint = policy_fingerprint(self.runtime)
 
     @property
     def system_fingerprint(self) -> str:
