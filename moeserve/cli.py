@@ -35,7 +35,7 @@ def _add_model_options(parser: argparse.ArgumentParser, policy_variants: bool = 
     parser.add_argument("--expert-cache", default=None, help="decoded-expert budget: '25%%', '512MiB' or bytes")
     parser.add_argument("--eviction", default="lru", choices=["lru", "lfu"])
     parser.add_argument("--no-prefetch", action="store_true", help="load experts only when a layer asks for them")
-    parser.add_argument("--enforce-eager", action="store_true", help="GPU: run decode steps eagerly, never from CUDA graphs")
+    parser.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly: never from CUDA graphs (GPU) or compiled (CPU)")
     parser.add_argument(
         "--prefetch-depth", type=_prefetch_depth, default=None, metavar="N",
         help="MoE layers ahead to predict and load experts for "
@@ -76,7 +76,7 @@ def _llm_options(args: argparse.Namespace, **overrides) -> dict:
         expert_cache=args.expert_cache,
         eviction=args.eviction,
         prefetch=not args.no_prefetch,
-        enforce_eager=args.enforce_eager,
+        enforce_eager=True if args.enforce_eager else None,  # None: MOESERVE_ENFORCE_EAGER decides
         prefetch_depth=args.prefetch_depth,
         kv_cache=args.kv_cache,
         gpu_memory_utilization=args.gpu_memory_utilization,

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from moeserve.config import parse_dtype_option
 from moeserve.devices import resolve_device
+from moeserve.engine.compiled_decode import eager_by_default
 from moeserve.engine.llm_engine import LLMEngine
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
@@ -46,7 +47,8 @@ class LLM:
     prefetch_depth: MoE layers ahead to predict; None = on a GPU as many as the expert cache has room
         for, on a CPU 1.
     decode_workers: CPU threads decoding experts; None = one per 8 cores, at least two.
-    enforce_eager: never replay decode steps from CUDA graphs (engine/decode_graphs.py); GPU only.
+    enforce_eager: run every decode step eagerly: on a GPU never from CUDA graphs (engine/decode_graphs.py), on
+        a CPU never compiled (engine/compiled_decode.py). None = False unless MOESERVE_ENFORCE_EAGER=1.
     kv_cache: the paged KV cache's size: bytes ("4GiB", or a number) or a share of the device's memory
         ("30%"); None = what remains of gpu_memory_utilization on a GPU, a share of RAM on a CPU (kv/plan.py).
     gpu_memory_utilization: the share of the GPU's memory the whole memory plan may take (default 0.9).
@@ -69,7 +71,7 @@ class LLM:
         prefetch: bool = True,
         decode_workers: int | None = None,
         prefetch_depth: int | None = None,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         kv_cache: str | int | None = None,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         prefix_caching: bool = True,
@@ -109,11 +111,12 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             seed=seed,
-            enforce_eager=enforce_eager,
+            enforce_eager=eager_by_default() if enforce_eager is None else enforce_eager,
             kv_cache=kv_cache,
             gpu_memory_utilization=gpu_memory_utilization,
             profile_experts=self.experts,
             prefix_caching=prefix_caching,
+            progress=progress,
         )
         self.memory_plan = self._memory_plan()
         if progress:

@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Decode steps run eagerly unless a test asks for compiled ones (LLM(enforce_eager=False)): compiling a
+# step through inductor takes seconds per shape, and tests/test_compiled_decode.py checks that path.
+os.environ.setdefault("MOESERVE_ENFORCE_EAGER", "1")
+
 FAMILY_CONFIGS = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48),
     "qwen2_moe": dict(

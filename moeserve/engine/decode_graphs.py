@@ -31,7 +31,8 @@ import torch
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider
 from moeserve.kv.context import DecodeContext, Part
-from moeserve.models.decoder import MoeCausalLM, Segment, prefetch
+from moeserve.layers.moe import prefetch
+from moeserve.models.decoder import MoeCausalLM, Segment
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 

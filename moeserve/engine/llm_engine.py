@@ -48,6 +48,7 @@ class LLMEngine:
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         profile_experts: ExpertProvider | None = None,
         prefix_caching: bool = True,
+        progress: bool = True,
     ):
         """kv_cache: the KV cache's size, bytes or a share of device memory (kv/plan.py); None = the device's
         default, for which a GPU runs one profiling step of max_num_batched_tokens on `profile_experts`."""
@@ -60,7 +61,7 @@ class LLMEngine:
             self.workspace_bytes = step_peak_bytes(model, device, steps, block_size, profile_experts)
         budget = kv_budget(kv_cache, device, self.workspace_bytes or 0, gpu_memory_utilization)
         blocks = num_blocks(budget, kv_layout(model), block_size, max_model_len, max_num_seqs)
-        self.runner = ModelRunner(model, device, max_model_len, blocks, block_size, enforce_eager)
+        self.runner = ModelRunner(model, device, max_model_len, blocks, block_size, enforce_eager, progress)
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.runner.blocks)
         manager = self.runner.blocks
         manager.prefix_caching = prefix_caching

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from moeserve.engine.compiled_decode import CompiledDecode
 from moeserve.engine.decode_graphs import DecodeGraphs
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider
@@ -39,6 +40,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         enforce_eager: bool = False,
+        progress: bool = True,
     ):
         self.model = model
         self.device = device
@@ -50,6 +52,8 @@ class ModelRunner:
         # (they need the grouped GEMM's kernel: without triton, MoE blocks on a GPU read routing on the host)
         capturable = device.type == "cuda" and runs_kernel(device) and not enforce_eager
         self.graphs = DecodeGraphs(model, self, device) if capturable else None
+        # a CPU's decode steps run compiled (engine/compiled_decode.py)
+        self.compiled = CompiledDecode(model, self, progress) if device.type == "cpu" and not enforce_eager else None
 
     @property
     def blocks(self):
@@ -103,6 +107,10 @@ class ModelRunner:
             for seq in seqs:
                 self.cover(seq, seq.num_tokens)
             logits = self.graphs.decode(seqs, experts)  # [B, V]
+        elif self.compiled is not None and self.compiled.fits(seqs):
+            for seq in seqs:
+                self.cover(seq, seq.num_tokens)
+            logits = self.compiled.decode(seqs, experts)  # [B, V]
         else:
             ids, ctx = self.decode_inputs(seqs)
             logits = self.model(ids, ctx, experts)  # [B, V]

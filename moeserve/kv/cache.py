@@ -112,6 +112,11 @@ class PagedKVCache:
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None) -> None:
         """Store one layer's entries [N, G, Dh] at flat positions `slots` [N] (block * block_size + offset)."""
         slot = self.slot_of_layer[layer]
+        if torch.compiler.is_compiling():
+            # An opaque in-place op: written as index_copy_ into the pool (or a view of it), a compiled
+            # step would copy the whole pool back after every write (functionalization of an input's mutation).
+            torch.ops.moeserve.kv_write(self.k[slot], self.v[slot] if values is not None else None, slots, keys, values)
+            return
         self._tokens[0][slot].index_copy_(0, slots, keys)
         if values is not None:
             self._tokens[1][slot].index_copy_(0, slots, values)
@@ -141,6 +146,23 @@ class PagedKVCache:
             gathered = [torch.index_select(pool, 0, index, out=o) for pool, o in zip(pools, out)]
         keys = gathered[0].view(rows, -1, *self._entry)
         return keys, gathered[1].view(rows, -1, *self._entry) if len(gathered) > 1 else None
+
+
+# A plain CPU kernel (no autograd or custom_op wrappers): a compiled decode step calls it once per layer.
+_library = torch.library.Library("moeserve", "FRAGMENT")
+_library.define("kv_write(Tensor(a!) k_pool, Tensor(b!)? v_pool, Tensor slots, Tensor keys, Tensor? values) -> ()")
+
+
+def _kv_write(k_pool, v_pool, slots, keys, values) -> None:
+    """pools [num_blocks, block_size, G, Dh] ← entries [N, G, Dh] at flat positions slots [N]."""
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slots, keys)
+    if v_pool is not None:
+        v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slots, values)
+
+
+for _key in ("CPU", "CUDA"):
+    _library.impl("kv_write", _kv_write, _key)
+torch.library.register_fake("moeserve::kv_write", lambda k_pool, v_pool, slots, keys, values: None, lib=_library)
 
 
 def _pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -23,6 +23,9 @@ weighted sum over the K slots in float32, so an offloaded expert equals a reside
 from __future__ import annotations
 
 import itertools
+import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -158,6 +161,63 @@ class MoeBlock(nn.Module):
             y = self._expert(x[token_of[start : start + counts[expert_id]]], w, expert_id, grouped)  # [n, D]
             per_pair[pairs] = (y * weight_of[start : start + counts[expert_id], None]).to(x.dtype)
         return _sum_slots(per_pair.view(T, self.top_k, D).unbind(dim=1))  # [T, D]
+
+
+def prefetch(experts: ExpertProvider, predictions: list[tuple[int, torch.Tensor]], tokens: int) -> None:
+    """Hand the provider each prediction ([T', K] ids, of which the first `tokens` rows are real: a
+    captured step pads its batch) as the sorted set of experts it names; one device→host copy for all."""
+    if not predictions:
+        return
+    host = torch.stack([ids[:tokens] for _, ids in predictions]).tolist()  # [predictions][tokens][K]
+    for (layer, _), rows in zip(predictions, host):
+        experts.prefetch(layer, sorted({expert for row in rows for expert in row}))
+
+
+class _HostScope(threading.local):
+    """The MoE blocks and provider a compiled step's `host_routed_experts` calls reach (see `host_experts`)."""
+
+    blocks: dict[int, MoeBlock] | None = None
+    experts: ExpertProvider | None = None
+    tokens: int = 0
+
+
+_host_scope = _HostScope()
+
+
+@contextmanager
+def host_experts(blocks: dict[int, MoeBlock], experts: ExpertProvider, tokens: int) -> Iterator[None]:
+    """Within: a compiled step's routed experts reach `experts` through the host (engine/compiled_decode.py).
+    `tokens`: the step's real rows (the rest pad a batch bucket; no expert is loaded for them)."""
+    _host_scope.blocks, _host_scope.experts, _host_scope.tokens = blocks, experts, tokens
+    try:
+        yield
+    finally:
+        _host_scope.blocks = _host_scope.experts = None
+
+
+@torch.library.custom_op("moeserve::host_routed_experts", mutates_args=())
+def host_routed_experts(
+    h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer: int, predicted: list[torch.Tensor],
+    predicted_layers: list[int],
+) -> torch.Tensor:
+    """MoE layer `layer`'s routed experts [T, D] of h [T, D] routed (weights, ids [T, K]), computed through
+    the host from a compiled step, exactly as the eager forward computes them between two segments:
+    first the later layers' predictions (`predicted` [T, K] ids of `predicted_layers`) go to the provider,
+    then `routed` runs on the real rows. The opaque op keeps the host's reads (which experts to load) out
+    of the compiled graph, so one compiled step serves resident and offloaded providers alike."""
+    scope = _host_scope
+    if scope.blocks is None:
+        raise RuntimeError("host_routed_experts ran outside host_experts(...): no provider to fetch experts from")
+    tokens = scope.tokens
+    prefetch(scope.experts, list(zip(predicted_layers, predicted)), tokens)
+    out = torch.zeros_like(h)  # padding rows: zeros (they feed padding rows only)
+    out[:tokens] = scope.blocks[layer].routed(h[:tokens], weights[:tokens], ids[:tokens], scope.experts)
+    return out
+
+
+@host_routed_experts.register_fake
+def _(h, weights, ids, layer, predicted, predicted_layers):
+    return torch.empty_like(h)
 
 
 def gate_and_up(h: torch.Tensor, w: ExpertWeights, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from moeserve.experts import ExpertProvider
 from moeserve.layers.attention import Attention
 from moeserve.layers.mla import MlaAttention
 from moeserve.layers.mlp import GatedMLP
-from moeserve.layers.moe import MoeBlock
+from moeserve.layers.moe import MoeBlock, host_routed_experts, prefetch
 from moeserve.layers.norms import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding
 
@@ -140,8 +140,13 @@ class MoeCausalLM(nn.Module):
         depth = experts.prediction_depth
         done = self.segment(0, input_ids, ctx, depth, logits_indices=logits_indices)  # (the last, without MoE layers)
         for index, layer in enumerate(self.moe_layer_ids):
-            prefetch(experts, done.predictions, input_ids.shape[0])
-            routed = self.moe_block(layer).routed(done.h, done.weights, done.ids, experts)  # [T, D]
+            if torch.compiler.is_compiling() and experts.stacked(layer) is None:
+                # compiled (engine/compiled_decode.py): the host's part of the layer runs in one opaque op
+                predicted_layers, predicted = [u for u, _ in done.predictions], [p for _, p in done.predictions]
+                routed = host_routed_experts(done.h, done.weights, done.ids, layer, predicted, predicted_layers)
+            else:
+                prefetch(experts, done.predictions, input_ids.shape[0])
+                routed = self.moe_block(layer).routed(done.h, done.weights, done.ids, experts)  # [T, D]
             done = self.segment(index + 1, input_ids, ctx, depth, done, routed, logits_indices)
         return done.x
 
@@ -184,12 +189,3 @@ class MoeCausalLM(nn.Module):
         done.x = self.lm_head(self.model.norm(x)).float()  # [N, vocab]
         return done
 
-
-def prefetch(experts: ExpertProvider, predictions: list[tuple[int, torch.Tensor]], tokens: int) -> None:
-    """Hand the provider each prediction ([T', K] ids, of which the first `tokens` rows are real: a
-    captured step pads its batch) as the sorted set of experts it names; one device→host copy for all."""
-    if not predictions:
-        return
-    host = torch.stack([ids[:tokens] for _, ids in predictions]).tolist()  # [predictions][tokens][K]
-    for (layer, _), rows in zip(predictions, host):
-        experts.prefetch(layer, sorted({expert for row in rows for expert in row}))

@@ -1,0 +1,120 @@
+"""Compiled CPU decode steps: the whole step through torch.compile (inductor), one compiled step per
+batch bucket and span.
+
+In:  a decode step's sequences (at most the largest batch bucket) and their provider; the runner's paged
+     KV cache and block tables.
+Out: float32 logits [B, V], from the compiled step of the step's (batch bucket, span) key.
+
+Why: on a CPU an eager decode step of a small model costs its per-op overhead (a few hundred ATen
+calls, each microseconds of dispatch), not its arithmetic; inductor fuses the elementwise work
+into a few generated C++ loops and leaves the matmuls to BLAS and to our kernels (layers/cpu_gemm.py).
+
+How it mirrors the GPU's CUDA graphs (engine/decode_graphs.py): the batch is padded up to a bucket
+(padding rows decode token 0 at position 0 of the null block) and every row reads the step's span, so a
+step's shapes depend only on (bucket, span). Each key gets a torch.compile region of its own with no
+dynamo guards: this module picks the region by the key, which fixes every shape and every Python value
+the trace baked in (the model's config, the span's Part, the provider's kind and prediction depth), and
+a guard check would cost more than the step on a small model. Inputs (token ids, positions, write slots,
+block tables, stacked experts, the KV pools) are read afresh by every call.
+
+Experts: a provider that holds a layer stacked is computed inside the compiled step (layers/moe.py
+`_on_device`); any other (a mapped checkpoint, an offloading provider) is reached through the host in
+one opaque op per MoE layer (`host_routed_experts`: the predictions to prefetch, then `fetch`), exactly
+as the eager forward reaches it, so the eager and compiled steps of an offloaded model agree bit for bit
+in their experts and the provider sees the same loads.
+
+Compiling a key takes seconds (more on a loaded machine), so it happens on first use with a progress
+line on stderr; inductor's cache directory (`cache_dir`) keeps the generated code across processes.
+`enforce_eager` (LLM / --enforce-eager / MOESERVE_ENFORCE_EAGER=1) turns all of this off.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from moeserve.engine.decode_graphs import BATCH_BUCKETS
+from moeserve.engine.sequence import Sequence
+from moeserve.experts import ExpertProvider
+from moeserve.kv.context import DecodeContext, Part
+from moeserve.layers.moe import host_experts
+from moeserve.models.decoder import MoeCausalLM
+
+ENFORCE_EAGER_ENV = "MOESERVE_ENFORCE_EAGER"
+CACHE_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
+# read once, before inductor runs: its first compile writes its own default into the environment
+_USER_CACHE_DIR = os.environ.get(CACHE_DIR_ENV)
+
+
+def eager_by_default() -> bool:
+    """Whether MOESERVE_ENFORCE_EAGER asks for eager steps when the caller did not choose."""
+    return os.environ.get(ENFORCE_EAGER_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps generated code: TORCHINDUCTOR_CACHE_DIR when set, else one directory per torch
+    version and CPU capability under ~/.cache/moeserve (inductor's own cache key leaves the capability
+    out, so code built for AVX-512 would be reused, and fail, under ATEN_CPU_CAPABILITY=avx2)."""
+    if _USER_CACHE_DIR:
+        return Path(_USER_CACHE_DIR)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeserve" / "inductor"
+    return base / f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
+class CompiledDecode:
+    def __init__(self, model: MoeCausalLM, runner, progress: bool = True):
+        """`runner`: the engine/runner.py ModelRunner whose cache and block tables the steps read."""
+        self.model, self.runner, self.progress = model, runner, progress
+        self._steps: dict[tuple, Callable] = {}  # (bucket, blocks, provider kind, depth) → its compiled region
+        self._blocks = {layer: model.moe_block(layer) for layer in model.moe_layer_ids}
+
+    def fits(self, seqs: list[Sequence]) -> bool:
+        """Whether this decode step can run compiled: its batch fits a bucket."""
+        return len(seqs) <= BATCH_BUCKETS[-1]
+
+    def decode(self, seqs: list[Sequence], experts: ExpertProvider) -> torch.Tensor:
+        """The step's logits [B, V] (call only when `fits`)."""
+        runner = self.runner
+        batch = len(seqs)
+        bucket = next(b for b in BATCH_BUCKETS if b >= batch)
+        blocks = runner.decode_blocks(seqs)
+        inputs = runner.step_inputs(seqs, bucket)  # [2 + groups, bucket]: token ids, positions, write slots
+        tables = runner.block_tables(seqs, bucket, blocks)  # [groups, bucket, blocks]; padding: null block
+        ctx = DecodeContext(runner.cache, inputs[1], inputs[2:], tables, (Part(0, bucket, blocks),), use_kernel=False)
+        # what the trace bakes in of the provider: its class (where its stacked experts live), which
+        # layers it holds stacked, and how far ahead it wants predictions
+        stacked = tuple(experts.stacked(layer) is not None for layer in self._blocks)
+        key = (bucket, blocks, type(experts), stacked, experts.prediction_depth)
+        with host_experts(self._blocks, experts, batch):
+            step = self._steps.get(key)
+            if step is None:
+                return self._compile(key, inputs[0], ctx, experts)[:batch]
+            return step(inputs[0], ctx, experts)[:batch]
+
+    def _compile(self, key: tuple, ids: torch.Tensor, ctx: DecodeContext, experts) -> torch.Tensor:
+        """Compile `key`'s region by running it once; that run's logits [bucket, V]."""
+        bucket, blocks = key[:2]
+        directory = cache_dir()
+        os.environ[CACHE_DIR_ENV] = str(directory)
+        span = blocks * self.runner.cache.block_size
+        if self.progress:
+            print(f"moeserve: compiling the CPU decode step for batches up to {bucket} reading {span} positions "
+                  f"(once per shape; generated code cached in {directory})...", file=sys.stderr, flush=True)
+        start = time.monotonic()
+        step = torch.compile(
+            self.model,
+            fullgraph=True,
+            dynamic=False,
+            isolate_recompiles=True,
+            options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe, "size_asserts": False, "cpp_wrapper": True},
+        )
+        logits = step(ids, ctx, experts)
+        self._steps[key] = step
+        if self.progress:
+            print(f"moeserve: compiled in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+        return logits

@@ -1,0 +1,96 @@
+"""Compiled CPU decode steps (engine/compiled_decode.py) through the engine, against eager steps.
+
+The compiled step runs inductor's generated code and BLAS in other orders than the eager ops, so its
+logits equal the eager step's within float32 rounding, not bit for bit; greedy tokens, which only move
+when two logits tie within that rounding, are compared exactly. One compiled region per (batch bucket,
+span, provider kind): a batch of 3 pads to bucket 4, a longer generation crosses into the next span, and
+an offloading provider reaches its experts through the host from inside the compiled step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeserve import LLM, SamplingParams
+
+PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], list(range(30, 50))]
+# 60 new tokens: the longest prompt (20) crosses from the 64-position span into the 128-position one
+GREEDY = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+RAW = {"default": {"codec": "raw"}}
+TOLERANCE = 1e-5  # float32 rounding over a tiny model's layers, logits O(1)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(checkpoint_factory):
+    directory, _ = checkpoint_factory("qwen3_moe", num_hidden_layers=2, num_experts=8, seed=5)
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def store_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _tokens(llm: LLM) -> list[list[int]]:
+    return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+
+
+def test_compiled_steps_match_eager_steps(checkpoint, capfd):
+    eager = LLM(checkpoint, device="cpu", enforce_eager=True, progress=False)
+    compiled = LLM(checkpoint, device="cpu", enforce_eager=False)
+    assert compiled.engine.runner.compiled is not None and eager.engine.runner.compiled is None
+    capfd.readouterr()
+    assert _tokens(compiled) == _tokens(eager)
+    progress = capfd.readouterr().err
+    assert "compiling the CPU decode step for batches up to 4 reading 64 positions" in progress
+    assert "reading 128 positions" in progress  # the longest sequence crossed into the next span
+    keys = set(compiled.engine.runner.compiled._steps)
+    assert {key[:2] for key in keys} >= {(4, 4), (4, 8)}
+    # the same shapes again: no new compile, no progress line
+    assert _tokens(compiled) == _tokens(eager)
+    assert set(compiled.engine.runner.compiled._steps) == keys
+    assert "compiling" not in capfd.readouterr().err
+
+    # one step's logits: compiled within float32 rounding of eager, batch of 3 padded to 4
+    engines = [llm.engine for llm in (eager, compiled)]
+    seqs = []
+    for engine in engines:
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        batch = [engine.make_sequence(p, params) for p in PROMPTS]
+        for seq in batch:
+            engine.submit(seq, eager.experts if engine is engines[0] else compiled.experts)
+        engine.step()  # the prefill
+        seqs.append(batch)
+    logits = [engine.runner.decode(batch, batch[0].experts) for engine, batch in zip(engines, seqs)]
+    assert logits[1].shape == (3, compiled.config.vocab_size)
+    assert (logits[0] - logits[1]).abs().max().item() <= TOLERANCE
+
+
+def test_offloaded_experts_run_through_the_host_from_a_compiled_step(checkpoint):
+    resident = LLM(checkpoint, device="cpu", enforce_eager=True, progress=False)
+    offloaded = LLM(checkpoint, device="cpu", policy=RAW, expert_cache="50%", enforce_eager=False, progress=False)
+    assert _tokens(offloaded) == _tokens(resident)
+    assert offloaded.offload.stats.misses > 0  # experts were loaded by the opaque op's fetches, not baked into the step
+    kinds = {key[2] for key in offloaded.engine.runner.compiled._steps}
+    assert kinds == {type(offloaded.experts)}
+
+
+def test_enforce_eager_from_the_environment(checkpoint, monkeypatch):
+    monkeypatch.setenv("MOESERVE_ENFORCE_EAGER", "1")
+    assert LLM(checkpoint, device="cpu", progress=False).engine.runner.compiled is None
+    monkeypatch.setenv("MOESERVE_ENFORCE_EAGER", "0")
+    assert LLM(checkpoint, device="cpu", progress=False).engine.runner.compiled is not None
+    # an explicit choice wins over the environment
+    assert LLM(checkpoint, device="cpu", enforce_eager=True, progress=False).engine.runner.compiled is None
+
+
+def test_cache_dir_is_per_cpu_capability(monkeypatch):
+    from moeserve.engine import compiled_decode
+
+    monkeypatch.setattr(compiled_decode, "_USER_CACHE_DIR", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/tmp/xdg")
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    assert compiled_decode.cache_dir().name == f"torch-{torch.__version__}-{capability}"
+    monkeypatch.setattr(compiled_decode, "_USER_CACHE_DIR", "/tmp/mine")
+    assert str(compiled_decode.cache_dir()) == "/tmp/mine"
