@@ -33,8 +33,8 @@ struct Problem {
     int64_t slot_stride = 0;
     int64_t n = 0;
     int64_t k = 0;
-    const int64_t* rows = nullptr;  // [pairs], each in [0, a_rows)
-    const int64_t* pair_slots = nullptr;  // [pairs], each in [0, slots)
+    const int64_t* rows = nullptr;  // [pairs], each in [0, a_rows); null: pair p reads row p
+    const int64_t* pair_slots = nullptr;  // [pairs], each in [0, slots); null: every pair uses slot 0
     int64_t pairs = 0;
     void* out = nullptr;  // [pairs, n] contiguous
 };

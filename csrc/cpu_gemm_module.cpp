@@ -77,7 +77,8 @@ PYBIND11_MODULE(_cpu_gemm, m) {
     m.def("grouped_gemm", &grouped_gemm, py::arg("dtype"), py::arg("a"), py::arg("a_rows"), py::arg("a_row_stride"),
           py::arg("w"), py::arg("slots"), py::arg("slot_stride"), py::arg("n"), py::arg("k"), py::arg("rows"),
           py::arg("pair_slots"), py::arg("pairs"), py::arg("out"), py::arg("threads"),
-          "out[p] = a[rows[p]] @ w[pair_slots[p]].T for p < pairs; pointers as integers, strides in elements");
+          "out[p] = a[rows[p]] @ w[pair_slots[p]].T for p < pairs; pointers as integers (rows 0: row p, pair_slots "
+          "0: slot 0), strides in elements");
     m.def("set_isa", &set_isa, py::arg("name"), "the path later calls take: scalar, avx2, avx512 or auto");
     m.def("isa", &isa, "the path calls take now");
     m.def("supported_isas", &supported_isas, "the paths this CPU can run");
