@@ -6,11 +6,13 @@
 //     weight vector loaded once feeds TP fused multiply-adds;
 //   - TN rows at once give TN independent FMA chains (a chain must run in increasing k, so the rows, not k,
 //     supply the instruction-level parallelism) and TN weight streams in flight;
+//   - every row is only K values long, too short a stream for the hardware prefetcher to ramp up on, so each
+//     tile prefetches a later tile's rows into L2 (prefetch_next);
 //   - a work item is (slot group, block of kBlockRows output rows); OpenMP hands items out statically, and
 //     each item sums its outputs over the whole K, so the thread count never changes a bit.
 // Activations are packed once per call as float32 rows padded with +0 to a multiple of 16 (bfloat16 is
 // widened, exactly), so the inner loops read one layout; float32 rows with K a multiple of 16 are read in
-// place.
+// place. Tile shapes decide only which outputs are computed together: none changes how one is summed.
 #include "cpu_gemm.h"
 
 #include <algorithm>
@@ -41,16 +43,18 @@ namespace cpu_gemm {
 namespace {
 
 constexpr int kLanes = 16;
-// Output rows every pair tile of a slot group runs over before the next rows: 8 rows of K <= 1536 float32
-// stay in L1 (48 KiB) while each tile of pairs reads them.
+// Output rows every pair tile of a slot group runs over before the next rows: 8 rows of a 1024-wide float32
+// matrix (32 KiB) stay in L1 while each tile of pairs reads them.
 constexpr int64_t kRowTile = 8;
 // How far ahead of the tile being computed its weights are prefetched (into L2), in bytes: far enough for
 // DRAM latency, and a whole tile at least.
 constexpr int64_t kPrefetchBytes = 16 << 10;
-constexpr int64_t kBlockRows = 16;  // output rows of one work item: 4 tiles, small enough to spread any N
+constexpr int64_t kBlockRows = 16;  // output rows of one work item: small enough to spread any N over threads
 // Below this many weight bytes streamed, a parallel region costs more (thread wake-up, a few microseconds)
 // than the second thread saves.
 constexpr int64_t kParallelMinBytes = int64_t(1) << 18;
+// Activation values to widen before packing them is worth a parallel region.
+constexpr int64_t kParallelMinPacked = int64_t(1) << 16;
 
 typedef uint16_t bf16;
 
@@ -349,23 +353,28 @@ void run(const Problem& p, int threads) {
         }
     }
 
-    // Each pair's activation row as float32, padded with +0 to a multiple of 16.
+    // Each pair's activation row as float32, padded with +0 to a multiple of 16: every row of `a` once when
+    // the pairs read at least as many (tokens x experts per token), else every pair's row.
     const T* a = static_cast<const T*>(p.a);
     const int64_t padded_k = (K + kLanes - 1) / kLanes * kLanes;
-    const bool in_place = sizeof(T) == 4 && padded_k == K;
     s.act.resize(size_t(P));
-    if (in_place) {
-        for (int64_t q = 0; q < P; ++q) s.act[size_t(q)] = reinterpret_cast<const float*>(a + row_of(p, q) * p.a_row_stride);
+    if (sizeof(T) == 4 && padded_k == K) {  // float32 read in place
+        for (int64_t q = 0; q < P; ++q)
+            s.act[size_t(q)] = reinterpret_cast<const float*>(a + row_of(p, q) * p.a_row_stride);
     } else {
-        s.packed.resize(size_t(P * padded_k));
+        const bool by_row = p.rows != nullptr && p.a_rows <= P;
+        const int64_t count = by_row ? p.a_rows : P;
+        s.packed.resize(size_t(count * padded_k));
         float* packed = s.packed.data();
-        for (int64_t q = 0; q < P; ++q) {
-            const T* src = a + row_of(p, q) * p.a_row_stride;
-            float* dst = packed + q * padded_k;
+        const bool parallel = threads > 1 && count > 1 && count * K >= kParallelMinPacked;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+        for (int64_t r = 0; r < count; ++r) {
+            const T* src = a + (by_row ? r : row_of(p, r)) * p.a_row_stride;
+            float* dst = packed + r * padded_k;
             for (int64_t i = 0; i < K; ++i) dst[i] = widen(src[i]);
             for (int64_t i = K; i < padded_k; ++i) dst[i] = 0.0f;
-            s.act[size_t(q)] = dst;
         }
+        for (int64_t q = 0; q < P; ++q) s.act[size_t(q)] = packed + (by_row ? p.rows[q] : q) * padded_k;
     }
 
     const int64_t num_groups = int64_t(s.groups.size());
@@ -377,7 +386,6 @@ void run(const Problem& p, int threads) {
     const Group* groups = s.groups.data();
     const int64_t* order = s.order.data();
     const float* const* act = s.act.data();
-    (void)threads;
 
     // Block-major items: a static split gives each thread a range of row blocks of every group, so groups of
     // different sizes spread evenly.
@@ -461,8 +469,8 @@ void grouped_gemm(const Problem& p, Isa isa, int threads) {
         throw std::invalid_argument("cpu_gemm: pairs use slot 0 of no slots");
     for (int64_t q = 0; q < p.pairs; ++q) {
         if (p.rows != nullptr && (p.rows[q] < 0 || p.rows[q] >= p.a_rows))
-            throw std::invalid_argument("cpu_gemm: pair " + std::to_string(q) + " reads row " + std::to_string(p.rows[q]) +
-                                        " of " + std::to_string(p.a_rows));
+            throw std::invalid_argument("cpu_gemm: pair " + std::to_string(q) + " reads row " +
+                                        std::to_string(p.rows[q]) + " of " + std::to_string(p.a_rows));
         if (p.pair_slots != nullptr && (p.pair_slots[q] < 0 || p.pair_slots[q] >= p.slots))
             throw std::invalid_argument("cpu_gemm: pair " + std::to_string(q) + " uses slot " +
                                         std::to_string(p.pair_slots[q]) + " of " + std::to_string(p.slots));

@@ -17,8 +17,9 @@ gives the bits cpu_grouped_gemm gives for the same rows.
 
 Under torch.compile both run as the ops moeserve::cpu_grouped_gemm and moeserve::cpu_linear (each with a fake
 for shapes), so torch.compile(fullgraph=True) keeps each as one extern call; eager calls skip the op dispatch
-(about 15 us, more than a decode-sized product's arithmetic) and call the extension directly. `available(dtype)` says whether it can run (the extension is built and the
-dtype supported: float16 is not, and callers keep torch there).
+(about 15 us, more than a small product's arithmetic) and call the extension directly. `available(dtype)`
+says whether they can run: the extension is built and the dtype supported (float16 is not: callers keep
+torch there).
 
 The path: the widest the CPU supports, or what MOESERVE_CPU_ISA (read when the extension is imported) or
 `set_isa` names: "scalar", "avx2", "avx512" or "auto", for tests and benchmarks (all give the same bits).
@@ -74,7 +75,7 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, Kdim] @ weight [N, Kdim].T → [M, N]: cpu_grouped_gemm with one slot and rows 0..M-1 (the same bits),
     without the index tensors."""
     if not (_fits_dtype(x, weight) and x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]
-            and x.is_cpu and weight.is_cpu and _contiguous_matrix(weight)):
+            and x.is_cpu and weight.is_cpu and contiguous_matrix(weight)):
         _explain_misfit(x, None, None, weight.unsqueeze(0) if weight.dim() == 2 else weight)
     if torch.compiler.is_compiling():
         return torch.ops.moeserve.cpu_linear(x, weight)
@@ -116,19 +117,21 @@ def _explain_misfit(a, rows, slots, weights) -> None:
     devices = {t.device.type for t in (a, weights, *(t for _, t in ids))}
     if devices != {"cpu"}:
         raise ValueError(f"the CPU GEMM needs every tensor on the CPU, got {sorted(devices)}.")
-    raise ValueError(f"the CPU GEMM needs each slot's [N, Kdim] weight matrix contiguous, got strides {weights.stride()}.")
+    raise ValueError(
+        f"the CPU GEMM needs each slot's [N, Kdim] weight matrix contiguous, got strides {weights.stride()}."
+    )
 
 
-def _contiguous_matrix(weight: torch.Tensor) -> bool:
-    """Whether weight [N, Kdim] is contiguous (strides of dims of size 1 do not matter)."""
+def contiguous_matrix(weight: torch.Tensor) -> bool:
+    """Whether weight [N, Kdim] is contiguous (strides of dims of size 1 do not matter, nor any of an empty one)."""
     n_out, k_dim = weight.shape
-    return (k_dim <= 1 or weight.stride(1) == 1) and (n_out <= 1 or weight.stride(0) == k_dim)
+    return n_out * k_dim == 0 or ((k_dim == 1 or weight.stride(1) == 1) and (n_out == 1 or weight.stride(0) == k_dim))
 
 
 def _slots_contiguous(weights: torch.Tensor) -> bool:
     """Whether each weights[s] is a contiguous [N, Kdim] matrix."""
     _, n_out, k_dim = weights.shape
-    return (k_dim <= 1 or weights.stride(2) == 1) and (n_out <= 1 or weights.stride(1) == k_dim)
+    return n_out * k_dim == 0 or ((k_dim == 1 or weights.stride(2) == 1) and (n_out == 1 or weights.stride(1) == k_dim))
 
 
 def _features_contiguous(a: torch.Tensor) -> torch.Tensor:
@@ -177,7 +180,7 @@ def _(a: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, weights: torch.T
 
 @torch.library.custom_op("moeserve::cpu_linear", mutates_args=(), device_types="cpu")
 def _linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if not _contiguous_matrix(weight):
+    if not contiguous_matrix(weight):
         _explain_misfit(x, None, None, weight.unsqueeze(0))
     return _linear(x, weight)
 
