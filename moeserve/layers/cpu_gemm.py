@@ -21,6 +21,8 @@ for shapes), so torch.compile(fullgraph=True) keeps each as one extern call; eag
 says whether they can run: the extension is built and the dtype supported (float16 is not: callers keep
 torch there).
 
+Inference only: the result records no gradient (layers.linear.Linear keeps F.linear where autograd is on).
+
 The path: the widest the CPU supports, or what MOESERVE_CPU_ISA (read when the extension is imported) or
 `set_isa` names: "scalar", "avx2", "avx512" or "auto", for tests and benchmarks (all give the same bits).
 """
@@ -76,7 +78,9 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     without the index tensors."""
     if not (_fits_dtype(x, weight) and x.dim() == 2 and weight.dim() == 2 and x.shape[1] == weight.shape[1]
             and x.is_cpu and weight.is_cpu and contiguous_matrix(weight)):
-        _explain_misfit(x, None, None, weight.unsqueeze(0) if weight.dim() == 2 else weight)
+        if weight.dim() != 2:
+            raise ValueError(f"cpu_linear needs weight as [N, Kdim], got {tuple(weight.shape)}.")
+        _explain_misfit(x, None, None, weight.unsqueeze(0))
     if torch.compiler.is_compiling():
         return torch.ops.moeserve.cpu_linear(x, weight)
     return _linear(x, weight)
