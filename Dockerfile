@@ -19,7 +19,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     MOESERVE_CACHE_DIR=/var/cache/moeserve
 
-# libgomp1: the OpenMP runtime of the szp CPU codec (a C++ extension). gcc and python3.11-dev stay in the
+# libgomp1: the OpenMP runtime of the szp CPU codec and the CPU GEMM (C++ extensions). gcc and python3.11-dev stay in the
 # image: triton (a dependency of torch's CUDA wheels, which runs the MoE blocks' grouped expert GEMM) builds
 # its kernel launchers with a C compiler against Python's headers the first time it runs a kernel.
 RUN apt-get update \
@@ -34,7 +34,7 @@ RUN pip install torch==2.13.0
 
 WORKDIR /opt/moeserve
 COPY . .
-# The szp CPU codec is compiled here: a C++ compiler for this step only.
+# The szp CPU codec and the CPU GEMM are compiled here: a C++ compiler for this step only.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
     && pip install '.[gpu-cuda13]' \

@@ -1,5 +1,7 @@
-"""Build steps pyproject.toml cannot express: the szp CPU codec (C++/OpenMP extension moeserve._szp_cpu) and
-shipping the GPU kernel sources (kernels/, compiled at run time by cupy) inside the package as moeserve/_kernels.
+"""Build steps pyproject.toml cannot express: the szp CPU codec (C++/OpenMP extension moeserve._szp_cpu), the
+CPU grouped GEMM (moeserve._cpu_gemm, the same flags: built without -march, it picks AVX-512F, AVX2+FMA or
+scalar code at run time with per-function target attributes) and shipping the GPU kernel sources (kernels/,
+compiled at run time by cupy) inside the package as moeserve/_kernels.
 
 Metadata and dependencies live in pyproject.toml.
 """
@@ -15,7 +17,8 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 # -ffp-contract=off: the encoder's arithmetic must round exactly like the GPU kernels' (__fmul_rn, no FMA),
-# or the two encoders would not write identical bytes on an FMA-capable -march.
+# or the two encoders would not write identical bytes on an FMA-capable -march; the GEMM's scalar path must
+# round exactly like its vector paths (every fused multiply-add explicit, no other contracted).
 CXX_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden"]
 
 
@@ -25,7 +28,8 @@ class BuildExt(build_ext):
     def build_extensions(self):
         openmp = ["-fopenmp"] if self._compiles(["-fopenmp"]) else []
         if not openmp:
-            print("moeserve: the C++ compiler has no OpenMP; the szp CPU codec will run on one thread", file=sys.stderr)
+            print("moeserve: the C++ compiler has no OpenMP; the szp CPU codec and the CPU GEMM will run on one thread",
+                  file=sys.stderr)
         for ext in self.extensions:
             ext.extra_compile_args = CXX_FLAGS + openmp
             ext.extra_link_args = openmp
@@ -64,7 +68,14 @@ setup(
             include_dirs=["csrc", "kernels", pybind11.get_include()],
             depends=["csrc/szp_codec.h", "csrc/szp_simd.h", "csrc/szp_decode_pool.h", "kernels/szp_format.h"],  # rebuild when they change
             language="c++",
-        )
+        ),
+        Extension(
+            "moeserve._cpu_gemm",
+            sources=["csrc/cpu_gemm_module.cpp", "csrc/cpu_gemm.cpp"],
+            include_dirs=["csrc", pybind11.get_include()],
+            depends=["csrc/cpu_gemm.h"],
+            language="c++",
+        ),
     ],
     cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
 )

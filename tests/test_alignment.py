@@ -31,7 +31,8 @@ def store_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def matmul_weights(monkeypatch) -> list[torch.Tensor]:
     """Every expert weight the MoE blocks hand to a matmul, recorded at the block's two entry points
-    (layers/moe.py): gate_and_up multiplies gate and up kept apart itself, expert_linear every other."""
+    (layers/moe.py): gate_and_up multiplies gate and up kept apart itself on steps without a grouped GEMM
+    kernel (and hands them to expert_linear on the others), expert_linear every other."""
     seen: list[torch.Tensor] = []
     gate_and_up, expert_linear = moe.gate_and_up, moe.expert_linear
 

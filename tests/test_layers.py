@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("checkpoint", ("moeserve.config", "moeserve.config_families", "moeserve.checkpoint", "moeserve.tokenizer",
                     "moeserve.assets")),
     ("step interfaces", ("moeserve.experts", "moeserve.kv")),
-    ("layers", ("moeserve.layers",)),
+    ("layers", ("moeserve.layers", "moeserve._cpu_gemm")),
     ("models", ("moeserve.models",)),
     ("engine", ("moeserve.engine",)),
     ("loader", ("moeserve.loader",)),

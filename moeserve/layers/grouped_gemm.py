@@ -8,15 +8,20 @@ Out: [P, N] in a's dtype, out[p] = a[rows[p]] @ weights[slots[p]].T accumulated 
 Nothing here reads a tensor's values on the host or makes a shape that depends on them, so the MoE block
 can run it from device-side expert ids inside CUDA-graph capture and torch.compile(fullgraph=True).
 
-Two paths with the same semantics:
+Three paths with the same semantics:
 - CUDA tensors, with triton installed: align_pairs groups the pairs by slot into blocks of block_m, then one
   Triton launch (grouped_gemm_triton.py) reads each slot's weight tile once per block of pairs.
-- Anything else: a gather and a batched matmul (torch.bmm), the reference the Triton kernel is checked against.
+- CPU tensors in float32 or bfloat16, with the C++ extension built: the CPU kernel (cpu_gemm.py), which groups
+  the pairs by slot itself and sums every output in one fixed order on every instruction set.
+- Anything else (float16 on a CPU, a GPU without triton): a gather and a batched matmul (torch.bmm,
+  `reference_grouped_gemm`), the reference both kernels are checked against.
 
 Row independence: the result for pair p does not depend on which other pairs share the call, bit for bit,
-on either path. An offloaded provider that runs a layer's experts in several calls as they arrive thus
-equals the resident single call. The kernel keeps it by taking every tile size from (N, Kdim, dtype) and
-block_m only, never from P, and by never splitting the Kdim reduction across programs.
+on every path. An offloaded provider that runs a layer's experts in several calls as they arrive thus
+equals the resident single call. The Triton kernel keeps it by taking every tile size from (N, Kdim, dtype)
+and block_m only, never from P, and by never splitting the Kdim reduction across programs; the CPU kernel
+by summing each output alone over the whole Kdim in its fixed order (whatever the tiles and threads), so
+its `grouped_linear` over one expert equals the same rows among a whole layer's pairs, too.
 """
 
 from __future__ import annotations
@@ -26,17 +31,38 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.layers import cpu_gemm
+
 # Legend: P = pairs, S = slots, R = activation rows, N = output features, Kdim = input features.
 
 DEFAULT_BLOCK_M = 16  # pairs per program: the smallest tensor-core tile, so decode (few pairs per slot) pads least
+
+# Steps of at most this many tokens (every decode step a CUDA graph holds, short extends) compute MoE experts
+# with a grouped GEMM kernel (layers/moe.py), and dense layers.linear.Linear layers on a CPU with the CPU
+# kernel; longer ones (prefill) with torch's matmuls, which read a big step's weights once where the kernels
+# read them once per few rows.
+GROUPED_GEMM_MAX_TOKENS = 64
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def runs_kernel(device: torch.device) -> bool:
-    """Whether grouped_gemm on `device` runs the Triton kernel. On a GPU without triton the reference
-    would copy each pair's whole weight matrix ([P, N, Kdim]), so callers keep it for CPUs and tests."""
+    """Whether grouped_gemm on `device` runs the Triton kernel (GPU only: what align_pairs' grouping and
+    CUDA-graph capture are for). On a GPU without triton the reference would copy each pair's whole weight
+    matrix ([P, N, Kdim]), so callers keep it for tests."""
     return device.type == "cuda" and _TRITON_INSTALLED
+
+
+def runs_cpu_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether grouped_gemm on `device` in `dtype` runs the CPU kernel (cpu_gemm.py: float32 and bfloat16,
+    once the extension is built)."""
+    return device.type == "cpu" and cpu_gemm.available(dtype)
+
+
+def has_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether grouped_gemm on `device` in `dtype` runs a kernel (Triton or CPU) rather than the reference:
+    the MoE block then computes small steps' experts through it, on every path (layers/moe.py)."""
+    return runs_kernel(device) or runs_cpu_kernel(device, dtype)
 
 
 @dataclass(frozen=True)
@@ -113,6 +139,9 @@ def grouped_gemm(
     force_triton: take the Triton path on CPU tensors too (tests, under TRITON_INTERPRET=1).
     """
     num_pairs, n_out = _check_shapes(a, rows, slots, weights, out, alignment)
+    if not force_triton and runs_cpu_kernel(a.device, a.dtype):
+        result = cpu_gemm.cpu_grouped_gemm(a, rows, slots, weights)  # [P, N]
+        return result if out is None else out.copy_(result)
     if out is None:
         out = torch.empty(num_pairs, n_out, dtype=a.dtype, device=a.device)
     if num_pairs == 0:
@@ -124,9 +153,25 @@ def grouped_gemm(
             alignment = align_pairs(slots, weights.shape[0])
         launch(a, rows, weights, out, alignment)
         return out
+    return out.copy_(reference_grouped_gemm(a, rows, slots, weights))
+
+
+def reference_grouped_gemm(
+    a: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The gather + torch.bmm reference: [P, N], the same semantics (no shape checks)."""
     # Each pair is its own [1, Kdim] x [Kdim, N] product of the batch: no pair's sum sees another's values.
-    out.copy_(torch.bmm(a[rows].unsqueeze(1), weights[slots].transpose(1, 2)).squeeze(1))  # [P, N]
-    return out
+    return torch.bmm(a[rows].unsqueeze(1), weights[slots].transpose(1, 2)).squeeze(1)  # [P, N]
+
+
+def grouped_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h [n, Kdim] @ weight [N, Kdim].T through grouped_gemm as one slot with rows 0..n-1: each row comes out
+    bit for bit as it would among any other pairs of any other call. On the CPU kernel without index tensors
+    (cpu_gemm.cpu_linear, the same bits)."""
+    if runs_cpu_kernel(h.device, h.dtype) and h.dim() == 2 and weight.dtype == h.dtype:
+        return cpu_gemm.cpu_linear(h, weight)
+    rows = torch.arange(h.shape[0], device=h.device)  # [n]
+    return grouped_gemm(h, rows, torch.zeros_like(rows), weight.unsqueeze(0))
 
 
 def _check_shapes(a, rows, slots, weights, out, alignment) -> tuple[int, int]:

@@ -14,10 +14,12 @@ Two ways to reach the experts, one arithmetic:
 - Through the host. Otherwise the block reads the routing on the host and asks the provider for
   each used expert (`fetch`): how an offloading provider learns what to load, and the cheapest path
   on a CPU, where reading the routing costs nothing.
-Whichever path a step takes, the step's token count alone decides the matmul (`expert_linear`: on a
-GPU step of at most GROUPED_GEMM_MAX_TOKENS tokens the grouped GEMM, whose rows do not depend on which
-other rows share a launch; F.linear otherwise), and both apply the same activation and the same
-weighted sum over the K slots in float32, so an offloaded expert equals a resident one bit for bit.
+Whichever path a step takes, the step's token count and the device's grouped GEMM kernel alone decide
+the matmul (`expert_linear`): a step of at most GROUPED_GEMM_MAX_TOKENS tokens on a device with a kernel
+(a GPU with triton; a CPU in float32 or bfloat16 with the C++ extension built) runs it, whose rows do not
+depend on which other rows share a call, one expert at a time on the host path as every pair at once on
+the device path; F.linear otherwise. Both paths apply the same activation and the same weighted sum over
+the K slots in float32, so an offloaded expert equals a resident one bit for bit.
 """
 
 from __future__ import annotations
@@ -33,16 +35,23 @@ from torch import nn
 
 from moeserve.config import ModelConfig
 from moeserve.experts import ExpertProvider, ExpertWeights, StackedExperts
-from moeserve.layers.grouped_gemm import align_pairs, grouped_gemm, runs_kernel
+from moeserve.layers.grouped_gemm import (
+    GROUPED_GEMM_MAX_TOKENS,
+    align_pairs,
+    grouped_gemm,
+    grouped_linear,
+    has_kernel,
+    runs_kernel,
+)
 from moeserve.layers.mlp import ACTIVATIONS, GatedMLP
 from moeserve.layers.routing import build_router
 
 # Legend: T = tokens in the step, D = hidden size, E = routed experts, K = experts per token.
 
-# GPU steps of at most this many tokens (every decode step a CUDA graph holds, short extends) compute
-# experts with the grouped GEMM's kernel; longer ones (prefill) with cuBLAS, expert by expert through
-# the host. Without triton every GPU step takes the host path (and no decode step is captured).
-GROUPED_GEMM_MAX_TOKENS = 64
+# GROUPED_GEMM_MAX_TOKENS (layers/grouped_gemm.py): steps of at most this many tokens (every decode step a
+# CUDA graph holds, short extends) compute experts with the grouped GEMM's kernel; longer ones (prefill) with
+# torch's matmuls, expert by expert through the host. Without triton every GPU step takes the host path with
+# F.linear (and no decode step is captured); so does every CPU step in float16 or without the C++ extension.
 
 
 class MoeBlock(nn.Module):
@@ -89,9 +98,12 @@ class MoeBlock(nn.Module):
         """x [T, D] and its routing (weights, expert ids [T, K]) → the weighted sum of the routed experts [T, D]."""
         T = x.shape[0]
         stacked = experts.stacked(self.layer_id)
-        # The step's token count picks the arithmetic, so every provider computes a step alike.
-        grouped = T <= GROUPED_GEMM_MAX_TOKENS and runs_kernel(x.device)
-        if stacked is not None and (grouped or torch.compiler.is_compiling()):
+        # The step's token count (and the device's kernel) picks the arithmetic, so every provider computes a
+        # step alike.
+        grouped = T <= GROUPED_GEMM_MAX_TOKENS and has_kernel(x.device, x.dtype)
+        # Eager CPU steps stay on the host path, where the routing costs nothing to read and a slot-by-slot
+        # order is the same for every provider.
+        if stacked is not None and ((grouped and runs_kernel(x.device)) or torch.compiler.is_compiling()):
             return self._on_device(x, weights, ids, stacked)
         if T == 1:
             return self._single_token(x, weights, ids, experts, grouped)
@@ -225,17 +237,18 @@ def gate_and_up(h: torch.Tensor, w: ExpertWeights, grouped: bool) -> tuple[torch
     if w.gate_up is not None:
         gate, up = expert_linear(h, w.gate_up, grouped).chunk(2, dim=-1)  # [n, 2I] → [n, I] twice
         return gate, up
+    if grouped:  # the kernel's rows are the fused product's rows, bit for bit
+        return expert_linear(h, w.gate, grouped), expert_linear(h, w.up, grouped)
     return F.linear(h, w.gate), F.linear(h, w.up)
 
 
 def expert_linear(h: torch.Tensor, weight: torch.Tensor, grouped: bool) -> torch.Tensor:
-    """h [n, Din] @ weight [Dout, Din].T for one expert. `grouped` (a GPU step of few tokens): through
-    the grouped GEMM the device path uses, so each row comes out bit for bit as it would among a whole
-    layer's pairs; otherwise F.linear (cuBLAS reads a big step's weights once, the grouped GEMM once per
-    16 rows)."""
+    """h [n, Din] @ weight [Dout, Din].T for one expert. `grouped` (a step of few tokens on a device with a
+    grouped GEMM kernel): through that kernel (grouped_gemm.grouped_linear), so each row comes out bit for
+    bit as it would among a whole layer's pairs on the device path; otherwise F.linear (cuBLAS and MKL read
+    a big step's weights once, the kernels once per few rows)."""
     if grouped:
-        rows = torch.arange(h.shape[0], device=h.device)  # [n]
-        return grouped_gemm(h, rows, torch.zeros_like(rows), weight.unsqueeze(0))
+        return grouped_linear(h, weight)
     return F.linear(h, weight)
 
 
