@@ -189,7 +189,6 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, dtype: str | torch.
         dtype = TORCH_DTYPES[dtype]
     dtype = dtype or config.dtype
     arch = _arch(config.model_type)
-    qtype = _qtype(dtype)
     checkpoint = CheckpointTensors(model_dir)
     meta_model = build_model(config)  # names of the experts in this family's layout; no weights
     name_map = gguf.get_tensor_name_map(arch, config.num_layers)

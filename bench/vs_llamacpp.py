@@ -116,6 +116,9 @@ def parse_args(argv):
     shape = p.add_argument_group("mid model shape (the defaults are the issue's mid model)")
     for key, value in MID_SHAPE.items():
         shape.add_argument(f"--{key.replace('_', '-')}", type=int, default=value, dest=key)
+    shape.add_argument("--shape", default=None, metavar="KEY=N,...",
+                       help=f"the same in one argument, keys {', '.join(k.replace('_', '-') for k in MID_SHAPE)} "
+                            f"(e.g. --shape hidden=2048,experts=64,top-k=8)")
     p.add_argument("--mid-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="the mid model's weights and both engines' compute dtype (default bfloat16)")
     p.add_argument("--moeserve-eager", action="store_true", help="LLM(enforce_eager=True)")
@@ -139,6 +142,12 @@ def parse_args(argv):
     for m in args.models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    for item in filter(None, (args.shape or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in MID_SHAPE or not value.strip().isdigit():
+            p.error(f"--shape {item!r}: write KEY=N with KEY one of {', '.join(k.replace('_', '-') for k in MID_SHAPE)}")
+        setattr(args, key, int(value))
     args.threads = [int(t) for t in args.threads.split(",")]
     args.check = [] if args.check == "none" else [m.strip() for m in args.check.split(",") if m.strip()]
     for m in args.check:
@@ -150,6 +159,8 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
+    if str(REPO) not in sys.path:  # moeserve from this checkout, installed or not
+        sys.path.insert(0, str(REPO))
     args = parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
@@ -253,7 +264,6 @@ def moeserve_options(args) -> dict:
 def prepare_models(args) -> dict[str, dict]:
     """Per variant: the checkpoint directory, the GGUF for timing, moeserve's dtype and offload options;
     the compressed stores built once (moeserve caches them under --work-dir)."""
-    sys.path.insert(0, str(REPO))
     from moeserve.assets import default_model_dir
 
     need = set(args.models) | {m for m in args.check}
@@ -641,7 +651,7 @@ def time_worker(spec: dict) -> dict:
     total = time.perf_counter() - start
     prefill_s = statistics.median(prefill)
     decode_s = total - prefill_s
-    result.update(tokens=tokens, total_s=total, prefill_s=prefill_s, decode_s=decode_s, tok_s=n / decode_s,
+    result.update(loadavg_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else None, tokens=tokens, total_s=total, prefill_s=prefill_s, decode_s=decode_s, tok_s=n / decode_s,
                   distinct_tokens=len(set(tokens)))
     if spec["engine"] == "moeserve" and llm.offload is not None:
         result["hit_rate"] = llm.offload.stats.hit_rate
