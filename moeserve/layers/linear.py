@@ -6,11 +6,11 @@ Out: [..., Dout] in x's dtype.
 On a CPU, for at most GROUPED_GEMM_MAX_TOKENS rows (x's leading dims flattened), in float32 or bfloat16,
 with the extension built and no autograd to record: the CPU kernel (cpu_gemm.cpu_linear), which streams the
 weight once at memory bandwidth and sums every output in one fixed order, so a row's result depends neither
-on the other rows of the batch, nor on the machine's vector width, nor on the thread count. The bias is added
-afterwards, in torch (in bfloat16 that is a second rounding, where F.linear adds it before its one rounding).
-Anything else: F.linear.
-
-Not yet used by the model files, which build nn.Linear; whether to swap it in is a separate decision.
+on the other rows of the batch, nor on the machine's vector width, nor on the thread count. A float32 bias is
+added afterwards, in torch; a bfloat16 layer with a bias keeps F.linear (the kernel rounds its sums to
+bfloat16 before a bias could join them: a second rounding, which F.linear does not make). Anything else:
+F.linear. The model's dense layers (attention projections, dense MLPs, shared experts, the vocabulary
+projection) are built as `Linear`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from moeserve.layers.grouped_gemm import GROUPED_GEMM_MAX_TOKENS
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through the CPU kernel where it applies (see the module docstring)."""
-    if uses_kernel(x, weight):
+    # (a bias must join the sum before its one rounding, as in F.linear: the kernel rounds its products to
+    # the dtype first, which in bfloat16 moves a biased layer's outputs by an ulp; float32 keeps the kernel)
+    if uses_kernel(x, weight) and (bias is None or x.dtype == torch.float32):
         k_dim = x.shape[-1]
         y = cpu_gemm.cpu_linear(x.reshape(-1, k_dim), weight).view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias

@@ -43,6 +43,7 @@ from moeserve.layers.grouped_gemm import (
     has_kernel,
     runs_kernel,
 )
+from moeserve.layers.linear import Linear
 from moeserve.layers.mlp import ACTIVATIONS, GatedMLP
 from moeserve.layers.routing import build_router
 
@@ -73,7 +74,7 @@ class MoeBlock(nn.Module):
             shared = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act, config.mlp_bias)
             if config.shared_expert_gated:
                 self.shared_expert = shared
-                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+                self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
             else:
                 self.shared_experts = shared
 
