@@ -102,8 +102,8 @@ class MoeBlock(nn.Module):
         # The step's token count (and the device's kernel) picks the arithmetic, so every provider computes a
         # step alike.
         grouped = T <= GROUPED_GEMM_MAX_TOKENS and has_kernel(x.device, x.dtype)
-        # Eager CPU steps stay on the host path, where the routing costs nothing to read and a slot-by-slot
-        # order is the same for every provider.
+        # Eager CPU steps stay on the host path: reading the routing costs nothing there, and resident and
+        # offloaded providers then run a step through the very same calls.
         if stacked is not None and ((grouped and runs_kernel(x.device)) or torch.compiler.is_compiling()):
             return self._on_device(x, weights, ids, stacked)
         if T == 1:
