@@ -30,6 +30,7 @@ line on stderr; inductor's cache directory (`cache_dir`) keeps the generated cod
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -107,6 +108,11 @@ class CompiledDecode:
             print(f"moeserve: compiling the CPU decode step for batches up to {bucket} reading {span} positions "
                   f"(once per shape; generated code cached in {directory})...", file=sys.stderr, flush=True)
         start = time.monotonic()
+        # inductor's notes on how it lowers an op (e.g. "missing a c-shim implementation, using proxy executor")
+        # are for its developers; a failure still reaches the user below
+        quiet = logging.getLogger("torch._inductor")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
         try:
             step = torch.compile(
                 self.model,
@@ -123,6 +129,8 @@ class CompiledDecode:
             print(f"moeserve: compiling the CPU decode step failed ({self.failure}); decode steps run eagerly "
                   f"from now on (--enforce-eager skips the attempt).", file=sys.stderr, flush=True)
             return self.model(ids, ctx, experts)
+        finally:
+            quiet.setLevel(level)
         self._steps[key] = step
         if self.progress:
             print(f"moeserve: compiled in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
