@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -121,7 +122,9 @@ class CompiledDecode:
                 isolate_recompiles=True,
                 options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe, "size_asserts": False, "cpp_wrapper": True},
             )
-            logits = step(ids, ctx, experts)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "does not support code generation for complex operators"
+                logits = step(ids, ctx, experts)
         except Exception as exc:  # noqa: BLE001 - an old torch, a missing compiler, an op inductor cannot lower
             # Slower, never wrong: this step and every later one run eagerly (a failed run wrote at most
             # the K/V this very step writes again).
