@@ -109,6 +109,8 @@ class CompiledDecode:
             print(f"moeserve: compiling the CPU decode step for batches up to {bucket} reading {span} positions "
                   f"(once per shape; generated code cached in {directory})...", file=sys.stderr, flush=True)
         start = time.monotonic()
+        # emulate_precision_casts: a bfloat16 model's intermediates rounded where the eager ops round them
+        # (fused in float32 otherwise, which parted greedy tokens from the eager step's on tiny bf16 models).
         # inductor's notes on how it lowers an op (e.g. "missing a c-shim implementation, using proxy executor")
         # are for its developers; a failure still reaches the user below
         quiet = logging.getLogger("torch._inductor")
@@ -120,7 +122,8 @@ class CompiledDecode:
                 fullgraph=True,
                 dynamic=False,
                 isolate_recompiles=True,
-                options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe, "size_asserts": False, "cpp_wrapper": True},
+                options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe, "size_asserts": False, "cpp_wrapper": True,
+                         "emulate_precision_casts": True},
             )
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # e.g. "does not support code generation for complex operators"
