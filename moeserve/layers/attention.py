@@ -100,15 +100,12 @@ class Attention(nn.Module):
         return torch.cat(outputs).squeeze(2)
 
     def _attend(
-        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal=False
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor
     ) -> torch.Tensor:
-        """query [B, H, Q, Dh] over keys / values [B, G, L, Dh]; mask: allowed positions, or None with
-        `causal` (plain causal) or without (all)."""
+        """Decode: query [B, H, Q, Dh] over keys / values [B, G, L, Dh]; allowed: the positions each query sees."""
         if self.sinks is not None:
-            if causal:
-                mask = _allowed(0, query.shape[2], None, query.device)
-            return sink_attention(query, keys, values, mask, self.sinks)
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            return sink_attention(query, keys, values, allowed, self.sinks)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, enable_gqa=True)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         cache, layer = ctx.cache, self.layer_id
@@ -121,25 +118,14 @@ class Attention(nn.Module):
             # a sequence that continues reads its earlier positions back from its blocks
             keys, values = ctx.read(layer, i, group) if cached else (k[start:end], v[start:end])  # [total, G, Dh]
             query = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, new, Dh]
-            mask = extend_mask(cached, new, self.window, q.device)
-            out = self._attend(
-                query, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0), mask, causal=mask is None
-            )  # [1, H, new, Dh]
+            keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)  # [1, G, total, Dh]
+            if self.sinks is not None:
+                out = sink_attention(query, keys, values, ctx.allowed(i, self.window), self.sinks)
+            else:
+                mask = ctx.mask(i, self.window, q.dtype)  # made once a step for every layer
+                out = F.scaled_dot_product_attention(
+                    query, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+                )  # [1, H, new, Dh]
             outputs.append(out[0].transpose(0, 1))  # [new, H, Dh]
             start = end
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-
-
-def extend_mask(cached: int, new: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """[new, cached+new] bool causal (and sliding-window) mask; None when plain causal suffices."""
-    return None if cached == 0 and window is None else _allowed(cached, new, window, device)
-
-
-def _allowed(cached: int, new: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """[new, cached+new] bool: the keys each new query may see (causal, and within `window` if set)."""
-    query_pos = torch.arange(cached, cached + new, device=device)[:, None]
-    key_pos = torch.arange(cached + new, device=device)[None, :]
-    allowed = key_pos <= query_pos
-    if window is not None:
-        allowed &= key_pos > query_pos - window
-    return allowed
