@@ -11,6 +11,7 @@ import torch
 from conftest import FAMILY_CONFIGS
 from moeserve import LLM
 from moeserve.alignment import rows_per_alignment
+from moeserve.layers.grouped_gemm import GROUPED_GEMM_MAX_TOKENS, has_kernel
 from moeserve.layers.moe import _gather_rows, _sum_slots
 
 
@@ -25,9 +26,10 @@ def expert_by_expert(block, x, weights, ids, experts):
     starts = dict(zip(used, torch.tensor([0] + [counts[e] for e in used]).cumsum(0).tolist()))
     token_of, weight_of = order // block.top_k, weights.flatten()[order]
     per_pair = x.new_zeros(T * block.top_k, D)
+    grouped = T <= GROUPED_GEMM_MAX_TOKENS and has_kernel(x.device, x.dtype)  # as MoeBlock.routed picks
     for expert_id, w in experts.fetch(block.layer_id, used):
         start, n = starts[expert_id], counts[expert_id]
-        y = block._expert(x[token_of[start : start + n]], w, expert_id, False)
+        y = block._expert(x[token_of[start : start + n]], w, expert_id, grouped)
         per_pair[order[start : start + n]] = (y * weight_of[start : start + n, None]).to(x.dtype)
     return _sum_slots(per_pair.view(T, block.top_k, D).unbind(dim=1))
 
