@@ -10,6 +10,14 @@ device tensors only, over a bucketed span of positions (kv/context.py), so its c
 having seen a length before; on a GPU its attention reads the blocks in place
 (layers/paged_attention.py), elsewhere it gathers them into a workspace. Layers with sinks (gpt_oss) attend through
 layers/sinks.py, every other layer through torch's SDPA.
+
+An extend step (a prompt's later chunk, or a prompt after a prefix-cache hit) has queries that see all the
+cached positions and, causally, the new ones. Its mask is made once a step (`StepContext.mask`). On a CPU,
+in float32 or float64 and where no sliding window cuts in, it runs without one (`prefix_then_causal`):
+torch's CPU flash attention of the new queries over the cached keys (no mask: every query sees them all)
+and over the new keys (is_causal: the kernel skips the blocks above the diagonal), the two merged exactly
+by their log-sum-exps. A masked call computes every block of the new queries against every key and adds
+the mask to each; this computes only the blocks a query sees.
 """
 
 from __future__ import annotations
@@ -121,6 +129,8 @@ class Attention(nn.Module):
             keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)  # [1, G, total, Dh]
             if self.sinks is not None:
                 out = sink_attention(query, keys, values, ctx.allowed(i, self.window), self.sinks)
+            elif cached and splits_at_the_prefix(query, self.window, cached + new):
+                out = prefix_then_causal(query, keys, values, cached)  # [1, H, new, Dh]
             else:
                 mask = ctx.mask(i, self.window, q.dtype)  # made once a step for every layer
                 out = F.scaled_dot_product_attention(
@@ -129,3 +139,30 @@ class Attention(nn.Module):
             outputs.append(out[0].transpose(0, 1))  # [new, H, Dh]
             start = end
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+
+
+# torch's CPU flash attention, which also returns each query's log-sum-exp (None where this torch lacks it)
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def splits_at_the_prefix(query: torch.Tensor, window: int | None, total: int) -> bool:
+    """Whether an extend step's attention may run as `prefix_then_causal`: on a CPU, in a dtype whose partial
+    results merge within its own rounding (float32, float64: the kernel returns each part in the query's dtype,
+    so a bfloat16 merge would round twice), and with no sliding window cutting into the `total` positions."""
+    return (
+        _CPU_FLASH is not None
+        and query.device.type == "cpu"
+        and query.dtype in (torch.float32, torch.float64)
+        and (window is None or window >= total)
+    )
+
+
+def prefix_then_causal(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cached: int) -> torch.Tensor:
+    """query [1, H, new, Dh] at positions cached..cached+new-1 over keys / values [1, G, cached+new, Dh] (G
+    dividing H), causal: the same as masked SDPA within float rounding, without a mask. Every new query sees
+    every cached key, so that part needs no mask; the new keys need plain causal attention. Each part's softmax
+    is normalised by its own log-sum-exp L; the whole one's weighs them by exp(L_part) / (exp(L1) + exp(L2)),
+    i.e. sigmoid(L1 - L2) for the cached part."""
+    past, past_lse = _CPU_FLASH(query, keys[:, :, :cached], values[:, :, :cached])  # [1, H, new, Dh], [1, H, new]
+    now, now_lse = _CPU_FLASH(query, keys[:, :, cached:], values[:, :, cached:], is_causal=True)
+    return torch.lerp(now, past, torch.sigmoid(past_lse - now_lse).unsqueeze(-1))
