@@ -33,7 +33,8 @@ def inputs(heads, kv_heads, dim, cached, new, dtype, seed=0):
 
 @pytest.mark.parametrize(
     "heads, kv_heads, dim, cached, new",
-    [(8, 4, 64, 1536, 512), (4, 2, 8, 5, 3), (4, 4, 16, 1, 1), (6, 1, 32, 100, 1), (4, 2, 8, 3, 40), (2, 2, 8, 700, 300)],
+    [(8, 4, 64, 1536, 512), (4, 2, 8, 5, 3), (4, 4, 16, 1, 1), (6, 1, 32, 100, 1), (4, 2, 8, 3, 40),
+     (2, 2, 8, 700, 300)],
 )
 def test_prefix_then_causal_equals_masked_attention(heads, kv_heads, dim, cached, new):
     for dtype, tolerance in ((torch.float32, 2e-6), (torch.float64, 1e-14)):
@@ -58,7 +59,8 @@ class _Cache:
 
 def context(cached_lens, query_lens):
     total = sum(query_lens)
-    return StepContext(_Cache(), torch.arange(total), torch.zeros(1, total, dtype=torch.long), query_lens, cached_lens, [])
+    slots = torch.zeros(1, total, dtype=torch.long)
+    return StepContext(_Cache(), torch.arange(total), slots, query_lens, cached_lens, [])
 
 
 def test_masks_are_made_once_a_step_and_match_what_sdpa_makes_of_the_boolean_one():

@@ -42,7 +42,8 @@ def check_layers(llm, tokens: int) -> None:
         x = torch.randn(tokens, model.config.hidden_size, generator=generator).to(model.config.dtype)
         weights, ids = block.route(x)
         ours = block.routed(x, weights, ids, llm.experts)
-        assert torch.equal(ours, expert_by_expert(block, x, weights, ids, llm.experts)), (model.config.model_type, layer)
+        reference = expert_by_expert(block, x, weights, ids, llm.experts)
+        assert torch.equal(ours, reference), (model.config.model_type, layer)
 
 
 @pytest.mark.exact

@@ -122,10 +122,12 @@ class MoeBlock(nn.Module):
         """h [n, D] → [n, D]; `grouped`: each matmul through the grouped GEMM (see expert_linear)."""
         return self._finish(self._project(h, w, expert_id, grouped), expert_id)
 
-    def _project(self, h: torch.Tensor, w: ExpertWeights, expert_id: int, grouped: bool) -> torch.Tensor:
-        """h [n, D] → the down projection's output [n, D], before `_finish`."""
+    def _project(
+        self, h: torch.Tensor, w: ExpertWeights, expert_id: int, grouped: bool, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """h [n, D] → the down projection's output [n, D] (into `out` when given), before `_finish`."""
         gate, up = gate_and_up(h, w, grouped)
-        return expert_linear(self._activate(gate, up, expert_id), w.down, grouped)
+        return expert_linear(self._activate(gate, up, expert_id), w.down, grouped, out)
 
     def _on_device(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, stacked: StackedExperts):
         """Every (token, slot) pair through two grouped GEMMs over the stacked experts, ids never leaving the device."""
@@ -159,9 +161,9 @@ class MoeBlock(nn.Module):
     def _many_tokens(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider,
                      grouped: bool):
         """Every (token, slot) pair, expert by expert. Per expert only its matmuls and activation run (on
-        a CPU each op of a few hundred rows costs a thread-team wake-up as much as its arithmetic); the
-        gather of its rows, the down projection's bias, the routing weights and the return to token order
-        run once for the layer, each one op over every pair, elementwise alike."""
+        a CPU each op over a few hundred rows costs a wake-up of the thread team as much as its arithmetic:
+        see docs/kv-cache.md); the gather of its rows, the down projection's bias, the routing weights and
+        the return to token order run once for the layer, each one op over every pair, elementwise alike."""
         T, D = x.shape
         # Group the T*K (token, slot) pairs by expert with one sort, so the step syncs with the
         # host once (for the counts) instead of once per expert.
@@ -175,11 +177,10 @@ class MoeBlock(nn.Module):
 
         # Each (token, slot) pair gets its own row, summed over K at the end in a fixed order, so
         # the result does not depend on the order in which the provider hands out experts.
-        outputs: dict[int, torch.Tensor] = {}
+        y = x.new_empty(order.shape[0], D)  # [T*K, D]: the sorted pairs' outputs, each expert's written in place
         for expert_id, w in experts.fetch(self.layer_id, used):
-            start = at[expert_id]
-            outputs[expert_id] = self._project(rows[start : start + counts[expert_id]], w, expert_id, grouped)  # [n, D]
-        y = torch.cat([outputs[e] for e in used]) if len(used) > 1 else outputs[used[0]]  # [T*K, D], sorted pairs
+            start, n = starts[expert_id], counts[expert_id]
+            self._project(rows[at[expert_id] : at[expert_id] + n], w, expert_id, grouped, y[start : start + n])
         y = self._finish(y, flat_ids[order])
         per_sorted = (y * weights.flatten()[order][:, None]).to(x.dtype)  # [T*K, D]
         unsort = torch.empty_like(order)
@@ -255,14 +256,17 @@ def gate_and_up(h: torch.Tensor, w: ExpertWeights, grouped: bool) -> tuple[torch
     return F.linear(h, w.gate), F.linear(h, w.up)
 
 
-def expert_linear(h: torch.Tensor, weight: torch.Tensor, grouped: bool) -> torch.Tensor:
+def expert_linear(
+    h: torch.Tensor, weight: torch.Tensor, grouped: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """h [n, Din] @ weight [Dout, Din].T for one expert. `grouped` (a step of few tokens on a device with a
     grouped GEMM kernel): through that kernel (grouped_gemm.grouped_linear), so each row comes out bit for
     bit as it would among a whole layer's pairs on the device path; otherwise F.linear (cuBLAS and MKL read
-    a big step's weights once, the kernels once per few rows)."""
+    a big step's weights once, the kernels once per few rows). `out` [n, Dout]: where the product goes (the
+    same matmul as F.linear's, writing there)."""
     if grouped:
-        return grouped_linear(h, weight)
-    return F.linear(h, weight)
+        return grouped_linear(h, weight) if out is None else out.copy_(grouped_linear(h, weight))
+    return F.linear(h, weight) if out is None else torch.mm(h, weight.t(), out=out)
 
 
 def _gather_rows(
