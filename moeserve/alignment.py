@@ -11,6 +11,7 @@ weights (cache slots, stacked experts, decoded tensors) is laid out on 64-byte b
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -27,6 +28,12 @@ def aligned_numel(numel: int, dtype: torch.dtype) -> int:
     stride that keeps every region of a row (and every row) aligned when the row starts aligned."""
     per_alignment = ALIGNMENT // dtype.itemsize
     return -(-numel // per_alignment) * per_alignment
+
+
+def rows_per_alignment(row_numel: int, dtype: torch.dtype) -> int:
+    """The fewest rows of `row_numel` values of `dtype` that span a whole number of alignments: rows of
+    a tensor that starts aligned start aligned every that many rows (1 for most hidden sizes)."""
+    return ALIGNMENT // math.gcd(ALIGNMENT, row_numel * dtype.itemsize)
 
 
 def aligned_empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -65,9 +65,39 @@ class StepContext:
     is_decode: ClassVar[bool] = False
     max_position: int = field(init=False)
     _tables: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
         self.max_position = max(c + q for c, q in zip(self.cached_lens, self.query_lens)) - 1
+
+    def allowed(self, seq: int, window: int | None) -> torch.Tensor:
+        """[new, cached+new] bool: the keys each new query of sequence `seq` may see (its own position and
+        earlier ones, within `window` if set). Made once a step; every layer with that window reads it."""
+        key = (seq, window, torch.bool)
+        if key not in self._masks:
+            cached, new = self.cached_lens[seq], self.query_lens[seq]
+            device = self.positions.device
+            query_pos = torch.arange(cached, cached + new, device=device)[:, None]
+            key_pos = torch.arange(cached + new, device=device)[None, :]
+            allowed = key_pos <= query_pos
+            if window is not None:
+                allowed &= key_pos > query_pos - window
+            self._masks[key] = allowed
+        return self._masks[key]
+
+    def mask(self, seq: int, window: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """`allowed` as SDPA's additive mask in `dtype` (0 where allowed, -inf elsewhere: what SDPA would
+        make of the boolean mask in every layer), made once a step; None where plain causal attention
+        suffices (nothing cached and no window)."""
+        if self.cached_lens[seq] == 0 and window is None:
+            return None
+        key = (seq, window, dtype)
+        if key not in self._masks:
+            allowed = self.allowed(seq, window)
+            self._masks[key] = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+                ~allowed, float("-inf")
+            )
+        return self._masks[key]
 
     def read(self, layer: int, seq: int, group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sequence `seq`'s cached and new entries of one layer: keys and values [total, G, Dh] (values None

@@ -10,6 +10,14 @@ device tensors only, over a bucketed span of positions (kv/context.py), so its c
 having seen a length before; on a GPU its attention reads the blocks in place
 (layers/paged_attention.py), elsewhere it gathers them into a workspace. Layers with sinks (gpt_oss) attend through
 layers/sinks.py, every other layer through torch's SDPA.
+
+An extend step (a prompt's later chunk, or a prompt after a prefix-cache hit) has queries that see all the
+cached positions and, causally, the new ones. Its mask is made once a step (`StepContext.mask`). On a CPU,
+in float32 or float64 and where no sliding window cuts in, it runs without one (`prefix_then_causal`):
+torch's CPU flash attention of the new queries over the cached keys (no mask: every query sees them all)
+and over the new keys (is_causal: the kernel skips the blocks above the diagonal), the two merged exactly
+by their log-sum-exps. A masked call computes every block of the new queries against every key and adds
+the mask to each; this computes only the blocks a query sees.
 """
 
 from __future__ import annotations
@@ -101,15 +109,12 @@ class Attention(nn.Module):
         return torch.cat(outputs).squeeze(2)
 
     def _attend(
-        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, causal=False
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, allowed: torch.Tensor
     ) -> torch.Tensor:
-        """query [B, H, Q, Dh] over keys / values [B, G, L, Dh]; mask: allowed positions, or None with
-        `causal` (plain causal) or without (all)."""
+        """Decode: query [B, H, Q, Dh] over keys / values [B, G, L, Dh]; allowed: the positions each query sees."""
         if self.sinks is not None:
-            if causal:
-                mask = _allowed(0, query.shape[2], None, query.device)
-            return sink_attention(query, keys, values, mask, self.sinks)
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=True)
+            return sink_attention(query, keys, values, allowed, self.sinks)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, enable_gqa=True)
 
     def _extend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         cache, layer = ctx.cache, self.layer_id
@@ -122,25 +127,43 @@ class Attention(nn.Module):
             # a sequence that continues reads its earlier positions back from its blocks
             keys, values = ctx.read(layer, i, group) if cached else (k[start:end], v[start:end])  # [total, G, Dh]
             query = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, new, Dh]
-            mask = extend_mask(cached, new, self.window, q.device)
-            out = self._attend(
-                query, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0), mask, causal=mask is None
-            )  # [1, H, new, Dh]
+            keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)  # [1, G, total, Dh]
+            if self.sinks is not None:
+                out = sink_attention(query, keys, values, ctx.allowed(i, self.window), self.sinks)
+            elif cached and splits_at_the_prefix(query, self.window, cached + new):
+                out = prefix_then_causal(query, keys, values, cached)  # [1, H, new, Dh]
+            else:
+                mask = ctx.mask(i, self.window, q.dtype)  # made once a step for every layer
+                out = F.scaled_dot_product_attention(
+                    query, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+                )  # [1, H, new, Dh]
             outputs.append(out[0].transpose(0, 1))  # [new, H, Dh]
             start = end
         return torch.cat(outputs) if len(outputs) > 1 else outputs[0]
 
 
-def extend_mask(cached: int, new: int, window: int | None, device: torch.device) -> torch.Tensor | None:
-    """[new, cached+new] bool causal (and sliding-window) mask; None when plain causal suffices."""
-    return None if cached == 0 and window is None else _allowed(cached, new, window, device)
+# torch's CPU flash attention, which also returns each query's log-sum-exp (None where this torch lacks it)
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
-def _allowed(cached: int, new: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """[new, cached+new] bool: the keys each new query may see (causal, and within `window` if set)."""
-    query_pos = torch.arange(cached, cached + new, device=device)[:, None]
-    key_pos = torch.arange(cached + new, device=device)[None, :]
-    allowed = key_pos <= query_pos
-    if window is not None:
-        allowed &= key_pos > query_pos - window
-    return allowed
+def splits_at_the_prefix(query: torch.Tensor, window: int | None, total: int) -> bool:
+    """Whether an extend step's attention may run as `prefix_then_causal`: on a CPU, in a dtype whose partial
+    results merge within its own rounding (float32, float64: the kernel returns each part in the query's dtype,
+    so a bfloat16 merge would round twice), and with no sliding window cutting into the `total` positions."""
+    return (
+        _CPU_FLASH is not None
+        and query.device.type == "cpu"
+        and query.dtype in (torch.float32, torch.float64)
+        and (window is None or window >= total)
+    )
+
+
+def prefix_then_causal(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cached: int) -> torch.Tensor:
+    """query [1, H, new, Dh] at positions cached..cached+new-1 over keys / values [1, G, cached+new, Dh] (G
+    dividing H), causal: the same as masked SDPA within float rounding, without a mask. Every new query sees
+    every cached key, so that part needs no mask; the new keys need plain causal attention. Each part's softmax
+    is normalised by its own log-sum-exp L; the whole one's weighs them by exp(L_part) / (exp(L1) + exp(L2)),
+    i.e. sigmoid(L1 - L2) for the cached part."""
+    past, past_lse = _CPU_FLASH(query, keys[:, :, :cached], values[:, :, :cached])  # [1, H, new, Dh], [1, H, new]
+    now, now_lse = _CPU_FLASH(query, keys[:, :, cached:], values[:, :, cached:], is_causal=True)
+    return torch.lerp(now, past, torch.sigmoid(past_lse - now_lse).unsqueeze(-1))

@@ -19,7 +19,6 @@ from torch import nn
 
 from moeserve.config import ModelConfig
 from moeserve.kv.context import DecodeContext, StepContext
-from moeserve.layers.attention import extend_mask
 from moeserve.layers.linear import Linear
 from moeserve.layers.norms import RMSNorm
 from moeserve.layers.paged_attention import paged_decode_attention
@@ -117,7 +116,7 @@ class MlaAttention(nn.Module):
             kv = self.kv_b_proj(kv_latent).view(total, self.num_heads, -1)  # [L, H, Dn + Dv]
             k_nope, values = kv.split([self.nope_dim, self.v_dim], dim=-1)
             keys = torch.cat((k_nope, k_rot.unsqueeze(1).expand(-1, self.num_heads, -1)), dim=-1)  # [L, H, Dn + Dr]
-            mask = extend_mask(cached, new, None, query.device)
+            mask = ctx.mask(i, None, query.dtype)  # made once a step for every layer
             out = F.scaled_dot_product_attention(
                 query[start:end].transpose(0, 1).unsqueeze(0),  # [1, H, new, Dn + Dr]
                 keys.transpose(0, 1).unsqueeze(0),

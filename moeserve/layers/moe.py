@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.alignment import aligned_empty, rows_per_alignment
 from moeserve.config import ModelConfig
 from moeserve.experts import ExpertProvider, ExpertWeights, StackedExperts
 from moeserve.layers.grouped_gemm import (
@@ -120,8 +121,14 @@ class MoeBlock(nn.Module):
 
     def _expert(self, h: torch.Tensor, w: ExpertWeights, expert_id: int, grouped: bool) -> torch.Tensor:
         """h [n, D] → [n, D]; `grouped`: each matmul through the grouped GEMM (see expert_linear)."""
+        return self._finish(self._project(h, w, expert_id, grouped), expert_id)
+
+    def _project(
+        self, h: torch.Tensor, w: ExpertWeights, expert_id: int, grouped: bool, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """h [n, D] → the down projection's output [n, D] (into `out` when given), before `_finish`."""
         gate, up = gate_and_up(h, w, grouped)
-        return self._finish(expert_linear(self._activate(gate, up, expert_id), w.down, grouped), expert_id)
+        return expert_linear(self._activate(gate, up, expert_id), w.down, grouped, out)
 
     def _on_device(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, stacked: StackedExperts):
         """Every (token, slot) pair through two grouped GEMMs over the stacked experts, ids never leaving the device."""
@@ -154,6 +161,10 @@ class MoeBlock(nn.Module):
 
     def _many_tokens(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, experts: ExpertProvider,
                      grouped: bool):
+        """Every (token, slot) pair, expert by expert. Per expert only its matmuls and activation run (on
+        a CPU each op over a few hundred rows costs a wake-up of the thread team as much as its arithmetic:
+        see docs/kv-cache.md); the gather of its rows, the down projection's bias, the routing weights and
+        the return to token order run once for the layer, each one op over every pair, elementwise alike."""
         T, D = x.shape
         # Group the T*K (token, slot) pairs by expert with one sort, so the step syncs with the
         # host once (for the counts) instead of once per expert.
@@ -163,16 +174,19 @@ class MoeBlock(nn.Module):
         used = [e for e, c in enumerate(counts) if c]
         starts = dict(zip(used, itertools.accumulate([0] + [counts[e] for e in used])))
         token_of = order // self.top_k  # [T*K] token index of each sorted pair
-        weight_of = weights.flatten()[order]  # [T*K]
+        rows, at = _gather_rows(x, token_of, flat_ids[order], used, counts, starts)  # each expert's rows aligned
 
         # Each (token, slot) pair gets its own row, summed over K at the end in a fixed order, so
         # the result does not depend on the order in which the provider hands out experts.
-        per_pair = x.new_zeros(T * self.top_k, D)  # [T*K, D], indexed like flat_ids
+        y = x.new_empty(order.shape[0], D)  # [T*K, D]: the sorted pairs' outputs, each expert's written in place
         for expert_id, w in experts.fetch(self.layer_id, used):
-            start = starts[expert_id]
-            pairs = order[start : start + counts[expert_id]]
-            y = self._expert(x[token_of[start : start + counts[expert_id]]], w, expert_id, grouped)  # [n, D]
-            per_pair[pairs] = (y * weight_of[start : start + counts[expert_id], None]).to(x.dtype)
+            start, n = starts[expert_id], counts[expert_id]
+            self._project(rows[at[expert_id] : at[expert_id] + n], w, expert_id, grouped, y[start : start + n])
+        y = self._finish(y, flat_ids[order])
+        per_sorted = (y * weights.flatten()[order][:, None]).to(x.dtype)  # [T*K, D]
+        unsort = torch.empty_like(order)
+        unsort[order] = torch.arange(order.shape[0], device=order.device)
+        per_pair = per_sorted[unsort]  # [T*K, D], indexed like flat_ids
         return _sum_slots(per_pair.view(T, self.top_k, D).unbind(dim=1))  # [T, D]
 
 
@@ -243,14 +257,43 @@ def gate_and_up(h: torch.Tensor, w: ExpertWeights, grouped: bool) -> tuple[torch
     return F.linear(h, w.gate), F.linear(h, w.up)
 
 
-def expert_linear(h: torch.Tensor, weight: torch.Tensor, grouped: bool) -> torch.Tensor:
+def expert_linear(
+    h: torch.Tensor, weight: torch.Tensor, grouped: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """h [n, Din] @ weight [Dout, Din].T for one expert. `grouped` (a step of few tokens on a device with a
     grouped GEMM kernel): through that kernel (grouped_gemm.grouped_linear), so each row comes out bit for
     bit as it would among a whole layer's pairs on the device path; otherwise F.linear (cuBLAS and MKL read
-    a big step's weights once, the kernels once per few rows)."""
+    a big step's weights once, the kernels once per few rows). `out` [n, Dout]: where the product goes (the
+    same matmul as F.linear's, writing there)."""
     if grouped:
-        return grouped_linear(h, weight)
-    return F.linear(h, weight)
+        return grouped_linear(h, weight) if out is None else out.copy_(grouped_linear(h, weight))
+    return F.linear(h, weight) if out is None else torch.mm(h, weight.t(), out=out)
+
+
+def _gather_rows(
+    x: torch.Tensor, token_of: torch.Tensor, sorted_ids: torch.Tensor, used: list[int], counts: list[int],
+    starts: dict[int, int],
+) -> tuple[torch.Tensor, dict[int, int]]:
+    """The rows of x [T, D] the sorted pairs read (token_of [P]), gathered in one op, and where each used
+    expert's rows start there. Each expert's rows start on a 64-byte boundary (alignment.py), as a tensor
+    of its own would: a matmul's rounding may depend on where its operand starts. Where a row spans whole
+    alignments (most hidden sizes) the rows are simply consecutive; otherwise experts are spaced apart."""
+    step = rows_per_alignment(x.shape[1], x.dtype)
+    if step == 1:
+        at, index = starts, token_of
+    else:
+        at, row = {}, 0
+        for e in used:
+            at[e] = row
+            row += -(-counts[e] // step) * step
+        shift = [0] * len(counts)  # per expert: how far its rows move down
+        for e in used:
+            shift[e] = at[e] - starts[e]
+        moved = torch.arange(token_of.shape[0], device=x.device) + torch.tensor(shift, device=x.device)[sorted_ids]
+        index = token_of.new_zeros(row)  # padding rows read token 0, and nothing reads them
+        index[moved] = token_of
+    rows = aligned_empty((index.shape[0], x.shape[1]), x.dtype, x.device)
+    return torch.index_select(x, 0, index, out=rows), at
 
 
 def _sum_slots(per_slot) -> torch.Tensor:

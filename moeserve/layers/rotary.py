@@ -31,6 +31,8 @@ class RotaryEmbedding:
             return
         angles = torch.cat((freqs, freqs), dim=-1)  # [P, rotary_dim]
         self._cos, self._sin = angles.cos() * scale, angles.sin() * scale
+        if self.rope.layout == "half":
+            self._sin[:, : freqs.shape[-1]].neg_()  # rotate_half's negation, moved into the table (apply_rotary)
 
     def reserve(self, num_positions: int, device: torch.device) -> None:
         """Make the table cover positions 0..num_positions-1 on `device`. A captured CUDA graph reads
@@ -43,7 +45,8 @@ class RotaryEmbedding:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] (none above the host-known `max_position`, so no device value is read back)
         → cos, sin [T, 1, width], ready to broadcast over heads: in `dtype`, except the "complex"
-        layout's half-width tables, which stay float32 (that rotation runs in float32)."""
+        layout's half-width tables, which stay float32 (that rotation runs in float32). The "half"
+        layout's sin has its first half negated, as apply_rotary takes it."""
         self.reserve(max_position + 1, positions.device)
         if self.rope.layout == "complex":
             dtype = torch.float32
@@ -80,19 +83,24 @@ def inverse_frequencies(rope: RopeConfig) -> torch.Tensor:
     return interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) → (x2, x1) along the last dim, in one copy."""
+    return x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """"half" layout. x [T, heads, head_dim], cos/sin [T, 1, rotary_dim] → x with its first rotary_dim
-    dims rotated (all of them unless the rotary is partial, as in glm4_moe)."""
+    dims rotated (all of them unless the rotary is partial, as in glm4_moe).
+
+    transformers computes x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1). This table's sin has
+    its first half negated (RotaryEmbedding), so (x2, x1) * sin gives the same products bit for bit
+    (x2 * -s is -(x2 * s), as is -x2 * s) with one copy where rotate_half makes two (on a CPU each op of a
+    step's size is a parallel region, see docs/kv-cache.md)."""
     rotary_dim = cos.shape[-1]
     if rotary_dim == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return x * cos + _swap_halves(x) * sin
     rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat((rotated * cos + _rotate_half(rotated) * sin, passed), dim=-1)
+    return torch.cat((rotated * cos + _swap_halves(rotated) * sin, passed), dim=-1)
 
 
 def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
