@@ -6,11 +6,13 @@
 
 Each call reads weights from a pool of copies larger than the last-level cache, rotating, so they come from
 memory as in a decode step (which streams every weight once). GB/s = weight bytes the call reads (each used
-slot's [N, K] once) per second, median of the repeats. Against:
+slot's [N, K] once) per second, median over rounds in which torch and each path take turns (so a neighbour's
+load on a shared machine slows them alike). Against:
   - torch: what the engine ran before the kernel: F.linear for a dense layer; for experts, one F.linear per
     used slot over its rows (the host path);
-  - memcpy: torch's copy of a pool-sized buffer (bytes copied per second), on the same thread count.
-Runs in about a minute.
+  - memcpy: torch's copy of a pool-sized buffer, bytes copied per second (each read once and written once:
+    about three times that in memory traffic, with the write's line fill), on the same thread count.
+Runs in under a minute.
 """
 
 from __future__ import annotations
@@ -44,24 +46,29 @@ class Shape:
 SHAPES = [
     Shape("dense 1 row 1024x1024", 1, 1, 1024, 1024),
     Shape("dense 4 rows 1024x1024", 4, 1, 1024, 1024),
+    Shape("dense 64 rows 1024x1024", 64, 1, 1024, 1024),  # Linear's largest batch (GROUPED_GEMM_MAX_TOKENS)
     Shape("experts 8 pairs gate_up 2x512x1024", 8, 8, 1024, 1024),
     Shape("experts 8 pairs down 1024x512", 8, 8, 1024, 512),
     Shape("lm_head 1 row 16384x1024", 1, 1, 16384, 1024),
 ]
 
 
-def timed(fn, seconds: float) -> float:
-    """Median seconds of one call, over calls filling about `seconds` after a warm-up."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    times = []
-    for _ in range(max(5, min(2000, int(seconds / once)))):
-        t0 = time.perf_counter()
+def timed(fns: dict, seconds: float) -> dict:
+    """Per name, the median seconds of one call of fns[name]. The calls take turns (one of each per round,
+    for about `seconds` in all after a warm-up), so a neighbour's load on the memory bus hits them alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    start = time.perf_counter()
+    for fn in fns.values():
+        fn()
+    rounds = max(5, min(2000, int(seconds / max(time.perf_counter() - start, 1e-7))))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run_shape(shape: Shape, dtype: torch.dtype, pool: torch.Tensor, isas: list[str], seconds: float):
@@ -80,26 +87,28 @@ def run_shape(shape: Shape, dtype: torch.dtype, pool: torch.Tensor, isas: list[s
         turn[0] = (turn[0] + 1) % sets
         return weights[turn[0]]
 
-    def kernel():
-        cpu_gemm.cpu_grouped_gemm(a, rows, slots, next_set())
+    def kernel(isa):
+        def call():
+            cpu_gemm.set_isa(isa)
+            cpu_gemm.cpu_grouped_gemm(a, rows, slots, next_set())
+
+        return call
 
     def torch_linear():
         w = next_set()
         for s in range(shape.slots):
             F.linear(a, w[s])
 
-    nbytes = per_set * itemsize
-    results = {}
-    for isa in isas:
-        cpu_gemm.set_isa(isa)
-        results[isa] = timed(kernel, seconds)
-    cpu_gemm.set_isa("auto")
-    return nbytes, results, timed(torch_linear, seconds)
+    try:
+        results = timed({"torch": torch_linear, **{isa: kernel(isa) for isa in isas}}, seconds * (1 + len(isas)))
+    finally:
+        cpu_gemm.set_isa("auto")
+    return per_set * itemsize, results
 
 
 def memcpy_gbps(pool: torch.Tensor, seconds: float) -> float:
     dst = torch.empty_like(pool)
-    return pool.numel() / timed(lambda: dst.copy_(pool), seconds) / 1e9
+    return pool.numel() / timed({"copy": lambda: dst.copy_(pool)}, seconds)["copy"] / 1e9
 
 
 def main() -> None:
@@ -129,8 +138,9 @@ def main() -> None:
             copy = memcpy_gbps(pool, args.seconds)
             for shape in SHAPES:
                 for dtype in (torch.float32, torch.bfloat16):
-                    nbytes, kernel, linear = run_shape(shape, dtype, pool, isas, args.seconds)
-                    cells = " | ".join(f"{nbytes / kernel[i] / 1e9:.1f} | {linear / kernel[i]:.2f}" for i in isas)
+                    nbytes, times = run_shape(shape, dtype, pool, isas, args.seconds)
+                    linear = times["torch"]
+                    cells = " | ".join(f"{nbytes / times[i] / 1e9:.1f} | {linear / times[i]:.2f}" for i in isas)
                     print(f"| {shape.name} | {str(dtype).removeprefix('torch.')} | {t} | {copy:.1f} | "
                           f"{nbytes / linear / 1e9:.1f} | {cells} |", flush=True)
     finally:

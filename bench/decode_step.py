@@ -205,11 +205,12 @@ class DecodeBench:
         blocks = [m for m in self.model.modules() if isinstance(m, MoeBlock)]
         hooks = [block.router_module.register_forward_hook(count) for block in blocks]
         runner = self.engine.runner
-        graphs, runner.graphs = runner.graphs, None  # a replayed graph calls no hook: count on eager steps
+        # a replayed graph or a compiled step calls no hook: count on eager steps
+        graphs, compiled, runner.graphs, runner.compiled = runner.graphs, runner.compiled, None, None
         try:
             self._steps(steps)
         finally:
-            runner.graphs = graphs
+            runner.graphs, runner.compiled = graphs, compiled
             for hook in hooks:
                 hook.remove()
         return sum(distinct) / len(distinct)

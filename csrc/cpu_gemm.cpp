@@ -48,7 +48,7 @@ constexpr int kLanes = 16;
 constexpr int64_t kRowTile = 8;
 // How far ahead of the tile being computed its weights are prefetched (into L2), in bytes: far enough for
 // DRAM latency, and a whole tile at least.
-constexpr int64_t kPrefetchBytes = 16 << 10;
+constexpr int64_t kPrefetchBytes = 32 << 10;
 constexpr int64_t kBlockRows = 16;  // output rows of one work item: small enough to spread any N over threads
 // Below this many weight bytes streamed, a parallel region costs more (thread wake-up, a few microseconds)
 // than the second thread saves.
@@ -181,9 +181,10 @@ AVX512 void tile_512(const float* const* a, const T* w, int64_t k, T* const* out
 }
 
 struct Avx512 {
-    // Of the 32 zmm registers: 4 pairs x 4 rows take 16 accumulators + 4 activations + 1 weight vector.
+    // Of the 32 zmm registers: 4 pairs x 4 rows take 16 accumulators + 4 activations + 1 weight vector; one
+    // pair (a batch-1 GEMV) takes 8 rows, 8 weight streams in flight.
     static constexpr int kMaxPairs = 4;
-    static constexpr int tile_rows(int) { return 4; }
+    static constexpr int tile_rows(int pairs) { return pairs == 1 ? 8 : 4; }
 
     template <class T, int TP, int TN>
     static void tile(const float* const* a, const T* w, int64_t k, T* const* out, const T* next) {

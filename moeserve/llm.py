@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from moeserve.config import parse_dtype_option
 from moeserve.devices import resolve_device
-from moeserve.engine.compiled_decode import eager_by_default
 from moeserve.engine.llm_engine import LLMEngine
 from moeserve.engine.outputs import RequestOutput
 from moeserve.engine.sampling_params import SamplingParams
@@ -111,7 +110,7 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             seed=seed,
-            enforce_eager=eager_by_default() if enforce_eager is None else enforce_eager,
+            enforce_eager=enforce_eager,
             kv_cache=kv_cache,
             gpu_memory_utilization=gpu_memory_utilization,
             profile_experts=self.experts,

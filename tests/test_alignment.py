@@ -41,9 +41,9 @@ def matmul_weights(monkeypatch) -> list[torch.Tensor]:
             seen.extend((w.gate, w.up))
         return gate_and_up(h, w, grouped)  # its fused matmul goes through the recording expert_linear
 
-    def recording_expert_linear(h, weight, grouped):
+    def recording_expert_linear(h, weight, grouped, out=None):
         seen.append(weight)
-        return expert_linear(h, weight, grouped)
+        return expert_linear(h, weight, grouped, out)
 
     monkeypatch.setattr(moe, "gate_and_up", recording_gate_and_up)
     monkeypatch.setattr(moe, "expert_linear", recording_expert_linear)

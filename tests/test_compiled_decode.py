@@ -94,3 +94,30 @@ def test_cache_dir_is_per_cpu_capability(monkeypatch):
     assert compiled_decode.cache_dir().name == f"torch-{torch.__version__}-{capability}"
     monkeypatch.setattr(compiled_decode, "_USER_CACHE_DIR", "/tmp/mine")
     assert str(compiled_decode.cache_dir()) == "/tmp/mine"
+
+
+def test_a_failed_compile_falls_back_to_eager_steps(checkpoint, monkeypatch, capfd):
+    eager = LLM(checkpoint, device="cpu", enforce_eager=True, progress=False)
+    llm = LLM(checkpoint, device="cpu", enforce_eager=False, progress=False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found\nlong details")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    assert _tokens(llm) == _tokens(eager)
+    err = capfd.readouterr().err
+    assert "compiling the CPU decode step failed (RuntimeError: no C++ compiler found); decode steps run eagerly" in err
+    assert err.count("failed") == 1  # said once; later steps do not try again
+    assert llm.engine.runner.compiled.failure is not None and not llm.engine.runner.compiled._steps
+
+
+def test_bfloat16_compiled_steps_round_like_eager_steps(checkpoint_factory):
+    # inductor would fuse a bf16 step's elementwise chains in float32; emulating the eager casts keeps its
+    # greedy tokens with the eager step's (they parted on this model without it)
+    directory, _ = checkpoint_factory("qwen3_moe", dtype=torch.bfloat16)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    runs = [
+        [o.token_ids for o in LLM(directory, device="cpu", enforce_eager=eager, progress=False).generate(PROMPTS, params)]
+        for eager in (True, False)
+    ]
+    assert runs[0] == runs[1]

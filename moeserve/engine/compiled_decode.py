@@ -30,9 +30,11 @@ line on stderr; inductor's cache directory (`cache_dir`) keeps the generated cod
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -72,10 +74,11 @@ class CompiledDecode:
         self.model, self.runner, self.progress = model, runner, progress
         self._steps: dict[tuple, Callable] = {}  # (bucket, blocks, provider kind, depth) → its compiled region
         self._blocks = {layer: model.moe_block(layer) for layer in model.moe_layer_ids}
+        self.failure: str | None = None  # why compiling failed, after which every step runs eagerly
 
     def fits(self, seqs: list[Sequence]) -> bool:
-        """Whether this decode step can run compiled: its batch fits a bucket."""
-        return len(seqs) <= BATCH_BUCKETS[-1]
+        """Whether this decode step can run compiled: its batch fits a bucket (and compiling has not failed)."""
+        return self.failure is None and len(seqs) <= BATCH_BUCKETS[-1]
 
     def decode(self, seqs: list[Sequence], experts: ExpertProvider) -> torch.Tensor:
         """The step's logits [B, V] (call only when `fits`)."""
@@ -106,14 +109,34 @@ class CompiledDecode:
             print(f"moeserve: compiling the CPU decode step for batches up to {bucket} reading {span} positions "
                   f"(once per shape; generated code cached in {directory})...", file=sys.stderr, flush=True)
         start = time.monotonic()
-        step = torch.compile(
-            self.model,
-            fullgraph=True,
-            dynamic=False,
-            isolate_recompiles=True,
-            options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe, "size_asserts": False, "cpp_wrapper": True},
-        )
-        logits = step(ids, ctx, experts)
+        # emulate_precision_casts: a bfloat16 model's intermediates rounded where the eager ops round them
+        # (fused in float32 otherwise, which parted greedy tokens from the eager step's on tiny bf16 models).
+        # inductor's notes on how it lowers an op (e.g. "missing a c-shim implementation, using proxy executor")
+        # are for its developers; a failure still reaches the user below
+        quiet = logging.getLogger("torch._inductor")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            step = torch.compile(
+                self.model,
+                fullgraph=True,
+                dynamic=False,
+                isolate_recompiles=True,
+                options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe, "size_asserts": False, "cpp_wrapper": True,
+                         "emulate_precision_casts": True},
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "does not support code generation for complex operators"
+                logits = step(ids, ctx, experts)
+        except Exception as exc:  # noqa: BLE001 - an old torch, a missing compiler, an op inductor cannot lower
+            # Slower, never wrong: this step and every later one run eagerly (a failed run wrote at most
+            # the K/V this very step writes again).
+            self.failure = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            print(f"moeserve: compiling the CPU decode step failed ({self.failure}); decode steps run eagerly "
+                  f"from now on (--enforce-eager skips the attempt).", file=sys.stderr, flush=True)
+            return self.model(ids, ctx, experts)
+        finally:
+            quiet.setLevel(level)
         self._steps[key] = step
         if self.progress:
             print(f"moeserve: compiled in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)

@@ -17,6 +17,7 @@ import weakref
 
 import torch
 
+from moeserve.engine.compiled_decode import eager_by_default
 from moeserve.engine.outputs import StepOutput
 from moeserve.engine.profile import step_peak_bytes
 from moeserve.engine.runner import ModelRunner, kv_layout
@@ -42,7 +43,7 @@ class LLMEngine:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS,
         seed: int = 0,
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         kv_cache: str | int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -61,7 +62,8 @@ class LLMEngine:
             self.workspace_bytes = step_peak_bytes(model, device, steps, block_size, profile_experts)
         budget = kv_budget(kv_cache, device, self.workspace_bytes or 0, gpu_memory_utilization)
         blocks = num_blocks(budget, kv_layout(model), block_size, max_model_len, max_num_seqs)
-        self.runner = ModelRunner(model, device, max_model_len, blocks, block_size, enforce_eager, progress)
+        eager = eager_by_default() if enforce_eager is None else enforce_eager  # None: MOESERVE_ENFORCE_EAGER decides
+        self.runner = ModelRunner(model, device, max_model_len, blocks, block_size, eager, progress)
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, self.runner.blocks)
         manager = self.runner.blocks
         manager.prefix_caching = prefix_caching

@@ -28,6 +28,7 @@ from torch import nn
 
 from moeserve.config import ModelConfig
 from moeserve.kv.context import DecodeContext, StepContext
+from moeserve.layers.linear import Linear
 from moeserve.layers.norms import RMSNorm
 from moeserve.layers.paged_attention import paged_decode_attention
 from moeserve.layers.rotary import apply_rotary
@@ -49,10 +50,10 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_output_bias)
+        self.q_proj = Linear(config.hidden_size, q_size, bias=bias)
+        self.k_proj = Linear(config.hidden_size, kv_size, bias=bias)
+        self.v_proj = Linear(config.hidden_size, kv_size, bias=bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=config.attention_output_bias)
         # [H] learned logits (gpt_oss), see layers/sinks.py; None = plain softmax attention.
         self.sinks = None
         if config.attention_sinks:

@@ -170,25 +170,28 @@ def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # compiled graph could break by handing it tensors laid out otherwise than the traced ones.
 
 
-@torch.library.custom_op("moeserve::cpu_grouped_gemm", mutates_args=(), device_types="cpu")
+# Plain CPU kernels of a library fragment rather than torch.library.custom_op: a compiled decode step calls
+# them a few times per layer, and custom_op's wrappers (autograd, defaults) cost more than a small product.
+_library = torch.library.Library("moeserve", "FRAGMENT")
+_library.define("cpu_grouped_gemm(Tensor a, Tensor rows, Tensor slots, Tensor weights) -> Tensor")
+_library.define("cpu_linear(Tensor x, Tensor weight) -> Tensor")
+
+
 def _grouped_op(a: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     if not _fits(a, rows, slots, weights):
         _explain_misfit(a, rows, slots, weights)
     return _grouped(a, rows, slots, weights)
 
 
-@_grouped_op.register_fake
-def _(a: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return a.new_empty(rows.shape[0], weights.shape[1])
-
-
-@torch.library.custom_op("moeserve::cpu_linear", mutates_args=(), device_types="cpu")
 def _linear_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if not contiguous_matrix(weight):
         _explain_misfit(x, None, None, weight.unsqueeze(0))
     return _linear(x, weight)
 
 
-@_linear_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+_library.impl("cpu_grouped_gemm", _grouped_op, "CPU")
+_library.impl("cpu_linear", _linear_op, "CPU")
+torch.library.register_fake(
+    "moeserve::cpu_grouped_gemm", lambda a, rows, slots, weights: a.new_empty(rows.shape[0], weights.shape[1]), lib=_library
+)
+torch.library.register_fake("moeserve::cpu_linear", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]), lib=_library)

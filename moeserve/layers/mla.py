@@ -19,6 +19,7 @@ from torch import nn
 
 from moeserve.config import ModelConfig
 from moeserve.kv.context import DecodeContext, StepContext
+from moeserve.layers.linear import Linear
 from moeserve.layers.norms import RMSNorm
 from moeserve.layers.paged_attention import paged_decode_attention
 from moeserve.layers.rotary import ROTARY_LAYOUTS
@@ -39,15 +40,15 @@ class MlaAttention(nn.Module):
         self.rotate = ROTARY_LAYOUTS[config.rope.layout]
         hidden, bias, q_size = config.hidden_size, config.attention_bias, config.num_heads * mla.qk_head_dim
         if mla.q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden, q_size, bias=False)
+            self.q_proj = Linear(hidden, q_size, bias=False)
         else:
-            self.q_a_proj = nn.Linear(hidden, mla.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(hidden, mla.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(mla.q_lora_rank, 1e-6)  # transformers builds it with its default eps
-            self.q_b_proj = nn.Linear(mla.q_lora_rank, q_size, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, mla.latent_dim, bias=bias)
+            self.q_b_proj = Linear(mla.q_lora_rank, q_size, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, mla.latent_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(mla.kv_lora_rank, config.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(config.num_heads * mla.v_head_dim, hidden, bias=bias)
+        self.kv_b_proj = Linear(mla.kv_lora_rank, config.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim), bias=False)
+        self.o_proj = Linear(config.num_heads * mla.v_head_dim, hidden, bias=bias)
         self.has_q_lora = mla.q_lora_rank is not None
 
     def forward(

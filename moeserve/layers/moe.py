@@ -44,6 +44,7 @@ from moeserve.layers.grouped_gemm import (
     has_kernel,
     runs_kernel,
 )
+from moeserve.layers.linear import Linear
 from moeserve.layers.mlp import ACTIVATIONS, GatedMLP
 from moeserve.layers.routing import build_router
 
@@ -74,7 +75,7 @@ class MoeBlock(nn.Module):
             shared = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size, config.hidden_act, config.mlp_bias)
             if config.shared_expert_gated:
                 self.shared_expert = shared
-                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+                self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
             else:
                 self.shared_experts = shared
 
@@ -102,8 +103,8 @@ class MoeBlock(nn.Module):
         # The step's token count (and the device's kernel) picks the arithmetic, so every provider computes a
         # step alike.
         grouped = T <= GROUPED_GEMM_MAX_TOKENS and has_kernel(x.device, x.dtype)
-        # Eager CPU steps stay on the host path, where the routing costs nothing to read and a slot-by-slot
-        # order is the same for every provider.
+        # Eager CPU steps stay on the host path: reading the routing costs nothing there, and resident and
+        # offloaded providers then run a step through the very same calls.
         if stacked is not None and ((grouped and runs_kernel(x.device)) or torch.compiler.is_compiling()):
             return self._on_device(x, weights, ids, stacked)
         if T == 1:

@@ -26,6 +26,7 @@ from moeserve.config import ModelConfig
 from moeserve.kv.context import DecodeContext, StepContext
 from moeserve.experts import ExpertProvider
 from moeserve.layers.attention import Attention
+from moeserve.layers.linear import Linear
 from moeserve.layers.mla import MlaAttention
 from moeserve.layers.mlp import GatedMLP
 from moeserve.layers.moe import MoeBlock, host_routed_experts, prefetch
@@ -93,7 +94,7 @@ class MoeCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config, self.moe_attr, self.moe_class)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config.rope)
         moe_ids = self.moe_layer_ids = config.moe_layer_ids
         # layer id → the MoE layers after it, nearest first (whose experts are worth prefetching)
