@@ -40,10 +40,10 @@ from typing import Callable
 
 import torch
 
-from moeserve.engine.decode_graphs import BATCH_BUCKETS
+from moeserve.engine.decode_graphs import BATCH_BUCKETS, bucket_for, padded_context
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider
-from moeserve.kv.context import DecodeContext, Part
+from moeserve.kv.context import DecodeContext
 from moeserve.layers.moe import host_experts
 from moeserve.models.decoder import MoeCausalLM
 
@@ -84,11 +84,11 @@ class CompiledDecode:
         """The step's logits [B, V] (call only when `fits`)."""
         runner = self.runner
         batch = len(seqs)
-        bucket = next(b for b in BATCH_BUCKETS if b >= batch)
+        bucket = bucket_for(batch)
         blocks = runner.decode_blocks(seqs)
         inputs = runner.step_inputs(seqs, bucket)  # [2 + groups, bucket]: token ids, positions, write slots
         tables = runner.block_tables(seqs, bucket, blocks)  # [groups, bucket, blocks]; padding: null block
-        ctx = DecodeContext(runner.cache, inputs[1], inputs[2:], tables, (Part(0, bucket, blocks),), use_kernel=False)
+        ctx = padded_context(runner.cache, inputs, tables, use_kernel=False)
         # what the trace bakes in of the provider: its class (where its stacked experts live), which
         # layers it holds stacked, and how far ahead it wants predictions
         stacked = tuple(experts.stacked(layer) is not None for layer in self._blocks)

@@ -37,6 +37,18 @@ from moeserve.models.decoder import MoeCausalLM, Segment
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
+def bucket_for(batch: int) -> int:
+    """The smallest batch bucket that holds `batch` rows (at most BATCH_BUCKETS[-1])."""
+    return next(b for b in BATCH_BUCKETS if b >= batch)
+
+
+def padded_context(cache, inputs: torch.Tensor, tables: torch.Tensor, use_kernel: bool) -> DecodeContext:
+    """The context of a padded decode step: inputs [2 + groups, bucket] (token ids, positions, write slots)
+    and tables [groups, bucket, blocks], every row read over the whole span (one Part)."""
+    bucket, blocks = tables.shape[1], tables.shape[2]
+    return DecodeContext(cache, inputs[1], inputs[2:], tables, (Part(0, bucket, blocks),), use_kernel=use_kernel)
+
+
 class Graph(Protocol):
     def replay(self) -> None: ...
 
@@ -115,7 +127,7 @@ class DecodeGraphs:
     def decode(self, seqs: list[Sequence], experts: ExpertProvider) -> torch.Tensor:
         """The step's logits [B, V] (call only when `fits`)."""
         batch = len(seqs)
-        bucket = next(b for b in BATCH_BUCKETS if b >= batch)
+        bucket = bucket_for(batch)
         blocks = self.runner.decode_blocks(seqs)
         host = self.runner.step_inputs(seqs, bucket)  # [2 + groups, bucket]: token ids, positions, write slots
         tables = self.runner.block_tables(seqs, bucket, blocks)  # [groups, bucket, blocks]; padding: null block
@@ -169,10 +181,7 @@ class DecodeGraphs:
         return host.to(self.device), tables.to(self.device)  # [2 + groups, bucket], [groups, bucket, blocks]
 
     def _context(self, inputs: torch.Tensor, tables: torch.Tensor) -> DecodeContext:
-        bucket, blocks = tables.shape[1], tables.shape[2]
-        runner = self.runner
-        parts = (Part(0, bucket, blocks),)
-        return DecodeContext(runner.cache, inputs[1], inputs[2:], tables, parts, use_kernel=runner.paged_kernel)
+        return padded_context(self.runner.cache, inputs, tables, self.runner.paged_kernel)
 
     def _staging(self, host: torch.Tensor, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.capturer.staging(host), self.capturer.staging(tables)
