@@ -49,6 +49,24 @@ EncodePlan plan_encode(int dtype, const void* x, szp_u64 n, float step, double e
 void write_payload(const EncodePlan& plan, const void* x, double eb, szp_u8* out);
 
 // Decode a whole payload into out (out_dtype values, n of them). Throws FormatError on a malformed payload.
+// Runs on the decode path set last (below); every path writes the same values.
 void decode(const szp_u8* payload, size_t size, void* out, int out_dtype);
+
+// ---- decode paths: one per instruction set, chosen at run time ----------------------------------------------
+// scalar: the portable code (4-lane vector extensions, every target); avx2: AVX2 with table-placed signs (no
+// pdep, which is slow on AMD before Zen 3); avx512: AVX-512F/BW with BMI2's pdep.
+enum class DecodePath : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+bool decode_path_supported(DecodePath path);  // the CPU (and its OS) can run it
+DecodePath best_decode_path();
+void set_decode_path(DecodePath path);  // for later decode calls of every thread; the caller checks support
+DecodePath decode_path();
+const char* decode_path_name(DecodePath path);
+DecodePath parse_decode_path(const char* name);  // "auto" = best; throws std::invalid_argument otherwise
+
+// One chunk of a payload into out (the whole output array); false where its bytes disagree with its rates.
+typedef bool (*ChunkDecoder)(const szp_u8* payload, const Layout& l, const Header& h, szp_u64 chunk, void* out);
+// The x86 paths' chunk decoders (szp_decode_x86.cpp) for stored dtype s and output dtype o; null off x86-64.
+ChunkDecoder chunk_decoder_avx2(int s, int o);
+ChunkDecoder chunk_decoder_avx512(int s, int o);
 
 }  // namespace szp

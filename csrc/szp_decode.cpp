@@ -1,60 +1,22 @@
-// szp CPU decoder: chunks in parallel (OpenMP), blocks in order inside a chunk.
+// szp CPU decoder: chunks in parallel (OpenMP), blocks in order inside a chunk, on the chosen decode path.
 //
+// This file holds the portable ("scalar") path, the choice of path and the parallel loop; the chunk loop is
+// szp_decode_chunk.h, the AVX2 and AVX-512 blocks are szp_decode_x86.cpp. Every path reconstructs each value
+// with the same integer steps, one float32 multiply and the same rounding, so all write identical bytes.
 // Every offset read from the payload is bounds-checked, so a malformed payload raises FormatError instead of
 // reading out of bounds; well-formedness beyond that is the Blob checksum's job.
 #include <atomic>
 #include <cstring>
+#include <stdexcept>
+#include <string>
 
 #include "szp_codec.h"
 #include "szp_simd.h"
+#include "szp_decode_chunk.h"
 
 namespace szp {
 
 namespace {
-
-szp_u32 load_u32(const szp_u8* p) {
-    szp_u32 v;
-    std::memcpy(&v, p, 4);
-    return v;
-}
-
-szp_u64 load_u64(const szp_u8* p) {
-    szp_u64 v;
-    std::memcpy(&v, p, 8);
-    return v;
-}
-
-// 64 bits of the sign stream starting at byte `byte`, zero past `len` (the stream is only 4-byte padded).
-szp_u64 sign_window(const szp_u8* signs, szp_u64 byte, szp_u64 len) {
-    szp_u64 w = 0;
-    std::memcpy(&w, signs + byte, len - byte < 8 ? len - byte : 8);
-    return w;
-}
-
-// kSpread.bits[m][w]: the low bits of w moved onto the set bits of the 4-bit mask m (a 4-bit pdep).
-struct SpreadTable {
-    szp_u8 bits[16][16];
-    constexpr SpreadTable() : bits() {
-        for (int m = 0; m < 16; ++m)
-            for (int w = 0; w < 16; ++w)
-                for (int i = 0, k = 0; i < 4; ++i)
-                    if (m >> i & 1) bits[m][w] |= szp_u8(((w >> k++) & 1) << i);
-    }
-};
-constexpr SpreadTable kSpread;
-
-// The sign stream holds one bit per nonzero value; move those bits onto the positions set in nz (a pdep),
-// four positions at a time.
-szp_u32 spread_signs(szp_u64 window, szp_u32 nz) {
-    if (nz == 0xffffffffu) return szp_u32(window);
-    szp_u32 s = 0;
-    for (int shift = 0; shift < kBlockValues; shift += 4) {
-        const szp_u32 m = (nz >> shift) & 15u;
-        s |= szp_u32(kSpread.bits[m][window & 15u]) << shift;
-        window >>= (0x4332322132212110ull >> (4 * m)) & 15u;  // popcount of the nibble m
-    }
-    return s;
-}
 
 // kByteLanes.lanes[b]: the 8 bits of byte b, one per 16-bit lane (lane l = bit l).
 struct ByteLaneTable {
@@ -94,105 +56,101 @@ inline void plane_magnitudes(const szp_u8* planes, int n_planes, u32x4 mag[kVecs
     }
 }
 
-// One coded block: magnitudes from the bit-planes, signs from the spread sign mask, then the reconstruction
-// rule. Writes all 32 values to dst.
-template <class S, class O>
-void decode_block(const szp_u8* planes, int n_planes, szp_u32 signs, float step, typename O::bits* dst) {
-    u32x4 mag[kVecs];
-    plane_magnitudes(planes, n_planes, mag);
-    float v[kBlockValues];
-    const u32x4 s = splat(signs);
-    for (int j = 0; j < kVecs; ++j) {
-        const i32x4 neg = (s & kLaneBit[j]) != 0;  // -1 where negative
-        const f32x4 f = __builtin_convertvector((i32x4(mag[j]) ^ neg) - neg, f32x4) * step;
-        if constexpr (kVectorEmit<S, O>) emit4<S, O>(f, dst + 4 * j);
-        else std::memcpy(v + 4 * j, &f, sizeof(f));
+// The portable block: magnitudes from the bit-planes, signs from the spread sign mask, then the
+// reconstruction rule. Writes all 32 values to dst.
+struct PortableBlock {
+    static szp_u32 spread(szp_u64 window, szp_u32 nz) { return spread_signs_by_table(window, nz); }
+
+    template <class S, class O>
+    static void run(const szp_u8* planes, int n_planes, szp_u32 signs, float step, typename O::bits* dst) {
+        u32x4 mag[kVecs];
+        plane_magnitudes(planes, n_planes, mag);
+        float v[kBlockValues];
+        const u32x4 s = splat(signs);
+        for (int j = 0; j < kVecs; ++j) {
+            const i32x4 neg = (s & kLaneBit[j]) != 0;  // -1 where negative
+            const f32x4 f = __builtin_convertvector((i32x4(mag[j]) ^ neg) - neg, f32x4) * step;
+            if constexpr (kVectorEmit<S, O>) emit4<S, O>(f, dst + 4 * j);
+            else std::memcpy(v + 4 * j, &f, sizeof(f));
+        }
+        if constexpr (!kVectorEmit<S, O>)
+            for (int i = 0; i < kBlockValues; ++i) dst[i] = emit<S, O>(v[i]);
     }
-    if constexpr (!kVectorEmit<S, O>)
-        for (int i = 0; i < kBlockValues; ++i) dst[i] = emit<S, O>(v[i]);
+};
+
+std::atomic<int> g_path{-1};  // -1: not chosen yet, the best path on first use
+
+ChunkDecoder chunk_decoder(DecodePath path, int s, int o) {
+    switch (path) {
+        case DecodePath::kAvx512: return chunk_decoder_avx512(s, o);
+        case DecodePath::kAvx2: return chunk_decoder_avx2(s, o);
+        case DecodePath::kScalar: break;
+    }
+    return chunk_decoder_for<PortableBlock>(s, o);
 }
 
-// Decodes chunk c; returns false if its bytes are inconsistent with its rates and table entries.
-template <class S, class O>
-bool decode_chunk(const szp_u8* payload, const Layout& l, const Header& h, szp_u64 c, typename O::bits* out) {
-    typedef typename S::bits T;
-    const szp_u64 off0 = load_u64(payload + l.table_off + 8 * c), off1 = load_u64(payload + l.table_off + 8 * (c + 1));
-    if (off0 > off1 || off1 > h.data_bytes) return false;
-    const szp_u64 b0 = c * kChunkBlocks, b_end = b0 + kChunkBlocks < l.blocks ? b0 + kChunkBlocks : l.blocks;
-    const szp_u8* rates = payload + l.rates_off;
-    szp_u64 plane_bytes = 0;
-    for (szp_u64 b = b0; b < b_end; ++b) {
-        if (!rate_is_valid(rates[b])) return false;
-        plane_bytes += block_bytes(rates[b], sizeof(T));
-    }
-    if (plane_bytes > off1 - off0) return false;
-    const szp_u8* cursor = payload + l.data_off + off0;
-    const szp_u8* signs = cursor + plane_bytes;
-    const szp_u64 sign_len = off1 - off0 - plane_bytes;
-    szp_u64 sign_pos = 0;  // bit index into this chunk's sign stream
-    for (szp_u64 b = b0; b < b_end; ++b) {
-        const szp_u64 base = b * kBlockValues;
-        const int count = h.n - base < kBlockValues ? int(h.n - base) : kBlockValues;
-        typename O::bits* dst = out + base;
-        if (rates[b] == kRawRate) {
-            for (int i = 0; i < count; ++i) {
-                T v;
-                std::memcpy(&v, cursor + i * sizeof(T), sizeof(T));
-                dst[i] = emit<S, O>(S::to_float(v));
-            }
-            cursor += kBlockValues * sizeof(T);
-            continue;
-        }
-        const int n_planes = rates[b] & kMaxRate;
-        szp_u32 nz = 0;  // bit i set iff value i is nonzero: the OR of the planes
-        for (int p = 0; p < n_planes; ++p) nz |= load_u32(cursor + 4 * p);
-        const int nnz = __builtin_popcount(nz);
-        if (sign_pos + nnz > 8 * sign_len) return false;
-        const szp_u64 window = nnz ? sign_window(signs, sign_pos >> 3, sign_len) >> (sign_pos & 7) : 0;
-        const float step = block_step(rates[b], h.step);
-        if (count == kBlockValues) {
-            decode_block<S, O>(cursor, n_planes, spread_signs(window, nz), step, dst);
-        } else {
-            typename O::bits tail[kBlockValues];
-            decode_block<S, O>(cursor, n_planes, spread_signs(window, nz), step, tail);
-            std::memcpy(dst, tail, count * sizeof(tail[0]));
-        }
-        cursor += 4 * n_planes;
-        sign_pos += nnz;
-    }
-    return 4 * ((sign_pos + 31) / 32) == sign_len;
-}
-
-template <class S, class O>
-void decode_all(const szp_u8* payload, const Layout& l, const Header& h, void* out) {
+void decode_all(ChunkDecoder decode_one, const szp_u8* payload, const Layout& l, const Header& h, void* out) {
     std::atomic<bool> ok{load_u64(payload + l.table_off) == 0 &&
                          load_u64(payload + l.table_off + 8 * l.chunks) == h.data_bytes};
 #pragma omp parallel for schedule(dynamic, 4) if (l.chunks >= kParallelMinChunks)
     for (long long c = 0; c < (long long)l.chunks; ++c)
-        if (!decode_chunk<S, O>(payload, l, h, c, static_cast<typename O::bits*>(out))) ok = false;
+        if (!decode_one(payload, l, h, szp_u64(c), out)) ok = false;
     if (!ok) throw FormatError("the szp payload's chunk table, rates and data disagree; the blob is corrupt");
-}
-
-template <class S>
-void decode_to(const szp_u8* payload, const Layout& l, const Header& h, void* out, int out_dtype) {
-    switch (out_dtype) {
-        case kF32: return decode_all<S, F32>(payload, l, h, out);
-        case kF16: return decode_all<S, F16>(payload, l, h, out);
-        case kBF16: return decode_all<S, BF16>(payload, l, h, out);
-    }
-    throw FormatError("unknown output dtype code");
 }
 
 }  // namespace
 
+bool decode_path_supported(DecodePath path) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (path == DecodePath::kAvx512)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("bmi2") && chunk_decoder_avx512(kF32, kF32) != nullptr;
+    if (path == DecodePath::kAvx2) return __builtin_cpu_supports("avx2") && chunk_decoder_avx2(kF32, kF32) != nullptr;
+#endif
+    return path == DecodePath::kScalar;
+}
+
+DecodePath best_decode_path() {
+    for (DecodePath path : {DecodePath::kAvx512, DecodePath::kAvx2})
+        if (decode_path_supported(path)) return path;
+    return DecodePath::kScalar;
+}
+
+void set_decode_path(DecodePath path) { g_path.store(int(path)); }
+
+DecodePath decode_path() {
+    int path = g_path.load();
+    if (path < 0) {
+        path = int(best_decode_path());
+        g_path.store(path);
+    }
+    return DecodePath(path);
+}
+
+const char* decode_path_name(DecodePath path) {
+    switch (path) {
+        case DecodePath::kAvx512: return "avx512";
+        case DecodePath::kAvx2: return "avx2";
+        case DecodePath::kScalar: break;
+    }
+    return "scalar";
+}
+
+DecodePath parse_decode_path(const char* name) {
+    const std::string wanted(name);
+    if (wanted == "auto") return best_decode_path();
+    for (DecodePath path : {DecodePath::kScalar, DecodePath::kAvx2, DecodePath::kAvx512}) {
+        if (wanted != decode_path_name(path)) continue;
+        if (!decode_path_supported(path)) throw std::invalid_argument("this CPU cannot run the " + wanted + " path");
+        return path;
+    }
+    throw std::invalid_argument("unknown szp decode path '" + wanted + "' (scalar, avx2, avx512 or auto)");
+}
+
 void decode(const szp_u8* payload, size_t size, void* out, int out_dtype) {
     const Header h = read_header(payload, size);
-    const Layout l = layout_for(h.n);
-    switch (h.dtype) {
-        case kF32: return decode_to<F32>(payload, l, h, out, out_dtype);
-        case kF16: return decode_to<F16>(payload, l, h, out, out_dtype);
-        case kBF16: return decode_to<BF16>(payload, l, h, out, out_dtype);
-    }
+    if (out_dtype != kF32 && out_dtype != kF16 && out_dtype != kBF16) throw FormatError("unknown output dtype code");
+    decode_all(chunk_decoder(decode_path(), h.dtype, out_dtype), payload, layout_for(h.n), h, out);
 }
 
 }  // namespace szp

@@ -6,8 +6,11 @@
 // The GIL is released around every pass over the data.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <cstdlib>
 #include <string>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -149,6 +152,17 @@ void set_openmp_threads(int n) {
 #endif
 }
 
+void set_isa(const std::string& name) { szp::set_decode_path(szp::parse_decode_path(name.c_str())); }
+
+std::string isa() { return szp::decode_path_name(szp::decode_path()); }
+
+std::vector<std::string> supported_isas() {
+    std::vector<std::string> names;
+    for (auto path : {szp::DecodePath::kScalar, szp::DecodePath::kAvx2, szp::DecodePath::kAvx512})
+        if (szp::decode_path_supported(path)) names.push_back(szp::decode_path_name(path));
+    return names;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_szp_cpu, m) {
@@ -161,6 +175,16 @@ PYBIND11_MODULE(_szp_cpu, m) {
     m.def("layout", &layout, py::arg("n"));
     m.def("openmp_threads", &openmp_threads);
     m.def("set_openmp_threads", &set_openmp_threads, py::arg("n"));
+    // The decode path: MOESERVE_CPU_ISA when the module is imported (as for moeserve._cpu_gemm), else the widest.
+    try {
+        const char* forced = std::getenv("MOESERVE_CPU_ISA");
+        set_isa(forced && *forced ? forced : "auto");
+    } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(std::string("MOESERVE_CPU_ISA: ") + e.what());
+    }
+    m.def("set_isa", &set_isa, py::arg("name"), "the decode path later calls take: scalar, avx2, avx512 or auto");
+    m.def("isa", &isa, "the decode path calls take now");
+    m.def("supported_isas", &supported_isas, "the decode paths this CPU can run");
     py::class_<szp::DecodePool>(m, "DecodePool", "Threads that decode szp payloads without holding the GIL.")
         .def(py::init<int>(), py::arg("threads"))
         .def("submit", &submit, py::arg("jobs"), py::arg("urgent") = false,

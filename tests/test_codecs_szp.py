@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -177,3 +180,67 @@ def test_ratio_within_20_percent_of_sz3_on_weight_like_tensors():
         sz3 = encode(x, codec="sz3", mode="mean_abs", error_bound=alpha).bits_per_value
         assert szp <= 1.2 * sz3, (alpha, szp, sz3)
     assert math.isfinite(szp)
+
+
+# -- the decode paths (scalar, avx2, avx512): one set of bytes -------------------------------------------------
+
+DECODE_PATHS = cpu_module().supported_isas()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def _path_cases() -> list[Blob]:
+    g = torch.Generator().manual_seed(7)
+    blobs = []
+    for stored in STORED:
+        for eb in (1e-1, 1e-3, 1e-5):  # few planes, the usual ~9, and past 16
+            blobs.append(encode(outlier_weights(5 * 8192 + 45, stored), codec="szp", mode="rel", error_bound=eb))
+    wide = [torch.randint(-(2**k), 2**k + 1, (32,), generator=g) for k in range(30)]
+    for block, k in zip(wide, range(30)):
+        block[0] = 2**k
+    blobs.append(encode(torch.cat(wide).float(), codec="szp", mode="abs", error_bound=0.5))  # 1..31 planes
+    blobs.append(encode(torch.tensor([1e30, -3e29] + [0.01, -0.02] * 31 + [0.5] * 7), codec="szp", error_bound=1e-6))
+    return blobs
+
+
+@pytest.mark.exact
+def test_every_decode_path_writes_the_same_bytes():
+    # Each path against the portable one, for every stored and output dtype, on blocks of every plane count,
+    # raw blocks, half-step blocks and a partial last block.
+    module = cpu_module()
+    chosen = module.isa()
+    assert "scalar" in DECODE_PATHS and chosen == os.environ.get("MOESERVE_CPU_ISA", DECODE_PATHS[-1])  # the widest
+    try:
+        for blob in _path_cases():
+            for out_dtype in STORED:
+                decoded = {}
+                for path in DECODE_PATHS:
+                    module.set_isa(path)
+                    assert module.isa() == path
+                    decoded[path] = _bits(decode_into(blob, torch.full(blob.shape, float("nan"), dtype=out_dtype)))
+                for path in DECODE_PATHS:
+                    assert torch.equal(decoded[path], decoded["scalar"]), (path, blob.dtype, out_dtype)
+                module.set_isa("scalar")
+                assert torch.equal(decode(blob), spec_decode(blob.payload_numpy()))
+    finally:
+        module.set_isa(chosen)
+
+
+def test_a_decode_path_the_cpu_lacks_or_an_unknown_one_is_refused():
+    module = cpu_module()
+    with pytest.raises(ValueError, match="unknown szp decode path 'sse'"):
+        module.set_isa("sse")
+    for missing in {"avx2", "avx512"} - set(DECODE_PATHS):
+        with pytest.raises(ValueError, match="cannot run"):
+            module.set_isa(missing)
+
+
+def test_moeserve_cpu_isa_picks_the_decode_path_at_import():
+    probe = "from moeserve.codecs.szp_cpu import cpu_module; print(cpu_module().isa())"
+    run = lambda value: subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,  # noqa: E731
+                                       env={**os.environ, "MOESERVE_CPU_ISA": value})
+    assert run("scalar").stdout.strip() == "scalar"
+    bad = run("sse")  # refused by whichever extension loads first (the GEMM's, as the package imports now)
+    assert bad.returncode != 0 and "MOESERVE_CPU_ISA: unknown" in bad.stderr and "path 'sse'" in bad.stderr

@@ -1,0 +1,125 @@
+// The szp decoder's AVX2 path (see szp_codec.h, DecodePath).
+//
+// Compiled under `#pragma GCC target` with the chunk loop (szp_decode_chunk.h, anonymous namespace) included
+// after it, so loop and block inline into one function per dtype pair, and no AVX2 copy of a shared inline
+// function can reach the other paths at link time: the shared headers are included before the pragma. A block
+// of 32 values decodes in byte lanes while its magnitudes fit 16 planes (planes 0-7 and 8-15 apart), in
+// 32-bit lanes beyond. Signs are
+// placed by table (pdep is slow on AMD before Zen 3); the float32 multiply and the rounding to the stored and
+// output dtypes are the portable path's (szp_decode.cpp), lane for lane.
+#include "szp_codec.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+
+#include <immintrin.h>
+
+#include <cstring>
+
+#pragma GCC push_options
+#pragma GCC target("avx2,popcnt")
+#include "szp_decode_chunk.h"
+
+namespace szp {
+namespace {
+
+struct Avx2Block {
+    static szp_u32 spread(szp_u64 window, szp_u32 nz) { return spread_signs_by_table(window, nz); }
+
+    // bf16 rounding (BF16::from_float) of 8 float32 bit patterns, in the low 16 bits of each lane.
+    static __m256i bf16_round(__m256i u) {
+        const __m256i rounded = _mm256_srli_epi32(
+            _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                             _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
+        const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                               _mm256_set1_epi32(0x7f800000));  // signed compare: both < 2^31
+        return _mm256_blendv_epi8(rounded, quiet, nan);
+    }
+
+    template <class S, class O>
+    static constexpr bool kVectorEmit8 = S::kCode != kF16 && O::kCode != kF16;
+
+    // Values 8g .. 8g + 7 as float32, emitted as O into dst (8 values), or kept in v for a scalar emit.
+    template <class S, class O>
+    static void emit8(__m256 f, typename O::bits* dst, float* v) {
+        if constexpr (!kVectorEmit8<S, O>) {
+            _mm256_storeu_ps(v, f);
+        } else if constexpr (S::kCode == kF32 && O::kCode == kF32) {
+            _mm256_storeu_ps(reinterpret_cast<float*>(dst), f);
+        } else {
+            const __m256i r = bf16_round(_mm256_castps_si256(f));
+            if constexpr (O::kCode == kF32) {
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm256_slli_epi32(r, 16));
+            } else {
+                const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), packed);
+            }
+        }
+    }
+
+    template <class S, class O>
+    static void run(const szp_u8* planes, int n_planes, szp_u32 signs, float step, typename O::bits* dst) {
+        __m256i mag[4];  // value 8g + l in lane l of mag[g]
+        const __m256i bits32 = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        if (n_planes <= 16) {
+            // Value i in byte lane i: each 128-bit half of the broadcast word holds all 4 plane bytes, and the
+            // shuffle sends byte i / 8 to lanes 8(i / 8) .. 8(i / 8) + 7 (the upper half's lanes are values 16-31).
+            const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                    2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+            const __m256i bits8 = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128,
+                                                   1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+            __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();  // planes 8-15 and 0-7
+            for (int p = n_planes - 1; p >= 0; --p) {
+                szp_u32 w;
+                std::memcpy(&w, planes + 4 * p, 4);
+                const __m256i lanes = _mm256_shuffle_epi8(_mm256_set1_epi32(int(w)), spread);
+                const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(lanes, bits8), bits8);  // -1 where set
+                __m256i& acc = p >= 8 ? high : low;
+                acc = _mm256_sub_epi8(_mm256_add_epi8(acc, acc), set);  // 2 * acc + bit
+            }
+            // (low, high) bytes to 16-bit magnitudes: values 0-7 | 16-23, then 8-15 | 24-31.
+            const __m256i first = _mm256_unpacklo_epi8(low, high), second = _mm256_unpackhi_epi8(low, high);
+            mag[0] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(first));
+            mag[1] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(second));
+            mag[2] = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(first, 1));
+            mag[3] = _mm256_cvtepu16_epi32(_mm256_extracti128_si256(second, 1));
+        } else {
+            for (int g = 0; g < 4; ++g) mag[g] = _mm256_setzero_si256();
+            for (int p = n_planes - 1; p >= 0; --p) {
+                szp_u32 w;
+                std::memcpy(&w, planes + 4 * p, 4);
+                for (int g = 0; g < 4; ++g) {
+                    const __m256i word = _mm256_set1_epi32(int(w >> (8 * g)));
+                    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(word, bits32), bits32);
+                    mag[g] = _mm256_sub_epi32(_mm256_add_epi32(mag[g], mag[g]), set);
+                }
+            }
+        }
+        const __m256 step8 = _mm256_set1_ps(step);
+        float v[kBlockValues];
+        for (int g = 0; g < 4; ++g) {
+            const __m256i neg = _mm256_cmpeq_epi32(
+                _mm256_and_si256(_mm256_set1_epi32(int(signs >> (8 * g))), bits32), bits32);  // -1 where negative
+            const __m256i q = _mm256_sub_epi32(_mm256_xor_si256(mag[g], neg), neg);
+            emit8<S, O>(_mm256_mul_ps(_mm256_cvtepi32_ps(q), step8), dst + 8 * g, v + 8 * g);
+        }
+        if constexpr (!kVectorEmit8<S, O>)
+            for (int i = 0; i < kBlockValues; ++i) dst[i] = emit<S, O>(v[i]);
+    }
+
+};
+
+}  // namespace
+
+ChunkDecoder chunk_decoder_avx2(int s, int o) { return chunk_decoder_for<Avx2Block>(s, o); }
+
+}  // namespace szp
+#pragma GCC pop_options
+
+#else
+
+namespace szp {
+ChunkDecoder chunk_decoder_avx2(int, int) { return nullptr; }
+}  // namespace szp
+
+#endif
