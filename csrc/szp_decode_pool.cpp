@@ -31,6 +31,7 @@ void DecodeJob::run() {
 }
 
 const std::string& DecodeJob::wait() {
+    if (!done() && claim()) run();  // still queued: run it here (the worker that pops it later skips it)
     if (!done()) {
         std::unique_lock<std::mutex> lock(mutex_);
         finished_.wait(lock, [this] { return done(); });
@@ -44,13 +45,17 @@ DecodePool::DecodePool(int threads) {
 }
 
 void DecodePool::submit(std::shared_ptr<DecodeJob> job, bool urgent) {
+    bool wake;
     {
         std::lock_guard<std::mutex> lock(mutex_);
         if (closing_) throw std::runtime_error("the decode pool is closed");
         if (urgent) queue_.insert(queue_.begin() + urgent_queued_++, std::move(job));
         else queue_.push_back(std::move(job));
+        // A lone urgent job is left to its waiter, who is about to ask for it (DecodeJob::wait): waking a worker
+        // for it would cost two thread switches on the waiter's path. A second one goes to a worker, in parallel.
+        wake = !urgent || urgent_queued_ > 1;
     }
-    wake_.notify_one();
+    if (wake) wake_.notify_one();
 }
 
 void DecodePool::close() {
@@ -77,7 +82,7 @@ void DecodePool::work() {
             queue_.pop_front();
             if (urgent_queued_ > 0) --urgent_queued_;
         }
-        job->run();
+        if (job->claim()) job->run();  // else its waiter took it
     }
 }
 

@@ -3,6 +3,7 @@
 // In:  a job: the payloads of one expert's tensors and the slot memory each decodes into (raw pointers; the
 //      binding keeps the buffers alive until the job is done).
 // Out: the slot memory written; done() / wait() report completion and the first malformed payload's error.
+//      A job runs once: on a worker, or on the thread that waits for it if no worker has started it.
 // Workers never take the GIL, so decoding the next expert does not stall the model's Python thread, and each
 // worker decodes on its own thread only (no OpenMP team on top of the pool).
 #pragma once
@@ -32,15 +33,20 @@ class DecodeJob {
   public:
     explicit DecodeJob(std::vector<DecodeTask> tasks) : tasks_(std::move(tasks)) {}
     bool done() const { return done_.load(std::memory_order_acquire); }
-    // Blocks until the job has run; returns the error of its first malformed payload, empty if none.
+    // Returns once the job has run, with the error of its first malformed payload (empty if none). A job no
+    // worker has started yet runs here, on the caller's thread: a waiting caller has nothing better to do
+    // with its core, and it saves waking a worker and switching back (most of a small expert's decode time
+    // on a machine with few cores).
     const std::string& wait();
     double seconds() const { return seconds_; }  // decode time, valid once done()
 
   private:
     friend class DecodePool;
+    bool claim() { return !claimed_.exchange(true, std::memory_order_acq_rel); }  // true for the one runner
     void run();
 
     std::vector<DecodeTask> tasks_;
+    std::atomic<bool> claimed_{false};
     std::atomic<bool> done_{false};
     std::mutex mutex_;
     std::condition_variable finished_;

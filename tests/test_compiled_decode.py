@@ -18,6 +18,7 @@ PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], list(range(
 # 60 new tokens: the longest prompt (20) crosses from the 64-position span into the 128-position one
 GREEDY = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
 RAW = {"default": {"codec": "raw"}}
+SZP = {"default": {"codec": "szp", "mode": "rel", "error_bound": 1e-4}}
 TOLERANCE = 1e-5  # float32 rounding over a tiny model's layers, logits O(1)
 
 
@@ -67,13 +68,32 @@ def test_compiled_steps_match_eager_steps(checkpoint, capfd):
     assert (logits[0] - logits[1]).abs().max().item() <= TOLERANCE
 
 
-def test_offloaded_experts_run_through_the_host_from_a_compiled_step(checkpoint):
-    resident = LLM(checkpoint, device="cpu", enforce_eager=True, progress=False)
-    offloaded = LLM(checkpoint, device="cpu", policy=RAW, expert_cache="50%", enforce_eager=False, progress=False)
-    assert _tokens(offloaded) == _tokens(resident)
+def _logprobs(llm: LLM, prompts) -> list:
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3)
+    return [[list(step.items()) for step in o.logprobs] for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("policy,cache,held", [(RAW, "50%", False), (SZP, "50%", True), (SZP, "25%", False)])
+def test_offloaded_experts_from_a_compiled_step(checkpoint, policy, cache, held):
+    # 2 MoE layers of 8 experts, top-2, stored in float32 like the compute dtype. A 50% cache (8 slots) holds
+    # the 8 experts a padded batch of 4 may route to, so the step can compute them from the held slots
+    # (host_expert_slots) in the compiled step; a 25% cache (4 slots) cannot, and the step reaches them
+    # through host_routed_experts; a batch of 1 fits either. Raw float32 experts go through the host like the
+    # resident model's mapped ones, which keeps raw offloading bit-identical to resident.
+    resident = LLM(checkpoint, device="cpu", enforce_eager=False, progress=False)
+    offloaded = LLM(checkpoint, device="cpu", policy=policy, expert_cache=cache, enforce_eager=False, progress=False)
+    if policy is RAW:
+        for prompts in (PROMPTS, PROMPTS[:1]):
+            assert _logprobs(offloaded, prompts) == _logprobs(resident, prompts)
+    else:
+        assert _tokens(offloaded) == _tokens(resident)
+        _logprobs(offloaded, PROMPTS[:1])
     assert offloaded.offload.stats.misses > 0  # experts were loaded by the opaque op's fetches, not baked into the step
-    kinds = {key[2] for key in offloaded.engine.runner.compiled._steps}
-    assert kinds == {type(offloaded.experts)}
+    steps = offloaded.engine.runner.compiled._steps
+    assert {key[2] for key in steps} == {type(offloaded.experts)}
+    held_by_bucket = {key[0]: all(shape is not None for shape in key[4]) for key in steps}
+    assert held_by_bucket == {4: held, 1: held or (policy is SZP)}
+    assert all(entry.pins == 0 for entry in offloaded.experts.cache.entries.values())  # released after each step
 
 
 def test_enforce_eager_from_the_environment(checkpoint, monkeypatch):

@@ -28,7 +28,8 @@ class NativeDecoder(ABC):
     """Decodes into CPU tensors on native threads that never take the GIL, so background decoding does not
     stall the model's Python thread (offload/decode_pool.py).
 
-    The pool `start_pool` returns takes `submit(jobs, urgent)`, one job per (blob, out) as `job` makes it,
+    The pool `start_pool` returns takes `submit(jobs, urgent)`, one job per (blob, out) as `job` makes it
+    from their `source` and `target`,
     and answers a handle with done(), wait() (raises ValueError for a malformed payload: translate it with
     `error`) and seconds; `close()` finishes every submitted unit, then stops its threads."""
 
@@ -39,8 +40,16 @@ class NativeDecoder(ABC):
         """A new pool of `threads` native decode threads."""
 
     @abstractmethod
-    def job(self, blob: Blob, out: torch.Tensor) -> object:
-        """The pool's argument for decoding `blob` into `out` (checked, contiguous, CPU)."""
+    def source(self, blob: Blob) -> object:
+        """What the pool reads for `blob` (a caller that submits the same blob again may keep it)."""
+
+    @abstractmethod
+    def target(self, out: torch.Tensor) -> object:
+        """What the pool writes for `out` (checked, contiguous, CPU; a caller may keep it as long as `out`)."""
+
+    @abstractmethod
+    def job(self, source: object, target: object) -> object:
+        """The pool's argument for decoding a `source` into a `target` of the same shape."""
 
     @abstractmethod
     def error(self, error: ValueError) -> CodecError:

@@ -61,8 +61,14 @@ class SzpNativeDecoder(NativeDecoder):
     def start_pool(self, threads: int):
         return cpu_module().DecodePool(threads)
 
-    def job(self, blob: Blob, out: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
-        return decode_args(blob, out)
+    def source(self, blob: Blob) -> np.ndarray:
+        return blob.payload_numpy()
+
+    def target(self, out: torch.Tensor) -> tuple[np.ndarray, int]:
+        return bits_view(out).numpy(), DTYPES.index(out.dtype)
+
+    def job(self, source: np.ndarray, target: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray, int]:
+        return (source, *target)
 
     def error(self, error: ValueError) -> CodecError:
         return malformed(error)

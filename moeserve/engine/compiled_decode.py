@@ -18,10 +18,13 @@ a guard check would cost more than the step on a small model. Inputs (token ids,
 block tables, stacked experts, the KV pools) are read afresh by every call.
 
 Experts: a provider that holds a layer stacked is computed inside the compiled step (layers/moe.py
-`_on_device`); any other (a mapped checkpoint, an offloading provider) is reached through the host in
-one opaque op per MoE layer (`host_routed_experts`: the predictions to prefetch, then `fetch`), exactly
-as the eager forward reaches it, so the eager and compiled steps of an offloaded model agree bit for bit
-in their experts and the provider sees the same loads.
+`on_stack`). An offloading provider whose slot pool can hold a step's experts at once (`held_stack`) is
+too: one opaque op per MoE layer (`host_expert_slots`: the predictions to prefetch, then `hold`) returns
+the slots of the routed experts, and the step computes them from the pool in place, with the kernel
+resident experts use. Any other provider (a mapped checkpoint, a cache too small to hold a step's experts)
+is reached through the host in one opaque op per MoE layer (`host_routed_experts`: the predictions, then
+`fetch` and the experts), exactly as the eager forward reaches it. Either way the eager and compiled steps
+of an offloaded model agree bit for bit in their experts and the provider sees the same loads.
 
 Compiling a key takes seconds (more on a loaded machine), so it happens on first use with a progress
 line on stderr; inductor's cache directory (`cache_dir`) keeps the generated code across processes.
@@ -42,9 +45,9 @@ import torch
 
 from moeserve.engine.decode_graphs import BATCH_BUCKETS, bucket_for, padded_context
 from moeserve.engine.sequence import Sequence
-from moeserve.experts import ExpertProvider
+from moeserve.experts import ExpertProvider, StackedExperts
 from moeserve.kv.context import DecodeContext
-from moeserve.layers.moe import host_experts
+from moeserve.layers.moe import held_stack, host_experts
 from moeserve.models.decoder import MoeCausalLM
 
 ENFORCE_EAGER_ENV = "MOESERVE_ENFORCE_EAGER"
@@ -92,7 +95,8 @@ class CompiledDecode:
         # what the trace bakes in of the provider: its class (where its stacked experts live), which
         # layers it holds stacked, and how far ahead it wants predictions
         stacked = tuple(experts.stacked(layer) is not None for layer in self._blocks)
-        key = (bucket, blocks, type(experts), stacked, experts.prediction_depth)
+        held = tuple(_stack_shape(held_stack(experts, layer, bucket, block.top_k)) for layer, block in self._blocks.items())
+        key = (bucket, blocks, type(experts), stacked, held, experts.prediction_depth)
         with host_experts(self._blocks, experts, batch):
             step = self._steps.get(key)
             if step is None:
@@ -141,3 +145,8 @@ class CompiledDecode:
         if self.progress:
             print(f"moeserve: compiled in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
         return logits
+
+
+def _stack_shape(stack: StackedExperts | None) -> tuple | None:
+    """What a trace bakes in of a held stack: its shapes (its tensors are inputs, read afresh by every call)."""
+    return None if stack is None else (tuple(stack.gate_up.shape), tuple(stack.down.shape))

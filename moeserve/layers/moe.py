@@ -106,7 +106,7 @@ class MoeBlock(nn.Module):
         # Eager CPU steps stay on the host path: reading the routing costs nothing there, and resident and
         # offloaded providers then run a step through the very same calls.
         if stacked is not None and ((grouped and runs_kernel(x.device)) or torch.compiler.is_compiling()):
-            return self._on_device(x, weights, ids, stacked)
+            return self.on_stack(x, weights, ids, stacked)
         if T == 1:
             return self._single_token(x, weights, ids, experts, grouped)
         return self._many_tokens(x, weights, ids, experts, grouped)
@@ -130,12 +130,15 @@ class MoeBlock(nn.Module):
         gate, up = gate_and_up(h, w, grouped)
         return expert_linear(self._activate(gate, up, expert_id), w.down, grouped, out)
 
-    def _on_device(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, stacked: StackedExperts):
-        """Every (token, slot) pair through two grouped GEMMs over the stacked experts, ids never leaving the device."""
+    def on_stack(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, stacked: StackedExperts,
+                   slots: torch.Tensor | None = None):
+        """Every (token, slot) pair through two grouped GEMMs over the stacked experts, ids never leaving the device.
+        `slots` [T, K]: the stack's row of each pair's expert where the stack does not map ids to rows itself
+        (the expert cache's slots, `host_expert_slots`)."""
         T, D = x.shape
         pairs = T * self.top_k
         expert_of = ids.flatten()  # [P]: pair p is token p // K, slot p % K
-        slot_of = stacked.slot_of[expert_of]  # [P]
+        slot_of = stacked.slot_of[expert_of] if slots is None else slots.flatten()  # [P]
         token_of = torch.arange(T, device=x.device).repeat_interleave(self.top_k)  # [P]
         # the pairs grouped by slot once for both GEMMs (only the GPU kernel uses the grouping)
         grouping = align_pairs(slot_of, stacked.gate_up.shape[0]) if runs_kernel(x.device) else None
@@ -214,16 +217,46 @@ _host_scope = _HostScope()
 @contextmanager
 def host_experts(blocks: dict[int, MoeBlock], experts: ExpertProvider, tokens: int) -> Iterator[None]:
     """Within: a compiled step's routed experts reach `experts` through the host (engine/compiled_decode.py).
-    `tokens`: the step's real rows (the rest pad a batch bucket; no expert is loaded for them)."""
+    `tokens`: the step's real rows (the rest pad a batch bucket; no expert is loaded for them). On the way
+    out the experts the step held (`host_expert_slots`) are released."""
     _host_scope.blocks, _host_scope.experts, _host_scope.tokens = blocks, experts, tokens
     try:
         yield
     finally:
         _host_scope.blocks = _host_scope.experts = None
+        if hasattr(experts, "release"):
+            experts.release()
 
 
-@torch.library.custom_op("moeserve::host_routed_experts", mutates_args=())
-def host_routed_experts(
+def held_stack(experts: ExpertProvider, layer: int, tokens: int, top_k: int) -> StackedExperts | None:
+    """The stack a compiled step of `tokens` rows computes MoE layer `layer` from, through `host_expert_slots`,
+    where the provider offers one (an offloading provider's slot pool, see OffloadedExpertProvider.held_stack);
+    None: the layer goes through `host_routed_experts`."""
+    if not hasattr(experts, "held_stack"):
+        return None
+    return experts.held_stack(layer, tokens * top_k)
+
+
+def _host_expert_slots(
+    ids: torch.Tensor, layer: int, predicted: list[torch.Tensor], predicted_layers: list[int]
+) -> torch.Tensor:
+    """The slots [T, K] of `held_stack`'s rows holding the experts ids [T, K] of MoE layer `layer` route to,
+    for a compiled step to compute the layer there: first the later layers' predictions go to the provider
+    (as in `host_routed_experts`), then the provider loads the real rows' experts and holds them until the
+    step ends. Padding rows get the first held slot (their outputs feed padding rows only)."""
+    scope = _host_scope
+    if scope.blocks is None:
+        raise RuntimeError("host_expert_slots ran outside host_experts(...): no provider to fetch experts from")
+    tokens = scope.tokens
+    prefetch(scope.experts, list(zip(predicted_layers, predicted)), tokens)
+    routed = ids[:tokens].tolist()  # [tokens][K]
+    wanted = sorted({expert for row in routed for expert in row})
+    slot_of = dict(zip(wanted, scope.experts.hold(layer, wanted)))
+    padding = [[slot_of[wanted[0]]] * ids.shape[1]] * (ids.shape[0] - tokens)
+    return torch.tensor([[slot_of[expert] for expert in row] for row in routed] + padding, dtype=torch.long)
+
+
+def _host_routed_experts(
     h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, layer: int, predicted: list[torch.Tensor],
     predicted_layers: list[int],
 ) -> torch.Tensor:
@@ -242,9 +275,20 @@ def host_routed_experts(
     return out
 
 
-@host_routed_experts.register_fake
-def _(h, weights, ids, layer, predicted, predicted_layers):
-    return torch.empty_like(h)
+# Plain CPU kernels (no autograd or custom_op wrappers, which cost ~15 us a call): a compiled step calls
+# one of them per MoE layer.
+_library = torch.library.Library("moeserve", "FRAGMENT")
+_library.define("host_expert_slots(Tensor ids, int layer, Tensor[] predicted, int[] predicted_layers) -> Tensor")
+_library.define("host_routed_experts(Tensor h, Tensor weights, Tensor ids, int layer, Tensor[] predicted, "
+                "int[] predicted_layers) -> Tensor")
+_library.impl("host_expert_slots", _host_expert_slots, "CPU")
+_library.impl("host_routed_experts", _host_routed_experts, "CPU")
+torch.library.register_fake(
+    "moeserve::host_expert_slots", lambda ids, *args: torch.empty_like(ids, dtype=torch.long), lib=_library
+)
+torch.library.register_fake("moeserve::host_routed_experts", lambda h, *args: torch.empty_like(h), lib=_library)
+host_expert_slots = torch.ops.moeserve.host_expert_slots
+host_routed_experts = torch.ops.moeserve.host_routed_experts
 
 
 def gate_and_up(h: torch.Tensor, w: ExpertWeights, grouped: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from moeserve.layers.attention import Attention
 from moeserve.layers.linear import Linear
 from moeserve.layers.mla import MlaAttention
 from moeserve.layers.mlp import GatedMLP
-from moeserve.layers.moe import MoeBlock, host_routed_experts, prefetch
+from moeserve.layers.moe import MoeBlock, held_stack, host_expert_slots, host_routed_experts, prefetch
 from moeserve.layers.norms import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding
 
@@ -142,9 +142,17 @@ class MoeCausalLM(nn.Module):
         done = self.segment(0, input_ids, ctx, depth, logits_indices=logits_indices)  # (the last, without MoE layers)
         for index, layer in enumerate(self.moe_layer_ids):
             if torch.compiler.is_compiling() and experts.stacked(layer) is None:
-                # compiled (engine/compiled_decode.py): the host's part of the layer runs in one opaque op
+                # compiled (engine/compiled_decode.py): the host's part of the layer runs in one opaque op, which
+                # either names the slots holding the routed experts (computed here, like stacked experts) or
+                # computes the routed experts itself
                 predicted_layers, predicted = [u for u, _ in done.predictions], [p for _, p in done.predictions]
-                routed = host_routed_experts(done.h, done.weights, done.ids, layer, predicted, predicted_layers)
+                block = self.moe_block(layer)
+                stack = held_stack(experts, layer, input_ids.shape[0], block.top_k)
+                if stack is not None:
+                    slots = host_expert_slots(done.ids, layer, predicted, predicted_layers)  # [T, K]
+                    routed = block.on_stack(done.h, done.weights, done.ids, stack, slots)
+                else:
+                    routed = host_routed_experts(done.h, done.weights, done.ids, layer, predicted, predicted_layers)
             else:
                 prefetch(experts, done.predictions, input_ids.shape[0])
                 routed = self.moe_block(layer).routed(done.h, done.weights, done.ids, experts)  # [T, D]

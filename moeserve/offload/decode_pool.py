@@ -6,7 +6,7 @@ Out: a `DecodeHandle` to poll (done) or block on (wait); once done every out hol
 A unit whose blobs all share a codec with a native decoder (`Codec.native_decoder()`, e.g. szp's C++
 threads) runs there, without the GIL, so decoding does not stall the model's Python thread between its
 torch calls. Other codecs run their Python decoders on threads of their own. Units a layer is waiting
-for run before queued guesses. Either way each worker decodes on its own thread only: the workers are
+for run before queued guesses, and a native unit no worker has started runs on the thread that waits for it. Either way each worker decodes on its own thread only: the workers are
 the parallelism, and an OpenMP team per worker would oversubscribe the cores the model computes on.
 """
 
@@ -64,13 +64,19 @@ class CpuDecodePool:
         decoders = {get(blob.codec).native_decoder() for blob, _ in work}
         decoder = decoders.pop() if len(decoders) == 1 else None
         if decoder is not None:
-            if decoder.name not in self._native:
-                self._native[decoder.name] = decoder.start_pool(self.threads)
-            jobs = [decoder.job(blob, out) for blob, out in work]
-            return DecodeHandle(native=self._native[decoder.name].submit(jobs, urgent), decoder=decoder)
+            jobs = [decoder.job(decoder.source(blob), decoder.target(out)) for blob, out in work]
+            return self.submit_native(decoder, jobs, urgent)
         if self._python is None:
             self._python = _PythonDecodeThreads(self.threads)
         return DecodeHandle(future=self._python.submit(work, urgent))
+
+    def submit_native(self, decoder: NativeDecoder, jobs: list, urgent: bool = False) -> DecodeHandle:
+        """`submit` for a caller that made the native jobs itself (`decoder.job` of checked, nonempty pairs),
+        e.g. from sources and targets it keeps: the offloading filler decodes the same blobs into the same
+        slots over and over, and making the jobs anew cost more than a small expert's decode."""
+        if decoder.name not in self._native:
+            self._native[decoder.name] = decoder.start_pool(self.threads)
+        return DecodeHandle(native=self._native[decoder.name].submit(jobs, urgent), decoder=decoder)
 
     def close(self) -> None:
         """Finishes every submitted unit, then stops the threads."""

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from moeserve.codecs import NativeDecoder, check_decode_target
+from moeserve.codecs.registry import get
 from moeserve.offload.decode_pool import CpuDecodePool, DecodeHandle
 from moeserve.offload.cache import SlotPool
 from moeserve.offload.stats import OffloadStats
@@ -66,15 +68,42 @@ class CpuSlotFiller:
         self.pool, self.stats, self.workers = pool, stats, workers
         self._decoders = CpuDecodePool(workers)
         self._running: list[DecodeHandle] = []
+        # What the native decoder reads per packed expert (id → the expert, its layout in a slot, the decoder,
+        # one source per blob) and writes per slot layout ((slot, apart) → one target per matrix), made on
+        # first use: the same experts go into the same slots over and over. None: no native decoder.
+        self._sources: dict[int, tuple[PackedExpert, bool, NativeDecoder | None, list]] = {}
+        self._targets: dict[tuple[int, bool], list] = {}
 
     def start(self, packed: PackedExpert, slot: int, urgent: bool) -> CpuPending:
         """Queues the fill; an urgent one (a layer waits for it) is decoded before queued prefetches."""
         self._collect_timing()
-        weights = self.pool.weights(slot, self.pool.serves_apart(packed))  # the layout compute will read
-        handle = self._decoders.submit(list(zip(packed.blobs, (weights.gate, weights.up, weights.down))), urgent)
+        _, apart, decoder, sources = self._source(packed)
+        weights = self.pool.weights(slot, apart)  # the layout compute will read
+        outs = (weights.gate, weights.up, weights.down)
+        if decoder is None:
+            handle = self._decoders.submit(list(zip(packed.blobs, outs)), urgent)
+        else:
+            targets = self._targets.get((slot, apart))
+            if targets is None:
+                targets = self._targets[(slot, apart)] = [decoder.target(out) for out in outs]
+            jobs = [decoder.job(source, target) for source, target in zip(sources, targets)]
+            handle = self._decoders.submit_native(decoder, jobs, urgent)
         self._running.append(handle)
         self.stats.bytes_transferred += packed.nbytes
         return CpuPending(handle)
+
+    def _source(self, packed: PackedExpert) -> tuple[PackedExpert, bool, NativeDecoder | None, list]:
+        known = self._sources.get(id(packed))
+        if known is None or known[0] is not packed:
+            apart = self.pool.serves_apart(packed)
+            weights = self.pool.weights(0, apart)
+            for blob, out in zip(packed.blobs, (weights.gate, weights.up, weights.down)):
+                check_decode_target(blob, out, cpu_only=True)  # every slot's views share these shapes
+            decoders = {get(blob.codec).native_decoder() for blob in packed.blobs}
+            decoder = decoders.pop() if len(decoders) == 1 and all(blob.numel for blob in packed.blobs) else None
+            sources = [] if decoder is None else [decoder.source(blob) for blob in packed.blobs]
+            known = self._sources[id(packed)] = (packed, apart, decoder, sources)
+        return known
 
     def release(self, slot: int) -> None:
         """Nothing to order: on the CPU, compute has finished reading a slot when it asks for the next."""

@@ -21,7 +21,9 @@ import time
 from collections import deque
 from typing import Iterator, Sequence
 
-from moeserve.experts import ExpertWeights
+import torch
+
+from moeserve.experts import ExpertWeights, StackedExperts
 from moeserve.offload.cache import ExpertCache, ExpertKey, SlotEntry, SlotPool
 from moeserve.offload.lookahead import automatic_prediction_depth
 from moeserve.offload.stats import OffloadStats
@@ -65,6 +67,21 @@ class OffloadedExpertProvider:
         self._experts_per_layer = len(store.experts) // len(cycle)
         self._width = top_k  # experts the latest fetch asked for (its routing width), at least top_k
         self._top_k = top_k
+        self._held: list[SlotEntry] = []  # pinned by the latest hold
+        # hold's stack: the pool as stacked experts (slot s in row s), and the layers whose every expert
+        # a slot serves in that (fused) layout
+        self._stack = (
+            StackedExperts.over(pool.memory, pool.intermediate, pool.hidden, torch.empty(0, dtype=torch.long))
+            if pool.memory.device.type == "cpu" else None
+        )
+        # Layers hold serves: every expert in the fused layout, and not a layer the resident model would compute
+        # through `fetch` (raw experts already in the compute dtype stay mapped there, not stacked; computing
+        # them from a stack instead would part raw offloading from resident results in the last bit).
+        apart_layers = {key[0] for key, apart in self._gate_up_apart.items() if apart}
+        converted_layers = {layer for (layer, _), packed in store.experts.items()
+                            if any(blob.codec != "raw" or blob.dtype != pool.memory.dtype for blob in packed.blobs)}
+        mapped_layers = set(cycle) - converted_layers
+        self._fused_layers = set() if self._stack is None else set(cycle) - apart_layers - mapped_layers
 
     @property
     def prediction_depth(self) -> int:
@@ -94,6 +111,38 @@ class OffloadedExpertProvider:
         return None
 
     def fetch(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        for entry in self._serve(layer, experts, hold=False):
+            yield entry.key[1], self.pool.weights(entry.slot, self._gate_up_apart[entry.key])
+
+    def held_stack(self, layer: int, experts: int) -> StackedExperts | None:
+        """The slot pool as one stack (gate_up [S, 2I, D], down [S, D, I]) for `hold`'s slots, where a compiled
+        CPU step can compute `layer` from it: the pool is on the CPU, every expert of the layer is served with
+        gate and up fused (the stack's layout), and `experts` (the most a step may route to at once) can be
+        pinned together. None otherwise: that layer goes through `fetch`."""
+        fits = min(experts, self._experts_per_layer) <= self.pool.num_slots
+        return self._stack if fits and layer in self._fused_layers else None
+
+    def hold(self, layer: int, experts: Sequence[int]) -> list[int]:
+        """Load `experts` (ascending ids) of `layer` and pin all of them until the next `hold` or `release`
+        (the step computes from their slots in between); returns their slots, in the order of `experts`.
+        The loads, statistics and prefetches are `fetch`'s. Only for layers `held_stack` serves."""
+        self.release()
+        slots = {}
+        for entry in self._serve(layer, experts, hold=True):
+            slots[entry.key[1]] = entry.slot
+        return [slots[expert] for expert in experts]
+
+    def release(self) -> None:
+        """Unpin what the latest `hold` pinned (the end of a step calls this)."""
+        for entry in self._held:
+            entry.pins -= 1
+            self.filler.release(entry.slot)
+        self._held = []
+
+    def _serve(self, layer: int, experts: Sequence[int], hold: bool) -> Iterator[SlotEntry]:
+        """Each expert's entry once it is loaded: hits first, then misses as they land. Without `hold` an
+        entry is unpinned when the consumer asks for the next (its slot may then be reused); with `hold`
+        every entry stays pinned, in self._held, until `release`."""
         self._current = layer
         self._hints.pop(layer, None)  # the layer asks for its experts itself now
         self._passes[layer] += 1
@@ -116,10 +165,12 @@ class OffloadedExpertProvider:
         self._issue_hints(missing)
         # Ready experts first: computing them hides the loads still in flight.
         resident.sort(key=lambda entry: not entry.ready.done())
+        release = self._keep if hold else self._release
         try:
             for entry in resident:
-                yield self._use(entry)
-                self._release(entry, held)
+                self._use(entry)
+                yield entry
+                release(entry, held)
                 self._issue_hints(missing)
             while missing or in_flight:
                 if not in_flight:
@@ -130,8 +181,9 @@ class OffloadedExpertProvider:
                     if not in_flight:
                         raise RuntimeError("no expert cache slot can be freed; the cache holds no unpinned slot")
                 entry = in_flight.popleft()
-                yield self._use(entry)
-                self._release(entry, held)
+                self._use(entry)
+                yield entry
+                release(entry, held)
                 held += self._start_misses(missing, in_flight)
                 self._issue_hints(missing)
         finally:
@@ -145,7 +197,11 @@ class OffloadedExpertProvider:
         held.remove(entry)
         self.filler.release(entry.slot)  # compute has queued its reads of the slot
 
-    def _use(self, entry: SlotEntry) -> tuple[int, ExpertWeights]:
+    def _keep(self, entry: SlotEntry, held: list[SlotEntry]) -> None:
+        held.remove(entry)
+        self._held.append(entry)  # pinned until release()
+
+    def _use(self, entry: SlotEntry) -> None:
         if not entry.ready.done():
             start = time.perf_counter()
             entry.ready.wait()
@@ -159,7 +215,6 @@ class OffloadedExpertProvider:
             self.stats.prefetches_used += 1
             self.stats.prefetches_used_at[entry.distance] = self.stats.prefetches_used_at.get(entry.distance, 0) + 1
             self.stats.prefetch_used_bytes += self.store.experts[entry.key].nbytes
-        return entry.key[1], self.pool.weights(entry.slot, self._gate_up_apart[entry.key])
 
     def _start_misses(self, missing: deque[ExpertKey], in_flight: deque[SlotEntry]) -> list[SlotEntry]:
         """Start loads for as many misses as slots allow; returns the new, pinned entries."""
