@@ -48,7 +48,8 @@ class BuildExt(build_ext):
 
 
 class BuildPy(build_py):
-    """Copies kernels/ into the built package so an installed (non-editable) moeserve finds its kernels."""
+    """Copies kernels/ (the GPU kernels) and the sources of the C++ torch ops moeserve builds on first use
+    (moeserve/native_ops.py) into the built package, so an installed (non-editable) moeserve finds them."""
 
     def run(self):
         super().run()
@@ -57,6 +58,10 @@ class BuildPy(build_py):
         for src in Path("kernels").glob("*"):
             if src.suffix in (".cu", ".cuh", ".h"):
                 shutil.copy2(src, dst / src.name)
+        dst = Path(self.build_lib) / "moeserve" / "_csrc"
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in ("torch_ops.cpp", "cpu_gemm.h"):
+            shutil.copy2(Path("csrc") / name, dst / name)
 
 
 setup(

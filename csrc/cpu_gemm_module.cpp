@@ -51,6 +51,10 @@ void grouped_gemm(int dtype, uintptr_t a, int64_t a_rows, int64_t a_row_stride, 
     cpu_gemm::grouped_gemm(p, isa, threads);
 }
 
+// The kernel on the path chosen here, for moeserve_native's C++ ops (csrc/torch_ops.cpp), which get its address.
+// Called without the GIL (from a compiled step's C++ code), it never touches Python.
+void entry(const cpu_gemm::Problem* p, int threads) { cpu_gemm::grouped_gemm(*p, cpu_gemm::Isa(g_isa.load()), threads); }
+
 void set_isa(const std::string& name) { g_isa.store(int(cpu_gemm::parse_isa(name))); }
 
 std::string isa() { return cpu_gemm::isa_name(cpu_gemm::Isa(g_isa.load())); }
@@ -79,6 +83,8 @@ PYBIND11_MODULE(_cpu_gemm, m) {
           py::arg("pair_slots"), py::arg("pairs"), py::arg("out"), py::arg("threads"),
           "out[p] = a[rows[p]] @ w[pair_slots[p]].T for p < pairs; pointers as integers (rows 0: row p, pair_slots "
           "0: slot 0), strides in elements");
+    m.def("entry_address", [] { return reinterpret_cast<uintptr_t>(&entry); },
+          "the address of void entry(const cpu_gemm::Problem*, int threads), for moeserve_native's C++ ops");
     m.def("set_isa", &set_isa, py::arg("name"), "the path later calls take: scalar, avx2, avx512 or auto");
     m.def("isa", &isa, "the path calls take now");
     m.def("supported_isas", &supported_isas, "the paths this CPU can run");

@@ -43,6 +43,7 @@ from typing import Callable
 
 import torch
 
+from moeserve import native_ops
 from moeserve.engine.decode_graphs import BATCH_BUCKETS, bucket_for, padded_context
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider, StackedExperts
@@ -112,6 +113,7 @@ class CompiledDecode:
         if self.progress:
             print(f"moeserve: compiling the CPU decode step for batches up to {bucket} reading {span} positions "
                   f"(once per shape; generated code cached in {directory})...", file=sys.stderr, flush=True)
+        native_ops.load(self.progress)  # the kernels' C++ ops, before the first trace bakes in which ops it calls
         start = time.monotonic()
         # emulate_precision_casts: a bfloat16 model's intermediates rounded where the eager ops round them
         # (fused in float32 otherwise, which parted greedy tokens from the eager step's on tiny bf16 models).

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve import native_ops
 from moeserve.kv.blocks import BlockManager
 
 DEFAULT_BLOCK_SIZE = 16
@@ -115,7 +116,7 @@ class PagedKVCache:
         if torch.compiler.is_compiling():
             # An opaque in-place op: written as index_copy_ into the pool (or a view of it), a compiled
             # step would copy the whole pool back after every write (functionalization of an input's mutation).
-            torch.ops.moeserve.kv_write(self.k[slot], self.v[slot] if values is not None else None, slots, keys, values)
+            native_ops.ops().kv_write(self.k[slot], self.v[slot] if values is not None else None, slots, keys, values)
             return
         self._tokens[0][slot].index_copy_(0, slots, keys)
         if values is not None:

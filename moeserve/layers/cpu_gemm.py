@@ -16,7 +16,9 @@ rounding, not bit for bit.
 gives the bits cpu_grouped_gemm gives for the same rows.
 
 Under torch.compile both run as the ops moeserve::cpu_grouped_gemm and moeserve::cpu_linear (each with a fake
-for shapes), so torch.compile(fullgraph=True) keeps each as one extern call; eager calls skip the op dispatch
+for shapes), or their C++ twins in moeserve_native once native_ops.load() has built them (a compiled step then
+calls the kernel without going back into Python), so torch.compile(fullgraph=True) keeps each as one extern
+call; eager calls skip the op dispatch
 (about 15 us, more than a small product's arithmetic) and call the extension directly. `available(dtype)`
 says whether they can run: the extension is built and the dtype supported (float16 is not: callers keep
 torch there).
@@ -30,6 +32,8 @@ The path: the widest the CPU supports, or what MOESERVE_CPU_ISA (read when the e
 from __future__ import annotations
 
 import torch
+
+from moeserve import native_ops
 
 try:
     from moeserve import _cpu_gemm as _ext
@@ -69,7 +73,7 @@ def cpu_grouped_gemm(a: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, w
     if not _fits(a, rows, slots, weights):
         _explain_misfit(a, rows, slots, weights)
     if torch.compiler.is_compiling():
-        return torch.ops.moeserve.cpu_grouped_gemm(a, rows, slots, weights)
+        return native_ops.ops().cpu_grouped_gemm(a, rows, slots, weights)
     return _grouped(a, rows, slots, weights)  # eager: the op's dispatch would cost more than a small call's math
 
 
@@ -82,7 +86,7 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"cpu_linear needs weight as [N, Kdim], got {tuple(weight.shape)}.")
         _explain_misfit(x, None, None, weight.unsqueeze(0))
     if torch.compiler.is_compiling():
-        return torch.ops.moeserve.cpu_linear(x, weight)
+        return native_ops.ops().cpu_linear(x, weight)
     return _linear(x, weight)
 
 

@@ -1,0 +1,119 @@
+// moeserve's CPU kernels as C++ torch ops (library moeserve_native), for compiled CPU decode steps.
+//
+// In:  tensors from a compiled step's C++ wrapper (inductor cpp_wrapper), through the dispatcher.
+// Out: kv_write writes the KV pools in place; cpu_grouped_gemm / cpu_linear return new [P, N] / [M, N] tensors.
+//
+// The same ops exist as Python kernels (moeserve::kv_write, layers/cpu_gemm.py); a compiled step calling one
+// of those goes C++ -> Python -> C++ a few times per layer, which on a small model costs as much as its
+// arithmetic. This file is compiled at run time against the installed torch (layers/native_ops.py), because the
+// extensions built at install time must not depend on torch's headers. The GEMM itself is not compiled here:
+// moeserve._cpu_gemm hands over the address of its entry point (bind_cpu_gemm), so both ops run the one kernel,
+// with the one instruction-set choice, that the Python ops run.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
+#include <optional>
+
+#include "cpu_gemm.h"
+
+namespace {
+
+using GemmEntry = void (*)(const cpu_gemm::Problem*, int threads);
+std::atomic<GemmEntry> g_gemm{nullptr};
+
+void bind_cpu_gemm(int64_t address) { g_gemm.store(reinterpret_cast<GemmEntry>(static_cast<uintptr_t>(address))); }
+
+void kv_write(at::Tensor k_pool, std::optional<at::Tensor> v_pool, const at::Tensor& slots, const at::Tensor& keys,
+              const std::optional<at::Tensor>& values) {
+    // pools [num_blocks, block_size, G, Dh] <- entries [N, G, Dh] at flat positions slots [N]
+    k_pool.view({-1, k_pool.size(2), k_pool.size(3)}).index_copy_(0, slots, keys);
+    if (v_pool.has_value()) {
+        TORCH_CHECK_VALUE(values.has_value(), "kv_write: a value pool needs values");
+        v_pool->view({-1, v_pool->size(2), v_pool->size(3)}).index_copy_(0, slots, *values);
+    }
+}
+
+int dtype_code(const at::Tensor& t) {
+    if (t.scalar_type() == at::kFloat) return cpu_gemm::kF32;
+    if (t.scalar_type() == at::kBFloat16) return cpu_gemm::kBF16;
+    TORCH_CHECK_VALUE(false, "the CPU GEMM takes float32 and bfloat16, not ", t.scalar_type());
+    return -1;
+}
+
+// weights [S, N, K] with each slot's [N, K] matrix contiguous (layers/cpu_gemm.py _slots_contiguous)
+bool slots_contiguous(const at::Tensor& w) {
+    const int64_t n = w.size(1), k = w.size(2);
+    return n * k == 0 || ((k == 1 || w.stride(2) == 1) && (n == 1 || w.stride(1) == k));
+}
+
+at::Tensor run(const at::Tensor& a_in, const at::Tensor* rows, const at::Tensor* slots, const at::Tensor& w,
+               int64_t num_slots, int64_t slot_stride, int64_t n, int64_t k) {
+    GemmEntry gemm = g_gemm.load();
+    TORCH_CHECK(gemm != nullptr, "moeserve_native: bind_cpu_gemm was not called");
+    const int dtype = dtype_code(a_in);
+    TORCH_CHECK_VALUE(w.scalar_type() == a_in.scalar_type(), "the CPU GEMM needs a and the weights in one dtype");
+    TORCH_CHECK_VALUE(a_in.dim() == 2 && a_in.size(1) == k, "the CPU GEMM needs a as [R, ", k, "]");
+    TORCH_CHECK_VALUE(a_in.device().is_cpu() && w.device().is_cpu(), "the CPU GEMM needs CPU tensors");
+    const at::Tensor a = a_in.size(1) <= 1 || a_in.stride(1) == 1 ? a_in : a_in.contiguous();
+    at::Tensor row_index, slot_index;
+    int64_t pairs = a.size(0);
+    if (rows != nullptr) {
+        for (const at::Tensor* t : {rows, slots})
+            TORCH_CHECK_VALUE(t->dim() == 1 && t->scalar_type() == at::kLong && t->device().is_cpu(),
+                              "the CPU GEMM needs rows and slots as 1-D long CPU tensors");
+        TORCH_CHECK_VALUE(rows->size(0) == slots->size(0), "the CPU GEMM needs one row and one slot per pair");
+        row_index = rows->contiguous();
+        slot_index = slots->contiguous();
+        pairs = rows->size(0);
+    }
+    at::Tensor out = at::empty({pairs, n}, a.options());
+    cpu_gemm::Problem p;
+    p.dtype = dtype;
+    p.a = a.data_ptr();
+    p.a_rows = a.size(0);
+    p.a_row_stride = a.stride(0);
+    p.w = w.data_ptr();
+    p.slots = num_slots;
+    p.slot_stride = slot_stride;
+    p.n = n;
+    p.k = k;
+    p.rows = rows != nullptr ? row_index.data_ptr<int64_t>() : nullptr;
+    p.pair_slots = rows != nullptr ? slot_index.data_ptr<int64_t>() : nullptr;
+    p.pairs = pairs;
+    p.out = out.data_ptr();
+    gemm(&p, at::get_num_threads());  // checks every row and slot index before reading
+    return out;
+}
+
+at::Tensor cpu_grouped_gemm(const at::Tensor& a, const at::Tensor& rows, const at::Tensor& slots,
+                            const at::Tensor& weights) {
+    TORCH_CHECK_VALUE(weights.dim() == 3 && slots_contiguous(weights),
+                      "the CPU GEMM needs weights [S, N, Kdim] with each slot's matrix contiguous");
+    return run(a, &rows, &slots, weights, weights.size(0), weights.stride(0), weights.size(1), weights.size(2));
+}
+
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight) {
+    TORCH_CHECK_VALUE(weight.dim() == 2 && slots_contiguous(weight.unsqueeze(0)),
+                      "the CPU GEMM needs weight [N, Kdim] contiguous");
+    return run(x, nullptr, nullptr, weight, 1, 0, weight.size(0), weight.size(1));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moeserve_native, m) {
+    m.def("bind_cpu_gemm(int address) -> ()", &bind_cpu_gemm);
+    m.def("kv_write(Tensor(a!) k_pool, Tensor(b!)? v_pool, Tensor slots, Tensor keys, Tensor? values) -> ()");
+    m.def("cpu_grouped_gemm(Tensor a, Tensor rows, Tensor slots, Tensor weights) -> Tensor");
+    m.def("cpu_linear(Tensor x, Tensor weight) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moeserve_native, CPU, m) {
+    m.impl("kv_write", &kv_write);
+    m.impl("cpu_grouped_gemm", &cpu_grouped_gemm);
+    m.impl("cpu_linear", &cpu_linear);
+}

@@ -1,0 +1,108 @@
+"""moeserve's CPU kernels as C++ torch ops (library `moeserve_native`), built on first use for compiled steps.
+
+In:  csrc/torch_ops.cpp (shipped in the package as moeserve/_csrc when installed) and the installed torch.
+Out: torch.ops.moeserve_native.kv_write / cpu_grouped_gemm / cpu_linear, the C++ twins of moeserve::kv_write
+     (kv/cache.py) and of layers/cpu_gemm.py's ops: the same arguments, checks and kernel, so the same bits.
+
+Why: a compiled CPU decode step (engine/compiled_decode.py) calls these a few times per layer from inductor's
+C++ wrapper. Registered from Python, each call goes back into the interpreter (~10-15 us); on a small model
+that was a fifth of a token's time. The library is compiled against the running torch, once per torch
+version, CPU capability and source, into ~/.cache/moeserve/native-ops (MOESERVE_CACHE_DIR), which takes
+~30 s; `load()` then only loads it. It needs what inductor's C++ wrapper needs anyway (a C++ compiler and
+torch's headers) plus ninja. If building fails, `load()` says so in one line and the Python ops stay in use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "loaded": bool once tried; "failure": why not
+
+
+def _source_dir() -> Path | None:
+    here = Path(__file__).resolve()
+    for candidate in (here.parent / "_csrc", here.parents[1] / "csrc"):
+        if (candidate / "torch_ops.cpp").is_file() and (candidate / "cpu_gemm.h").is_file():
+            return candidate
+    return None
+
+
+def build_dir(sources: Path) -> Path:
+    """Where the library is built: per torch version and CPU capability, and per source content."""
+    root = Path(os.environ.get("MOESERVE_CACHE_DIR", Path.home() / ".cache" / "moeserve")) / "native-ops"
+    digest = hashlib.sha256()
+    for name in ("torch_ops.cpp", "cpu_gemm.h"):
+        digest.update((sources / name).read_bytes())
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    return root / f"torch-{torch.__version__}-{capability}-{digest.hexdigest()[:16]}"
+
+
+def loaded() -> bool:
+    """Whether the C++ ops are registered (load() succeeded in this process)."""
+    return bool(_state.get("loaded"))
+
+
+def load(progress: bool = True) -> bool:
+    """Build (first time) and load the C++ ops; True when they are usable. Never raises: a failure is one line
+    on stderr, said once, and the Python ops stay in use."""
+    with _lock:
+        if "loaded" in _state:
+            return bool(_state["loaded"])
+        _state["loaded"] = False
+        try:
+            try:
+                from moeserve import _cpu_gemm
+            except ImportError:
+                raise RuntimeError("the CPU GEMM extension is not built") from None
+            sources = _source_dir()
+            if sources is None:
+                raise RuntimeError("csrc/torch_ops.cpp is not installed with moeserve")
+            directory = build_dir(sources)
+            directory.mkdir(parents=True, exist_ok=True)
+            if progress and not any(directory.glob("*.so")):
+                print(f"moeserve: building the C++ CPU ops for compiled steps (once per torch version; in {directory})...",
+                      file=sys.stderr, flush=True)
+            from torch.utils.cpp_extension import load as build
+
+            build(
+                name="moeserve_native_ops",
+                sources=[str(sources / "torch_ops.cpp")],
+                extra_include_paths=[str(sources)],
+                extra_cflags=["-O2", "-ffp-contract=off"],
+                build_directory=str(directory),
+                is_python_module=False,
+                verbose=False,
+            )
+            torch.ops.moeserve_native.bind_cpu_gemm(_cpu_gemm.entry_address())
+            _register_fakes()
+            _state["loaded"] = True
+        except Exception as error:  # a missing compiler, ninja or header: the Python ops still work
+            _state["failure"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            print(f"moeserve: the C++ CPU ops could not be built ({_state['failure']}); compiled steps call the "
+                  f"Python ones", file=sys.stderr, flush=True)
+        return bool(_state["loaded"])
+
+
+def _register_fakes() -> None:
+    lib = torch.library.Library("moeserve_native", "FRAGMENT")
+    torch.library.register_fake("moeserve_native::kv_write", lambda k_pool, v_pool, slots, keys, values: None, lib=lib)
+    torch.library.register_fake(
+        "moeserve_native::cpu_grouped_gemm", lambda a, rows, slots, weights: a.new_empty(rows.shape[0], weights.shape[1]),
+        lib=lib,
+    )
+    torch.library.register_fake(
+        "moeserve_native::cpu_linear", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]), lib=lib
+    )
+    _state["library"] = lib  # a Library's registrations last as long as the object
+
+
+def ops():
+    """The op namespace a compiled step calls: moeserve_native once `load` succeeded, else moeserve's Python ops."""
+    return torch.ops.moeserve_native if _state.get("loaded") else torch.ops.moeserve

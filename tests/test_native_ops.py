@@ -1,0 +1,76 @@
+"""The C++ twins of the CPU ops (moeserve/native_ops.py, csrc/torch_ops.cpp): built on first use, the same bits
+as the Python ops they replace in compiled steps, the same refusals, and a clean fallback when they cannot
+be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeserve import LLM, SamplingParams, native_ops
+from moeserve.layers import cpu_gemm
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.available(torch.float32), reason="the CPU GEMM extension is not built")
+
+
+@pytest.fixture(scope="module")
+def native():
+    if not native_ops.load(progress=False):
+        pytest.fail(f"the C++ ops did not build: {native_ops._state.get('failure')}")
+    return torch.ops.moeserve_native
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gemm_ops_give_the_python_ops_bits(native, dtype):
+    g = torch.Generator().manual_seed(3)
+    for rows_n, pairs, slots_n, n_out, k_dim in [(3, 6, 4, 96, 80), (1, 2, 8, 128, 128), (5, 9, 2, 17, 33)]:
+        a = torch.randn(rows_n, k_dim, generator=g).to(dtype)
+        weights = torch.randn(slots_n, n_out, k_dim, generator=g).to(dtype)
+        rows = torch.randint(0, rows_n, (pairs,), generator=g)
+        slots = torch.randint(0, slots_n, (pairs,), generator=g)
+        assert torch.equal(native.cpu_grouped_gemm(a, rows, slots, weights), torch.ops.moeserve.cpu_grouped_gemm(a, rows, slots, weights))
+        assert torch.equal(native.cpu_linear(a, weights[1]), torch.ops.moeserve.cpu_linear(a, weights[1]))
+        strided = torch.randn(rows_n, 2 * k_dim, generator=g).to(dtype)[:, ::2]  # features not contiguous
+        assert torch.equal(native.cpu_linear(strided, weights[0]), cpu_gemm.cpu_linear(strided.contiguous(), weights[0]))
+
+
+def test_the_gemm_ops_refuse_what_the_python_ops_refuse(native):
+    a, weights = torch.randn(2, 8), torch.randn(3, 4, 8)
+    with pytest.raises(ValueError, match="slot 7"):
+        native.cpu_grouped_gemm(a, torch.tensor([0, 1]), torch.tensor([0, 7]), weights)
+    with pytest.raises(ValueError, match="row"):
+        native.cpu_grouped_gemm(a, torch.tensor([0, 5]), torch.tensor([0, 1]), weights)
+    with pytest.raises(ValueError, match="one dtype"):
+        native.cpu_grouped_gemm(a, torch.tensor([0]), torch.tensor([0]), weights.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous"):
+        native.cpu_grouped_gemm(a, torch.tensor([0]), torch.tensor([0]), weights.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
+        native.cpu_linear(a.half(), weights[0].half())
+
+
+def test_kv_write_writes_what_the_python_op_writes(native):
+    g = torch.Generator().manual_seed(4)
+    pools = [torch.zeros(4, 16, 2, 8) for _ in range(4)]
+    slots = torch.tensor([3, 17, 40])
+    keys, values = torch.randn(3, 2, 8, generator=g), torch.randn(3, 2, 8, generator=g)
+    native.kv_write(pools[0], pools[1], slots, keys, values)
+    torch.ops.moeserve.kv_write(pools[2], pools[3], slots, keys, values)
+    assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3]) and pools[0].abs().sum() > 0
+    native.kv_write(pools[0], None, slots, keys * 2, None)  # MLA: latents only
+    assert torch.equal(pools[0].view(-1, 2, 8)[slots], keys * 2)
+
+
+def test_a_failed_build_keeps_the_python_ops(monkeypatch, capfd, checkpoint_factory, tmp_path):
+    monkeypatch.setenv("MOESERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native_ops, "_state", {})
+    monkeypatch.setattr(native_ops, "_source_dir", lambda: None)
+    directory, _ = checkpoint_factory("qwen3_moe", num_hidden_layers=2, num_experts=8, seed=5)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    eager = LLM(directory, device="cpu", enforce_eager=True, progress=False).generate([[1, 2, 3]], params)
+    compiled = LLM(directory, device="cpu", enforce_eager=False, progress=True).generate([[1, 2, 3]], params)
+    assert compiled[0].token_ids == eager[0].token_ids
+    assert not native_ops.loaded() and native_ops.ops() is torch.ops.moeserve
+    err = capfd.readouterr().err
+    assert "the C++ CPU ops could not be built (RuntimeError: csrc/torch_ops.cpp is not installed with moeserve)" in err
+    assert err.count("could not be built") == 1
