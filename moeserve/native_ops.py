@@ -49,18 +49,17 @@ def loaded() -> bool:
     return bool(_state.get("loaded"))
 
 
-def load(progress: bool = True) -> bool:
-    """Build (first time) and load the C++ ops; True when they are usable. Never raises: a failure is one line
-    on stderr, said once, and the Python ops stay in use."""
+def load(gemm_entry: int | None, progress: bool = True) -> bool:
+    """Build (first time) and load the C++ ops; True when they are usable. `gemm_entry`: the address of the CPU
+    GEMM's entry point (layers/cpu_gemm.py `entry_address`; None when that extension is not built). Never
+    raises: a failure is one line on stderr, said once, and the Python ops stay in use."""
     with _lock:
         if "loaded" in _state:
             return bool(_state["loaded"])
         _state["loaded"] = False
         try:
-            try:
-                from moeserve import _cpu_gemm
-            except ImportError:
-                raise RuntimeError("the CPU GEMM extension is not built") from None
+            if gemm_entry is None:
+                raise RuntimeError("the CPU GEMM extension is not built")
             sources = _source_dir()
             if sources is None:
                 raise RuntimeError("csrc/torch_ops.cpp is not installed with moeserve")
@@ -80,7 +79,7 @@ def load(progress: bool = True) -> bool:
                 is_python_module=False,
                 verbose=False,
             )
-            torch.ops.moeserve_native.bind_cpu_gemm(_cpu_gemm.entry_address())
+            torch.ops.moeserve_native.bind_cpu_gemm(gemm_entry)
             _register_fakes()
             _state["loaded"] = True
         except Exception as error:  # a missing compiler, ninja or header: the Python ops still work

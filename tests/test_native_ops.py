@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not cpu_gemm.available(torch.float32), reason="t
 
 @pytest.fixture(scope="module")
 def native():
-    if not native_ops.load(progress=False):
+    if not native_ops.load(cpu_gemm.entry_address(), progress=False):
         pytest.fail(f"the C++ ops did not build: {native_ops._state.get('failure')}")
     return torch.ops.moeserve_native
 

@@ -48,6 +48,7 @@ from moeserve.engine.decode_graphs import BATCH_BUCKETS, bucket_for, padded_cont
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider, StackedExperts
 from moeserve.kv.context import DecodeContext
+from moeserve.layers import cpu_gemm
 from moeserve.layers.moe import held_stack, host_experts
 from moeserve.models.decoder import MoeCausalLM
 
@@ -113,7 +114,8 @@ class CompiledDecode:
         if self.progress:
             print(f"moeserve: compiling the CPU decode step for batches up to {bucket} reading {span} positions "
                   f"(once per shape; generated code cached in {directory})...", file=sys.stderr, flush=True)
-        native_ops.load(self.progress)  # the kernels' C++ ops, before the first trace bakes in which ops it calls
+        # the kernels' C++ ops, before the first trace bakes in which ops it calls
+        native_ops.load(cpu_gemm.entry_address(), self.progress)
         start = time.monotonic()
         # emulate_precision_casts: a bfloat16 model's intermediates rounded where the eager ops round them
         # (fused in float32 otherwise, which parted greedy tokens from the eager step's on tiny bf16 models).

@@ -59,6 +59,11 @@ def supported_isas() -> list[str]:
     return [] if _ext is None else list(_ext.supported_isas())
 
 
+def entry_address() -> int | None:
+    """The address of the extension's C entry point (for moeserve.native_ops' C++ ops); None when not built."""
+    return None if _ext is None else _ext.entry_address()
+
+
 def set_isa(name: str) -> None:
     """Run later calls on `name` ("scalar", "avx2", "avx512", or "auto": the widest the CPU supports).
     A ValueError for another name or one this CPU cannot run."""

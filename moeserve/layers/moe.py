@@ -275,14 +275,15 @@ def _host_routed_experts(
     return out
 
 
-# Plain CPU kernels (no autograd or custom_op wrappers, which cost ~15 us a call): a compiled step calls
-# one of them per MoE layer.
+# Plain kernels (no autograd or custom_op wrappers, which cost ~15 us a call): a compiled step calls one of
+# them per MoE layer.
 _library = torch.library.Library("moeserve", "FRAGMENT")
 _library.define("host_expert_slots(Tensor ids, int layer, Tensor[] predicted, int[] predicted_layers) -> Tensor")
 _library.define("host_routed_experts(Tensor h, Tensor weights, Tensor ids, int layer, Tensor[] predicted, "
                 "int[] predicted_layers) -> Tensor")
-_library.impl("host_expert_slots", _host_expert_slots, "CPU")
-_library.impl("host_routed_experts", _host_routed_experts, "CPU")
+for _key in ("CPU", "CUDA"):
+    _library.impl("host_expert_slots", _host_expert_slots, _key)
+    _library.impl("host_routed_experts", _host_routed_experts, _key)
 torch.library.register_fake(
     "moeserve::host_expert_slots", lambda ids, *args: torch.empty_like(ids, dtype=torch.long), lib=_library
 )

@@ -2,7 +2,9 @@
 
 In:  fetch(layer, experts) from a MoE block; prefetch(layer, predicted) from the model, for each of
      the next `prediction_depth` MoE layers.
-Out: decoded experts from cache slots, one at a time: hits first, then misses. Every miss starts
+     hold(layer, experts) from a compiled CPU step (layers/moe.py host_expert_slots), release() at its end.
+Out: decoded experts from cache slots, one at a time: hits first, then misses (hold: their slots, all
+     pinned until release, for the step to compute from the pool in place). Every miss starts
      loading at once (as far as free slots allow), ahead of any prefetch, so demand loads never
      queue behind guesses and decoding the next overlaps computing the current.
 
@@ -81,7 +83,7 @@ class OffloadedExpertProvider:
         converted_layers = {layer for (layer, _), packed in store.experts.items()
                             if any(blob.codec != "raw" or blob.dtype != pool.memory.dtype for blob in packed.blobs)}
         mapped_layers = set(cycle) - converted_layers
-        self._fused_layers = set() if self._stack is None else set(cycle) - apart_layers - mapped_layers
+        self._held_layers = set() if self._stack is None else set(cycle) - apart_layers - mapped_layers
 
     @property
     def prediction_depth(self) -> int:
@@ -120,7 +122,7 @@ class OffloadedExpertProvider:
         gate and up fused (the stack's layout), and `experts` (the most a step may route to at once) can be
         pinned together. None otherwise: that layer goes through `fetch`."""
         fits = min(experts, self._experts_per_layer) <= self.pool.num_slots
-        return self._stack if fits and layer in self._fused_layers else None
+        return self._stack if fits and layer in self._held_layers else None
 
     def hold(self, layer: int, experts: Sequence[int]) -> list[int]:
         """Load `experts` (ascending ids) of `layer` and pin all of them until the next `hold` or `release`
