@@ -39,7 +39,7 @@ const std::string& DecodeJob::wait() {
     return error_;
 }
 
-DecodePool::DecodePool(int threads) {
+DecodePool::DecodePool(int threads, bool spare_cores) : spare_cores_(spare_cores) {
     if (threads < 1) throw std::invalid_argument("a decode pool needs at least 1 thread");
     for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { work(); });
 }
@@ -51,9 +51,10 @@ void DecodePool::submit(std::shared_ptr<DecodeJob> job, bool urgent) {
         if (closing_) throw std::runtime_error("the decode pool is closed");
         if (urgent) queue_.insert(queue_.begin() + urgent_queued_++, std::move(job));
         else queue_.push_back(std::move(job));
-        // A lone urgent job is left to its waiter, who is about to ask for it (DecodeJob::wait): waking a worker
-        // for it would cost two thread switches on the waiter's path. A second one goes to a worker, in parallel.
-        wake = !urgent || urgent_queued_ > 1;
+        // Without spare cores a lone urgent job is left to its waiter, who is about to ask for it
+        // (DecodeJob::wait): a worker woken for it would take the waiter's core, and cost two thread switches on
+        // its path. A second one goes to a worker, in parallel.
+        wake = !urgent || urgent_queued_ > 1 || spare_cores_;
     }
     if (wake) wake_.notify_one();
 }

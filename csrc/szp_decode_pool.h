@@ -56,7 +56,9 @@ class DecodeJob {
 
 class DecodePool {
   public:
-    explicit DecodePool(int threads);
+    // spare_cores: whether the machine has cores beyond the compute threads and these. Without, a lone urgent job
+    // is left to its waiter (see submit); with, a worker starts it at once, overlapping whatever the waiter does first.
+    DecodePool(int threads, bool spare_cores);
     ~DecodePool() { close(); }
     DecodePool(const DecodePool&) = delete;
     DecodePool& operator=(const DecodePool&) = delete;
@@ -72,6 +74,7 @@ class DecodePool {
     std::vector<std::thread> threads_;
     std::deque<std::shared_ptr<DecodeJob>> queue_;  // urgent jobs first, each group in submission order
     size_t urgent_queued_ = 0;
+    bool spare_cores_;
     std::mutex mutex_;
     std::condition_variable wake_;
     bool closing_ = false;

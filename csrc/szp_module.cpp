@@ -186,7 +186,7 @@ PYBIND11_MODULE(_szp_cpu, m) {
     m.def("isa", &isa, "the decode path calls take now");
     m.def("supported_isas", &supported_isas, "the decode paths this CPU can run");
     py::class_<szp::DecodePool>(m, "DecodePool", "Threads that decode szp payloads without holding the GIL.")
-        .def(py::init<int>(), py::arg("threads"))
+        .def(py::init<int, bool>(), py::arg("threads"), py::arg("spare_cores") = true)
         .def("submit", &submit, py::arg("jobs"), py::arg("urgent") = false,
              "Queue (payload, out, out_dtype) decodes (urgent: ahead of the queue); returns a PendingDecode.")
         .def("close", &szp::DecodePool::close, py::call_guard<py::gil_scoped_release>());

@@ -47,6 +47,25 @@ def test_urgent_units_run_before_queued_ones():
     assert all(handle.done() for handle in queued)  # close finishes what was submitted
 
 
+@pytest.mark.parametrize("spare_cores", [True, False])
+def test_a_unit_no_worker_has_started_runs_on_the_waiting_thread(spare_cores):
+    # The only worker is busy with a big unit: an urgent unit (or any unit) waited for runs on the waiter's
+    # thread instead of queueing behind it, and runs once (a worker popping it later skips it).
+    pool = CpuDecodePool(threads=1, spare_cores=spare_cores)
+    big = encode(_weights(0, (4096, 1024)), codec="szp", error_bound=1e-4)
+    small = encode(_weights(1), codec="szp", error_bound=1e-3)
+    busy = pool.submit([(big, torch.empty(big.shape))])
+    outs = [torch.full(small.shape, float("nan")) for _ in range(2)]
+    urgent = pool.submit([(small, outs[0])], urgent=True)
+    queued = pool.submit([(small, outs[1])])
+    for handle in (urgent, queued):
+        handle.wait()
+        assert handle.done() and not busy.done()
+    busy.wait()
+    pool.close()
+    assert all(torch.equal(out, decode(small)) for out in outs)
+
+
 def test_a_malformed_payload_fails_in_the_waiting_caller():
     blob = encode(_weights(2), codec="szp", error_bound=1e-3)
     payload = blob.payload_numpy().copy()

@@ -36,8 +36,9 @@ class NativeDecoder(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def start_pool(self, threads: int):
-        """A new pool of `threads` native decode threads."""
+    def start_pool(self, threads: int, spare_cores: bool = True):
+        """A new pool of `threads` native decode threads; `spare_cores`: whether the machine has cores beyond
+        the compute threads and these (without, a decode something waits for may run on the waiting thread)."""
 
     @abstractmethod
     def source(self, blob: Blob) -> object:

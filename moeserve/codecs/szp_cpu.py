@@ -58,8 +58,8 @@ class SzpNativeDecoder(NativeDecoder):
 
     name = "szp"
 
-    def start_pool(self, threads: int):
-        return cpu_module().DecodePool(threads)
+    def start_pool(self, threads: int, spare_cores: bool = True):
+        return cpu_module().DecodePool(threads, spare_cores)
 
     def source(self, blob: Blob) -> np.ndarray:
         return blob.payload_numpy()

@@ -51,8 +51,9 @@ class DecodeHandle:
 
 
 class CpuDecodePool:
-    def __init__(self, threads: int = 1):
-        self.threads = threads
+    def __init__(self, threads: int = 1, spare_cores: bool = True):
+        """`spare_cores`: whether the machine has cores beyond the compute threads and these (NativeDecoder)."""
+        self.threads, self.spare_cores = threads, spare_cores
         self._native: dict[str, object] = {}  # decoder name → its pool, started on first use
         self._python: _PythonDecodeThreads | None = None
 
@@ -75,7 +76,7 @@ class CpuDecodePool:
         e.g. from sources and targets it keeps: the offloading filler decodes the same blobs into the same
         slots over and over, and making the jobs anew cost more than a small expert's decode."""
         if decoder.name not in self._native:
-            self._native[decoder.name] = decoder.start_pool(self.threads)
+            self._native[decoder.name] = decoder.start_pool(self.threads, self.spare_cores)
         return DecodeHandle(native=self._native[decoder.name].submit(jobs, urgent), decoder=decoder)
 
     def close(self) -> None:

@@ -66,7 +66,9 @@ class CpuSlotFiller:
     def __init__(self, pool: SlotPool, stats: OffloadStats, workers: int | None = None):
         workers = default_decode_workers() if workers is None else workers
         self.pool, self.stats, self.workers = pool, stats, workers
-        self._decoders = CpuDecodePool(workers)
+        # With a core to spare, a worker starts a miss at once (overlapping the hits computed meanwhile); on a
+        # machine the compute threads and the workers fill, the waiting thread decodes it itself.
+        self._decoders = CpuDecodePool(workers, spare_cores=usable_cores() > torch.get_num_threads() + workers)
         self._running: list[DecodeHandle] = []
         # What the native decoder reads per packed expert (id → the expert, its layout in a slot, the decoder,
         # one source per blob) and writes per slot layout ((slot, apart) → one target per matrix), made on
