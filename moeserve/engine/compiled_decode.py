@@ -108,14 +108,14 @@ class CompiledDecode:
     def _compile(self, key: tuple, ids: torch.Tensor, ctx: DecodeContext, experts) -> torch.Tensor:
         """Compile `key`'s region by running it once; that run's logits [bucket, V]."""
         bucket, blocks = key[:2]
+        # the kernels' C++ ops (built on the very first compile), before the first trace bakes in which ops it calls
+        native_ops.load(cpu_gemm.entry_address(), self.progress)
         directory = cache_dir()
         os.environ[CACHE_DIR_ENV] = str(directory)
         span = blocks * self.runner.cache.block_size
         if self.progress:
             print(f"moeserve: compiling the CPU decode step for batches up to {bucket} reading {span} positions "
                   f"(once per shape; generated code cached in {directory})...", file=sys.stderr, flush=True)
-        # the kernels' C++ ops, before the first trace bakes in which ops it calls
-        native_ops.load(cpu_gemm.entry_address(), self.progress)
         start = time.monotonic()
         # emulate_precision_casts: a bfloat16 model's intermediates rounded where the eager ops round them
         # (fused in float32 otherwise, which parted greedy tokens from the eager step's on tiny bf16 models).
