@@ -44,9 +44,14 @@ def cpu_module():
     return _szp_cpu
 
 
+def decode_target(out: torch.Tensor) -> tuple[np.ndarray, int]:
+    """(out's bits, its dtype code): what the C++ decoder takes for the tensor it writes."""
+    return bits_view(out).numpy(), DTYPES.index(out.dtype)
+
+
 def decode_args(blob: Blob, out: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int]:
     """(payload, out, out dtype code): what the C++ decoder and its DecodePool take for one tensor."""
-    return blob.payload_numpy(), bits_view(out).numpy(), DTYPES.index(out.dtype)
+    return (blob.payload_numpy(), *decode_target(out))
 
 
 def malformed(error: ValueError) -> CodecError:
@@ -65,7 +70,7 @@ class SzpNativeDecoder(NativeDecoder):
         return blob.payload_numpy()
 
     def target(self, out: torch.Tensor) -> tuple[np.ndarray, int]:
-        return bits_view(out).numpy(), DTYPES.index(out.dtype)
+        return decode_target(out)
 
     def job(self, source: np.ndarray, target: tuple[np.ndarray, int]) -> tuple[np.ndarray, np.ndarray, int]:
         return (source, *target)

@@ -237,6 +237,16 @@ def held_stack(experts: ExpertProvider, layer: int, tokens: int, top_k: int) -> 
     return experts.held_stack(layer, tokens * top_k)
 
 
+def _predicted_in_scope(op: str, predicted: list[torch.Tensor], predicted_layers: list[int]) -> _HostScope:
+    """What a host op first does: find the step's scope (`host_experts`), and hand its provider the later
+    layers' predictions (`predicted` [T, K] ids of `predicted_layers`)."""
+    scope = _host_scope
+    if scope.blocks is None:
+        raise RuntimeError(f"{op} ran outside host_experts(...): no provider to fetch experts from")
+    prefetch(scope.experts, list(zip(predicted_layers, predicted)), scope.tokens)
+    return scope
+
+
 def _host_expert_slots(
     ids: torch.Tensor, layer: int, predicted: list[torch.Tensor], predicted_layers: list[int]
 ) -> torch.Tensor:
@@ -244,11 +254,8 @@ def _host_expert_slots(
     for a compiled step to compute the layer there: first the later layers' predictions go to the provider
     (as in `host_routed_experts`), then the provider loads the real rows' experts and holds them until the
     step ends. Padding rows get the first held slot (their outputs feed padding rows only)."""
-    scope = _host_scope
-    if scope.blocks is None:
-        raise RuntimeError("host_expert_slots ran outside host_experts(...): no provider to fetch experts from")
+    scope = _predicted_in_scope("host_expert_slots", predicted, predicted_layers)
     tokens = scope.tokens
-    prefetch(scope.experts, list(zip(predicted_layers, predicted)), tokens)
     routed = ids[:tokens].tolist()  # [tokens][K]
     wanted = sorted({expert for row in routed for expert in row})
     slot_of = dict(zip(wanted, scope.experts.hold(layer, wanted)))
@@ -265,11 +272,8 @@ def _host_routed_experts(
     first the later layers' predictions (`predicted` [T, K] ids of `predicted_layers`) go to the provider,
     then `routed` runs on the real rows. The opaque op keeps the host's reads (which experts to load) out
     of the compiled graph, so one compiled step serves resident and offloaded providers alike."""
-    scope = _host_scope
-    if scope.blocks is None:
-        raise RuntimeError("host_routed_experts ran outside host_experts(...): no provider to fetch experts from")
+    scope = _predicted_in_scope("host_routed_experts", predicted, predicted_layers)
     tokens = scope.tokens
-    prefetch(scope.experts, list(zip(predicted_layers, predicted)), tokens)
     out = torch.zeros_like(h)  # padding rows: zeros (they feed padding rows only)
     out[:tokens] = scope.blocks[layer].routed(h[:tokens], weights[:tokens], ids[:tokens], scope.experts)
     return out

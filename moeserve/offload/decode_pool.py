@@ -50,6 +50,13 @@ class DecodeHandle:
         return self._future.result() if self._future.exception() is None else 0.0
 
 
+def shared_native_decoder(blobs: Sequence[Blob]) -> NativeDecoder | None:
+    """The native decoder that serves every one of `blobs` (one codec's), or None: no blobs, codecs without
+    one, or codecs with different ones (such a unit runs on the Python decode threads)."""
+    decoders = {get(blob.codec).native_decoder() for blob in blobs}
+    return decoders.pop() if len(decoders) == 1 else None
+
+
 class CpuDecodePool:
     def __init__(self, threads: int = 1, spare_cores: bool = True):
         """`spare_cores`: whether the machine has cores beyond the compute threads and these (NativeDecoder)."""
@@ -62,8 +69,7 @@ class CpuDecodePool:
         for blob, out in work:
             check_decode_target(blob, out, cpu_only=True)
         work = [(blob, out) for blob, out in work if out.numel()]
-        decoders = {get(blob.codec).native_decoder() for blob, _ in work}
-        decoder = decoders.pop() if len(decoders) == 1 else None
+        decoder = shared_native_decoder([blob for blob, _ in work])
         if decoder is not None:
             jobs = [decoder.job(decoder.source(blob), decoder.target(out)) for blob, out in work]
             return self.submit_native(decoder, jobs, urgent)

@@ -14,8 +14,7 @@ import os
 import torch
 
 from moeserve.codecs import NativeDecoder, check_decode_target
-from moeserve.codecs.registry import get
-from moeserve.offload.decode_pool import CpuDecodePool, DecodeHandle
+from moeserve.offload.decode_pool import CpuDecodePool, DecodeHandle, shared_native_decoder
 from moeserve.offload.cache import SlotPool
 from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import PackedExpert
@@ -101,8 +100,8 @@ class CpuSlotFiller:
             weights = self.pool.weights(0, apart)
             for blob, out in zip(packed.blobs, (weights.gate, weights.up, weights.down)):
                 check_decode_target(blob, out, cpu_only=True)  # every slot's views share these shapes
-            decoders = {get(blob.codec).native_decoder() for blob in packed.blobs}
-            decoder = decoders.pop() if len(decoders) == 1 and all(blob.numel for blob in packed.blobs) else None
+            # an empty matrix would not reach the native pool (submit drops it); such experts go through submit
+            decoder = shared_native_decoder(packed.blobs) if all(blob.numel for blob in packed.blobs) else None
             sources = [] if decoder is None else [decoder.source(blob) for blob in packed.blobs]
             known = self._sources[id(packed)] = (packed, apart, decoder, sources)
         return known
