@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from moeserve import LLM, SamplingParams
+from moeserve.engine.direct_graph import DirectGraph
 
 PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], list(range(30, 50))]
 # 60 new tokens: the longest prompt (20) crosses from the 64-position span into the 128-position one
@@ -48,6 +49,8 @@ def test_compiled_steps_match_eager_steps(checkpoint, capfd):
     assert "reading 128 positions" in progress  # the longest sequence crossed into the next span
     keys = set(compiled.engine.runner.compiled._steps)
     assert {key[:2] for key in keys} >= {(4, 4), (4, 8)}
+    # every step's graph is called directly (engine/direct_graph.py), not back through torch.compile
+    assert all(isinstance(step, DirectGraph) for step in compiled.engine.runner.compiled._steps.values())
     # the same shapes again: no new compile, no progress line
     assert _tokens(compiled) == _tokens(eager)
     assert set(compiled.engine.runner.compiled._steps) == keys
@@ -91,6 +94,7 @@ def test_offloaded_experts_from_a_compiled_step(checkpoint, policy, cache, held)
     assert offloaded.offload.stats.misses > 0  # experts were loaded by the opaque op's fetches, not baked into the step
     steps = offloaded.engine.runner.compiled._steps
     assert {key[2] for key in steps} == {type(offloaded.experts)}
+    assert all(isinstance(step, DirectGraph) for step in steps.values())
     held_by_bucket = {key[0]: all(shape is not None for shape in key[4]) for key in steps}
     assert held_by_bucket == {4: held, 1: held or (policy is SZP)}
     assert all(entry.pins == 0 for entry in offloaded.experts.cache.entries.values())  # released after each step

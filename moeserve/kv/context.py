@@ -150,7 +150,8 @@ class DecodeContext:
         """[n, 1, 1, L] bool: the positions rows of `part` read (see `read`) that they may attend to (their
         own and earlier, within `window`)."""
         key = (window, part.start)
-        if key not in self._masks:
+        mask = self._masks.get(key)
+        if mask is None:
             first, count = self._window(window, part)
             size = self.cache.block_size
             key_pos = torch.arange(count * size, device=self.positions.device)[None, :]  # [1, L]
@@ -160,14 +161,16 @@ class DecodeContext:
             allowed = key_pos <= newest
             if window is not None:
                 allowed &= key_pos > newest - window
-            self._masks[key] = allowed[:, None, None, :]
-        return self._masks[key]
+            mask = allowed[:, None, None, :]
+            _remember(self._masks, key, mask)
+        return mask
 
     def read(self, layer: int, group: int, part: Part, window: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows of `part`: one layer's keys and values over the blocks they read (all up to the part's span,
         or those `window` reaches), [n, G, L, Dh] each (views of a workspace; values None for MLA)."""
         key = (group, part.start, window)
-        if key not in self._indices:  # the same for every layer of the step: made once
+        known = self._indices.get(key)
+        if known is None:  # the same for every layer of the step: made once
             first, count = self._window(window, part)
             tables = self.tables[group, part.start : part.end]  # [n, blocks]
             if first is None:
@@ -175,7 +178,16 @@ class DecodeContext:
             else:
                 tables = tables.gather(1, first[:, None] + torch.arange(count, device=tables.device))  # [n, count]
             index = tables.reshape(-1)
-            self._indices[key] = index, self.cache.workspace(index.shape[0])
-        index, out = self._indices[key]
+            known = index, self.cache.workspace(index.shape[0])
+            _remember(self._indices, key, known)
+        index, out = known
         keys, values = self.cache.gather(layer, index, part.end - part.start, out)
         return keys.transpose(1, 2), None if values is None else values.transpose(1, 2)
+
+
+def _remember(memo: dict, key: tuple, value) -> None:
+    """Keep what a step computed once for all its layers, except in a compiled step's trace: there each layer's
+    copy is merged by the compiler, and a write to the step's context would be a side effect that every call
+    of the compiled step had to replay after the graph (engine/direct_graph.py calls the graph alone)."""
+    if not torch.compiler.is_compiling():
+        memo[key] = value

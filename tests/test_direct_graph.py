@@ -1,0 +1,91 @@
+"""A compiled step's graph called directly (engine/direct_graph.py): the same results as the torch.compile call,
+and used only where the compile's own run shows that it is.
+
+Toy modules compiled through the same backend as the CPU decode step; each compile builds C++ (a few seconds).
+That the engine's steps take the direct call, for resident and offloaded experts, is checked in
+test_compiled_decode.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import nn
+
+from moeserve.engine.direct_graph import CapturingInductor, DirectGraph
+
+PATCHES = {"size_asserts": False, "cpp_wrapper": True}
+
+
+@dataclass
+class Inputs:
+    scale: torch.Tensor
+    memo: dict = field(default_factory=dict)
+
+
+class Pure(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8, bias=False)
+        self.register_buffer("offset", torch.randn(8))
+
+    def forward(self, x: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+        return self.proj(x) * inputs.scale + self.offset
+
+
+class WritesItsInputs(Pure):
+    def forward(self, x: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+        y = self.proj(x)
+        inputs.memo["y"] = y  # a side effect the torch.compile call replays after the graph
+        return y * inputs.scale
+
+
+def _compiled(module: nn.Module, *args):
+    backend = CapturingInductor(PATCHES)
+    step = torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
+    return backend, step, step(*args)
+
+
+@pytest.fixture(autouse=True)
+def _own_inductor_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    with torch.no_grad():  # as the decode step runs
+        yield
+
+
+def test_direct_call_gives_the_compiled_call_s_results_and_reads_what_the_model_holds_now():
+    module = Pure().eval()
+    x, inputs = torch.randn(3, 8), Inputs(torch.randn(8))
+    backend, step, result = _compiled(module, x, inputs)
+    direct = DirectGraph.checked(backend, module, (x, inputs), result)
+    assert direct is not None
+    for _ in range(3):  # fresh inputs each call, as each decode step brings
+        x, inputs = torch.randn(3, 8), Inputs(torch.randn(8))
+        assert torch.equal(direct(x, inputs), step(x, inputs))
+    # a parameter or buffer the model swaps in is the one read (only the path to it is kept)
+    module.proj.weight = nn.Parameter(torch.randn(8, 8), requires_grad=False)
+    module.offset = torch.randn(8)
+    expected = module.proj(x) * inputs.scale + module.offset
+    assert torch.allclose(direct(x, inputs), expected, atol=1e-6)
+
+
+def test_no_direct_call_where_the_forward_has_side_effects():
+    module = WritesItsInputs().eval()
+    x, inputs = torch.randn(3, 8), Inputs(torch.randn(8))
+    backend, _, result = _compiled(module, x, inputs)
+    assert "y" in inputs.memo  # torch.compile replayed the write...
+    assert DirectGraph.checked(backend, module, (x, inputs), result) is None  # ...which a direct call would lose
+
+
+def test_no_direct_call_where_a_check_cannot_run():
+    module = Pure().eval()
+    x, inputs = torch.randn(3, 8), Inputs(torch.randn(8))
+    backend, _, result = _compiled(module, x, inputs)
+    assert DirectGraph.checked(backend, module, (x, inputs), result.clone()) is None  # not the graph's output
+    backend, _, result = _compiled(module, x, inputs)
+    backend.graphs[0].sources = None  # e.g. another torch that records no sources
+    assert DirectGraph.checked(backend, module, (x, inputs), result) is None
+    assert DirectGraph.checked(CapturingInductor(PATCHES), module, (x, inputs), result) is None  # nothing compiled
