@@ -39,7 +39,7 @@ def _add_model_options(parser: argparse.ArgumentParser, policy_variants: bool = 
     parser.add_argument(
         "--prefetch-depth", type=_prefetch_depth, default=None, metavar="N",
         help="MoE layers ahead to predict and load experts for "
-             "(default: on a GPU as many as the expert cache has room for, on a CPU 1)",
+             "(default: on a GPU as many as the expert cache has room for; on a CPU none, as guesses cost more than they save there)",
     )
 
 

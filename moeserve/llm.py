@@ -44,7 +44,7 @@ class LLM:
     expert_cache: decoded-expert budget: "25%" of all experts, "512MiB", or bytes; None = all.
     eviction: "lru" or "lfu". prefetch: predict and load the next layers' experts ahead of time.
     prefetch_depth: MoE layers ahead to predict; None = on a GPU as many as the expert cache has room
-        for, on a CPU 1.
+        for, on a CPU 0 (no guesses: they cost a CPU more than they save, see docs/offload.md).
     decode_workers: CPU threads decoding experts; None = one per 8 cores, at least two.
     enforce_eager: run every decode step eagerly: on a GPU never from CUDA graphs (engine/decode_graphs.py), on
         a CPU never compiled (engine/compiled_decode.py). None = False unless MOESERVE_ENFORCE_EAGER=1.

@@ -98,7 +98,8 @@ def test_raw_offload_replaying_segment_chains_equals_resident_replays(checkpoint
     of rows: there they agree within float32 rounding."""
     directory, _ = checkpoint_factory("qwen3_moe")
     resident, _ = _graphed(directory)
-    offloaded, capturer = _graphed(directory, policy={"default": {"codec": "raw"}}, expert_cache="50%")
+    # a forced depth: on a CPU (the stand-in capturer's device) the provider guesses only when told
+    offloaded, capturer = _graphed(directory, policy={"default": {"codec": "raw"}}, expert_cache="50%", prefetch_depth=1)
     params = [SamplingParams(max_tokens=30 - 7 * i, temperature=0.0, ignore_eos=True, logprobs=2) for i in range(3)]
     want = resident.generate(PROMPTS[:3], params)
     tolerance = 0.0 if cpu_gemm.available(torch.float32) else 1e-5

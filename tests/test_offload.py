@@ -130,13 +130,16 @@ def test_prefetch_is_used_and_cuts_demand_loads(checkpoint_factory):
 
     # Counts, not seconds: the time saved is bench/offload.py's to measure. Compared as a timed test,
     # two sub-second sums of waiting failed at one torch thread, before this session's changes too.
-    def misses_and_used(prefetch: bool) -> tuple[int, int]:
-        llm = LLM(directory, device="cpu", policy=policy, expert_cache="50%", prefetch=prefetch, progress=False)
+    # On a CPU guesses are off unless a depth is forced (OffloadedExpertProvider.prediction_depth): the guessing
+    # itself is what this checks.
+    def misses_and_used(depth: int | None) -> tuple[int, int]:
+        llm = LLM(directory, device="cpu", policy=policy, expert_cache="50%", prefetch_depth=depth, progress=False)
         llm.generate(prompt, params)
+        assert llm.experts.prediction_depth == (depth or 0)
         return llm.offload.stats.misses, llm.offload.stats.prefetches_used
 
-    misses_on, used_on = misses_and_used(True)
-    misses_off, used_off = misses_and_used(False)
+    misses_on, used_on = misses_and_used(1)
+    misses_off, used_off = misses_and_used(None)
     assert used_on > 0 and used_off == 0
     assert misses_on < misses_off
 
@@ -273,7 +276,8 @@ def test_experts_their_layer_skipped_are_evicted_first(checkpoint):
 
 
 def test_predictions_stop_once_every_expert_is_cached(checkpoint):
-    llm = LLM(checkpoint, device="cpu", policy=LOSSY, expert_cache="100%", progress=False)
+    # (a CPU provider guesses only at a forced depth: see test_prefetch_ahead.py)
+    llm = LLM(checkpoint, device="cpu", policy=LOSSY, expert_cache="100%", prefetch_depth=1, progress=False)
     provider = llm.offload.provider
     assert provider.prediction_depth > 0
     llm.generate(PROMPTS, GREEDY)

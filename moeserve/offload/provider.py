@@ -88,19 +88,25 @@ class OffloadedExpertProvider:
     @property
     def prediction_depth(self) -> int:
         """How many MoE layers ahead the model should predict: 0 without prefetch or once every expert is
-        cached; the forced depth where one is given; 1 where guesses cost compute; else the rule of
-        `automatic_prediction_depth`.
+        cached; the forced depth where one is given; 0 where guesses cost compute (no guesses); else the rule
+        of `automatic_prediction_depth`.
 
         On a GPU a guess waits for an idle link and decodes on its own stream, so a wrong one costs little.
-        On a CPU the decode workers take cores from compute, so every wrong guess is compute lost: on the
-        default model with szp rel 1e-3 and a 50% cache (`moeserve`'s 2-core test machine, batch 1), the
-        rule's depth 7 decoded 174 tok/s against 205 at depth 1 (182 against 227 at rel 1e-2)."""
+        On a CPU every guess costs the model's own thread its bookkeeping (reading the prediction back,
+        claiming a slot, queueing the decode), and its decode takes a core and memory bandwidth from compute;
+        a right one saves only the decode a miss would have run. Measured with compiled steps (szp rel 1e-3,
+        batch 1, `moeserve`'s 2-core test machine, one interleaved run each), no guesses against guesses for the
+        next layer: the default model at 10/25/50% caches 353/423/552 against 325/376/452 tok/s (one thread,
+        two decode workers; one worker: 358 against 314 at 25%), and a qwen3_moe of hidden 1024, 32 experts
+        of 512 (bf16) at a 25% cache 61.0 against 48.8 at one thread and 76.3 against 65.3 at two.
+        Eager steps had favoured depth 1 over the rule's depth 7 (174 against 205 tok/s, default model, 50%),
+        when a step's own overhead hid the bookkeeping. `prefetch_depth` still forces guesses."""
         if not self._prefetch or len(self.cache) >= len(self.store.experts):
             return 0
         if self._forced_depth is not None:
             return self._forced_depth
         if self.filler.guesses_cost_compute:
-            return 1
+            return 0
         return automatic_prediction_depth(
             self.pool.num_slots, len(self._passes), self._experts_per_layer, self._width
         )
