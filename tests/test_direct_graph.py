@@ -75,9 +75,11 @@ def test_direct_call_gives_the_compiled_call_s_results_and_reads_what_the_model_
 def test_no_direct_call_where_the_forward_has_side_effects():
     module = WritesItsInputs().eval()
     x, inputs = torch.randn(3, 8), Inputs(torch.randn(8))
-    backend, _, result = _compiled(module, x, inputs)
+    backend, step, result = _compiled(module, x, inputs)
     assert "y" in inputs.memo  # torch.compile replayed the write...
     assert DirectGraph.checked(backend, module, (x, inputs), result) is None  # ...which a direct call would lose
+    step(x, Inputs(torch.randn(8)))  # the torch.compile call stays; it records nothing more
+    assert backend.graphs[0].first_args is None and backend.graphs[0].first_outputs is None
 
 
 def test_no_direct_call_where_a_check_cannot_run():

@@ -36,6 +36,7 @@ class _Compiled:
     call: Callable
     sources: list[str] | None  # each placeholder's source expression in dynamo's `L[...]` notation; None: unknown
     outputs: int  # how many values the graph returns
+    called: bool = False  # whether its first call has run (and been recorded below)
     first_args: list | None = None
     first_outputs: Any = None
     grad_after: bool | None = None
@@ -58,7 +59,8 @@ class CapturingInductor:
 
         def first_call_recorded(*args):
             outputs = compiled(*args)
-            if record.first_args is None:
+            if not record.called:
+                record.called = True
                 record.first_args, record.first_outputs = list(args), outputs
                 record.grad_after = torch.is_grad_enabled()
             return outputs
