@@ -86,8 +86,12 @@ def test_no_direct_call_where_a_check_cannot_run():
     module = Pure().eval()
     x, inputs = torch.randn(3, 8), Inputs(torch.randn(8))
     backend, _, result = _compiled(module, x, inputs)
+    record = backend.graphs[0]
+    first = record.first_args, record.first_outputs  # each check below consumes them
+    sources = record.sources
     assert DirectGraph.checked(backend, module, (x, inputs), result.clone()) is None  # not the graph's output
-    backend, _, result = _compiled(module, x, inputs)
-    backend.graphs[0].sources = None  # e.g. another torch that records no sources
+    record.first_args, record.first_outputs, record.sources = *first, None  # e.g. a torch that records no sources
     assert DirectGraph.checked(backend, module, (x, inputs), result) is None
     assert DirectGraph.checked(CapturingInductor(PATCHES), module, (x, inputs), result) is None  # nothing compiled
+    record.first_args, record.first_outputs, record.sources = *first, sources
+    assert DirectGraph.checked(backend, module, (x, inputs), result) is not None  # the same run, every check met
