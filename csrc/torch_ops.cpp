@@ -5,7 +5,7 @@
 //
 // The same ops exist as Python kernels (moeserve::kv_write, layers/cpu_gemm.py); a compiled step calling one
 // of those goes C++ -> Python -> C++ a few times per layer, which on a small model costs as much as its
-// arithmetic. This file is compiled at run time against the installed torch (layers/native_ops.py), because the
+// arithmetic. This file is compiled at run time against the installed torch (moeserve/native_ops.py), because the
 // extensions built at install time must not depend on torch's headers. The GEMM itself is not compiled here:
 // moeserve._cpu_gemm hands over the address of its entry point (bind_cpu_gemm), so both ops run the one kernel,
 // with the one instruction-set choice, that the Python ops run.

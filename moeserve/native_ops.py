@@ -8,19 +8,20 @@ Why: a compiled CPU decode step (engine/compiled_decode.py) calls these a few ti
 C++ wrapper. Registered from Python, each call goes back into the interpreter (~10-15 us); on a small model
 that was a fifth of a token's time. The library is compiled against the running torch, once per torch
 version, CPU capability and source, into ~/.cache/moeserve/native-ops (MOESERVE_CACHE_DIR), which takes
-~30 s; `load()` then only loads it. It needs what inductor's C++ wrapper needs anyway (a C++ compiler and
-torch's headers) plus ninja. If building fails, `load()` says so in one line and the Python ops stay in use.
+~8 s on a 2-core machine; `load()` then only loads it. It needs what inductor's C++ wrapper needs anyway (a
+C++ compiler and torch's headers) plus ninja. If building fails, `load()` says so in one line and the Python ops stay in use.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import threading
 from pathlib import Path
 
 import torch
+
+from moeserve.paths import cache_root
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool once tried; "failure": why not
@@ -36,7 +37,7 @@ def _source_dir() -> Path | None:
 
 def build_dir(sources: Path) -> Path:
     """Where the library is built: per torch version and CPU capability, and per source content."""
-    root = Path(os.environ.get("MOESERVE_CACHE_DIR", Path.home() / ".cache" / "moeserve")) / "native-ops"
+    root = cache_root() / "native-ops"
     digest = hashlib.sha256()
     for name in ("torch_ops.cpp", "cpu_gemm.h"):
         digest.update((sources / name).read_bytes())

@@ -35,7 +35,6 @@ class _Compiled:
 
     call: Callable
     sources: list[str] | None  # each placeholder's source expression in dynamo's `L[...]` notation; None: unknown
-    outputs: int  # how many values the graph returns
     called: bool = False  # whether its first call has run (and been recorded below)
     first_args: list | None = None
     first_outputs: Any = None
@@ -54,7 +53,7 @@ class CapturingInductor:
         from torch._inductor.compile_fx import compile_fx
 
         compiled = compile_fx(gm, example_inputs, config_patches=self.config_patches)
-        record = _Compiled(compiled, _placeholder_sources(gm), _output_count(gm))
+        record = _Compiled(compiled, _placeholder_sources(gm))
         self.graphs.append(record)
 
         def first_call_recorded(*args):
@@ -89,7 +88,7 @@ class DirectGraph:
         record = backend.graphs[0]
         first_args, first_outputs = record.first_args, record.first_outputs
         record.first_args = record.first_outputs = None  # the check below is their only use
-        if record.sources is None or first_args is None or record.outputs != 1:
+        if record.sources is None or first_args is None:
             return None
         if not isinstance(first_outputs, (list, tuple)) or len(first_outputs) != 1 or first_outputs[0] is not result:
             return None
@@ -141,8 +140,3 @@ def _placeholder_sources(gm: torch.fx.GraphModule) -> list[str] | None:
         sources.append(name)
     return sources
 
-
-def _output_count(gm: torch.fx.GraphModule) -> int:
-    (output,) = [node for node in gm.graph.nodes if node.op == "output"]
-    values = output.args[0]
-    return len(values) if isinstance(values, (list, tuple)) else 1

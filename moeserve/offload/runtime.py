@@ -32,6 +32,7 @@ from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import CompressedStore
 from moeserve.sizes import parse_size
 from moeserve.offload.streams import CudaStreams
+from moeserve.paths import cache_root
 
 STORE_FILE = "experts.msstore"
 STORE_MARKER = "moeserve_store.json"  # present in directories written by `moeserve compress`
@@ -74,7 +75,7 @@ def checkpoint_identity(model_dir: Path) -> str:
 
 
 def store_cache_path(model_dir: Path, policy: ResolvedPolicy) -> Path:
-    root = Path(os.environ.get("MOESERVE_CACHE_DIR", Path.home() / ".cache" / "moeserve"))
+    root = cache_root()
     key = hashlib.sha256(
         f"{_STORE_FORMAT}:{checkpoint_identity(model_dir.resolve())}:{policy.fingerprint()}".encode()
     ).hexdigest()[:32]
