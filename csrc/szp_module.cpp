@@ -18,6 +18,7 @@
 
 #include "szp_codec.h"
 #include "szp_decode_pool.h"
+#include "slot_cache.h"
 
 namespace py = pybind11;
 
@@ -163,6 +164,67 @@ std::vector<std::string> supported_isas() {
     return names;
 }
 
+// SlotCache plus the Python objects it points into (payload arrays, the slot pool's memory), kept alive as long
+// as it is.
+class PySlotCache {
+  public:
+    PySlotCache(int num_slots, const std::vector<int64_t>& cycle, int64_t experts) : cache_(num_slots, cycle, experts) {}
+    // matrices: slot's gate, up and down as writable C-contiguous arrays of the pool's memory (one dtype code).
+    void set_target(int slot, const py::list& matrices, int out_dtype) {
+        std::vector<void*> out;
+        std::vector<int64_t> sizes;
+        for (const py::handle item : matrices) {
+            auto a = item.cast<py::array>();
+            if (!(a.flags() & py::array::c_style) || !a.writeable() || size_t(a.itemsize()) != dtype_size(out_dtype))
+                throw std::invalid_argument("a slot's matrices are writable C-contiguous arrays of the dtype code");
+            out.push_back(a.mutable_data());
+            sizes.push_back(int64_t(a.size()));
+            keep_.push_back(py::reinterpret_borrow<py::object>(item));
+        }
+        if (numel_.empty()) numel_ = sizes;
+        if (sizes != numel_) throw std::invalid_argument("every slot's matrices have the same sizes");
+        cache_.set_target(slot, out, out_dtype);
+    }
+    // payloads: the expert's gate, up and down szp payloads (set_target first: their sizes are checked against a slot's).
+    void set_source(int64_t layer, int64_t expert, const py::list& payloads, int64_t nbytes) {
+        std::vector<const szp_u8*> data;
+        std::vector<size_t> sizes;
+        for (size_t m = 0; m < payloads.size(); ++m) {
+            auto p = payloads[m].cast<py::array_t<uint8_t, py::array::c_style>>();
+            const szp::Header h = szp::read_header(p.data(), p.size());
+            if (m >= numel_.size() || h.n != szp_u64(numel_[m]))
+                throw std::invalid_argument("a payload's number of values differs from its slot matrix's");
+            data.push_back(p.data());
+            sizes.push_back(size_t(p.size()));
+            keep_.push_back(p);
+        }
+        cache_.set_source(layer, expert, data, sizes, nbytes);
+    }
+    std::vector<int64_t> hold(int64_t layer, const std::vector<int64_t>& experts) {
+        py::gil_scoped_release nogil;  // it may decode, which needs no Python
+        return cache_.hold(layer, experts);
+    }
+    void release() { cache_.release(); }
+    void begin_step(int64_t tokens) { cache_.begin_step(tokens); }
+    py::dict take_counters() {
+        const szp::SlotCache::Counters c = cache_.take_counters();
+        py::dict d;
+        d["hits"] = c.hits;
+        d["misses"] = c.misses;
+        d["miss_bytes"] = c.miss_bytes;
+        d["decode_seconds"] = c.decode_seconds;
+        d["wait_seconds"] = c.wait_seconds;
+        return d;
+    }
+    std::vector<std::vector<int64_t>> entries() const { return cache_.entries(); }
+    int pinned() const { return cache_.pinned(); }
+
+  private:
+    szp::SlotCache cache_;
+    std::vector<int64_t> numel_;  // per matrix, from the first slot
+    std::vector<py::object> keep_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_szp_cpu, m) {
@@ -194,6 +256,22 @@ PYBIND11_MODULE(_szp_cpu, m) {
         .def("done", &PendingDecode::done)
         .def("wait", &PendingDecode::wait, "Blocks until decoded; raises FormatError for a malformed payload.")
         .def_property_readonly("seconds", &PendingDecode::seconds);
+    py::class_<PySlotCache>(m, "SlotCache", "The expert cache's bookkeeping for compiled CPU steps (csrc/slot_cache.h).")
+        .def(py::init<int, const std::vector<int64_t>&, int64_t>(), py::arg("num_slots"), py::arg("cycle"),
+             py::arg("experts"))
+        .def("set_target", &PySlotCache::set_target, py::arg("slot"), py::arg("matrices"), py::arg("out_dtype"))
+        .def("set_source", &PySlotCache::set_source, py::arg("layer"), py::arg("expert"), py::arg("payloads"),
+             py::arg("nbytes"))
+        .def("hold", &PySlotCache::hold, py::arg("layer"), py::arg("experts"),
+             "Load and pin `experts` of `layer` until the next hold or release; their slots. FormatError if malformed.")
+        .def("release", &PySlotCache::release)
+        .def("begin_step", &PySlotCache::begin_step, py::arg("tokens"),
+             "Make this the cache the calling thread's compiled step reaches (held_slots_address) until release.")
+        .def("take_counters", &PySlotCache::take_counters, "hits, misses, miss_bytes, decode and wait seconds since the last take")
+        .def("entries", &PySlotCache::entries, "(layer, expert, slot) of every cached expert")
+        .def("pinned", &PySlotCache::pinned, "slots pinned now");
+    m.def("held_slots_address", [] { return reinterpret_cast<uintptr_t>(&szp::held_slots_entry); },
+          "the address of held_slots_entry (slot_cache.h), for the C++ torch op of compiled steps");
     m.attr("BLOCK_VALUES") = szp::kBlockValues;
     m.attr("CHUNK_BLOCKS") = szp::kChunkBlocks;
     m.attr("RAW_RATE") = int(szp::kRawRate);

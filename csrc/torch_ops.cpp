@@ -1,14 +1,17 @@
 // moeserve's CPU kernels as C++ torch ops (library moeserve_native), for compiled CPU decode steps.
 //
 // In:  tensors from a compiled step's C++ wrapper (inductor cpp_wrapper), through the dispatcher.
-// Out: kv_write writes the KV pools in place; cpu_grouped_gemm / cpu_linear return new [P, N] / [M, N] tensors.
+// Out: kv_write writes the KV pools in place; cpu_grouped_gemm / cpu_linear return new [P, N] / [M, N] tensors;
+//      held_expert_slots returns the expert cache slots [T, K] of a MoE layer's routed experts.
 //
 // The same ops exist as Python kernels (moeserve::kv_write, layers/cpu_gemm.py); a compiled step calling one
 // of those goes C++ -> Python -> C++ a few times per layer, which on a small model costs as much as its
 // arithmetic. This file is compiled at run time against the installed torch (moeserve/native_ops.py), because the
 // extensions built at install time must not depend on torch's headers. The GEMM itself is not compiled here:
 // moeserve._cpu_gemm hands over the address of its entry point (bind_cpu_gemm), so both ops run the one kernel,
-// with the one instruction-set choice, that the Python ops run.
+// with the one instruction-set choice, that the Python ops run. Likewise moeserve._szp_cpu hands over its expert
+// cache's entry point (bind_held_slots; csrc/slot_cache.h), which has no Python twin here: moeserve::host_expert_slots
+// is the op for providers without that cache.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,6 +30,29 @@ using GemmEntry = void (*)(const cpu_gemm::Problem*, int threads);
 std::atomic<GemmEntry> g_gemm{nullptr};
 
 void bind_cpu_gemm(int64_t address) { g_gemm.store(reinterpret_cast<GemmEntry>(static_cast<uintptr_t>(address))); }
+
+using HeldSlotsEntry = int (*)(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, int64_t* out, char* error,
+                               int64_t error_size);
+std::atomic<HeldSlotsEntry> g_held_slots{nullptr};
+
+void bind_held_slots(int64_t address) {
+    g_held_slots.store(reinterpret_cast<HeldSlotsEntry>(static_cast<uintptr_t>(address)));
+}
+
+// ids [T, K] -> slots [T, K] of the calling thread's current expert cache (moeserve/offload/native_slots.py).
+at::Tensor held_expert_slots(const at::Tensor& ids_in, int64_t layer) {
+    HeldSlotsEntry entry = g_held_slots.load();
+    TORCH_CHECK(entry != nullptr, "moeserve_native: bind_held_slots was not called");
+    TORCH_CHECK_VALUE(ids_in.dim() == 2 && ids_in.scalar_type() == at::kLong && ids_in.device().is_cpu(),
+                      "held_expert_slots needs ids as a [T, K] long CPU tensor");
+    const at::Tensor ids = ids_in.contiguous();
+    at::Tensor out = at::empty(ids.sizes(), ids.options());
+    char error[512];
+    const int failed = entry(ids.data_ptr<int64_t>(), ids.size(0), ids.size(1), layer, out.data_ptr<int64_t>(), error,
+                             int64_t(sizeof(error)));
+    TORCH_CHECK_VALUE(failed == 0, error);
+    return out;
+}
 
 void kv_write(at::Tensor k_pool, std::optional<at::Tensor> v_pool, const at::Tensor& slots, const at::Tensor& keys,
               const std::optional<at::Tensor>& values) {
@@ -110,10 +136,13 @@ TORCH_LIBRARY(moeserve_native, m) {
     m.def("kv_write(Tensor(a!) k_pool, Tensor(b!)? v_pool, Tensor slots, Tensor keys, Tensor? values) -> ()");
     m.def("cpu_grouped_gemm(Tensor a, Tensor rows, Tensor slots, Tensor weights) -> Tensor");
     m.def("cpu_linear(Tensor x, Tensor weight) -> Tensor");
+    m.def("bind_held_slots(int address) -> ()", &bind_held_slots);
+    m.def("held_expert_slots(Tensor ids, int layer) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeserve_native, CPU, m) {
     m.impl("kv_write", &kv_write);
     m.impl("cpu_grouped_gemm", &cpu_grouped_gemm);
     m.impl("cpu_linear", &cpu_linear);
+    m.impl("held_expert_slots", &held_expert_slots);
 }

@@ -2,7 +2,8 @@
 
 In:  csrc/torch_ops.cpp (shipped in the package as moeserve/_csrc when installed) and the installed torch.
 Out: torch.ops.moeserve_native.kv_write / cpu_grouped_gemm / cpu_linear, the C++ twins of moeserve::kv_write
-     (kv/cache.py) and of layers/cpu_gemm.py's ops: the same arguments, checks and kernel, so the same bits.
+     (kv/cache.py) and of layers/cpu_gemm.py's ops: the same arguments, checks and kernel, so the same bits;
+     and held_expert_slots, a compiled step's way into the C++ expert cache (offload/native_slots.py).
 
 Why: a compiled CPU decode step (engine/compiled_decode.py) calls these a few times per layer from inductor's
 C++ wrapper. Registered from Python, each call goes back into the interpreter (~10-15 us); on a small model
@@ -50,17 +51,18 @@ def loaded() -> bool:
     return bool(_state.get("loaded"))
 
 
-def load(gemm_entry: int | None, progress: bool = True) -> bool:
+def load(gemm_entry: int | None, held_slots_entry: int | None, progress: bool = True) -> bool:
     """Build (first time) and load the C++ ops; True when they are usable. `gemm_entry`: the address of the CPU
-    GEMM's entry point (layers/cpu_gemm.py `entry_address`; None when that extension is not built). Never
-    raises: a failure is one line on stderr, said once, and the Python ops stay in use."""
+    GEMM's entry point (layers/cpu_gemm.py `entry_address`; None when that extension is not built);
+    `held_slots_entry`: the C++ expert cache's (codecs/szp_cpu.py `held_slots_address`). Never raises: a
+    failure is one line on stderr, said once, and the Python ops stay in use."""
     with _lock:
         if "loaded" in _state:
             return bool(_state["loaded"])
         _state["loaded"] = False
         try:
-            if gemm_entry is None:
-                raise RuntimeError("the CPU GEMM extension is not built")
+            if gemm_entry is None or held_slots_entry is None:
+                raise RuntimeError("the CPU GEMM or szp extension is not built")
             sources = _source_dir()
             if sources is None:
                 raise RuntimeError("csrc/torch_ops.cpp is not installed with moeserve")
@@ -81,6 +83,7 @@ def load(gemm_entry: int | None, progress: bool = True) -> bool:
                 verbose=False,
             )
             torch.ops.moeserve_native.bind_cpu_gemm(gemm_entry)
+            torch.ops.moeserve_native.bind_held_slots(held_slots_entry)
             _register_fakes()
             _state["loaded"] = True
         except Exception as error:  # a missing compiler, ninja or header: the Python ops still work
@@ -100,6 +103,7 @@ def _register_fakes() -> None:
     torch.library.register_fake(
         "moeserve_native::cpu_linear", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]), lib=lib
     )
+    torch.library.register_fake("moeserve_native::held_expert_slots", lambda ids, layer: torch.empty_like(ids), lib=lib)
     _state["library"] = lib  # a Library's registrations last as long as the object
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moeserve import LLM, SamplingParams, native_ops
+from moeserve.codecs.szp_cpu import held_slots_address
 from moeserve.layers import cpu_gemm
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(torch.float32), reason="the CPU GEMM extension is not built")
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.skipif(not cpu_gemm.available(torch.float32), reason="t
 
 @pytest.fixture(scope="module")
 def native():
-    if not native_ops.load(cpu_gemm.entry_address(), progress=False):
+    if not native_ops.load(cpu_gemm.entry_address(), held_slots_address(), progress=False):
         pytest.fail(f"the C++ ops did not build: {native_ops._state.get('failure')}")
     return torch.ops.moeserve_native
 

@@ -110,7 +110,7 @@ def test_decoded_experts_never_exceed_the_budget(checkpoint):
                 # every decoded weight handed to the model lives inside the budgeted pool
                 assert lo <= t.data_ptr() and t.data_ptr() + t.numel() * t.element_size() <= hi
             seen["experts"] += 1
-            seen["max_resident"] = max(seen["max_resident"], len(runtime.provider.cache))
+            seen["max_resident"] = max(seen["max_resident"], len(runtime.provider.cached_experts()))
             yield expert_id, weights
 
     runtime.provider.fetch = checked_fetch
@@ -226,7 +226,7 @@ def test_more_experts_than_slots_in_one_layer(checkpoint):
     stored = dict(iter_stored_experts(dense.model, dense.checkpoint, dense.config))[0]
     for e, down in served.items():
         assert torch.equal(down, stored[e].down.to(down.dtype))
-    assert all(entry.pins == 0 for entry in provider.cache.entries.values())
+    assert provider.pinned_slots() == 0
 
 
 def test_prefetch_prediction_names_exactly_the_routed_experts(checkpoint):

@@ -44,6 +44,16 @@ def cpu_module():
     return _szp_cpu
 
 
+def held_slots_address() -> int | None:
+    """The address of the C++ expert cache's entry point (csrc/slot_cache.h held_slots_entry) for the C++ op of
+    compiled steps (native_ops.load), or None where the extension is not built."""
+    try:
+        from moeserve import _szp_cpu
+    except ImportError:
+        return None
+    return _szp_cpu.held_slots_address()
+
+
 def decode_target(out: torch.Tensor) -> tuple[np.ndarray, int]:
     """(out's bits, its dtype code): what the C++ decoder takes for the tensor it writes."""
     return bits_view(out).numpy(), DTYPES.index(out.dtype)

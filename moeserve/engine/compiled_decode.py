@@ -20,9 +20,9 @@ graph is called directly (engine/direct_graph.py), without torch.compile's own c
 
 Experts: a provider that holds a layer stacked is computed inside the compiled step (layers/moe.py
 `on_stack`). An offloading provider whose slot pool can hold a step's experts at once (`held_stack`) is
-too: one opaque op per MoE layer (`host_expert_slots`: the predictions to prefetch, then `hold`) returns
-the slots of the routed experts, and the step computes them from the pool in place, with the kernel
-resident experts use. Any other provider (a mapped checkpoint, a cache too small to hold a step's experts)
+too: one opaque op per MoE layer (`host_expert_slots`: the predictions to prefetch, then `hold`; or, for a
+cache kept in C++, `held_expert_slots`, which never enters Python) returns the slots of the routed experts, and
+the step computes them from the pool in place, with the kernel resident experts use. Any other provider (a mapped checkpoint, a cache too small to hold a step's experts)
 is reached through the host in one opaque op per MoE layer (`host_routed_experts`: the predictions, then
 `fetch` and the experts), exactly as the eager forward reaches it. Either way the eager and compiled steps
 of an offloaded model agree bit for bit in their experts and the provider sees the same loads.
@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from moeserve import native_ops
+from moeserve.codecs.szp_cpu import held_slots_address
 from moeserve.engine.decode_graphs import BATCH_BUCKETS, bucket_for, padded_context
 from moeserve.engine.direct_graph import CapturingInductor, DirectGraph
 from moeserve.engine.sequence import Sequence
@@ -97,10 +98,11 @@ class CompiledDecode:
         tables = runner.block_tables(seqs, bucket, blocks)  # [groups, bucket, blocks]; padding: null block
         ctx = padded_context(runner.cache, inputs, tables, use_kernel=False)
         # what the trace bakes in of the provider: its class (where its stacked experts live), which
-        # layers it holds stacked, and how far ahead it wants predictions
+        # layers it holds stacked, how far ahead it wants predictions, and whether its cache is in C++
         stacked = tuple(experts.stacked(layer) is not None for layer in self._blocks)
         held = tuple(_stack_shape(held_stack(experts, layer, bucket, block.top_k)) for layer, block in self._blocks.items())
-        key = (bucket, blocks, type(experts), stacked, held, experts.prediction_depth)
+        key = (bucket, blocks, type(experts), stacked, held, experts.prediction_depth,
+               getattr(experts, "slots_in_cpp", False))
         with host_experts(self._blocks, experts, batch):
             step = self._steps.get(key)
             if step is None:
@@ -111,7 +113,7 @@ class CompiledDecode:
         """Compile `key`'s region by running it once; that run's logits [bucket, V]."""
         bucket, blocks = key[:2]
         # the kernels' C++ ops (built on the very first compile), before the first trace bakes in which ops it calls
-        native_ops.load(cpu_gemm.entry_address(), self.progress)
+        native_ops.load(cpu_gemm.entry_address(), held_slots_address(), self.progress)
         directory = cache_dir()
         os.environ[CACHE_DIR_ENV] = str(directory)
         span = blocks * self.runner.cache.block_size

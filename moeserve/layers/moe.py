@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve import native_ops
 from moeserve.alignment import aligned_empty, rows_per_alignment
 from moeserve.config import ModelConfig
 from moeserve.experts import ExpertProvider, ExpertWeights, StackedExperts
@@ -220,6 +221,8 @@ def host_experts(blocks: dict[int, MoeBlock], experts: ExpertProvider, tokens: i
     `tokens`: the step's real rows (the rest pad a batch bucket; no expert is loaded for them). On the way
     out the experts the step held (`host_expert_slots`) are released."""
     _host_scope.blocks, _host_scope.experts, _host_scope.tokens = blocks, experts, tokens
+    if hasattr(experts, "begin_step"):
+        experts.begin_step(tokens)
     try:
         yield
     finally:
@@ -235,6 +238,16 @@ def held_stack(experts: ExpertProvider, layer: int, tokens: int, top_k: int) -> 
     if not hasattr(experts, "held_stack"):
         return None
     return experts.held_stack(layer, tokens * top_k)
+
+
+def expert_slots(experts: ExpertProvider, ids: torch.Tensor, layer: int, predicted: list[torch.Tensor],
+                 predicted_layers: list[int]) -> torch.Tensor:
+    """The slots [T, K] of `held_stack`'s rows for ids [T, K] of MoE layer `layer`, in a compiled step: through
+    the provider's C++ cache where it has one (`slots_in_cpp`) and there are no predictions to hand over (C++ op
+    moeserve_native::held_expert_slots, no Python on the way), else through `host_expert_slots`."""
+    if not predicted and getattr(experts, "slots_in_cpp", False) and native_ops.loaded():
+        return torch.ops.moeserve_native.held_expert_slots(ids, layer)
+    return host_expert_slots(ids, layer, predicted, predicted_layers)
 
 
 def _predicted_in_scope(op: str, predicted: list[torch.Tensor], predicted_layers: list[int]) -> _HostScope:

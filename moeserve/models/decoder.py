@@ -29,7 +29,7 @@ from moeserve.layers.attention import Attention
 from moeserve.layers.linear import Linear
 from moeserve.layers.mla import MlaAttention
 from moeserve.layers.mlp import GatedMLP
-from moeserve.layers.moe import MoeBlock, held_stack, host_expert_slots, host_routed_experts, prefetch
+from moeserve.layers.moe import MoeBlock, expert_slots, held_stack, host_routed_experts, prefetch
 from moeserve.layers.norms import RMSNorm
 from moeserve.layers.rotary import RotaryEmbedding
 
@@ -149,7 +149,7 @@ class MoeCausalLM(nn.Module):
                 block = self.moe_block(layer)
                 stack = held_stack(experts, layer, input_ids.shape[0], block.top_k)
                 if stack is not None:
-                    slots = host_expert_slots(done.ids, layer, predicted, predicted_layers)  # [T, K]
+                    slots = expert_slots(experts, done.ids, layer, predicted, predicted_layers)  # [T, K]
                     routed = block.on_stack(done.h, done.weights, done.ids, stack, slots)
                 else:
                     routed = host_routed_experts(done.h, done.weights, done.ids, layer, predicted, predicted_layers)

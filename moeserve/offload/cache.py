@@ -131,6 +131,7 @@ class ExpertCache:
     def __init__(self, num_slots: int, eviction: str = "lru"):
         self.entries: dict[ExpertKey, SlotEntry] = {}
         self._free = list(range(num_slots - 1, -1, -1))
+        self.eviction_name = eviction
         self._eviction = EVICTION_POLICIES[eviction]()
 
     def get(self, key: ExpertKey) -> SlotEntry | None:

@@ -2,7 +2,8 @@
 
 In:  fetch(layer, experts) from a MoE block; prefetch(layer, predicted) from the model, for each of
      the next `prediction_depth` MoE layers.
-     hold(layer, experts) from a compiled CPU step (layers/moe.py host_expert_slots), release() at its end.
+     hold(layer, experts) from a compiled CPU step (layers/moe.py expert_slots), begin_step(tokens) at its start and
+     release() at its end.
 Out: decoded experts from cache slots, one at a time: hits first, then misses (hold: their slots, all
      pinned until release, for the step to compute from the pool in place). Every miss starts
      loading at once (as far as free slots allow), ahead of any prefetch, so demand loads never
@@ -15,6 +16,10 @@ are taken from the layers whose turn comes last in the cycle of MoE layers (the 
 within a layer), so neither a miss nor a guess evicts what the next layers are about to reuse. A guess
 never evicts another pending guess; a guess more than one layer ahead takes only a free or stale slot
 on every device, so the deeper guesses live in the spare the depth rule (lookahead.py) counts on.
+
+Where the configuration allows (native_slots.py: a CPU pool of szp experts, LRU, no guesses, the CPU's default),
+the same policy without guesses runs in C++ (`SlotCache`), which then holds the cache's state: `fetch`, `hold`
+and `release` go there, and a compiled step reaches it from its own C++ op.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from typing import Iterator, Sequence
 
 import torch
 
+from moeserve.codecs import CodecError
 from moeserve.experts import ExpertWeights, StackedExperts
 from moeserve.offload.cache import ExpertCache, ExpertKey, SlotEntry, SlotPool
 from moeserve.offload.lookahead import automatic_prediction_depth
+from moeserve.offload.native_slots import native_slot_cache
 from moeserve.offload.stats import OffloadStats
 from moeserve.offload.store import CompressedStore
 
@@ -43,7 +50,9 @@ class OffloadedExpertProvider:
         top_k: int,
         prefetch: bool = True,
         prefetch_depth: int | None = None,
+        native: bool = True,
     ):
+        """`native`: the C++ cache where the configuration allows (native_slots.py); False keeps it in Python."""
         self.store, self.pool, self.cache, self.filler, self.stats = store, pool, cache, filler, stats
         # Per expert, the layout of gate and up the resident model would load it in (see keeps_gate_up_apart).
         self._gate_up_apart = {key: pool.serves_apart(packed) for key, packed in store.experts.items()}
@@ -84,6 +93,25 @@ class OffloadedExpertProvider:
                             if any(blob.codec != "raw" or blob.dtype != pool.memory.dtype for blob in packed.blobs)}
         mapped_layers = set(cycle) - converted_layers
         self._held_layers = set() if self._stack is None else set(cycle) - apart_layers - mapped_layers
+        guesses = prefetch and (bool(prefetch_depth) if prefetch_depth is not None else not filler.guesses_cost_compute)
+        self._native = native_slot_cache(store, pool, cache, guesses, self._held_layers) if native else None
+
+    @property
+    def slots_in_cpp(self) -> bool:
+        """Whether the cache's state is in C++ (native_slots.py), where a compiled step's op can reach it."""
+        return self._native is not None
+
+    def cached_experts(self) -> dict[ExpertKey, int]:
+        """(layer, expert) → slot of every cached expert."""
+        if self._native is not None:
+            return {(layer, expert): slot for layer, expert, slot in self._native.entries()}
+        return {key: entry.slot for key, entry in self.cache.entries.items()}
+
+    def pinned_slots(self) -> int:
+        """How many slots are pinned now (0 between steps)."""
+        if self._native is not None:
+            return self._native.pinned()
+        return sum(entry.pins > 0 for entry in self.cache.entries.values())
 
     @property
     def prediction_depth(self) -> int:
@@ -101,7 +129,7 @@ class OffloadedExpertProvider:
         of 512 (bf16) at a 25% cache 61.0 against 48.8 at one thread and 76.3 against 65.3 at two.
         Eager steps had favoured depth 1 over the rule's depth 7 (174 against 205 tok/s, default model, 50%),
         when a step's own overhead hid the bookkeeping. `prefetch_depth` still forces guesses."""
-        if not self._prefetch or len(self.cache) >= len(self.store.experts):
+        if self._native is not None or not self._prefetch or len(self.cache) >= len(self.store.experts):
             return 0
         if self._forced_depth is not None:
             return self._forced_depth
@@ -119,6 +147,14 @@ class OffloadedExpertProvider:
         return None
 
     def fetch(self, layer: int, experts: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        if self._native is not None:
+            slots = self._native_hold(layer, experts)
+            try:
+                for expert, slot in zip(experts, slots):
+                    yield expert, self.pool.weights(slot)
+            finally:
+                self.release()
+            return
         for entry in self._serve(layer, experts, hold=False):
             yield entry.key[1], self.pool.weights(entry.slot, self._gate_up_apart[entry.key])
 
@@ -134,18 +170,45 @@ class OffloadedExpertProvider:
         """Load `experts` (ascending ids) of `layer` and pin all of them until the next `hold` or `release`
         (the step computes from their slots in between); returns their slots, in the order of `experts`.
         The loads, statistics and prefetches are `fetch`'s. Only for layers `held_stack` serves."""
+        if self._native is not None:
+            return self._native_hold(layer, experts)
         self.release()
         slots = {}
         for entry in self._serve(layer, experts, hold=True):
             slots[entry.key[1]] = entry.slot
         return [slots[expert] for expert in experts]
 
+    def begin_step(self, tokens: int) -> None:
+        """A compiled step of `tokens` real rows starts on this thread: its C++ op reaches this provider's C++ cache."""
+        if self._native is not None:
+            self._native.begin_step(tokens)
+
     def release(self) -> None:
         """Unpin what the latest `hold` pinned (the end of a step calls this)."""
+        if self._native is not None:
+            self._native.release()
+            self._take_native_counters()
+            return
         for entry in self._held:
             entry.pins -= 1
             self.filler.release(entry.slot)
         self._held = []
+
+    def _native_hold(self, layer: int, experts: Sequence[int]) -> list[int]:
+        try:
+            return self._native.hold(layer, list(experts))
+        except ValueError as error:  # a malformed payload: the message names the layer and the expert
+            raise CodecError(str(error)) from None
+
+    def _take_native_counters(self) -> None:
+        counts = self._native.take_counters()
+        stats = self.stats
+        stats.hits += counts["hits"]
+        stats.misses += counts["misses"]
+        stats.miss_bytes += counts["miss_bytes"]
+        stats.bytes_transferred += counts["miss_bytes"]  # every fill is a miss: there are no guesses
+        stats.wait_seconds += counts["wait_seconds"]
+        stats.add_decode_time(counts["decode_seconds"])
 
     def _serve(self, layer: int, experts: Sequence[int], hold: bool) -> Iterator[SlotEntry]:
         """Each expert's entry once it is loaded: hits first, then misses as they land. Without `hold` an

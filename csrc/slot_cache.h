@@ -1,0 +1,106 @@
+// The expert cache's bookkeeping in C++, for compiled CPU decode steps over szp-compressed experts.
+//
+// In:  hold(layer, experts) once per MoE layer of a step: from a compiled step's C++ op
+//      (torch_ops.cpp held_expert_slots, through held_slots_entry) or from Python (the provider's hold and fetch).
+// Out: the slot of each expert, every one decoded and pinned until release(); counters for OffloadStats.
+//
+// Why: moeserve/offload/provider.py does this in Python, ~55 us per layer with every expert cached and
+// ~80 us per miss on top of its decode; on a small model that was more than the step's own compute. This is
+// the same policy, for the configuration the CPU serves by default (moeserve/offload/native_slots.py says which):
+// no guesses, LRU eviction, a pool that holds a layer's experts at once. The provider's Python is the reference
+// it is tested against (tests/test_native_slots.py): same hits, misses and slots for the same requests.
+//
+// Policy (provider.py `_serve` and `_start` without guesses): a hit is pinned; a miss takes a free slot, else
+// the least recently used unpinned expert among those its layer did not use on its latest pass ("stale"),
+// else the least recently used unpinned expert of the layers in give-up order (the miss's own layer first,
+// then the layers that ran most recently). Misses are decoded on the calling thread (hold says why).
+// Used from one thread at a time (the model's).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "szp_format.h"
+
+namespace szp {
+
+class SlotCache {
+  public:
+    static constexpr int kMatrices = 3;  // gate, up, down
+
+    // cycle: the MoE layer ids in the order a step runs them; experts: per layer.
+    SlotCache(int num_slots, const std::vector<int64_t>& cycle, int64_t experts);
+
+    // Where expert (layer, expert)'s compressed matrices are (payload, bytes), and its compressed size for the counters.
+    void set_source(int64_t layer, int64_t expert, const std::vector<const szp_u8*>& payloads,
+                    const std::vector<size_t>& sizes, int64_t nbytes);
+    // Where slot `slot`'s matrices are (gate, up, down), in dtype code out_dtype.
+    void set_target(int slot, const std::vector<void*>& matrices, int out_dtype);
+
+    // Loads `experts` (distinct) of `layer` and pins them until the next hold or release; their slots, in order.
+    // Throws FormatError (with the layer and expert) if a payload is malformed; that expert is then not cached.
+    std::vector<int64_t> hold(int64_t layer, const std::vector<int64_t>& experts);
+    // Unpins the latest hold's slots and ends the step (begin_step) if this thread runs one here.
+    void release();
+
+    // The step the calling thread runs now (held_slots_entry's): set at its start, cleared at its end.
+    void begin_step(int64_t tokens);
+    static SlotCache* current();
+    int64_t step_tokens() const { return step_tokens_; }
+
+    // Counters since the last take (OffloadStats' names).
+    struct Counters {
+        int64_t hits = 0, misses = 0, miss_bytes = 0;
+        double decode_seconds = 0.0, wait_seconds = 0.0;
+    };
+    Counters take_counters();
+
+    // What is cached: (layer, expert, slot) triples, and how many slots are pinned.
+    std::vector<std::vector<int64_t>> entries() const;
+    int pinned() const;
+    int num_slots() const { return int(slots_.size()); }
+
+  private:
+    struct Slot {
+        int64_t key = -1;  // layer position * experts + expert; -1: free
+        int pins = 0;
+        uint64_t used = 0;  // LRU clock of its latest use
+        int64_t pass_used = 0;  // its layer's pass that last used it
+        void* matrices[kMatrices] = {nullptr, nullptr, nullptr};
+        int out_dtype = -1;
+    };
+    struct Source {
+        const szp_u8* payloads[kMatrices] = {nullptr, nullptr, nullptr};
+        size_t sizes[kMatrices] = {0, 0, 0};
+        int64_t nbytes = -1;  // -1: not set
+    };
+
+    int64_t position(int64_t layer) const;  // the layer's place in the cycle; throws for a layer not in it
+    int claim(int64_t position);  // a slot for a miss of the layer at `position` (free, stale, then give-up order)
+    void touch(int slot, int64_t position);
+    void unpin();
+    void forget(int slot);
+
+    std::vector<Slot> slots_;
+    std::vector<int64_t> free_;  // popped from the back: slot 0 first
+    std::vector<int64_t> cycle_;
+    std::vector<int64_t> position_of_;  // layer id -> position, -1 for other layers
+    int64_t experts_;
+    std::vector<int64_t> slot_of_;  // key -> slot, -1 when not cached
+    std::vector<Source> sources_;  // per key
+    std::vector<int64_t> passes_;  // per position: holds of that layer so far
+    std::vector<std::vector<int64_t>> give_up_;  // per position: positions in the order their slots are taken
+    std::vector<int> held_;  // slots pinned by the latest hold
+    uint64_t clock_ = 0;
+    int64_t step_tokens_ = 0;
+    Counters counters_;
+};
+
+// For a compiled step's C++ op: the slots [rows, k] of ids [rows, k] (only the first step_tokens rows are real;
+// padding rows get the first held slot) for MoE layer `layer`, through the calling thread's current SlotCache.
+// Returns 0, or 1 with a one-sentence message in error (error_size bytes) for a caller error or a malformed payload.
+int held_slots_entry(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, int64_t* out, char* error,
+                     int64_t error_size);
+
+}  // namespace szp

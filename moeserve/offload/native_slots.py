@@ -1,0 +1,48 @@
+"""The expert cache's bookkeeping in C++ (csrc/slot_cache.h), for the configuration a CPU serves by default.
+
+In:  the provider's store, slot pool and cache policy, and whether it would make guesses.
+Out: a `SlotCache` (moeserve._szp_cpu) over the same pool, or None where the configuration
+     needs the provider's Python: guesses (a forced prefetch depth), LFU eviction, a GPU pool, an expert not in
+     szp (the only codec with a native decoder) or not in the fused layout, a pool smaller than one layer's
+     experts, or an extension built without it.
+
+Why: with compiled steps the provider's Python per MoE layer (claiming slots, pinning, statistics, the call
+into the Python host op) cost more than the step's compute on a small model: the embedded model at a 25% cache
+ran at ~0.4x its resident speed with ~9 of its ~16 experts a token cached. The C++ cache runs the same policy
+(tests/test_native_slots.py holds it to the Python provider's hits, misses and slots), and a compiled step calls
+it from its own C++ op (torch_ops.cpp held_expert_slots) without entering Python.
+"""
+
+from __future__ import annotations
+
+from moeserve.codecs.szp_cpu import NATIVE_DECODER, cpu_module, decode_target
+from moeserve.offload.cache import ExpertCache, SlotPool
+from moeserve.offload.store import CompressedStore
+
+
+def native_slot_cache(store: CompressedStore, pool: SlotPool, cache: ExpertCache, guesses: bool, fused_layers: set[int]):
+    """A SlotCache for this configuration, or None where it needs the provider's Python (module docstring).
+    `fused_layers`: the MoE layers whose every expert a slot serves in the fused layout, converted from
+    its stored form (the provider's held layers)."""
+    layers = sorted({layer for layer, _ in store.experts})
+    experts = len(store.experts) // len(layers)
+    eligible = (
+        not guesses
+        and cache.eviction_name == "lru"
+        and pool.memory.device.type == "cpu"
+        and set(layers) <= fused_layers
+        and pool.num_slots >= experts
+        and all(blob.codec == "szp" and blob.numel for packed in store.experts.values() for blob in packed.blobs)
+    )
+    extension = cpu_module() if eligible else None
+    if extension is None or not hasattr(extension, "SlotCache"):
+        return None
+    slots = extension.SlotCache(pool.num_slots, layers, experts)
+    for slot in range(pool.num_slots):
+        weights = pool.weights(slot, gate_up_apart=False)
+        targets = [decode_target(matrix) for matrix in (weights.gate, weights.up, weights.down)]
+        slots.set_target(slot, [bits for bits, _ in targets], targets[0][1])
+    for (layer, expert), packed in store.experts.items():
+        slots.set_source(layer, expert, [NATIVE_DECODER.source(blob) for blob in packed.blobs], packed.nbytes)
+    return slots
+

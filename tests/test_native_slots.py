@@ -1,0 +1,134 @@
+"""The expert cache's bookkeeping in C++ (csrc/slot_cache.h, moeserve/offload/native_slots.py): where it is used,
+the same hits, misses, slots and values as the provider's Python on the same requests, and a malformed payload
+refused without a pinned or half-filled slot left behind."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from random_store import random_store
+
+from moeserve.codecs import CodecError
+from moeserve.codecs.szp_cpu import cpu_module
+from moeserve.offload.cache import ExpertCache, SlotPool
+from moeserve.offload.filler import CpuSlotFiller
+from moeserve.offload.provider import OffloadedExpertProvider
+from moeserve.offload.stats import OffloadStats
+
+LAYERS, EXPERTS, TOP_K, D, I = 5, 8, 2, 16, 8
+SZP = {"default": {"codec": "szp", "mode": "rel", "error_bound": 1e-2}}
+
+pytestmark = pytest.mark.skipif(not hasattr(cpu_module(), "SlotCache"), reason="the szp extension is not built")
+
+
+@pytest.fixture(scope="module")
+def store():
+    return random_store(LAYERS, EXPERTS, D, I, SZP, fused=True)
+
+
+def _provider(store, slots: int, native: bool = True, eviction: str = "lru", **options) -> OffloadedExpertProvider:
+    pool = SlotPool(slots, D, I, torch.float32, torch.device("cpu"))
+    stats = OffloadStats()
+    filler = CpuSlotFiller(pool, stats, workers=1)
+    return OffloadedExpertProvider(store, pool, ExpertCache(slots, eviction), filler, stats, TOP_K, native=native,
+                                   **options)
+
+
+def test_the_cpu_default_configuration_runs_in_cpp_and_the_others_in_python(store):
+    assert _provider(store, 10).slots_in_cpp
+    assert _provider(store, 10, prefetch_depth=0).slots_in_cpp  # no guesses either way
+    assert not _provider(store, 10, native=False).slots_in_cpp
+    assert not _provider(store, 10, eviction="lfu").slots_in_cpp
+    assert not _provider(store, 10, prefetch_depth=1).slots_in_cpp  # guesses are the Python provider's
+    assert not _provider(store, EXPERTS - 1).slots_in_cpp  # a layer's experts must fit at once
+    raw = random_store(2, EXPERTS, D, I, {"default": {"codec": "raw"}}, fused=True)
+    assert not _provider(raw, 10).slots_in_cpp
+    assert not _provider(random_store(2, EXPERTS, D, I, SZP), 10).slots_in_cpp  # gate and up apart
+    assert _provider(store, 10).prediction_depth == 0
+
+
+def _requests(seed: int, steps: int) -> list[tuple[str, int, list[int]]]:
+    """Decode-like steps (every MoE layer in turn, 1 to 4 distinct experts each, sometimes a whole layer as a
+    prefill asks), each a hold (compiled step) or a fetch (eager step)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(steps):
+        kind = rng.choice(["hold", "fetch"])
+        width = rng.choice([1, 2, 2, 2, 3, 4, EXPERTS])
+        for layer in range(LAYERS):
+            out.append((kind, layer, sorted(rng.sample(range(EXPERTS), width))))
+    return out
+
+
+@pytest.mark.parametrize("slots", [EXPERTS, 10, 13, 24, LAYERS * EXPERTS])
+def test_cpp_and_python_give_the_same_slots_hits_misses_and_values(store, slots):
+    native, python = _provider(store, slots), _provider(store, slots, native=False)
+    assert native.slots_in_cpp and not python.slots_in_cpp
+    for step, (kind, layer, experts) in enumerate(_requests(slots, 40)):
+        results = []
+        for provider in (native, python):
+            if kind == "hold":
+                provider.begin_step(1)
+                held = provider.hold(layer, experts)
+                values = [provider.pool.memory[slot].clone() for slot in held]
+                provider.release()
+            else:
+                got = list(provider.fetch(layer, experts))
+                assert sorted(expert for expert, _ in got) == experts
+                held = [provider.cached_experts()[(layer, expert)] for expert in experts]
+                values = [provider.pool.memory[slot].clone() for slot in held]
+            results.append((held, values))
+            assert provider.pinned_slots() == 0
+        (native_slots, native_values), (python_slots, python_values) = results
+        assert native_slots == python_slots, f"step {step}: {kind} of layer {layer} {experts}"
+        assert all(torch.equal(a, b) for a, b in zip(native_values, python_values))
+        assert native.cached_experts() == python.cached_experts()
+    for name in ("hits", "misses", "miss_bytes", "bytes_transferred"):
+        assert getattr(native.stats, name) == getattr(python.stats, name), name
+    assert native.stats.misses > 0 and native.stats.decode_seconds > 0
+
+
+def test_a_malformed_payload_is_refused_and_nothing_stays_pinned_or_cached():
+    store = random_store(2, EXPERTS, D, I, SZP, fused=True)
+    payload = store.experts[(1, 3)].blobs[2].payload_numpy()
+    payload[cpu_module().layout(store.experts[(1, 3)].blobs[2].numel)["rates_off"]] = 77  # an invalid rate byte
+    provider = _provider(store, 10)
+    provider.begin_step(1)
+    assert len(provider.hold(0, [0, 1])) == 2
+    with pytest.raises(CodecError, match="expert 3 of layer 1 is malformed"):
+        provider.hold(1, [2, 3])
+    provider.release()
+    assert provider.pinned_slots() == 0
+    assert (1, 3) not in provider.cached_experts() and (1, 2) in provider.cached_experts()
+    with pytest.raises(CodecError, match="malformed"):
+        list(provider.fetch(1, [3]))  # asked again, it is decoded again, and refused again
+    assert provider.hold(1, [2, 4]) and provider.pinned_slots() == 2
+    provider.release()
+
+
+def test_a_hold_outside_a_step_or_of_an_unknown_expert_says_so(store):
+    provider = _provider(store, 10)
+    with pytest.raises(ValueError, match="expert 8 of layer 0 is not in the compressed store"):
+        provider.hold(0, [EXPERTS])
+    with pytest.raises(ValueError, match="layer 7 is not a MoE layer"):
+        provider.hold(7, [0])
+    ids = torch.zeros(1, TOP_K, dtype=torch.long)
+    from moeserve import native_ops
+    from moeserve.codecs.szp_cpu import held_slots_address
+    from moeserve.layers import cpu_gemm
+
+    if not native_ops.load(cpu_gemm.entry_address(), held_slots_address(), progress=False):
+        pytest.skip(f"the C++ ops did not build: {native_ops._state.get('failure')}")
+    with pytest.raises(ValueError, match="outside a step"):
+        torch.ops.moeserve_native.held_expert_slots(ids, 0)
+    provider.begin_step(1)
+    ids = torch.tensor([[3, 1], [0, 0]])  # one real row, one padding row
+    slots = torch.ops.moeserve_native.held_expert_slots(ids, 0)
+    cached = provider.cached_experts()
+    assert slots.tolist() == [[cached[(0, 3)], cached[(0, 1)]], [cached[(0, 1)]] * 2]
+    assert provider.pinned_slots() == 2
+    provider.release()
+    with pytest.raises(ValueError, match="outside a step"):  # release ends the step
+        torch.ops.moeserve_native.held_expert_slots(ids, 0)
