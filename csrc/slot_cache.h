@@ -13,7 +13,8 @@
 // Policy (provider.py `_serve` and `_start` without guesses): a hit is pinned; a miss takes a free slot, else
 // the least recently used unpinned expert among those its layer did not use on its latest pass ("stale"),
 // else the least recently used unpinned expert of the layers in give-up order (the miss's own layer first,
-// then the layers that ran most recently). Misses are decoded on the calling thread (hold says why).
+// then the layers that ran most recently). Misses are decoded by the calling thread and a team of helpers that
+// spin while a step runs (decode_team.h; hold says why not the decode pool's workers).
 // Used from one thread at a time (the model's).
 #pragma once
 
@@ -21,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "decode_team.h"
 #include "szp_format.h"
 
 namespace szp {
@@ -29,8 +31,9 @@ class SlotCache {
   public:
     static constexpr int kMatrices = 3;  // gate, up, down
 
-    // cycle: the MoE layer ids in the order a step runs them; experts: per layer.
-    SlotCache(int num_slots, const std::vector<int64_t>& cycle, int64_t experts);
+    // cycle: the MoE layer ids in the order a step runs them; experts: per layer; helpers: decode threads beside
+    // the caller's, for cores nothing else computes on (0: the caller decodes alone).
+    SlotCache(int num_slots, const std::vector<int64_t>& cycle, int64_t experts, int helpers);
 
     // Where expert (layer, expert)'s compressed matrices are (payload, bytes), and its compressed size for the counters.
     void set_source(int64_t layer, int64_t expert, const std::vector<const szp_u8*>& payloads,
@@ -44,7 +47,8 @@ class SlotCache {
     // Unpins the latest hold's slots and ends the step (begin_step) if this thread runs one here.
     void release();
 
-    // The step the calling thread runs now (held_slots_entry's): set at its start, cleared at its end.
+    // The step the calling thread runs now (held_slots_entry's): set at its start, cleared at its end (release).
+    // The helpers spin from here to release.
     void begin_step(int64_t tokens);
     static SlotCache* current();
     int64_t step_tokens() const { return step_tokens_; }
@@ -92,9 +96,12 @@ class SlotCache {
     std::vector<int64_t> passes_;  // per position: holds of that layer so far
     std::vector<std::vector<int64_t>> give_up_;  // per position: positions in the order their slots are taken
     std::vector<int> held_;  // slots pinned by the latest hold
+    std::vector<ChunkTask> tasks_;  // the latest hold's decodes, and below its hits and misses (kept for capacity)
+    std::vector<size_t> resident_, missing_;
     uint64_t clock_ = 0;
     int64_t step_tokens_ = 0;
     Counters counters_;
+    DecodeTeam team_;  // last, so destroyed first: its helpers stop before what they read goes
 };
 
 // For a compiled step's C++ op: the slots [rows, k] of ids [rows, k] (only the first step_tokens rows are real;

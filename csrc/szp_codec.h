@@ -51,6 +51,11 @@ void write_payload(const EncodePlan& plan, const void* x, double eb, szp_u8* out
 // Decode a whole payload into out (out_dtype values, n of them). Throws FormatError on a malformed payload.
 // Runs on the decode path set last (below); every path writes the same values.
 void decode(const szp_u8* payload, size_t size, void* out, int out_dtype);
+// The chunks [first, last) of a payload into out (the whole output array), on the calling thread only: the unit
+// a team of threads splits one payload's decode by (slot_cache.cpp). Every call checks the chunk table's ends,
+// so the calls covering all chunks refuse exactly what decode refuses. decode_chunk_count: the payload's chunks.
+szp_u64 decode_chunk_count(const szp_u8* payload, size_t size);
+void decode_chunks(const szp_u8* payload, size_t size, void* out, int out_dtype, szp_u64 first, szp_u64 last);
 
 // ---- decode paths: one per instruction set, chosen at run time ----------------------------------------------
 // scalar: the portable code (4-lane vector extensions, every target); avx2: AVX2 with table-placed signs (no

@@ -89,9 +89,13 @@ ChunkDecoder chunk_decoder(DecodePath path, int s, int o) {
     return chunk_decoder_for<PortableBlock>(s, o);
 }
 
+// The chunk table starts at 0 and ends at the data's size (each chunk's decoder checks its own entries).
+bool table_ends_agree(const szp_u8* payload, const Layout& l, const Header& h) {
+    return load_u64(payload + l.table_off) == 0 && load_u64(payload + l.table_off + 8 * l.chunks) == h.data_bytes;
+}
+
 void decode_all(ChunkDecoder decode_one, const szp_u8* payload, const Layout& l, const Header& h, void* out) {
-    std::atomic<bool> ok{load_u64(payload + l.table_off) == 0 &&
-                         load_u64(payload + l.table_off + 8 * l.chunks) == h.data_bytes};
+    std::atomic<bool> ok{table_ends_agree(payload, l, h)};
 #pragma omp parallel for schedule(dynamic, 4) if (l.chunks >= kParallelMinChunks)
     for (long long c = 0; c < (long long)l.chunks; ++c)
         if (!decode_one(payload, l, h, szp_u64(c), out)) ok = false;
@@ -151,6 +155,19 @@ void decode(const szp_u8* payload, size_t size, void* out, int out_dtype) {
     const Header h = read_header(payload, size);
     if (out_dtype != kF32 && out_dtype != kF16 && out_dtype != kBF16) throw FormatError("unknown output dtype code");
     decode_all(chunk_decoder(decode_path(), h.dtype, out_dtype), payload, layout_for(h.n), h, out);
+}
+
+szp_u64 decode_chunk_count(const szp_u8* payload, size_t size) { return layout_for(read_header(payload, size).n).chunks; }
+
+void decode_chunks(const szp_u8* payload, size_t size, void* out, int out_dtype, szp_u64 first, szp_u64 last) {
+    const Header h = read_header(payload, size);
+    if (out_dtype != kF32 && out_dtype != kF16 && out_dtype != kBF16) throw FormatError("unknown output dtype code");
+    const Layout l = layout_for(h.n);
+    if (first > last || last > l.chunks) throw std::invalid_argument("a chunk range past the payload's chunks");
+    const ChunkDecoder decode_one = chunk_decoder(decode_path(), h.dtype, out_dtype);
+    bool ok = table_ends_agree(payload, l, h);
+    for (szp_u64 c = first; ok && c < last; ++c) ok = decode_one(payload, l, h, c, out);
+    if (!ok) throw FormatError("the szp payload's chunk table, rates and data disagree; the blob is corrupt");
 }
 
 }  // namespace szp

@@ -10,9 +10,10 @@ import pytest
 import torch
 from random_store import random_store
 
-from moeserve.codecs import CodecError
+from moeserve.codecs import CodecError, decode
 from moeserve.codecs.szp_cpu import cpu_module
 from moeserve.offload.cache import ExpertCache, SlotPool
+from moeserve.offload import native_slots
 from moeserve.offload.filler import CpuSlotFiller
 from moeserve.offload.provider import OffloadedExpertProvider
 from moeserve.offload.stats import OffloadStats
@@ -26,6 +27,13 @@ pytestmark = pytest.mark.skipif(not hasattr(cpu_module(), "SlotCache"), reason="
 @pytest.fixture(scope="module")
 def store():
     return random_store(LAYERS, EXPERTS, D, I, SZP, fused=True)
+
+
+@pytest.fixture(params=[0, 1], ids=["alone", "one-helper"])
+def helpers(request, monkeypatch):
+    """Decode helpers the C++ cache gets: as many as cores beyond torch's threads (native_slots.py), here faked."""
+    monkeypatch.setattr(native_slots, "usable_cores", lambda: torch.get_num_threads() + request.param)
+    return request.param
 
 
 def _provider(store, slots: int, native: bool = True, eviction: str = "lru", **options) -> OffloadedExpertProvider:
@@ -63,7 +71,7 @@ def _requests(seed: int, steps: int) -> list[tuple[str, int, list[int]]]:
 
 
 @pytest.mark.parametrize("slots", [EXPERTS, 10, 13, 24, LAYERS * EXPERTS])
-def test_cpp_and_python_give_the_same_slots_hits_misses_and_values(store, slots):
+def test_cpp_and_python_give_the_same_slots_hits_misses_and_values(store, slots, helpers):
     native, python = _provider(store, slots), _provider(store, slots, native=False)
     assert native.slots_in_cpp and not python.slots_in_cpp
     for step, (kind, layer, experts) in enumerate(_requests(slots, 40)):
@@ -90,7 +98,7 @@ def test_cpp_and_python_give_the_same_slots_hits_misses_and_values(store, slots)
     assert native.stats.misses > 0 and native.stats.decode_seconds > 0
 
 
-def test_a_malformed_payload_is_refused_and_nothing_stays_pinned_or_cached():
+def test_a_malformed_payload_is_refused_and_nothing_stays_pinned_or_cached(helpers):
     store = random_store(2, EXPERTS, D, I, SZP, fused=True)
     payload = store.experts[(1, 3)].blobs[2].payload_numpy()
     payload[cpu_module().layout(store.experts[(1, 3)].blobs[2].numel)["rates_off"]] = 77  # an invalid rate byte
@@ -132,3 +140,22 @@ def test_a_hold_outside_a_step_or_of_an_unknown_expert_says_so(store):
     provider.release()
     with pytest.raises(ValueError, match="outside a step"):  # release ends the step
         torch.ops.moeserve_native.held_expert_slots(ids, 0)
+
+
+def test_many_chunk_experts_decode_to_the_codec_values_with_and_without_helpers(helpers):
+    # [512, 64] matrices: 32768 values, 4 szp chunks each, so one miss is 12 tasks for the team
+    store = random_store(3, 4, 64, 512, SZP, fused=True)
+    pool = SlotPool(4, 64, 512, torch.float32, torch.device("cpu"))
+    provider = OffloadedExpertProvider(store, pool, ExpertCache(4), CpuSlotFiller(pool, OffloadStats(), workers=1),
+                                       OffloadStats(), TOP_K)
+    assert provider.slots_in_cpp
+    for sweep in range(3):
+        for layer in range(3):
+            provider.begin_step(1)
+            experts = [0, 1, 2, 3] if sweep != 1 else [layer % 4]
+            for expert, slot in zip(experts, provider.hold(layer, experts)):
+                weights = pool.weights(slot)
+                for blob, matrix in zip(store.experts[(layer, expert)].blobs, (weights.gate, weights.up, weights.down)):
+                    assert torch.equal(matrix, decode(blob).view(matrix.shape))
+            provider.release()
+    assert provider.stats.hits + provider.stats.misses == 27 and provider.stats.misses >= 24  # 4 slots, 3 layers

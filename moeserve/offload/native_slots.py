@@ -15,15 +15,21 @@ it from its own C++ op (torch_ops.cpp held_expert_slots) without entering Python
 
 from __future__ import annotations
 
+import torch
+
 from moeserve.codecs.szp_cpu import NATIVE_DECODER, cpu_module, decode_target
 from moeserve.offload.cache import ExpertCache, SlotPool
+from moeserve.offload.filler import usable_cores
 from moeserve.offload.store import CompressedStore
 
 
-def native_slot_cache(store: CompressedStore, pool: SlotPool, cache: ExpertCache, guesses: bool, fused_layers: set[int]):
+def native_slot_cache(
+    store: CompressedStore, pool: SlotPool, cache: ExpertCache, guesses: bool, fused_layers: set[int], workers: int
+):
     """A SlotCache for this configuration, or None where it needs the provider's Python (module docstring).
     `fused_layers`: the MoE layers whose every expert a slot serves in the fused layout, converted from
-    its stored form (the provider's held layers)."""
+    its stored form (the provider's held layers). `workers`: the decode workers asked for; as many of them as
+    there are cores beyond torch's threads become the cache's decode helpers (csrc/decode_team.h)."""
     layers = sorted({layer for layer, _ in store.experts})
     experts = len(store.experts) // len(layers)
     eligible = (
@@ -37,7 +43,8 @@ def native_slot_cache(store: CompressedStore, pool: SlotPool, cache: ExpertCache
     extension = cpu_module() if eligible else None
     if extension is None or not hasattr(extension, "SlotCache"):
         return None
-    slots = extension.SlotCache(pool.num_slots, layers, experts)
+    helpers = max(0, min(workers, usable_cores() - torch.get_num_threads()))
+    slots = extension.SlotCache(pool.num_slots, layers, experts, helpers)
     for slot in range(pool.num_slots):
         weights = pool.weights(slot, gate_up_apart=False)
         targets = [decode_target(matrix) for matrix in (weights.gate, weights.up, weights.down)]

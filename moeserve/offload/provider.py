@@ -94,7 +94,7 @@ class OffloadedExpertProvider:
         mapped_layers = set(cycle) - converted_layers
         self._held_layers = set() if self._stack is None else set(cycle) - apart_layers - mapped_layers
         guesses = prefetch and (bool(prefetch_depth) if prefetch_depth is not None else not filler.guesses_cost_compute)
-        self._native = native_slot_cache(store, pool, cache, guesses, self._held_layers) if native else None
+        self._native = native_slot_cache(store, pool, cache, guesses, self._held_layers, getattr(filler, "workers", 0)) if native else None
 
     @property
     def slots_in_cpp(self) -> bool:

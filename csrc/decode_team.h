@@ -1,0 +1,73 @@
+// A team that splits the decodes a waiting thread needs now across it and helper threads that spin while a step
+// runs, for the expert cache's misses (slot_cache.h).
+//
+// In:  run(tasks): chunk ranges of szp payloads and where each decodes to, from the thread that needs them.
+// Out: every task decoded when run returns; the first failure's task and message.
+//
+// Why not the decode pool's workers (szp_decode_pool.h): they sleep on a condition variable, and on the machines
+// measured a wake-up and the hand-back to the waiting thread cost more than a small expert's decode. Helpers here
+// spin after activate() (a compiled step starts) and after each run, so a task reaches one within ~a microsecond;
+// they sleep after deactivate() and after kSpinSeconds without a task (a step whose experts are all cached), so a
+// spinning core does not take power from the cores that compute. They are for cores that nothing else computes
+// on (the caller sizes the team).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "szp_format.h"
+
+namespace szp {
+
+struct ChunkTask {
+    const szp_u8* payload;
+    size_t size;
+    void* out;
+    int out_dtype;
+    szp_u64 first, last;  // chunk range
+    int64_t owner;  // the caller's tag, reported with a failure
+};
+
+class DecodeTeam {
+  public:
+    explicit DecodeTeam(int helpers);
+    ~DecodeTeam();
+    DecodeTeam(const DecodeTeam&) = delete;
+    DecodeTeam& operator=(const DecodeTeam&) = delete;
+
+    int helpers() const { return int(threads_.size()); }
+    void activate();    // helpers spin, ready for run, until deactivate
+    void deactivate();  // helpers sleep
+    // Decodes every task, on this thread and the helpers (active or not); returns the first failed task's owner
+    // (-1 if none) and sets error to its message.
+    int64_t run(const std::vector<ChunkTask>& tasks, std::string& error);
+
+  private:
+    void work();
+    void drain(uint64_t run_id);
+
+    std::vector<std::thread> threads_;
+    // run id (24 bits) | the run's task count (20 bits) | the next task index (20 bits), in one word: a thread
+    // claims task i of the run it saw, with that run's count, or nothing. Only a claimed task's run can be
+    // running, so the tasks_ read after a claim are that run's.
+    std::atomic<uint64_t> claim_{0};
+    std::atomic<size_t> done_{0};
+    std::atomic<const std::vector<ChunkTask>*> tasks_{nullptr};
+    uint64_t run_id_ = 0;
+    std::mutex error_mutex_;
+    int64_t failed_ = -1;
+    std::string error_;
+    std::atomic<bool> active_{false}, stopping_{false};
+    std::atomic<int> sleeping_{0};  // helpers waiting on wake_
+    uint64_t wakes_ = 0;  // bumped (under sleep_mutex_) to wake the sleeping helpers
+    std::mutex sleep_mutex_;
+    std::condition_variable wake_;
+    void wake_helpers();
+};
+
+}  // namespace szp
