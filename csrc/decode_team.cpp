@@ -52,7 +52,7 @@ constexpr int kIndexBits = 20;
 constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
 }  // namespace
 
-int64_t DecodeTeam::run(const std::vector<ChunkTask>& tasks, std::string& error) {
+int64_t DecodeTeam::run(const std::vector<ChunkTask>& tasks, std::string& error, ThreadsRunner threads) {
     if (tasks.empty()) return -1;
     if (tasks.size() > kIndexMask) throw std::invalid_argument("a decode team runs at most 2^20 - 1 tasks at once");
     tasks_.store(&tasks, std::memory_order_relaxed);
@@ -62,10 +62,16 @@ int64_t DecodeTeam::run(const std::vector<ChunkTask>& tasks, std::string& error)
     const uint64_t id = (++run_id_) & ((uint64_t(1) << (64 - 2 * kIndexBits)) - 1);
     claim_.store(id << (2 * kIndexBits) | uint64_t(tasks.size()) << kIndexBits, std::memory_order_release);
     if (active_.load(std::memory_order_relaxed) && sleeping_.load() > 0) wake_helpers();  // they join when they can
-    drain(id);
+    if (threads != nullptr) threads(this, &DecodeTeam::drain_current);
+    else drain(id);
     while (done_.load(std::memory_order_acquire) < tasks.size()) SZP_SPIN_PAUSE();
     error = error_;
     return failed_;
+}
+
+void DecodeTeam::drain_current(void* team) {
+    DecodeTeam& self = *static_cast<DecodeTeam*>(team);
+    self.drain(self.claim_.load(std::memory_order_acquire) >> (2 * kIndexBits));
 }
 
 void DecodeTeam::drain(uint64_t run_id) {

@@ -24,6 +24,10 @@
 
 namespace szp {
 
+// Runs body(context) once on each of a thread pool's threads (the caller's among them) and returns when all have:
+// torch's intra-op threads, idle while a compiled step waits in its host op (torch_ops.cpp), lend a hand that way.
+using ThreadsRunner = void (*)(void* context, void (*body)(void*));
+
 struct ChunkTask {
     const szp_u8* payload;
     size_t size;
@@ -43,13 +47,14 @@ class DecodeTeam {
     int helpers() const { return int(threads_.size()); }
     void activate();    // helpers spin, ready for run, until deactivate
     void deactivate();  // helpers sleep
-    // Decodes every task, on this thread and the helpers (active or not); returns the first failed task's owner
-    // (-1 if none) and sets error to its message.
-    int64_t run(const std::vector<ChunkTask>& tasks, std::string& error);
+    // Decodes every task, on this thread (with `threads`, on each of its pool's) and the helpers; returns the
+    // first failed task's owner (-1 if none) and sets error to its message.
+    int64_t run(const std::vector<ChunkTask>& tasks, std::string& error, ThreadsRunner threads = nullptr);
 
   private:
     void work();
     void drain(uint64_t run_id);
+    static void drain_current(void* team);  // a ThreadsRunner body: drain the run in progress
 
     std::vector<std::thread> threads_;
     // run id (24 bits) | the run's task count (20 bits) | the next task index (20 bits), in one word: a thread

@@ -108,7 +108,7 @@ int SlotCache::claim(int64_t pos) {
     return best;
 }
 
-std::vector<int64_t> SlotCache::hold(int64_t layer, const std::vector<int64_t>& experts) {
+std::vector<int64_t> SlotCache::hold(int64_t layer, const std::vector<int64_t>& experts, ThreadsRunner threads) {
     unpin();
     const int64_t pos = position(layer);
     if (int64_t(experts.size()) > num_slots())
@@ -166,7 +166,7 @@ std::vector<int64_t> SlotCache::hold(int64_t layer, const std::vector<int64_t>& 
     for (size_t i : resident) touch(int(out[i]), pos);
     std::string error;
     const auto start = std::chrono::steady_clock::now();
-    const int64_t failed = team_.run(tasks_, error);
+    const int64_t failed = team_.run(tasks_, error, threads);
     tasks_.clear();
     const double seconds = seconds_since(start);
     counters_.decode_seconds += seconds;
@@ -221,8 +221,8 @@ int SlotCache::pinned() const {
     return n;
 }
 
-int held_slots_entry(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, int64_t* out, char* error,
-                     int64_t error_size) {
+int held_slots_entry(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, ThreadsRunner threads, int64_t* out,
+                     char* error, int64_t error_size) {
     try {
         SlotCache* cache = SlotCache::current();
         if (cache == nullptr)
@@ -232,7 +232,7 @@ int held_slots_entry(const int64_t* ids, int64_t rows, int64_t k, int64_t layer,
         wanted.assign(ids, ids + tokens * k);
         std::sort(wanted.begin(), wanted.end());
         wanted.erase(std::unique(wanted.begin(), wanted.end()), wanted.end());
-        const std::vector<int64_t> slots = cache->hold(layer, wanted);
+        const std::vector<int64_t> slots = cache->hold(layer, wanted, threads);
         for (int64_t p = 0; p < tokens * k; ++p)
             out[p] = slots[std::lower_bound(wanted.begin(), wanted.end(), ids[p]) - wanted.begin()];
         const int64_t padding = slots.empty() ? 0 : slots[0];

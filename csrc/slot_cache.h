@@ -43,7 +43,8 @@ class SlotCache {
 
     // Loads `experts` (distinct) of `layer` and pins them until the next hold or release; their slots, in order.
     // Throws FormatError (with the layer and expert) if a payload is malformed; that expert is then not cached.
-    std::vector<int64_t> hold(int64_t layer, const std::vector<int64_t>& experts);
+    // `threads`: a pool whose threads decode too (DecodeTeam::run).
+    std::vector<int64_t> hold(int64_t layer, const std::vector<int64_t>& experts, ThreadsRunner threads = nullptr);
     // Unpins the latest hold's slots and ends the step (begin_step) if this thread runs one here.
     void release();
 
@@ -105,9 +106,10 @@ class SlotCache {
 };
 
 // For a compiled step's C++ op: the slots [rows, k] of ids [rows, k] (only the first step_tokens rows are real;
-// padding rows get the first held slot) for MoE layer `layer`, through the calling thread's current SlotCache.
+// padding rows get the first held slot) for MoE layer `layer`, through the calling thread's current SlotCache;
+// `threads` (may be null): the op's intra-op threads, which decode the misses too.
 // Returns 0, or 1 with a one-sentence message in error (error_size bytes) for a caller error or a malformed payload.
-int held_slots_entry(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, int64_t* out, char* error,
-                     int64_t error_size);
+int held_slots_entry(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, ThreadsRunner threads, int64_t* out,
+                     char* error, int64_t error_size);
 
 }  // namespace szp

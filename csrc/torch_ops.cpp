@@ -31,8 +31,16 @@ std::atomic<GemmEntry> g_gemm{nullptr};
 
 void bind_cpu_gemm(int64_t address) { g_gemm.store(reinterpret_cast<GemmEntry>(static_cast<uintptr_t>(address))); }
 
-using HeldSlotsEntry = int (*)(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, int64_t* out, char* error,
-                               int64_t error_size);
+using ThreadsRunner = void (*)(void* context, void (*body)(void*));
+using HeldSlotsEntry = int (*)(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, ThreadsRunner threads,
+                               int64_t* out, char* error, int64_t error_size);
+
+// body(context) once on each of torch's intra-op threads: they sit idle while the step waits for its experts.
+void on_torch_threads(void* context, void (*body)(void*)) {
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) body(context);
+    });
+}
 std::atomic<HeldSlotsEntry> g_held_slots{nullptr};
 
 void bind_held_slots(int64_t address) {
@@ -48,8 +56,8 @@ at::Tensor held_expert_slots(const at::Tensor& ids_in, int64_t layer) {
     const at::Tensor ids = ids_in.contiguous();
     at::Tensor out = at::empty(ids.sizes(), ids.options());
     char error[512];
-    const int failed = entry(ids.data_ptr<int64_t>(), ids.size(0), ids.size(1), layer, out.data_ptr<int64_t>(), error,
-                             int64_t(sizeof(error)));
+    const int failed = entry(ids.data_ptr<int64_t>(), ids.size(0), ids.size(1), layer, &on_torch_threads,
+                             out.data_ptr<int64_t>(), error, int64_t(sizeof(error)));
     TORCH_CHECK_VALUE(failed == 0, error);
     return out;
 }

@@ -24,6 +24,9 @@ import torch
 
 from moeserve.paths import cache_root
 
+# -fopenmp: at::parallel_for (held_expert_slots hands the step's idle intra-op threads its decodes) is an OpenMP
+# pragma in torch's headers, a no-op without it; it binds to the OpenMP runtime torch loaded (same soname).
+_CFLAGS = ["-O2", "-ffp-contract=off", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool once tried; "failure": why not
 
@@ -42,6 +45,7 @@ def build_dir(sources: Path) -> Path:
     digest = hashlib.sha256()
     for name in ("torch_ops.cpp", "cpu_gemm.h"):
         digest.update((sources / name).read_bytes())
+    digest.update(" ".join(_CFLAGS).encode())
     capability = torch.backends.cpu.get_cpu_capability().lower()
     return root / f"torch-{torch.__version__}-{capability}-{digest.hexdigest()[:16]}"
 
@@ -77,7 +81,8 @@ def load(gemm_entry: int | None, held_slots_entry: int | None, progress: bool = 
                 name="moeserve_native_ops",
                 sources=[str(sources / "torch_ops.cpp")],
                 extra_include_paths=[str(sources)],
-                extra_cflags=["-O2", "-ffp-contract=off"],
+                extra_cflags=_CFLAGS,
+                extra_ldflags=["-fopenmp"],
                 build_directory=str(directory),
                 is_python_module=False,
                 verbose=False,

@@ -21,11 +21,12 @@ graph is called directly (engine/direct_graph.py), without torch.compile's own c
 Experts: a provider that holds a layer stacked is computed inside the compiled step (layers/moe.py
 `on_stack`). An offloading provider whose slot pool can hold a step's experts at once (`held_stack`) is
 too: one opaque op per MoE layer (`host_expert_slots`: the predictions to prefetch, then `hold`; or, for a
-cache kept in C++, `held_expert_slots`, which never enters Python) returns the slots of the routed experts, and
-the step computes them from the pool in place, with the kernel resident experts use. Any other provider (a mapped checkpoint, a cache too small to hold a step's experts)
-is reached through the host in one opaque op per MoE layer (`host_routed_experts`: the predictions, then
-`fetch` and the experts), exactly as the eager forward reaches it. Either way the eager and compiled steps
-of an offloaded model agree bit for bit in their experts and the provider sees the same loads.
+cache kept in C++, `held_expert_slots`, which never enters Python) returns the slots of the routed experts,
+and the step computes them from the pool in place, with the kernel resident experts use. Any other provider
+(a mapped checkpoint, a cache too small to hold a step's experts) is reached through the host in one opaque
+op per MoE layer (`host_routed_experts`: the predictions, then `fetch` and the experts), exactly as the eager
+forward reaches it. Either way the eager and compiled steps of an offloaded model agree bit for bit in their
+experts and the provider sees the same loads.
 
 Compiling a key takes seconds (more on a loaded machine), so it happens on first use with a progress
 line on stderr; inductor's cache directory (`cache_dir`) keeps the generated code across processes.

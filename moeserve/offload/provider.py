@@ -31,6 +31,7 @@ from typing import Iterator, Sequence
 import torch
 
 from moeserve.codecs import CodecError
+from moeserve.codecs.szp_cpu import cpu_module
 from moeserve.experts import ExpertWeights, StackedExperts
 from moeserve.offload.cache import ExpertCache, ExpertKey, SlotEntry, SlotPool
 from moeserve.offload.lookahead import automatic_prediction_depth
@@ -94,7 +95,8 @@ class OffloadedExpertProvider:
         mapped_layers = set(cycle) - converted_layers
         self._held_layers = set() if self._stack is None else set(cycle) - apart_layers - mapped_layers
         guesses = prefetch and (bool(prefetch_depth) if prefetch_depth is not None else not filler.guesses_cost_compute)
-        self._native = native_slot_cache(store, pool, cache, guesses, self._held_layers, getattr(filler, "workers", 0)) if native else None
+        workers = getattr(filler, "workers", 0)  # CPU decode workers (a GPU filler has none)
+        self._native = native_slot_cache(store, pool, cache, guesses, self._held_layers, workers) if native else None
 
     @property
     def slots_in_cpp(self) -> bool:
@@ -197,7 +199,7 @@ class OffloadedExpertProvider:
     def _native_hold(self, layer: int, experts: Sequence[int]) -> list[int]:
         try:
             return self._native.hold(layer, list(experts))
-        except ValueError as error:  # a malformed payload: the message names the layer and the expert
+        except cpu_module().FormatError as error:  # a malformed payload: the message names the layer and the expert
             raise CodecError(str(error)) from None
 
     def _take_native_counters(self) -> None:
