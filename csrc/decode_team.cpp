@@ -30,9 +30,9 @@ DecodeTeam::~DecodeTeam() {
 }
 
 namespace {
-// How long a helper spins without a task before it sleeps: a few MoE layers of a small model's step, so the
-// misses of one step find it awake; measured steps take ~1 ms on the embedded model.
-constexpr double kSpinSeconds = 500e-6;
+// How long a helper spins without a task before it sleeps: longer than a decode step and the engine's work
+// between two (~1-1.5 ms on the embedded model), so a generation that misses now and then keeps it awake.
+constexpr double kSpinSeconds = 2e-3;
 }  // namespace
 
 void DecodeTeam::wake_helpers() {
@@ -42,10 +42,6 @@ void DecodeTeam::wake_helpers() {
     }
     wake_.notify_all();
 }
-
-void DecodeTeam::activate() { active_.store(true); }
-
-void DecodeTeam::deactivate() { active_.store(false); }
 
 namespace {
 constexpr int kIndexBits = 20;
@@ -61,7 +57,7 @@ int64_t DecodeTeam::run(const std::vector<ChunkTask>& tasks, std::string& error,
     done_.store(0);
     const uint64_t id = (++run_id_) & ((uint64_t(1) << (64 - 2 * kIndexBits)) - 1);
     claim_.store(id << (2 * kIndexBits) | uint64_t(tasks.size()) << kIndexBits, std::memory_order_release);
-    if (active_.load(std::memory_order_relaxed) && sleeping_.load() > 0) wake_helpers();  // they join when they can
+    if (sleeping_.load() > 0) wake_helpers();  // they join when they can
     if (threads != nullptr) threads(this, &DecodeTeam::drain_current);
     else drain(id);
     while (done_.load(std::memory_order_acquire) < tasks.size()) SZP_SPIN_PAUSE();
@@ -95,19 +91,20 @@ void DecodeTeam::drain(uint64_t run_id) {
 }
 
 void DecodeTeam::work() {
-    uint64_t seen = 0, woken = 0;
+    uint64_t seen = claim_.load() >> (2 * kIndexBits), woken = 0;
     auto last_task = std::chrono::steady_clock::now();
-    for (;;) {
+    bool asleep = true;  // until the first run wakes it
+    for (unsigned spins = 0;; ++spins) {
         if (stopping_.load(std::memory_order_relaxed)) return;
-        const bool idle = std::chrono::duration<double>(std::chrono::steady_clock::now() - last_task).count() > kSpinSeconds;
-        if (!active_.load(std::memory_order_acquire) || idle) {
+        // the clock only now and then: a spinning helper reads the run word, not the time
+        if (asleep || (spins % 256 == 0 && std::chrono::duration<double>(std::chrono::steady_clock::now() - last_task)
+                                                   .count() > kSpinSeconds)) {
             std::unique_lock<std::mutex> lock(sleep_mutex_);
             sleeping_.fetch_add(1);
-            // woken by activate, by a run while active, or to stop
-            wake_.wait(lock, [&] { return stopping_.load() || (wakes_ != woken && active_.load()); });
+            wake_.wait(lock, [&] { return stopping_.load() || wakes_ != woken; });  // a run, or the end
             sleeping_.fetch_sub(1);
             woken = wakes_;
-            if (stopping_.load()) return;
+            asleep = false;
             last_task = std::chrono::steady_clock::now();
         }
         const uint64_t run_id = claim_.load(std::memory_order_acquire) >> (2 * kIndexBits);

@@ -5,11 +5,12 @@
 // Out: every task decoded when run returns; the first failure's task and message.
 //
 // Why not the decode pool's workers (szp_decode_pool.h): they sleep on a condition variable, and on the machines
-// measured a wake-up and the hand-back to the waiting thread cost more than a small expert's decode. Helpers here
-// spin after activate() (a compiled step starts) and after each run, so a task reaches one within ~a microsecond;
-// they sleep after deactivate() and after kSpinSeconds without a task (a step whose experts are all cached), so a
-// spinning core does not take power from the cores that compute. They are for cores that nothing else computes
-// on (the caller sizes the team).
+// measured a wake-up and the hand-back to the waiting thread cost more than a small expert's decode. A run wakes
+// the helpers that sleep; they then spin until kSpinSeconds pass without a task, which spans the steps of a
+// generation that keeps missing (so a task reaches one within ~a microsecond, and the caller pays no wake-up:
+// on the 2-core VM a futex wake per step took ~7% of the model thread and the helper came too late to share
+// the decode), and sleep otherwise (a cache that always hits never wakes them). They are for cores that nothing
+// else computes on (the caller sizes the team).
 #pragma once
 
 #include <atomic>
@@ -45,8 +46,6 @@ class DecodeTeam {
     DecodeTeam& operator=(const DecodeTeam&) = delete;
 
     int helpers() const { return int(threads_.size()); }
-    void activate();    // helpers spin, ready for run, until deactivate
-    void deactivate();  // helpers sleep
     // Decodes every task, on this thread (with `threads`, on each of its pool's) and the helpers; returns the
     // first failed task's owner (-1 if none) and sets error to its message.
     int64_t run(const std::vector<ChunkTask>& tasks, std::string& error, ThreadsRunner threads = nullptr);
@@ -67,7 +66,7 @@ class DecodeTeam {
     std::mutex error_mutex_;
     int64_t failed_ = -1;
     std::string error_;
-    std::atomic<bool> active_{false}, stopping_{false};
+    std::atomic<bool> stopping_{false};
     std::atomic<int> sleeping_{0};  // helpers waiting on wake_
     uint64_t wakes_ = 0;  // bumped (under sleep_mutex_) to wake the sleeping helpers
     std::mutex sleep_mutex_;

@@ -140,8 +140,9 @@ std::vector<int64_t> SlotCache::hold(int64_t layer, const std::vector<int64_t>& 
     }
     counters_.hits += int64_t(resident.size());
     counters_.misses += int64_t(missing.size());
-    // Every chunk of every miss's matrices is a task for this thread and the team's spinning helpers (none
-    // where no core is spare). Measured on a 2-core machine (embedded model, 25% cache), handing a layer's
+    // Every chunk of every miss's matrices is a task for this thread, for `threads` (torch's intra-op threads, from
+    // the compiled step's op) and for the team's spinning helpers (none where no core is spare). Measured on a
+    // 2-core machine (embedded model, 25% cache), handing a layer's
     // decodes to the sleeping decode-pool workers instead (one job per matrix, this thread taking whatever no
     // worker had started) ran at 0.56x of resident speed against 0.75x with every decode on this thread (one
     // compute thread; 0.66x against 0.76x at two): the wake-ups and hand-backs cost more than the decodes.
@@ -190,14 +191,12 @@ void SlotCache::unpin() {
 
 void SlotCache::release() {
     unpin();
-    team_.deactivate();
     if (t_current == this) t_current = nullptr;
 }
 
 void SlotCache::begin_step(int64_t tokens) {
     step_tokens_ = tokens;
     t_current = this;
-    team_.activate();
 }
 
 SlotCache* SlotCache::current() { return t_current; }

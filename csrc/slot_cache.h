@@ -49,12 +49,12 @@ class SlotCache {
     void release();
 
     // The step the calling thread runs now (held_slots_entry's): set at its start, cleared at its end (release).
-    // The helpers spin from here to release.
     void begin_step(int64_t tokens);
     static SlotCache* current();
     int64_t step_tokens() const { return step_tokens_; }
 
-    // Counters since the last take (OffloadStats' names).
+    // Counters since the last take (OffloadStats' names; decode_seconds and wait_seconds are both the wall time of
+    // the decodes a hold waited for, however many threads shared them).
     struct Counters {
         int64_t hits = 0, misses = 0, miss_bytes = 0;
         double decode_seconds = 0.0, wait_seconds = 0.0;

@@ -8,7 +8,7 @@ Out: a `SlotCache` (moeserve._szp_cpu) over the same pool, or None where the con
 
 Why: with compiled steps the provider's Python per MoE layer (claiming slots, pinning, statistics, the call
 into the Python host op) cost more than the step's compute on a small model: the embedded model at a 25% cache
-ran at ~0.4x its resident speed with ~9 of its ~16 experts a token cached. The C++ cache runs the same policy
+ran at ~0.4x its resident speed, ~9 of the ~16 experts a token asks for missing. The C++ cache runs the same policy
 (tests/test_native_slots.py holds it to the Python provider's hits, misses and slots), and a compiled step calls
 it from its own C++ op (torch_ops.cpp held_expert_slots) without entering Python.
 """
