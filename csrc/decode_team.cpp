@@ -1,9 +1,9 @@
 // The decode team of decode_team.h.
 #include "decode_team.h"
 
+#include <algorithm>
 #include <chrono>
 #include <exception>
-#include <stdexcept>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -49,18 +49,20 @@ constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
 }  // namespace
 
 int64_t DecodeTeam::run(const std::vector<ChunkTask>& tasks, std::string& error, ThreadsRunner threads) {
-    if (tasks.empty()) return -1;
-    if (tasks.size() > kIndexMask) throw std::invalid_argument("a decode team runs at most 2^20 - 1 tasks at once");
-    tasks_.store(&tasks, std::memory_order_relaxed);
     failed_ = -1;
     error_.clear();
-    done_.store(0);
-    const uint64_t id = (++run_id_) & ((uint64_t(1) << (64 - 2 * kIndexBits)) - 1);
-    claim_.store(id << (2 * kIndexBits) | uint64_t(tasks.size()) << kIndexBits, std::memory_order_release);
-    if (sleeping_.load() > 0) wake_helpers();  // they join when they can
-    if (threads != nullptr) threads(this, &DecodeTeam::drain_current);
-    else drain(id);
-    while (done_.load(std::memory_order_acquire) < tasks.size()) SZP_SPIN_PAUSE();
+    // in windows the claim word can count (a huge model's prefill may need more tasks than that)
+    for (size_t first = 0; first < tasks.size(); first += kIndexMask) {
+        const size_t count = std::min<size_t>(kIndexMask, tasks.size() - first);
+        tasks_.store(tasks.data() + first, std::memory_order_relaxed);
+        done_.store(0);
+        const uint64_t id = (++run_id_) & ((uint64_t(1) << (64 - 2 * kIndexBits)) - 1);
+        claim_.store(id << (2 * kIndexBits) | uint64_t(count) << kIndexBits, std::memory_order_release);
+        if (sleeping_.load() > 0) wake_helpers();  // they join when they can
+        if (threads != nullptr) threads(this, &DecodeTeam::drain_current);
+        else drain(id);
+        while (done_.load(std::memory_order_acquire) < count) SZP_SPIN_PAUSE();
+    }
     error = error_;
     return failed_;
 }
@@ -76,7 +78,7 @@ void DecodeTeam::drain(uint64_t run_id) {
         const uint64_t index = claim & kIndexMask, count = (claim >> kIndexBits) & kIndexMask;
         if ((claim >> (2 * kIndexBits)) != run_id || index >= count) return;
         if (!claim_.compare_exchange_weak(claim, claim + 1, std::memory_order_acq_rel)) continue;
-        const ChunkTask& t = (*tasks_.load(std::memory_order_relaxed))[index];
+        const ChunkTask& t = tasks_.load(std::memory_order_relaxed)[index];
         try {
             decode_chunks(t.payload, t.size, t.out, t.out_dtype, t.first, t.last);
         } catch (const std::exception& e) {

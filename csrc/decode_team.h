@@ -56,12 +56,12 @@ class DecodeTeam {
     static void drain_current(void* team);  // a ThreadsRunner body: drain the run in progress
 
     std::vector<std::thread> threads_;
-    // run id (24 bits) | the run's task count (20 bits) | the next task index (20 bits), in one word: a thread
-    // claims task i of the run it saw, with that run's count, or nothing. Only a claimed task's run can be
-    // running, so the tasks_ read after a claim are that run's.
+    // run id (24 bits) | the window's task count (20 bits) | the next task index (20 bits), in one word: a thread
+    // claims task i of the window it saw, with that window's count, or nothing. Only a claimed task's window can
+    // be running, so the tasks_ read after a claim are that window's. A run of more tasks takes several windows.
     std::atomic<uint64_t> claim_{0};
     std::atomic<size_t> done_{0};
-    std::atomic<const std::vector<ChunkTask>*> tasks_{nullptr};
+    std::atomic<const ChunkTask*> tasks_{nullptr};  // the window of the run in progress
     uint64_t run_id_ = 0;
     std::mutex error_mutex_;
     int64_t failed_ = -1;
