@@ -31,6 +31,8 @@ std::atomic<GemmEntry> g_gemm{nullptr};
 
 void bind_cpu_gemm(int64_t address) { g_gemm.store(reinterpret_cast<GemmEntry>(static_cast<uintptr_t>(address))); }
 
+// The signatures of csrc/decode_team.h ThreadsRunner and csrc/slot_cache.h held_slots_entry (this file is built
+// alone at run time, without the extension's headers): they must stay the same.
 using ThreadsRunner = void (*)(void* context, void (*body)(void*));
 using HeldSlotsEntry = int (*)(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, ThreadsRunner threads,
                                int64_t* out, char* error, int64_t error_size);
@@ -41,6 +43,7 @@ void on_torch_threads(void* context, void (*body)(void*)) {
         for (int64_t i = begin; i < end; ++i) body(context);
     });
 }
+
 std::atomic<HeldSlotsEntry> g_held_slots{nullptr};
 
 void bind_held_slots(int64_t address) {
