@@ -1,5 +1,5 @@
-// A team that splits the decodes a waiting thread needs now across it and helper threads that spin while a step
-// runs, for the expert cache's misses (slot_cache.h).
+// A team that splits the decodes a waiting thread needs now across it, the threads of a pool it lends (torch's) and
+// helper threads that spin while misses keep coming, for the expert cache's misses (slot_cache.h).
 //
 // In:  run(tasks): chunk ranges of szp payloads and where each decodes to, from the thread that needs them.
 // Out: every task decoded when run returns; the first failure's task and message.
@@ -45,7 +45,6 @@ class DecodeTeam {
     DecodeTeam(const DecodeTeam&) = delete;
     DecodeTeam& operator=(const DecodeTeam&) = delete;
 
-    int helpers() const { return int(threads_.size()); }
     // Decodes every task, on this thread (with `threads`, on each of its pool's) and the helpers; returns the
     // first failed task's owner (-1 if none) and sets error to its message.
     int64_t run(const std::vector<ChunkTask>& tasks, std::string& error, ThreadsRunner threads = nullptr);

@@ -13,8 +13,8 @@
 // Policy (provider.py `_serve` and `_start` without guesses): a hit is pinned; a miss takes a free slot, else
 // the least recently used unpinned expert among those its layer did not use on its latest pass ("stale"),
 // else the least recently used unpinned expert of the layers in give-up order (the miss's own layer first,
-// then the layers that ran most recently). Misses are decoded by the calling thread and a team of helpers that
-// spin while a step runs (decode_team.h; hold says why not the decode pool's workers).
+// then the layers that ran most recently). Misses are decoded by the calling thread, torch's intra-op threads where
+// the op lends them, and spinning helpers (decode_team.h; hold says why not the decode pool's workers).
 // Used from one thread at a time (the model's).
 #pragma once
 

@@ -54,14 +54,20 @@ py::array_t<uint8_t> encode(const py::array& x, int dtype, float step, double eb
     return out;
 }
 
-// The decode of `payload` into `out`, after checking that out can receive it.
-szp::DecodeTask decode_task(const py::array_t<uint8_t, py::array::c_style>& payload, py::array& out, int out_dtype) {
+// Where a decode into `out` writes, after checking that out can receive out_dtype values.
+void* decode_target(py::array& out, int out_dtype) {
     if (!(out.flags() & py::array::c_style) || !out.writeable() || size_t(out.itemsize()) != dtype_size(out_dtype))
         throw std::invalid_argument("szp decodes into a writable C-contiguous array matching the output dtype code");
+    return out.mutable_data();
+}
+
+// The decode of `payload` into `out`, after checking that out can receive it.
+szp::DecodeTask decode_task(const py::array_t<uint8_t, py::array::c_style>& payload, py::array& out, int out_dtype) {
+    void* target = decode_target(out, out_dtype);
     const szp::Header h = szp::read_header(payload.data(), payload.size());
     if (h.n != szp_u64(out.size()))
         throw std::invalid_argument("the output array's size differs from the number of values in the payload");
-    return szp::DecodeTask{payload.data(), size_t(payload.size()), out.mutable_data(), out_dtype};
+    return szp::DecodeTask{payload.data(), size_t(payload.size()), target, out_dtype};
 }
 
 void decode_into(const py::array_t<uint8_t, py::array::c_style>& payload, py::array& out, int out_dtype) {
@@ -176,9 +182,7 @@ class PySlotCache {
         std::vector<int64_t> sizes;
         for (const py::handle item : matrices) {
             auto a = item.cast<py::array>();
-            if (!(a.flags() & py::array::c_style) || !a.writeable() || size_t(a.itemsize()) != dtype_size(out_dtype))
-                throw std::invalid_argument("a slot's matrices are writable C-contiguous arrays of the dtype code");
-            out.push_back(a.mutable_data());
+            out.push_back(decode_target(a, out_dtype));
             sizes.push_back(int64_t(a.size()));
             keep_.push_back(py::reinterpret_borrow<py::object>(item));
         }

@@ -94,9 +94,11 @@ class OffloadedExpertProvider:
                             if any(blob.codec != "raw" or blob.dtype != pool.memory.dtype for blob in packed.blobs)}
         mapped_layers = set(cycle) - converted_layers
         self._held_layers = set() if self._stack is None else set(cycle) - apart_layers - mapped_layers
-        guesses = prefetch and (bool(prefetch_depth) if prefetch_depth is not None else not filler.guesses_cost_compute)
+        self._native = None  # the Python provider's rule decides whether there are guesses
+        guesses = self.prediction_depth > 0
         workers = getattr(filler, "workers", 0)  # CPU decode workers (a GPU filler has none)
-        self._native = native_slot_cache(store, pool, cache, guesses, self._held_layers, workers) if native else None
+        if native:
+            self._native = native_slot_cache(store, pool, cache, guesses, self._held_layers, workers)
 
     @property
     def slots_in_cpp(self) -> bool:
