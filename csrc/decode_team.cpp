@@ -48,20 +48,63 @@ constexpr int kIndexBits = 20;
 constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
 }  // namespace
 
-int64_t DecodeTeam::run(const std::vector<ChunkTask>& tasks, std::string& error, ThreadsRunner threads) {
-    failed_ = -1;
+void DecodeTeam::publish(const ChunkTask* first, size_t count) {
+    tasks_.store(first, std::memory_order_relaxed);
+    done_.store(0);
+    const uint64_t id = (++run_id_) & ((uint64_t(1) << (64 - 2 * kIndexBits)) - 1);
+    claim_.store(id << (2 * kIndexBits) | uint64_t(count) << kIndexBits, std::memory_order_release);
+    if (sleeping_.load() > 0) wake_helpers();  // they join when they can
+}
+
+void DecodeTeam::complete(size_t count, ThreadsRunner threads) {
+    if (threads != nullptr) threads(this, &DecodeTeam::drain_current);
+    else drain_current(this);
+    while (done_.load(std::memory_order_acquire) < count) SZP_SPIN_PAUSE();
+}
+
+const std::vector<int64_t>& DecodeTeam::run(const std::vector<ChunkTask>& tasks, std::string& error,
+                                            ThreadsRunner threads) {
+    double unused;
+    finish(error, unused, threads);
+    failed_.clear();
     error_.clear();
     // in windows the claim word can count (a huge model's prefill may need more tasks than that)
     for (size_t first = 0; first < tasks.size(); first += kIndexMask) {
         const size_t count = std::min<size_t>(kIndexMask, tasks.size() - first);
-        tasks_.store(tasks.data() + first, std::memory_order_relaxed);
-        done_.store(0);
-        const uint64_t id = (++run_id_) & ((uint64_t(1) << (64 - 2 * kIndexBits)) - 1);
-        claim_.store(id << (2 * kIndexBits) | uint64_t(count) << kIndexBits, std::memory_order_release);
-        if (sleeping_.load() > 0) wake_helpers();  // they join when they can
-        if (threads != nullptr) threads(this, &DecodeTeam::drain_current);
-        else drain(id);
-        while (done_.load(std::memory_order_acquire) < count) SZP_SPIN_PAUSE();
+        publish(tasks.data() + first, count);
+        complete(count, threads);
+    }
+    error = error_;
+    return failed_;
+}
+
+void DecodeTeam::start(const std::vector<ChunkTask>& tasks) {
+    std::string unused_error;
+    double unused_seconds;
+    finish(unused_error, unused_seconds);
+    failed_.clear();
+    error_.clear();
+    if (tasks.empty()) return;
+    started_ = &tasks;
+    started_window_ = std::min<size_t>(kIndexMask, tasks.size());
+    started_at_ = std::chrono::steady_clock::now();
+    last_done_ns_.store(0);
+    publish(tasks.data(), started_window_);
+}
+
+const std::vector<int64_t>& DecodeTeam::finish(std::string& error, double& seconds, ThreadsRunner threads) {
+    seconds = 0.0;
+    if (started_ != nullptr) {
+        const std::vector<ChunkTask>& tasks = *started_;
+        complete(started_window_, threads);
+        for (size_t first = started_window_; first < tasks.size(); first += kIndexMask) {
+            const size_t count = std::min<size_t>(kIndexMask, tasks.size() - first);
+            publish(tasks.data() + first, count);
+            complete(count, threads);
+        }
+        started_ = nullptr;
+        const auto ended = std::chrono::steady_clock::time_point(std::chrono::nanoseconds(last_done_ns_.load()));
+        seconds = std::chrono::duration<double>(ended - started_at_).count();
     }
     error = error_;
     return failed_;
@@ -83,10 +126,13 @@ void DecodeTeam::drain(uint64_t run_id) {
             decode_chunks(t.payload, t.size, t.out, t.out_dtype, t.first, t.last);
         } catch (const std::exception& e) {
             std::lock_guard<std::mutex> lock(error_mutex_);
-            if (failed_ < 0) {
-                failed_ = t.owner;
-                error_ = e.what();
-            }
+            if (failed_.empty()) error_ = e.what();
+            failed_.push_back(t.owner);
+        }
+        // the latest end of any task, published before the count that lets the caller read it
+        const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                std::chrono::steady_clock::now().time_since_epoch()).count();
+        for (int64_t latest = last_done_ns_.load(); latest < now && !last_done_ns_.compare_exchange_weak(latest, now);) {
         }
         done_.fetch_add(1, std::memory_order_acq_rel);
     }

@@ -1,25 +1,32 @@
 // The expert cache's bookkeeping in C++, for compiled CPU decode steps over szp-compressed experts.
 //
 // In:  hold(layer, experts) once per MoE layer of a step: from a compiled step's C++ op
-//      (torch_ops.cpp held_expert_slots, through held_slots_entry) or from Python (the provider's hold and fetch).
+//      (torch_ops.cpp held_expert_slots, through held_slots_entry) or from Python (the provider's hold and fetch);
+//      guess(layer, experts) before it, the model's prediction of a later layer's experts (router on this layer's
+//      hidden states).
 // Out: the slot of each expert, every one decoded and pinned until release(); counters for OffloadStats.
 //
 // Why: moeserve/offload/provider.py does this in Python, ~55 us per layer with every expert cached and
 // ~80 us per miss on top of its decode; on a small model that was more than the step's own compute. This is
 // the same policy, for the configuration the CPU serves by default (moeserve/offload/native_slots.py says which):
-// no guesses, LRU eviction, a pool that holds a layer's experts at once. The provider's Python is the reference
-// it is tested against (tests/test_native_slots.py): same hits, misses and slots for the same requests.
+// LRU eviction, a pool that holds a layer's experts at once. The provider's Python is the reference it is tested
+// against (tests/test_native_slots.py): same hits, misses, guesses and slots for the same requests.
 //
-// Policy (provider.py `_serve` and `_start` without guesses): a hit is pinned; a miss takes a free slot, else
+// Policy (provider.py `_serve`, `_issue_hints` and `_start`): a hit is pinned; a miss takes a free slot, else
 // the least recently used unpinned expert among those its layer did not use on its latest pass ("stale"),
 // else the least recently used unpinned expert of the layers in give-up order (the miss's own layer first,
-// then the layers that ran most recently). Misses are decoded by the calling thread, torch's intra-op threads where
-// the op lends them, and spinning helpers (decode_team.h; hold says why not the decode pool's workers).
+// then the layers that ran most recently). Once a hold has claimed its misses it issues the guesses it was given:
+// each takes a slot as a miss of its layer would, never another guess's, the next layer's from any layer in its
+// give-up order, a deeper one only a free or stale slot of a layer that does not run before it. A guess is for its
+// layer's next pass; the guesses that pass does not ask for turn stale. Misses are decoded by the calling thread,
+// torch's intra-op threads where the op lends them, and spinning helpers (decode_team.h; hold says why not the
+// decode pool's workers); guesses by the helpers while the step computes, and what is left of them by the next hold.
 // Used from one thread at a time (the model's).
 #pragma once
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "decode_team.h"
@@ -45,6 +52,9 @@ class SlotCache {
     // Throws FormatError (with the layer and expert) if a payload is malformed; that expert is then not cached.
     // `threads`: a pool whose threads decode too (DecodeTeam::run).
     std::vector<int64_t> hold(int64_t layer, const std::vector<int64_t>& experts, ThreadsRunner threads = nullptr);
+    // The experts `layer` is predicted to ask for on its next pass, loaded by the next hold of another layer (a newer
+    // guess for the layer replaces this one). A malformed guessed expert is dropped; asked for, it fails as a miss.
+    void guess(int64_t layer, const std::vector<int64_t>& experts);
     // Unpins the latest hold's slots and ends the step (begin_step) if this thread runs one here.
     void release();
 
@@ -57,6 +67,9 @@ class SlotCache {
     // the decodes a hold waited for, however many threads shared them).
     struct Counters {
         int64_t hits = 0, misses = 0, miss_bytes = 0;
+        int64_t prefetches_issued = 0, prefetches_used = 0, prefetch_bytes = 0, prefetch_used_bytes = 0,
+                prefetch_bytes_wasted = 0;
+        std::vector<int64_t> prefetches_issued_at, prefetches_used_at;  // by distance (index 0 unused)
         double decode_seconds = 0.0, wait_seconds = 0.0;
     };
     Counters take_counters();
@@ -71,7 +84,10 @@ class SlotCache {
         int64_t key = -1;  // layer position * experts + expert; -1: free
         int pins = 0;
         uint64_t used = 0;  // LRU clock of its latest use
-        int64_t pass_used = 0;  // its layer's pass that last used it
+        int64_t pass_used = 0;  // its layer's pass that last used it, or that a guess is for
+        bool guessed = false;  // loaded on a guess that no hold has used yet
+        bool pending = false;  // a guess its layer has not had its pass for yet (no other guess may take it)
+        int64_t distance = 0;  // a guess's: MoE layers from the hold that issued it forward to its own
         void* matrices[kMatrices] = {nullptr, nullptr, nullptr};
         int out_dtype = -1;
     };
@@ -82,10 +98,20 @@ class SlotCache {
     };
 
     int64_t position(int64_t layer) const;  // the layer's place in the cycle; throws for a layer not in it
-    int claim(int64_t position);  // a slot for a miss of the layer at `position` (free, stale, then give-up order)
+    // A slot for an expert of the layer at `position`: free, else stale, else from the layers in its give-up order
+    // (with `may_evict`); -1 if there is none. `guess_distance` 0: for a miss; else for a guess that far ahead, which
+    // takes no pending guess's slot nor one of guessing_'s, and no stale slot of a layer that runs before its own.
+    int claim(int64_t position, bool may_evict, int64_t guess_distance);
+    void evict(int slot);  // frees an unpinned slot for claim
     void touch(int slot, int64_t position);
+    void use(int slot, int64_t position);  // a hold's use of a cached expert
     void unpin();
     void forget(int slot);
+    void drop_guesses(int64_t position, const std::vector<int64_t>& keep);  // pending guesses not in keep turn stale
+    void issue_guesses(int64_t position);  // the guesses given since the last hold, after `position`'s misses
+    void finish_guesses(ThreadsRunner threads);  // waits for the guesses' decodes; forgets the ones that failed
+    void queue_decode(int slot, int64_t owner, std::vector<ChunkTask>& tasks) const;
+    int64_t distance(int64_t from, int64_t to) const;  // MoE layers from position `from` forward to `to`
 
     std::vector<Slot> slots_;
     std::vector<int64_t> free_;  // popped from the back: slot 0 first
@@ -97,6 +123,11 @@ class SlotCache {
     std::vector<int64_t> passes_;  // per position: holds of that layer so far
     std::vector<std::vector<int64_t>> give_up_;  // per position: positions in the order their slots are taken
     std::vector<int> held_;  // slots pinned by the latest hold
+    std::vector<std::pair<int64_t, std::vector<int64_t>>> hints_;  // (position, experts) given to guess since
+    std::vector<std::vector<int64_t>> pending_;  // per position: keys of its guesses not yet had a pass for
+    std::vector<char> guessing_;  // per key: named by the guess being issued (no other guess takes its slot)
+    std::vector<int64_t> wanted_keys_;  // the latest hold's keys (kept for capacity)
+    std::vector<ChunkTask> guess_tasks_;  // the started decodes of the latest hold's guesses
     std::vector<ChunkTask> tasks_;  // the latest hold's decodes, and below its hits and misses (kept for capacity)
     std::vector<size_t> resident_, missing_;
     uint64_t clock_ = 0;
@@ -106,10 +137,12 @@ class SlotCache {
 };
 
 // For a compiled step's C++ op: the slots [rows, k] of ids [rows, k] (only the first step_tokens rows are real;
-// padding rows get the first held slot) for MoE layer `layer`, through the calling thread's current SlotCache;
+// padding rows get the first held slot) for MoE layer `layer`, through the calling thread's current SlotCache,
+// after handing it `predictions` guesses: predicted[i] [rows, k] ids for MoE layer predicted_layers[i];
 // `threads` (may be null): the op's intra-op threads, which decode the misses too.
 // Returns 0, or 1 with a one-sentence message in error (error_size bytes) for a caller error or a malformed payload.
-int held_slots_entry(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, ThreadsRunner threads, int64_t* out,
+int held_slots_entry(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, const int64_t* const* predicted,
+                     const int64_t* predicted_layers, int64_t predictions, ThreadsRunner threads, int64_t* out,
                      char* error, int64_t error_size);
 
 }  // namespace szp

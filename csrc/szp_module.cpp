@@ -209,6 +209,7 @@ class PySlotCache {
         py::gil_scoped_release nogil;  // it may decode, which needs no Python
         return cache_.hold(layer, experts);
     }
+    void guess(int64_t layer, const std::vector<int64_t>& experts) { cache_.guess(layer, experts); }
     void release() { cache_.release(); }
     void begin_step(int64_t tokens) { cache_.begin_step(tokens); }
     py::dict take_counters() {
@@ -217,6 +218,18 @@ class PySlotCache {
         d["hits"] = c.hits;
         d["misses"] = c.misses;
         d["miss_bytes"] = c.miss_bytes;
+        d["prefetches_issued"] = c.prefetches_issued;
+        d["prefetches_used"] = c.prefetches_used;
+        d["prefetch_bytes"] = c.prefetch_bytes;
+        d["prefetch_used_bytes"] = c.prefetch_used_bytes;
+        d["prefetch_bytes_wasted"] = c.prefetch_bytes_wasted;
+        for (const auto& [name, counts] : {std::pair{"prefetches_issued_at", &c.prefetches_issued_at},
+                                           std::pair{"prefetches_used_at", &c.prefetches_used_at}}) {
+            py::dict by_distance;
+            for (size_t distance = 1; distance < counts->size(); ++distance)
+                if ((*counts)[distance]) by_distance[py::int_(distance)] = (*counts)[distance];
+            d[name] = by_distance;
+        }
         d["decode_seconds"] = c.decode_seconds;
         d["wait_seconds"] = c.wait_seconds;
         return d;
@@ -225,9 +238,9 @@ class PySlotCache {
     int pinned() const { return cache_.pinned(); }
 
   private:
-    szp::SlotCache cache_;
     std::vector<int64_t> numel_;  // per matrix, from the first slot
     std::vector<py::object> keep_;
+    szp::SlotCache cache_;  // last, so destroyed first: its helpers may still decode into keep_'s arrays
 };
 
 }  // namespace
@@ -269,10 +282,12 @@ PYBIND11_MODULE(_szp_cpu, m) {
              py::arg("nbytes"))
         .def("hold", &PySlotCache::hold, py::arg("layer"), py::arg("experts"),
              "Load and pin `experts` of `layer` until the next hold or release; their slots. FormatError if malformed.")
+        .def("guess", &PySlotCache::guess, py::arg("layer"), py::arg("experts"),
+             "The experts `layer` is predicted to ask for next, loaded by the next hold of another layer.")
         .def("release", &PySlotCache::release)
         .def("begin_step", &PySlotCache::begin_step, py::arg("tokens"),
              "Make this the cache the calling thread's compiled step reaches (held_slots_address) until release.")
-        .def("take_counters", &PySlotCache::take_counters, "hits, misses, miss_bytes, decode and wait seconds since the last take")
+        .def("take_counters", &PySlotCache::take_counters, "OffloadStats' counters since the last take")
         .def("entries", &PySlotCache::entries, "(layer, expert, slot) of every cached expert")
         .def("pinned", &PySlotCache::pinned, "slots pinned now");
     m.def("held_slots_address", [] { return reinterpret_cast<uintptr_t>(&szp::held_slots_entry); },

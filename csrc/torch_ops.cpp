@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "cpu_gemm.h"
 
@@ -34,8 +35,9 @@ void bind_cpu_gemm(int64_t address) { g_gemm.store(reinterpret_cast<GemmEntry>(s
 // The signatures of csrc/decode_team.h ThreadsRunner and csrc/slot_cache.h held_slots_entry (this file is built
 // alone at run time, without the extension's headers): they must stay the same.
 using ThreadsRunner = void (*)(void* context, void (*body)(void*));
-using HeldSlotsEntry = int (*)(const int64_t* ids, int64_t rows, int64_t k, int64_t layer, ThreadsRunner threads,
-                               int64_t* out, char* error, int64_t error_size);
+using HeldSlotsEntry = int (*)(const int64_t* ids, int64_t rows, int64_t k, int64_t layer,
+                               const int64_t* const* predicted, const int64_t* predicted_layers, int64_t predictions,
+                               ThreadsRunner threads, int64_t* out, char* error, int64_t error_size);
 
 // body(context) once on each of torch's intra-op threads: they sit idle while the step waits for its experts.
 void on_torch_threads(void* context, void (*body)(void*)) {
@@ -50,16 +52,29 @@ void bind_held_slots(int64_t address) {
     g_held_slots.store(reinterpret_cast<HeldSlotsEntry>(static_cast<uintptr_t>(address)));
 }
 
-// ids [T, K] -> slots [T, K] of the calling thread's current expert cache (moeserve/offload/native_slots.py).
-at::Tensor held_expert_slots(const at::Tensor& ids_in, int64_t layer) {
+// ids [T, K] -> slots [T, K] of the calling thread's current expert cache (moeserve/offload/native_slots.py),
+// after handing it the guesses predicted [T, K] ids for each of predicted_layers.
+at::Tensor held_expert_slots(const at::Tensor& ids_in, int64_t layer, at::TensorList predicted_in,
+                             at::IntArrayRef predicted_layers) {
     HeldSlotsEntry entry = g_held_slots.load();
     TORCH_CHECK(entry != nullptr, "moeserve_native: bind_held_slots was not called");
     TORCH_CHECK_VALUE(ids_in.dim() == 2 && ids_in.scalar_type() == at::kLong && ids_in.device().is_cpu(),
                       "held_expert_slots needs ids as a [T, K] long CPU tensor");
+    TORCH_CHECK_VALUE(predicted_in.size() == predicted_layers.size(),
+                      "held_expert_slots needs one predicted layer per prediction");
     const at::Tensor ids = ids_in.contiguous();
+    std::vector<at::Tensor> predicted;
+    std::vector<const int64_t*> predicted_ids;
+    for (const at::Tensor& p : predicted_in) {
+        TORCH_CHECK_VALUE(p.sizes() == ids.sizes() && p.scalar_type() == at::kLong && p.device().is_cpu(),
+                          "held_expert_slots needs each prediction as ids are: [T, K] long on the CPU");
+        predicted.push_back(p.contiguous());
+        predicted_ids.push_back(predicted.back().data_ptr<int64_t>());
+    }
     at::Tensor out = at::empty(ids.sizes(), ids.options());
     char error[512];
-    const int failed = entry(ids.data_ptr<int64_t>(), ids.size(0), ids.size(1), layer, &on_torch_threads,
+    const int failed = entry(ids.data_ptr<int64_t>(), ids.size(0), ids.size(1), layer, predicted_ids.data(),
+                             predicted_layers.data(), int64_t(predicted_ids.size()), &on_torch_threads,
                              out.data_ptr<int64_t>(), error, int64_t(sizeof(error)));
     TORCH_CHECK_VALUE(failed == 0, error);
     return out;
@@ -148,7 +163,7 @@ TORCH_LIBRARY(moeserve_native, m) {
     m.def("cpu_grouped_gemm(Tensor a, Tensor rows, Tensor slots, Tensor weights) -> Tensor");
     m.def("cpu_linear(Tensor x, Tensor weight) -> Tensor");
     m.def("bind_held_slots(int address) -> ()", &bind_held_slots);
-    m.def("held_expert_slots(Tensor ids, int layer) -> Tensor");
+    m.def("held_expert_slots(Tensor ids, int layer, Tensor[] predicted, int[] predicted_layers) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeserve_native, CPU, m) {

@@ -108,7 +108,7 @@ def _register_fakes() -> None:
     torch.library.register_fake(
         "moeserve_native::cpu_linear", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]), lib=lib
     )
-    torch.library.register_fake("moeserve_native::held_expert_slots", lambda ids, layer: torch.empty_like(ids), lib=lib)
+    torch.library.register_fake("moeserve_native::held_expert_slots", lambda ids, *args: torch.empty_like(ids), lib=lib)
     _state["library"] = lib  # a Library's registrations last as long as the object
 
 

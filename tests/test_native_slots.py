@@ -49,24 +49,41 @@ def test_the_cpu_default_configuration_runs_in_cpp_and_the_others_in_python(stor
     assert _provider(store, 10, prefetch_depth=0).slots_in_cpp  # no guesses either way
     assert not _provider(store, 10, native=False).slots_in_cpp
     assert not _provider(store, 10, eviction="lfu").slots_in_cpp
-    assert not _provider(store, 10, prefetch_depth=1).slots_in_cpp  # guesses are the Python provider's
+    assert _provider(store, 10, prefetch_depth=1).slots_in_cpp  # guesses for the next layer too
+    assert not _provider(store, 10, prefetch_depth=2).slots_in_cpp  # deeper ones are the Python provider's
     assert not _provider(store, EXPERTS - 1).slots_in_cpp  # a layer's experts must fit at once
     raw = random_store(2, EXPERTS, D, I, {"default": {"codec": "raw"}}, fused=True)
     assert not _provider(raw, 10).slots_in_cpp
     assert not _provider(random_store(2, EXPERTS, D, I, SZP), 10).slots_in_cpp  # gate and up apart
-    assert _provider(store, 10).prediction_depth == 0
 
 
-def _requests(seed: int, steps: int) -> list[tuple[str, int, list[int]]]:
+
+def test_the_cpp_cache_guesses_the_next_layer_only_when_told_to(store, helpers):
+    assert _provider(store, 10).prediction_depth == 0  # guesses cost compute on a CPU (provider.prediction_depth)
+    assert _provider(store, 10, prefetch_depth=1).prediction_depth == 1  # forced
+    assert _provider(store, 10, prefetch_depth=0).prediction_depth == 0
+    assert _provider(store, 10, prefetch=False).prediction_depth == 0
+    assert _provider(store, LAYERS * EXPERTS).prediction_depth == 0  # every expert fits: nothing to guess
+
+
+def _requests(seed: int, steps: int) -> list[tuple[str, int, list[int], list[tuple[int, list[int]]]]]:
     """Decode-like steps (every MoE layer in turn, 1 to 4 distinct experts each, sometimes a whole layer as a
-    prefill asks), each a hold (compiled step) or a fetch (eager step)."""
+    prefill asks), each a hold (compiled step) or a fetch (eager step), with the guesses the model hands over
+    first: mostly for the next layer (half of them right, the rest partly or wholly wrong), now and then for the
+    one after too, none from the last layer."""
     rng = random.Random(seed)
     out = []
     for _ in range(steps):
         kind = rng.choice(["hold", "fetch"])
         width = rng.choice([1, 2, 2, 2, 3, 4, EXPERTS])
+        wanted = [sorted(rng.sample(range(EXPERTS), width)) for _ in range(LAYERS)]
         for layer in range(LAYERS):
-            out.append((kind, layer, sorted(rng.sample(range(EXPERTS), width))))
+            guesses = []
+            for ahead in (1, 2):
+                if layer + ahead < LAYERS and rng.random() < (0.8 if ahead == 1 else 0.2):
+                    right = wanted[layer + ahead] if rng.random() < 0.5 else []
+                    guesses.append((layer + ahead, sorted(set(right + rng.sample(range(EXPERTS), TOP_K)))[:4]))
+            out.append((kind, layer, wanted[layer], guesses))
     return out
 
 
@@ -74,9 +91,11 @@ def _requests(seed: int, steps: int) -> list[tuple[str, int, list[int]]]:
 def test_cpp_and_python_give_the_same_slots_hits_misses_and_values(store, slots, helpers):
     native, python = _provider(store, slots), _provider(store, slots, native=False)
     assert native.slots_in_cpp and not python.slots_in_cpp
-    for step, (kind, layer, experts) in enumerate(_requests(slots, 40)):
+    for step, (kind, layer, experts, guesses) in enumerate(_requests(slots, 40)):
         results = []
         for provider in (native, python):
+            for guessed_layer, guessed in guesses:
+                provider.prefetch(guessed_layer, guessed)
             if kind == "hold":
                 provider.begin_step(1)
                 held = provider.hold(layer, experts)
@@ -89,13 +108,22 @@ def test_cpp_and_python_give_the_same_slots_hits_misses_and_values(store, slots,
                 values = [provider.pool.memory[slot].clone() for slot in held]
             results.append((held, values))
             assert provider.pinned_slots() == 0
+        # The C++ cache waits for its guesses at its next hold, before it claims a slot; so does the reference
+        # here (the Python provider takes no slot a decode is still filling).
+        python._wait_for_fills()
         (native_slots, native_values), (python_slots, python_values) = results
         assert native_slots == python_slots, f"step {step}: {kind} of layer {layer} {experts}"
         assert all(torch.equal(a, b) for a, b in zip(native_values, python_values))
         assert native.cached_experts() == python.cached_experts()
-    for name in ("hits", "misses", "miss_bytes", "bytes_transferred"):
+    native._take_native_counters()  # the guesses issued since the last release
+    names = ("hits", "misses", "miss_bytes", "bytes_transferred", "prefetches_issued", "prefetches_used",
+             "prefetch_bytes", "prefetch_used_bytes", "prefetch_bytes_wasted", "prefetches_issued_at",
+             "prefetches_used_at")
+    for name in names:
         assert getattr(native.stats, name) == getattr(python.stats, name), name
     assert native.stats.misses > 0 and native.stats.decode_seconds > 0
+    if slots < LAYERS * EXPERTS:
+        assert native.stats.prefetches_used > 0 and native.stats.prefetch_bytes_wasted > 0
 
 
 def test_a_malformed_payload_is_refused_and_nothing_stays_pinned_or_cached(helpers):
@@ -130,16 +158,16 @@ def test_a_hold_outside_a_step_or_of_an_unknown_expert_says_so(store):
     if not native_ops.load(cpu_gemm.entry_address(), held_slots_address(), progress=False):
         pytest.skip(f"the C++ ops did not build: {native_ops._state.get('failure')}")
     with pytest.raises(ValueError, match="outside a step"):
-        torch.ops.moeserve_native.held_expert_slots(ids, 0)
+        torch.ops.moeserve_native.held_expert_slots(ids, 0, [], [])
     provider.begin_step(1)
     ids = torch.tensor([[3, 1], [0, 0]])  # one real row, one padding row
-    slots = torch.ops.moeserve_native.held_expert_slots(ids, 0)
+    slots = torch.ops.moeserve_native.held_expert_slots(ids, 0, [], [])
     cached = provider.cached_experts()
     assert slots.tolist() == [[cached[(0, 3)], cached[(0, 1)]], [cached[(0, 1)]] * 2]
     assert provider.pinned_slots() == 2
     provider.release()
     with pytest.raises(ValueError, match="outside a step"):  # release ends the step
-        torch.ops.moeserve_native.held_expert_slots(ids, 0)
+        torch.ops.moeserve_native.held_expert_slots(ids, 0, [], [])
 
 
 def test_many_chunk_experts_decode_to_the_codec_values_with_and_without_helpers(helpers):
@@ -159,3 +187,23 @@ def test_many_chunk_experts_decode_to_the_codec_values_with_and_without_helpers(
                     assert torch.equal(matrix, decode(blob).view(matrix.shape))
             provider.release()
     assert provider.stats.hits + provider.stats.misses == 27 and provider.stats.misses >= 24  # 4 slots, 3 layers
+
+
+def test_a_model_guessing_through_the_cpp_cache_generates_what_it_does_without_guesses():
+    from moeserve import LLM, SamplingParams
+
+    policy = {"default": {"codec": "szp", "mode": "rel", "error_bound": 1e-3}}
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[(7 * j) % 768 for j in range(16)]]
+    runs = {}
+    for depth in (1, None):
+        options = {"prefetch_depth": depth} if depth else {"prefetch": False}
+        llm = LLM(None, device="cpu", policy=policy, expert_cache="25%", progress=False, prefix_caching=False,
+                  **options)
+        assert llm.offload.provider.slots_in_cpp and llm.offload.provider.prediction_depth == (depth or 0)
+        runs[depth] = (llm.generate(prompts, params)[0].token_ids, llm.offload.stats)
+    (guessed, with_guesses), (plain, without) = runs[1], runs[None]
+    assert guessed == plain  # every expert is decoded to the same values, guessed or missed
+    assert with_guesses.prefetches_used > 0 and with_guesses.prefetches_issued_at.keys() == {1}
+    assert with_guesses.misses < without.misses and without.prefetches_issued == 0
+    assert with_guesses.hits + with_guesses.misses == without.hits + without.misses

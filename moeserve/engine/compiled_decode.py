@@ -21,7 +21,7 @@ graph is called directly (engine/direct_graph.py), without torch.compile's own c
 Experts: a provider that holds a layer stacked is computed inside the compiled step (layers/moe.py
 `on_stack`). An offloading provider whose slot pool can hold a step's experts at once (`held_stack`) is
 too: one opaque op per MoE layer (`host_expert_slots`: the predictions to prefetch, then `hold`; or, for a
-cache kept in C++, `held_expert_slots`, which never enters Python) returns the slots of the routed experts,
+cache kept in C++, `held_expert_slots`, the same without entering Python) returns the slots of the routed experts,
 and the step computes them from the pool in place, with the kernel resident experts use. Any other provider
 (a mapped checkpoint, a cache too small to hold a step's experts) is reached through the host in one opaque
 op per MoE layer (`host_routed_experts`: the predictions, then `fetch` and the experts), exactly as the eager

@@ -242,11 +242,12 @@ def held_stack(experts: ExpertProvider, layer: int, tokens: int, top_k: int) -> 
 
 def expert_slots(experts: ExpertProvider, ids: torch.Tensor, layer: int, predicted: list[torch.Tensor],
                  predicted_layers: list[int]) -> torch.Tensor:
-    """The slots [T, K] of `held_stack`'s rows for ids [T, K] of MoE layer `layer`, in a compiled step: through
-    the provider's C++ cache where it has one (`slots_in_cpp`) and there are no predictions to hand over (C++ op
-    moeserve_native::held_expert_slots, no Python on the way), else through `host_expert_slots`."""
-    if not predicted and getattr(experts, "slots_in_cpp", False) and native_ops.loaded():
-        return torch.ops.moeserve_native.held_expert_slots(ids, layer)
+    """The slots [T, K] of `held_stack`'s rows for ids [T, K] of MoE layer `layer`, in a compiled step, after handing
+    the provider the later layers' predictions (`predicted` [T, K] ids of `predicted_layers`): through the
+    provider's C++ cache where it has one (`slots_in_cpp`; C++ op moeserve_native::held_expert_slots, no Python on
+    the way), else through `host_expert_slots`."""
+    if getattr(experts, "slots_in_cpp", False) and native_ops.loaded():
+        return torch.ops.moeserve_native.held_expert_slots(ids, layer, predicted, predicted_layers)
     return host_expert_slots(ids, layer, predicted, predicted_layers)
 
 

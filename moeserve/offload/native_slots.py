@@ -1,8 +1,9 @@
 """The expert cache's bookkeeping in C++ (csrc/slot_cache.h), for the configuration a CPU serves by default.
 
-In:  the provider's store, slot pool and cache policy, and whether it would make guesses.
+In:  the provider's store, slot pool and cache policy, and the prefetch depth forced on it (if any).
 Out: a `SlotCache` (moeserve._szp_cpu) over the same pool, or None where the configuration
-     needs the provider's Python: guesses (a forced prefetch depth), LFU eviction, a GPU pool, an expert not in
+     needs the provider's Python: guesses more than one MoE layer ahead (a forced prefetch depth above 1),
+     LFU eviction, a GPU pool, an expert not in
      szp (the only codec with a native decoder) or not in the fused layout, a pool smaller than one layer's
      experts, or an extension built without it.
 
@@ -24,16 +25,18 @@ from moeserve.offload.store import CompressedStore
 
 
 def native_slot_cache(
-    store: CompressedStore, pool: SlotPool, cache: ExpertCache, guesses: bool, fused_layers: set[int], workers: int
+    store: CompressedStore, pool: SlotPool, cache: ExpertCache, forced_depth: int | None, fused_layers: set[int],
+    workers: int,
 ):
     """A SlotCache for this configuration, or None where it needs the provider's Python (module docstring).
+    `forced_depth`: the prediction depth the provider must use (None: its own choice, at most 1 here).
     `fused_layers`: the MoE layers whose every expert a slot serves in the fused layout, converted from
     its stored form (the provider's held layers). `workers`: the decode workers asked for; as many of them as
     there are cores beyond torch's threads become the cache's decode helpers (csrc/decode_team.h)."""
     layers = sorted({layer for layer, _ in store.experts})
     experts = len(store.experts) // len(layers)
     eligible = (
-        not guesses
+        (forced_depth is None or forced_depth <= 1)
         and cache.eviction_name == "lru"
         and pool.memory.device.type == "cpu"
         and set(layers) <= fused_layers

@@ -17,9 +17,9 @@ within a layer), so neither a miss nor a guess evicts what the next layers are a
 never evicts another pending guess; a guess more than one layer ahead takes only a free or stale slot
 on every device, so the deeper guesses live in the spare the depth rule (lookahead.py) counts on.
 
-Where the configuration allows (native_slots.py: a CPU pool of szp experts, LRU, no guesses, the CPU's default),
-the same policy without guesses runs in C++ (`SlotCache`), which then holds the cache's state: `fetch`, `hold`
-and `release` go there, and a compiled step reaches it from its own C++ op.
+Where the configuration allows (native_slots.py: a CPU pool of szp experts, LRU, guesses at most one MoE layer
+ahead, the CPU's default), the same policy runs in C++ (`SlotCache`), which then holds the cache's state:
+`prefetch`, `fetch`, `hold` and `release` go there, and a compiled step reaches it from its own C++ op.
 """
 
 from __future__ import annotations
@@ -94,11 +94,11 @@ class OffloadedExpertProvider:
                             if any(blob.codec != "raw" or blob.dtype != pool.memory.dtype for blob in packed.blobs)}
         mapped_layers = set(cycle) - converted_layers
         self._held_layers = set() if self._stack is None else set(cycle) - apart_layers - mapped_layers
-        self._native = None  # the Python provider's rule decides whether there are guesses
-        guesses = self.prediction_depth > 0
+        self._native = None
         workers = getattr(filler, "workers", 0)  # CPU decode workers (a GPU filler has none)
         if native:
-            self._native = native_slot_cache(store, pool, cache, guesses, self._held_layers, workers)
+            forced_depth = prefetch_depth if prefetch else 0
+            self._native = native_slot_cache(store, pool, cache, forced_depth, self._held_layers, workers)
 
     @property
     def slots_in_cpp(self) -> bool:
@@ -120,20 +120,27 @@ class OffloadedExpertProvider:
     @property
     def prediction_depth(self) -> int:
         """How many MoE layers ahead the model should predict: 0 without prefetch or once every expert is
-        cached; the forced depth where one is given; 0 where guesses cost compute (no guesses); else the rule
-        of `automatic_prediction_depth`.
+        cached (for the C++ cache: once every expert fits); the forced depth where one is given; 0 where guesses
+        cost compute (the CPU); else the rule of `automatic_prediction_depth`.
 
         On a GPU a guess waits for an idle link and decodes on its own stream, so a wrong one costs little.
-        On a CPU every guess costs the model's own thread its bookkeeping (reading the prediction back,
-        claiming a slot, queueing the decode), and its decode takes a core and memory bandwidth from compute;
-        a right one saves only the decode a miss would have run. Measured with compiled steps (szp rel 1e-3,
-        batch 1, `moeserve`'s 2-core test machine, one interleaved run each), no guesses against guesses for the
-        next layer: the default model at 10/25/50% caches 353/423/552 against 325/376/452 tok/s (one thread,
-        two decode workers; one worker: 358 against 314 at 25%), and a qwen3_moe of hidden 1024, 32 experts
-        of 512 (bf16) at a 25% cache 61.0 against 48.8 at one thread and 76.3 against 65.3 at two.
+        On a CPU a guess's decode takes a core and memory bandwidth from compute, and a right one saves only the
+        decode a miss would have run, which the waiting thread shares with the decode helpers. Measured with
+        compiled steps (szp rel 1e-3, batch 1, a 25% cache, one compute thread, `moeserve`'s 2-core test machine,
+        interleaved runs): with the C++ cache decoding next-layer guesses on the spare core while the step computes,
+        the default model's misses fell from 9.1 to 3.9 a token (precision 0.78), yet it ran at 0.82x of resident
+        against 0.80x without guesses (15 rounds), and the qwen3_moe of hidden 1024, 32 experts of 512 (bf16) at
+        0.95x of its speed without guesses: on that machine any work on the second core slows the first by 20-37%
+        (a busy loop there took resident decode from 1030 to 1332 us a token), so a decode overlapping compute
+        costs about what it saves. The Python provider's own bookkeeping made guesses cost more still (default
+        model, 25%: 423 against 376 tok/s). `prefetch_depth` still forces guesses; the C++ cache takes depth 1.
         Eager steps had favoured depth 1 over the rule's depth 7 (174 against 205 tok/s, default model, 50%),
-        when a step's own overhead hid the bookkeeping. `prefetch_depth` still forces guesses."""
-        if self._native is not None or not self._prefetch or len(self.cache) >= len(self.store.experts):
+        when a step's own overhead hid the bookkeeping."""
+        if self._native is not None:
+            if not self._prefetch or self.pool.num_slots >= len(self.store.experts):
+                return 0
+            return self._forced_depth or 0
+        if not self._prefetch or len(self.cache) >= len(self.store.experts):
             return 0
         if self._forced_depth is not None:
             return self._forced_depth
@@ -144,6 +151,9 @@ class OffloadedExpertProvider:
         )
 
     def prefetch(self, layer: int, experts: Sequence[int]) -> None:
+        if self._native is not None:
+            self._native.guess(layer, list(experts))
+            return
         self._hints[layer] = (experts, None)  # replaces an older prediction for the layer
 
     def stacked(self, layer: int) -> None:
@@ -210,7 +220,14 @@ class OffloadedExpertProvider:
         stats.hits += counts["hits"]
         stats.misses += counts["misses"]
         stats.miss_bytes += counts["miss_bytes"]
-        stats.bytes_transferred += counts["miss_bytes"]  # every fill is a miss: there are no guesses
+        stats.bytes_transferred += counts["miss_bytes"] + counts["prefetch_bytes"]
+        for name in ("prefetches_issued", "prefetches_used", "prefetch_bytes", "prefetch_used_bytes",
+                     "prefetch_bytes_wasted"):
+            setattr(stats, name, getattr(stats, name) + counts[name])
+        for name in ("prefetches_issued_at", "prefetches_used_at"):
+            by_distance = getattr(stats, name)
+            for distance, count in counts[name].items():
+                by_distance[distance] = by_distance.get(distance, 0) + count
         stats.wait_seconds += counts["wait_seconds"]
         stats.add_decode_time(counts["decode_seconds"])
 
