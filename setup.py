@@ -72,7 +72,7 @@ setup(
                      "csrc/szp_decode_avx2.cpp", "csrc/szp_decode_avx512.cpp", "csrc/szp_decode_pool.cpp",
                      "csrc/slot_cache.cpp", "csrc/decode_team.cpp"],
             include_dirs=["csrc", "kernels", pybind11.get_include()],
-            depends=["csrc/szp_codec.h", "csrc/szp_simd.h", "csrc/szp_decode_chunk.h", "csrc/szp_decode_pool.h", "csrc/slot_cache.h", "csrc/decode_team.h", "kernels/szp_format.h"],  # rebuild when they change
+            depends=["csrc/szp_codec.h", "csrc/szp_simd.h", "csrc/szp_decode_chunk.h", "csrc/szp_decode_pool.h", "csrc/slot_cache.h", "csrc/decode_team.h", "csrc/szp_plane_bytes.h", "kernels/szp_format.h"],  # rebuild when they change
             language="c++",
         ),
         Extension(

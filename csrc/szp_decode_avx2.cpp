@@ -3,8 +3,8 @@
 // Compiled under `#pragma GCC target` with the chunk loop (szp_decode_chunk.h, anonymous namespace) included
 // after it, so loop and block inline into one function per dtype pair, and no AVX2 copy of a shared inline
 // function can reach the other paths at link time: the shared headers are included before the pragma. A block
-// of 32 values decodes in byte lanes while its magnitudes fit 16 planes (planes 0-7 and 8-15 apart), in
-// 32-bit lanes beyond. Signs are
+// of 32 values decodes in byte lanes while its magnitudes fit 16 planes (planes 0-7 and 8-15 apart, each group
+// by one bit-matrix transpose), in 32-bit lanes beyond. Signs are
 // placed by table (pdep is slow on AMD before Zen 3); the float32 multiply and the rounding to the stored and
 // output dtypes are the portable path's (szp_decode.cpp), lane for lane.
 #include "szp_codec.h"
@@ -18,6 +18,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,popcnt")
 #include "szp_decode_chunk.h"
+#include "szp_plane_bytes.h"
 
 namespace szp {
 namespace {
@@ -61,23 +62,17 @@ struct Avx2Block {
     static void run(const szp_u8* planes, int n_planes, szp_u32 signs, float step, typename O::bits* dst) {
         __m256i mag[4];  // value 8g + l in lane l of mag[g]
         const __m256i bits32 = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-        if (n_planes <= 16) {
-            // Value i in byte lane i: each 128-bit half of the broadcast word holds all 4 plane bytes, and the
-            // shuffle sends byte i / 8 to lanes 8(i / 8) .. 8(i / 8) + 7 (the upper half's lanes are values 16-31).
-            const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                                    2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
-            const __m256i bits8 = _mm256_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128,
-                                                   1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
-            __m256i high = _mm256_setzero_si256(), low = _mm256_setzero_si256();  // planes 8-15 and 0-7
-            for (int p = n_planes - 1; p >= 0; --p) {
-                szp_u32 w;
-                std::memcpy(&w, planes + 4 * p, 4);
-                const __m256i lanes = _mm256_shuffle_epi8(_mm256_set1_epi32(int(w)), spread);
-                const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(lanes, bits8), bits8);  // -1 where set
-                __m256i& acc = p >= 8 ? high : low;
-                acc = _mm256_sub_epi8(_mm256_add_epi8(acc, acc), set);  // 2 * acc + bit
-            }
-            // (low, high) bytes to 16-bit magnitudes: values 0-7 | 16-23, then 8-15 | 24-31.
+        if (n_planes <= 8) {
+            const __m256i bytes = plane_bytes(planes, n_planes);
+            const __m128i low = _mm256_castsi256_si128(bytes), high = _mm256_extracti128_si256(bytes, 1);
+            mag[0] = _mm256_cvtepu8_epi32(low);
+            mag[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(low, 8));
+            mag[2] = _mm256_cvtepu8_epi32(high);
+            mag[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(high, 8));
+        } else if (n_planes <= 16) {
+            // planes 0-7 and 8-15 to bytes, then (low, high) bytes to 16-bit magnitudes: values 0-7 | 16-23, then
+            // 8-15 | 24-31
+            const __m256i low = plane_bytes(planes, 8), high = plane_bytes(planes + 32, n_planes - 8);
             const __m256i first = _mm256_unpacklo_epi8(low, high), second = _mm256_unpackhi_epi8(low, high);
             mag[0] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(first));
             mag[1] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(second));
