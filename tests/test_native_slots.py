@@ -144,6 +144,29 @@ def test_a_malformed_payload_is_refused_and_nothing_stays_pinned_or_cached(helpe
     provider.release()
 
 
+def test_every_malformed_miss_and_guess_is_forgotten_and_refused_when_asked_for(helpers):
+    store = random_store(3, EXPERTS, D, I, SZP, fused=True)
+    for key in ((1, 3), (1, 5), (2, 6)):
+        blob = store.experts[key].blobs[0]
+        blob.payload_numpy()[cpu_module().layout(blob.numel)["rates_off"]] = 77  # an invalid rate byte
+    provider = _provider(store, 10, prefetch_depth=1)
+    provider.begin_step(1)
+    with pytest.raises(CodecError, match="of layer 1 is malformed"):
+        provider.hold(1, [2, 3, 5])  # two malformed misses in one hold: neither stays cached
+    assert provider.pinned_slots() == 0
+    assert {(1, 3), (1, 5)}.isdisjoint(provider.cached_experts()) and (1, 2) in provider.cached_experts()
+    provider.prefetch(2, [0, 6])  # a malformed guess: decoded beside the step, then dropped
+    provider.hold(1, [2])
+    assert (2, 6) in provider.cached_experts()  # its slot is claimed, its decode not yet finished
+    held = provider.hold(2, [0])  # waits for the guesses first
+    assert (2, 6) not in provider.cached_experts() and provider.cached_experts()[(2, 0)] == held[0]
+    with pytest.raises(CodecError, match="expert 6 of layer 2 is malformed"):
+        provider.hold(2, [0, 6])
+    provider.release()
+    assert provider.pinned_slots() == 0
+    assert provider.stats.prefetches_issued == 2 and provider.stats.prefetches_used == 1
+
+
 def test_a_hold_outside_a_step_or_of_an_unknown_expert_says_so(store):
     provider = _provider(store, 10)
     with pytest.raises(ValueError, match="expert 8 of layer 0 is not in the compressed store"):

@@ -29,7 +29,7 @@ def native_slot_cache(
     workers: int,
 ):
     """A SlotCache for this configuration, or None where it needs the provider's Python (module docstring).
-    `forced_depth`: the prediction depth the provider must use (None: its own choice, at most 1 here).
+    `forced_depth`: the prediction depth the user forced (None: the provider's choice, none on a CPU).
     `fused_layers`: the MoE layers whose every expert a slot serves in the fused layout, converted from
     its stored form (the provider's held layers). `workers`: the decode workers asked for; as many of them as
     there are cores beyond torch's threads become the cache's decode helpers (csrc/decode_team.h)."""
