@@ -128,11 +128,11 @@ class OffloadedExpertProvider:
         decode a miss would have run, which the waiting thread shares with the decode helpers. Measured with
         compiled steps (szp rel 1e-3, batch 1, a 25% cache, one compute thread, `moeserve`'s 2-core test machine,
         interleaved runs): with the C++ cache decoding next-layer guesses on the spare core while the step computes,
-        the default model's misses fell from 9.1 to 3.9 a token (precision 0.78), yet it ran at 0.82x of resident
-        against 0.80x without guesses (15 rounds), and the qwen3_moe of hidden 1024, 32 experts of 512 (bf16) at
-        0.95x of its speed without guesses: on that machine any work on the second core slows the first by 20-37%
-        (a busy loop there took resident decode from 1030 to 1332 us a token), so a decode overlapping compute
-        costs about what it saves. The Python provider's own bookkeeping made guesses cost more still (default
+        the default model's misses fell from 8.9 to 3.8 a token and its decode wait from 199 to 104 us (78% of
+        guesses used), yet it ran at 0.83x of resident against 0.81x without guesses (11 rounds; 0.82x against
+        0.80x in 15 others): the step's compute ran slower by about what the wait saved while the spare core
+        decoded beside it. The qwen3_moe of hidden 1024, 32 experts of 512 (bf16) ran at 0.95x of its speed
+        without guesses. The Python provider's own bookkeeping made guesses cost more still (default
         model, 25%: 423 against 376 tok/s). `prefetch_depth` still forces guesses; the C++ cache takes depth 1.
         Eager steps had favoured depth 1 over the rule's depth 7 (174 against 205 tok/s, default model, 50%),
         when a step's own overhead hid the bookkeeping."""
