@@ -228,6 +228,31 @@ def test_every_decode_path_writes_the_same_bytes():
         module.set_isa(chosen)
 
 
+@pytest.mark.exact
+def test_every_decode_path_agrees_on_a_payload_whose_step_is_infinite():
+    # No encoder writes an infinite step, but a damaged payload may hold one, and the header accepts any positive
+    # step. Zero times infinity is NaN there: each path must round those lanes (and the infinite ones) to the
+    # stored and output dtypes as the portable path does, not take its finite-step shortcut.
+    module = cpu_module()
+    chosen = module.isa()
+    try:
+        for stored in STORED:
+            blob = encode(torch.tensor([0.0, 1.0, -2.0, 0.5] * 24, dtype=stored), codec="szp", mode="abs",
+                          error_bound=0.25)
+            blob.payload_numpy()[16:20] = np.frombuffer(np.float32(np.inf).tobytes(), np.uint8)
+            for out_dtype in STORED:
+                decoded = {}
+                for path in DECODE_PATHS:
+                    module.set_isa(path)
+                    decoded[path] = _bits(decode_into(blob, torch.zeros(blob.shape, dtype=out_dtype)))
+                values = decoded["scalar"].view(out_dtype).float()
+                assert values.isnan().any() and values.isinf().any()
+                for path in DECODE_PATHS:
+                    assert torch.equal(decoded[path], decoded["scalar"]), (path, stored, out_dtype)
+    finally:
+        module.set_isa(chosen)
+
+
 def test_a_decode_path_the_cpu_lacks_or_an_unknown_one_is_refused():
     module = cpu_module()
     with pytest.raises(ValueError, match="unknown szp decode path 'sse'"):
