@@ -57,7 +57,6 @@ def test_the_cpu_default_configuration_runs_in_cpp_and_the_others_in_python(stor
     assert not _provider(random_store(2, EXPERTS, D, I, SZP), 10).slots_in_cpp  # gate and up apart
 
 
-
 def test_the_cpp_cache_guesses_the_next_layer_only_when_told_to(store, helpers):
     assert _provider(store, 10).prediction_depth == 0  # guesses cost compute on a CPU (provider.prediction_depth)
     assert _provider(store, 10, prefetch_depth=1).prediction_depth == 1  # forced
