@@ -190,6 +190,17 @@ def test_a_hold_outside_a_step_or_of_an_unknown_expert_says_so(store):
     provider.release()
     with pytest.raises(ValueError, match="outside a step"):  # release ends the step
         torch.ops.moeserve_native.held_expert_slots(ids, 0, [], [])
+    # the op hands its predictions over first: layer 1's guess (its real row only) is there when layer 1 asks
+    provider.begin_step(1)
+    guess = torch.tensor([[5, 2], [7, 7]])
+    torch.ops.moeserve_native.held_expert_slots(ids, 0, [guess], [1])
+    slots = torch.ops.moeserve_native.held_expert_slots(torch.tensor([[2, 5], [0, 0]]), 1, [], [])
+    provider.release()
+    cached = provider.cached_experts()
+    assert slots[0].tolist() == [cached[(1, 2)], cached[(1, 5)]] and (1, 7) not in cached
+    assert provider.stats.prefetches_issued == provider.stats.prefetches_used == 2
+    with pytest.raises(ValueError, match="each prediction as ids are"):
+        torch.ops.moeserve_native.held_expert_slots(ids, 0, [guess[:1]], [1])
 
 
 def test_many_chunk_experts_decode_to_the_codec_values_with_and_without_helpers(helpers):
@@ -220,8 +231,10 @@ def test_a_model_guessing_through_the_cpp_cache_generates_what_it_does_without_g
     runs = {}
     for depth in (1, None):
         options = {"prefetch_depth": depth} if depth else {"prefetch": False}
+        # eager: the compiled op's predictions are test_a_hold_outside_a_step_or_of_an_unknown_expert_says_so's
+        # (and a compile per depth would cost a cold test run a minute)
         llm = LLM(None, device="cpu", policy=policy, expert_cache="25%", progress=False, prefix_caching=False,
-                  **options)
+                  enforce_eager=True, **options)
         assert llm.offload.provider.slots_in_cpp and llm.offload.provider.prediction_depth == (depth or 0)
         runs[depth] = (llm.generate(prompts, params)[0].token_ids, llm.offload.stats)
     (guessed, with_guesses), (plain, without) = runs[1], runs[None]
