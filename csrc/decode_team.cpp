@@ -64,18 +64,9 @@ void DecodeTeam::complete(size_t count, ThreadsRunner threads) {
 
 const std::vector<int64_t>& DecodeTeam::run(const std::vector<ChunkTask>& tasks, std::string& error,
                                             ThreadsRunner threads) {
+    start(tasks);  // the helpers take tasks from now on; finish has this thread (and `threads`) take them too
     double unused;
-    finish(error, unused, threads);
-    failed_.clear();
-    error_.clear();
-    // in windows the claim word can count (a huge model's prefill may need more tasks than that)
-    for (size_t first = 0; first < tasks.size(); first += kIndexMask) {
-        const size_t count = std::min<size_t>(kIndexMask, tasks.size() - first);
-        publish(tasks.data() + first, count);
-        complete(count, threads);
-    }
-    error = error_;
-    return failed_;
+    return finish(error, unused, threads);
 }
 
 void DecodeTeam::start(const std::vector<ChunkTask>& tasks) {
@@ -97,6 +88,7 @@ const std::vector<int64_t>& DecodeTeam::finish(std::string& error, double& secon
     if (started_ != nullptr) {
         const std::vector<ChunkTask>& tasks = *started_;
         complete(started_window_, threads);
+        // in windows the claim word can count (a huge model's prefill may need more tasks than that)
         for (size_t first = started_window_; first < tasks.size(); first += kIndexMask) {
             const size_t count = std::min<size_t>(kIndexMask, tasks.size() - first);
             publish(tasks.data() + first, count);

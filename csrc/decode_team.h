@@ -49,7 +49,7 @@ class DecodeTeam {
 
     // Decodes every task, on this thread (with `threads`, on each of its pool's) and the helpers; returns the
     // owners of the tasks that failed (empty if none; an owner once per failed task) and sets error to the first
-    // failure's message. Finishes a started run first.
+    // failure's message. Finishes a started run first. (start, then finish.)
     const std::vector<int64_t>& run(const std::vector<ChunkTask>& tasks, std::string& error,
                                     ThreadsRunner threads = nullptr);
     // Hands `tasks` to the helpers and returns at once; `tasks` must stay as they are until finish() returns.

@@ -151,12 +151,15 @@ void SlotCache::queue_decode(int slot, int64_t owner, std::vector<ChunkTask>& ta
     }
 }
 
+void SlotCache::check_expert(int64_t pos, int64_t layer, int64_t expert) const {
+    if (expert < 0 || expert >= experts_ || sources_[pos * experts_ + expert].nbytes < 0)
+        throw std::invalid_argument("expert " + std::to_string(expert) + " of layer " + std::to_string(layer) +
+                                    " is not in the compressed store");
+}
+
 void SlotCache::guess(int64_t layer, const std::vector<int64_t>& experts) {
     const int64_t pos = position(layer);
-    for (int64_t e : experts)
-        if (e < 0 || e >= experts_ || sources_[pos * experts_ + e].nbytes < 0)
-            throw std::invalid_argument("expert " + std::to_string(e) + " of layer " + std::to_string(layer) +
-                                        " is not in the compressed store");
+    for (int64_t e : experts) check_expert(pos, layer, e);
     std::vector<int64_t> sorted(experts);
     std::sort(sorted.begin(), sorted.end());
     sorted.erase(std::unique(sorted.begin(), sorted.end()), sorted.end());
@@ -241,12 +244,9 @@ std::vector<int64_t> SlotCache::hold(int64_t layer, const std::vector<int64_t>& 
         throw std::invalid_argument("a hold asks for " + std::to_string(experts.size()) + " experts but the cache has " +
                                     std::to_string(num_slots()) + " slots");
     for (size_t i = 0; i < experts.size(); ++i) {
-        const int64_t e = experts[i];
-        if (e < 0 || e >= experts_ || sources_[pos * experts_ + e].nbytes < 0)
-            throw std::invalid_argument("expert " + std::to_string(e) + " of layer " + std::to_string(layer) +
-                                        " is not in the compressed store");
+        check_expert(pos, layer, experts[i]);
         for (size_t j = 0; j < i; ++j)
-            if (experts[j] == e) throw std::invalid_argument("a hold names each expert once");
+            if (experts[j] == experts[i]) throw std::invalid_argument("a hold names each expert once");
     }
     finish_guesses(threads);
     ++passes_[pos];

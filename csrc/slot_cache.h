@@ -98,6 +98,7 @@ class SlotCache {
     };
 
     int64_t position(int64_t layer) const;  // the layer's place in the cycle; throws for a layer not in it
+    void check_expert(int64_t position, int64_t layer, int64_t expert) const;  // throws for one not in the store
     // A slot for an expert of the layer at `position`: free, else stale, else from the layers in its give-up order
     // (with `may_evict`); -1 if there is none. `guess_distance` 0: for a miss; else for a guess that far ahead, which
     // takes no pending guess's slot nor one of guessing_'s, and no stale slot of a layer that runs before its own.
