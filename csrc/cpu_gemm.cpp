@@ -114,8 +114,8 @@ struct Scalar {
     static constexpr int kMaxPairs = 1;
     static constexpr int tile_rows(int) { return 1; }
 
-    template <class T, int TP, int TN>
-    static void tile(const float* const* a, const T* w, int64_t k, T* const* out, const T*) {
+    template <class W, class O, int TP, int TN>
+    static void tile(const float* const* a, const W* w, int64_t k, O* const* out, const W*) {
         static_assert(TP == 1 && TN == 1, "the scalar path computes one output at a time");
         float lanes[kLanes] = {};
         for (int64_t i = 0; i < k; ++i) lanes[i % kLanes] = std::fmaf(a[0][i], widen(w[i]), lanes[i % kLanes]);
@@ -144,8 +144,8 @@ AVX512 inline float tree_512(__m512 v) {
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));  // + 1
 }
 
-template <class T, int TP, int TN>
-AVX512 void tile_512(const float* const* a, const T* w, int64_t k, T* const* out, const T* next) {
+template <class W, class O, int TP, int TN>
+AVX512 void tile_512(const float* const* a, const W* w, int64_t k, O* const* out, const W* next) {
     __m512 acc[TP][TN];
 #pragma GCC unroll 16
     for (int i = 0; i < TP; ++i)
@@ -153,7 +153,7 @@ AVX512 void tile_512(const float* const* a, const T* w, int64_t k, T* const* out
         for (int j = 0; j < TN; ++j) acc[i][j] = _mm512_setzero_ps();
     const int64_t full = k - k % kLanes;
     for (int64_t c = 0; c < full; c += kLanes) {
-        prefetch_next<T, TN>(next, c / kLanes);
+        prefetch_next<W, TN>(next, c / kLanes);
         __m512 av[TP];
 #pragma GCC unroll 16
         for (int i = 0; i < TP; ++i) av[i] = _mm512_loadu_ps(a[i] + c);
@@ -165,7 +165,7 @@ AVX512 void tile_512(const float* const* a, const T* w, int64_t k, T* const* out
         }
     }
     if (full < k) {
-        T buf[kLanes];
+        W buf[kLanes];
 #pragma GCC unroll 16
         for (int j = 0; j < TN; ++j) {
             tail_of(w + j * k + full, k - full, buf);
@@ -186,9 +186,9 @@ struct Avx512 {
     static constexpr int kMaxPairs = 4;
     static constexpr int tile_rows(int pairs) { return pairs == 1 ? 8 : 4; }
 
-    template <class T, int TP, int TN>
-    static void tile(const float* const* a, const T* w, int64_t k, T* const* out, const T* next) {
-        tile_512<T, TP, TN>(a, w, k, out, next);
+    template <class W, class O, int TP, int TN>
+    static void tile(const float* const* a, const W* w, int64_t k, O* const* out, const W* next) {
+        tile_512<W, O, TP, TN>(a, w, k, out, next);
     }
 };
 
@@ -209,8 +209,8 @@ AVX2 inline float tree_256(__m256 lo, __m256 hi) {
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));  // + 1
 }
 
-template <class T, int TP, int TN>
-AVX2 void tile_256(const float* const* a, const T* w, int64_t k, T* const* out, const T* next) {
+template <class W, class O, int TP, int TN>
+AVX2 void tile_256(const float* const* a, const W* w, int64_t k, O* const* out, const W* next) {
     __m256 lo[TP][TN], hi[TP][TN];
 #pragma GCC unroll 16
     for (int i = 0; i < TP; ++i)
@@ -218,7 +218,7 @@ AVX2 void tile_256(const float* const* a, const T* w, int64_t k, T* const* out, 
         for (int j = 0; j < TN; ++j) lo[i][j] = hi[i][j] = _mm256_setzero_ps();
     const int64_t full = k - k % kLanes;
     for (int64_t c = 0; c < full; c += kLanes) {
-        prefetch_next<T, TN>(next, c / kLanes);
+        prefetch_next<W, TN>(next, c / kLanes);
         // One half at a time keeps the live registers at 2*TP*TN accumulators + TP + 1.
         __m256 av[TP];
 #pragma GCC unroll 16
@@ -239,7 +239,7 @@ AVX2 void tile_256(const float* const* a, const T* w, int64_t k, T* const* out, 
         }
     }
     if (full < k) {
-        T buf[kLanes];
+        W buf[kLanes];
 #pragma GCC unroll 16
         for (int j = 0; j < TN; ++j) {
             tail_of(w + j * k + full, k - full, buf);
@@ -263,9 +263,9 @@ struct Avx2 {
     static constexpr int kMaxPairs = 2;
     static constexpr int tile_rows(int pairs) { return pairs == 1 ? 4 : 2; }
 
-    template <class T, int TP, int TN>
-    static void tile(const float* const* a, const T* w, int64_t k, T* const* out, const T* next) {
-        tile_256<T, TP, TN>(a, w, k, out, next);
+    template <class W, class O, int TP, int TN>
+    static void tile(const float* const* a, const W* w, int64_t k, O* const* out, const W* next) {
+        tile_256<W, O, TP, TN>(a, w, k, out, next);
     }
 };
 
@@ -290,48 +290,49 @@ Scratch& scratch() {
     return s;
 }
 
-// Kern::tile<T, TP, TN> for a row count TN <= MaxTN known only at run time (the last rows of a matrix).
-template <class T, class Kern, int TP, int MaxTN>
-void short_tile(int64_t tn, const float* const* a, const T* w, int64_t k, T* const* out) {
+// Kern::tile<W, O, TP, TN> for a row count TN <= MaxTN known only at run time (the last rows of a matrix).
+template <class W, class O, class Kern, int TP, int MaxTN>
+void short_tile(int64_t tn, const float* const* a, const W* w, int64_t k, O* const* out) {
     if constexpr (MaxTN > 1) {
-        if (tn < MaxTN) return short_tile<T, Kern, TP, MaxTN - 1>(tn, a, w, k, out);
+        if (tn < MaxTN) return short_tile<W, O, Kern, TP, MaxTN - 1>(tn, a, w, k, out);
     }
-    Kern::template tile<T, TP, MaxTN>(a, w, k, out, nullptr);
+    Kern::template tile<W, O, TP, MaxTN>(a, w, k, out, nullptr);
 }
 
 // rn rows (starting at w, `left` rows to the matrix's end) for TP pairs: tiles of the kernel's tile_rows(TP),
 // each prefetching one further on.
-template <class T, class Kern, int TP>
-void pair_rows(const float* const* a, const T* w, int64_t k, int64_t rn, int64_t left, T* const* out) {
+template <class W, class O, class Kern, int TP>
+void pair_rows(const float* const* a, const W* w, int64_t k, int64_t rn, int64_t left, O* const* out) {
     constexpr int64_t kTN = Kern::tile_rows(TP);
-    const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, kTN * k * int64_t(sizeof(T))));
-    T* o[TP];
+    const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / std::max<int64_t>(1, kTN * k * int64_t(sizeof(W))));
+    O* o[TP];
     for (int64_t r = 0; r < rn; r += kTN) {
         for (int i = 0; i < TP; ++i) o[i] = out[i] + r;
-        const T* at = w + r * k;
+        const W* at = w + r * k;
         if (r + kTN <= rn) {
             // the tile `ahead` tiles on, while it lies inside the matrix (prefetches never fault, but need not
             // fetch what nothing reads)
-            const T* next = r + (ahead + 1) * kTN <= left ? at + ahead * kTN * k : nullptr;
-            Kern::template tile<T, TP, kTN>(a, at, k, o, next);
+            const W* next = r + (ahead + 1) * kTN <= left ? at + ahead * kTN * k : nullptr;
+            Kern::template tile<W, O, TP, kTN>(a, at, k, o, next);
         } else if constexpr (kTN > 1) {
-            short_tile<T, Kern, TP, kTN - 1>(rn - r, a, at, k, o);
+            short_tile<W, O, Kern, TP, kTN - 1>(rn - r, a, at, k, o);
         }
     }
 }
 
 // pair_rows for a pair count tp <= TP known only at run time.
-template <class T, class Kern, int TP = Kern::kMaxPairs>
-void rows_for(int tp, const float* const* a, const T* w, int64_t k, int64_t rn, int64_t left, T* const* out) {
+template <class W, class O, class Kern, int TP = Kern::kMaxPairs>
+void rows_for(int tp, const float* const* a, const W* w, int64_t k, int64_t rn, int64_t left, O* const* out) {
     if constexpr (TP > 1) {
-        if (tp < TP) return rows_for<T, Kern, TP - 1>(tp, a, w, k, rn, left, out);
+        if (tp < TP) return rows_for<W, O, Kern, TP - 1>(tp, a, w, k, rn, left, out);
     }
-    pair_rows<T, Kern, TP>(a, w, k, rn, left, out);
+    pair_rows<W, O, Kern, TP>(a, w, k, rn, left, out);
 }
 
 inline int64_t row_of(const Problem& p, int64_t pair) { return p.rows == nullptr ? pair : p.rows[pair]; }
 
-template <class T, class Kern>
+// T: the activations' and outputs' element type; W: the weights' (T, or bfloat16 under float32 activations).
+template <class T, class W, class Kern>
 void run(const Problem& p, int threads) {
     const int64_t P = p.pairs, N = p.n, K = p.k;
     Scratch& s = scratch();
@@ -381,8 +382,8 @@ void run(const Problem& p, int threads) {
     const int64_t num_groups = int64_t(s.groups.size());
     const int64_t blocks = (N + kBlockRows - 1) / kBlockRows;
     const int64_t items = num_groups * blocks;
-    const bool parallel = threads > 1 && items > 1 && num_groups * N * K * int64_t(sizeof(T)) >= kParallelMinBytes;
-    const T* w = static_cast<const T*>(p.w);
+    const bool parallel = threads > 1 && items > 1 && num_groups * N * K * int64_t(sizeof(W)) >= kParallelMinBytes;
+    const W* w = static_cast<const W*>(p.w);
     T* out = static_cast<T*>(p.out);
     const Group* groups = s.groups.data();
     const int64_t* order = s.order.data();
@@ -394,7 +395,7 @@ void run(const Problem& p, int threads) {
     for (int64_t item = 0; item < items; ++item) {
         const Group& g = groups[item % num_groups];
         const int64_t n0 = (item / num_groups) * kBlockRows, n1 = std::min(N, n0 + kBlockRows);
-        const T* slot_w = w + g.slot * p.slot_stride;
+        const W* slot_w = w + g.slot * p.slot_stride;
         const float* ap[Kern::kMaxPairs] = {};
         T* op[Kern::kMaxPairs] = {};
         // Row tiles outside, pair tiles inside: a tile's weight rows stay in L1 while every pair reads them.
@@ -407,20 +408,20 @@ void run(const Problem& p, int threads) {
                     ap[i] = act[pair];
                     op[i] = out + pair * N + n;
                 }
-                rows_for<T, Kern>(tp, ap, slot_w + n * K, K, rn, N - n, op);
+                rows_for<W, T, Kern>(tp, ap, slot_w + n * K, K, rn, N - n, op);
             }
         }
     }
 }
 
-template <class T>
+template <class T, class W>
 void run_isa(const Problem& p, Isa isa, int threads) {
 #if CPU_GEMM_X86
-    if (isa == Isa::kAvx512) return run<T, Avx512>(p, threads);
-    if (isa == Isa::kAvx2) return run<T, Avx2>(p, threads);
+    if (isa == Isa::kAvx512) return run<T, W, Avx512>(p, threads);
+    if (isa == Isa::kAvx2) return run<T, W, Avx2>(p, threads);
 #endif
     (void)isa;
-    run<T, Scalar>(p, threads);
+    run<T, W, Scalar>(p, threads);
 }
 
 }  // namespace
@@ -460,7 +461,10 @@ Isa parse_isa(const std::string& name) {
 }
 
 void grouped_gemm(const Problem& p, Isa isa, int threads) {
+    const int w_dtype = p.w_dtype < 0 ? p.dtype : p.w_dtype;
     if (p.dtype != kF32 && p.dtype != kBF16) throw std::invalid_argument("cpu_gemm: unknown dtype code");
+    if (w_dtype != p.dtype && !(p.dtype == kF32 && w_dtype == kBF16))
+        throw std::invalid_argument("cpu_gemm: the weights must be in the activations' dtype, or bfloat16 under float32");
     if (p.pairs < 0 || p.n < 0 || p.k < 0 || p.slots < 0 || p.a_rows < 0)
         throw std::invalid_argument("cpu_gemm: sizes must not be negative");
     if (p.rows == nullptr && p.pairs > p.a_rows)
@@ -478,8 +482,9 @@ void grouped_gemm(const Problem& p, Isa isa, int threads) {
     }
     if (p.pairs == 0 || p.n == 0) return;
     threads = std::max(threads, 1);
-    if (p.dtype == kF32) return run_isa<float>(p, isa, threads);
-    run_isa<bf16>(p, isa, threads);
+    if (p.dtype == kBF16) return run_isa<bf16, bf16>(p, isa, threads);
+    if (w_dtype == kBF16) return run_isa<float, bf16>(p, isa, threads);
+    run_isa<float, float>(p, isa, threads);
 }
 
 }  // namespace cpu_gemm

@@ -19,7 +19,9 @@ namespace cpu_gemm {
 
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// Element types of a, weights and out (all three alike); the codes the Python side passes.
+// Element types; the codes the Python side passes. a and out share one; the weights take it too, or bfloat16
+// under float32 activations (an expert cache slot holding bfloat16-exact weights in half the bytes: widening
+// bfloat16 to float32 is exact, so the products are those of the same weights held as float32, bit for bit).
 enum DType : int { kF32 = 0, kBF16 = 1 };
 
 // All sizes and strides in elements. weights: slot s, output row n starts at w + s * slot_stride + n * k.
@@ -37,6 +39,7 @@ struct Problem {
     const int64_t* pair_slots = nullptr;  // [pairs], each in [0, slots); null: every pair uses slot 0
     int64_t pairs = 0;
     void* out = nullptr;  // [pairs, n] contiguous
+    int w_dtype = -1;  // the weights' element type; -1: dtype's
 };
 
 bool cpu_supports(Isa isa);

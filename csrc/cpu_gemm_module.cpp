@@ -29,11 +29,12 @@ P* pointer(uintptr_t address) {
     return reinterpret_cast<P*>(address);
 }
 
-void grouped_gemm(int dtype, uintptr_t a, int64_t a_rows, int64_t a_row_stride, uintptr_t w, int64_t slots,
+void grouped_gemm(int dtype, int w_dtype, uintptr_t a, int64_t a_rows, int64_t a_row_stride, uintptr_t w, int64_t slots,
                   int64_t slot_stride, int64_t n, int64_t k, uintptr_t rows, uintptr_t pair_slots, int64_t pairs,
                   uintptr_t out, int threads) {
     cpu_gemm::Problem p;
     p.dtype = dtype;
+    p.w_dtype = w_dtype;
     p.a = pointer<const void>(a);
     p.a_rows = a_rows;
     p.a_row_stride = a_row_stride;
@@ -78,7 +79,7 @@ PYBIND11_MODULE(_cpu_gemm, m) {
     } catch (const std::invalid_argument& e) {
         throw std::invalid_argument(std::string("MOESERVE_CPU_ISA: ") + e.what());
     }
-    m.def("grouped_gemm", &grouped_gemm, py::arg("dtype"), py::arg("a"), py::arg("a_rows"), py::arg("a_row_stride"),
+    m.def("grouped_gemm", &grouped_gemm, py::arg("dtype"), py::arg("w_dtype"), py::arg("a"), py::arg("a_rows"), py::arg("a_row_stride"),
           py::arg("w"), py::arg("slots"), py::arg("slot_stride"), py::arg("n"), py::arg("k"), py::arg("rows"),
           py::arg("pair_slots"), py::arg("pairs"), py::arg("out"), py::arg("threads"),
           "out[p] = a[rows[p]] @ w[pair_slots[p]].T for p < pairs; pointers as integers (rows 0: row p, pair_slots "

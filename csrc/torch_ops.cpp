@@ -108,7 +108,9 @@ at::Tensor run(const at::Tensor& a_in, const at::Tensor* rows, const at::Tensor*
     GemmEntry gemm = g_gemm.load();
     TORCH_CHECK(gemm != nullptr, "moeserve_native: bind_cpu_gemm was not called");
     const int dtype = dtype_code(a_in);
-    TORCH_CHECK_VALUE(w.scalar_type() == a_in.scalar_type(), "the CPU GEMM needs a and the weights in one dtype");
+    TORCH_CHECK_VALUE(w.scalar_type() == a_in.scalar_type() ||
+                          (a_in.scalar_type() == at::kFloat && w.scalar_type() == at::kBFloat16),
+                      "the CPU GEMM needs the weights in a's dtype, or bfloat16 under float32 a");
     TORCH_CHECK_VALUE(a_in.dim() == 2 && a_in.size(1) == k, "the CPU GEMM needs a as [R, ", k, "]");
     TORCH_CHECK_VALUE(a_in.device().is_cpu() && w.device().is_cpu(), "the CPU GEMM needs CPU tensors");
     const at::Tensor a = a_in.size(1) <= 1 || a_in.stride(1) == 1 ? a_in : a_in.contiguous();
@@ -126,6 +128,7 @@ at::Tensor run(const at::Tensor& a_in, const at::Tensor* rows, const at::Tensor*
     at::Tensor out = at::empty({pairs, n}, a.options());
     cpu_gemm::Problem p;
     p.dtype = dtype;
+    p.w_dtype = dtype_code(w);
     p.a = a.data_ptr();
     p.a_rows = a.size(0);
     p.a_row_stride = a.stride(0);

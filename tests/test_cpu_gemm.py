@@ -156,6 +156,23 @@ def test_every_path_writes_the_same_bits_at_model_sizes(each_isa, threads, dtype
         assert_same_bits(got, results["scalar"], f"{isa} against scalar")
 
 
+@pytest.mark.exact
+@pytest.mark.parametrize("shape", SHAPES + [(12, 5, 4, 67, 1000), (6, 3, 3, 256, 1024)], ids=str)
+def test_bfloat16_weights_under_float32_give_the_float32_weights_bits(each_isa, threads, shape):
+    # An expert cache slot holds bfloat16-exact weights as bfloat16 (offload/cache.py slot_dtype): the kernel
+    # widens them exactly, so every path must write the bits of the same values held in float32.
+    a, rows, slots, weights = problem(*shape, torch.bfloat16, seed=7 + sum(shape))
+    a = torch.randn(a.shape, generator=torch.Generator().manual_seed(sum(shape)))  # float32 activations
+    want = emulate(a, rows, slots, weights.float())
+    threads(2)
+    for isa in ISAS:
+        each_isa(isa)
+        assert_same_bits(cpu_grouped_gemm(a, rows, slots, weights), want, f"{isa}, grouped")
+        assert_same_bits(cpu_grouped_gemm(a, rows, slots, weights.float()), want, f"{isa}, float32 weights")
+        assert_same_bits(cpu_linear(a, weights[1 % weights.shape[0]]),
+                         cpu_linear(a, weights[1 % weights.shape[0]].float()), f"{isa}, linear")
+
+
 # -- accuracy -----------------------------------------------------------------------------------------------
 
 
@@ -319,7 +336,7 @@ def test_compiles_whole_through_inductor_as_extern_calls(tmp_path, monkeypatch):
     "args, message",
     [
         (lambda a, r, s, w: (a.half(), r, s, w.half()), "float32 and bfloat16, not torch.float16"),
-        (lambda a, r, s, w: (a, r, s, w.bfloat16()), "one dtype"),
+        (lambda a, r, s, w: (a.bfloat16(), r, s, w), "weights in a's dtype"),
         (lambda a, r, s, w: (a[:, :5], r, s, w), "features"),
         (lambda a, r, s, w: (a, r.int(), s, w), "rows as a 1-D long"),
         (lambda a, r, s, w: (a, r, s[:-1], w), "one row and one slot per pair"),

@@ -32,6 +32,11 @@ def test_the_gemm_ops_give_the_python_ops_bits(native, dtype):
         slots = torch.randint(0, slots_n, (pairs,), generator=g)
         assert torch.equal(native.cpu_grouped_gemm(a, rows, slots, weights), torch.ops.moeserve.cpu_grouped_gemm(a, rows, slots, weights))
         assert torch.equal(native.cpu_linear(a, weights[1]), torch.ops.moeserve.cpu_linear(a, weights[1]))
+        if dtype == torch.float32:  # bfloat16 weights under float32 a: an expert cache's bfloat16 slots
+            narrow = weights.to(torch.bfloat16)
+            assert torch.equal(native.cpu_grouped_gemm(a, rows, slots, narrow),
+                               torch.ops.moeserve.cpu_grouped_gemm(a, rows, slots, narrow.float()))
+            assert torch.equal(native.cpu_linear(a, narrow[1]), torch.ops.moeserve.cpu_linear(a, narrow[1]))
         strided = torch.randn(rows_n, 2 * k_dim, generator=g).to(dtype)[:, ::2]  # features not contiguous
         assert torch.equal(native.cpu_linear(strided, weights[0]), cpu_gemm.cpu_linear(strided.contiguous(), weights[0]))
 
@@ -42,8 +47,8 @@ def test_the_gemm_ops_refuse_what_the_python_ops_refuse(native):
         native.cpu_grouped_gemm(a, torch.tensor([0, 1]), torch.tensor([0, 7]), weights)
     with pytest.raises(ValueError, match="row"):
         native.cpu_grouped_gemm(a, torch.tensor([0, 5]), torch.tensor([0, 1]), weights)
-    with pytest.raises(ValueError, match="one dtype"):
-        native.cpu_grouped_gemm(a, torch.tensor([0]), torch.tensor([0]), weights.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="weights in a's dtype"):
+        native.cpu_grouped_gemm(a.to(torch.bfloat16), torch.tensor([0]), torch.tensor([0]), weights)
     with pytest.raises(ValueError, match="contiguous"):
         native.cpu_grouped_gemm(a, torch.tensor([0]), torch.tensor([0]), weights.transpose(1, 2).contiguous().transpose(1, 2))
     with pytest.raises(ValueError, match="float32 and bfloat16"):

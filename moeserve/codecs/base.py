@@ -63,6 +63,9 @@ class Codec(ABC):
     name: ClassVar[str]
     bounded: ClassVar[bool]  # True: takes an error bound and guarantees max |decode(encode(x)) - x| <= eb
     encodes_on_cuda: ClassVar[bool] = False  # True: encode() accepts a CUDA tensor and encodes it there
+    # True: every decoded value is one the blob's stored dtype holds exactly (the decoder rounds to it before
+    # writing any output dtype), so an output in the stored dtype loses nothing (offload/cache.py slot_dtype).
+    decodes_in_stored_dtype: ClassVar[bool] = False
 
     @abstractmethod
     def encode(self, x: torch.Tensor, eb: float | None) -> np.ndarray:

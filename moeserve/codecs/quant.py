@@ -24,6 +24,7 @@ GROUP = 128
 class _GroupQuant(Codec):
     bounded = False
     bits: int
+    decodes_in_stored_dtype = True
 
     @property
     def qmax(self) -> int:

@@ -13,6 +13,7 @@ from moeserve.codecs.registry import register
 class RawCodec(Codec):
     name = "raw"
     bounded = False
+    decodes_in_stored_dtype = True
 
     def encode(self, x: torch.Tensor, eb: float | None) -> np.ndarray:
         return x.reshape(-1).view(torch.uint8).numpy().copy()

@@ -16,6 +16,7 @@ from moeserve.codecs.registry import register
 class Sz3Codec(Codec):
     name = "sz3"
     bounded = True
+    decodes_in_stored_dtype = True
 
     def encode(self, x: torch.Tensor, eb: float | None) -> np.ndarray:
         def compress(values: np.ndarray) -> bytes:

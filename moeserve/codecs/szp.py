@@ -21,6 +21,7 @@ class SzpCodec(Codec):
     name = "szp"
     bounded = True
     encodes_on_cuda = True
+    decodes_in_stored_dtype = True
 
     def encode(self, x: torch.Tensor, eb: float | None) -> np.ndarray:
         if x.is_cuda:

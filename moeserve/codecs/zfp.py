@@ -16,6 +16,7 @@ from moeserve.codecs.registry import register
 class ZfpCodec(Codec):
     name = "zfp"
     bounded = True
+    decodes_in_stored_dtype = True
 
     def encode(self, x: torch.Tensor, eb: float | None) -> np.ndarray:
         return patch.encode(x, eb, lambda values: zfpy.compress_numpy(values, tolerance=eb), _decompress)

@@ -2,7 +2,9 @@
 
 In:  a [R, Kdim] (any row stride; copied first if its features are not contiguous), rows [P] and slots [P]
      long, weights [S, N, Kdim] whose every slot's [N, Kdim] matrix is contiguous (any slot stride: the
-     strided views of experts.expert_rows), all on the CPU, a and weights both float32 or both bfloat16.
+     strided views of experts.expert_rows), all on the CPU, a and weights both float32 or both bfloat16, or
+     float32 a over bfloat16 weights (an expert cache slot that holds bfloat16-exact weights in half the bytes:
+     the kernel widens them exactly, so the result is that of the same weights held in float32, bit for bit).
 Out: [P, N] in a's dtype, out[p] = a[rows[p]] @ weights[slots[p]].T, accumulated in float32.
 
 One summation order, everywhere (csrc/cpu_gemm.h): every output sums over k in 16 float32 lanes (lane = k
@@ -40,7 +42,7 @@ try:
 except ModuleNotFoundError:  # not built (a broken build or a bad MOESERVE_CPU_ISA still raises)
     _ext = None
 
-# dtype → the extension's code for (a, weights, out)
+# dtype → the extension's code for a and out, and for the weights
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 
@@ -95,8 +97,14 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _linear(x, weight)
 
 
+def weight_dtype_fits(a_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether the kernel takes weights of `weight_dtype` under activations of `a_dtype`: the same dtype, or
+    bfloat16 under float32."""
+    return weight_dtype == a_dtype or (a_dtype == torch.float32 and weight_dtype == torch.bfloat16)
+
+
 def _fits_dtype(a: torch.Tensor, weights: torch.Tensor) -> bool:
-    return _ext is not None and a.dtype in _DTYPE_CODES and weights.dtype == a.dtype
+    return _ext is not None and a.dtype in _DTYPE_CODES and weight_dtype_fits(a.dtype, weights.dtype)
 
 
 def _fits(a: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> bool:
@@ -118,8 +126,9 @@ def _explain_misfit(a, rows, slots, weights) -> None:
                          f"got {tuple(a.shape)} and {tuple(weights.shape)}.")
     if a.shape[1] != weights.shape[2]:
         raise ValueError(f"the CPU GEMM: a has {a.shape[1]} features but the weights take {weights.shape[2]}.")
-    if weights.dtype != a.dtype:
-        raise ValueError(f"the CPU GEMM needs a and the weights in one dtype, got {a.dtype} and {weights.dtype}.")
+    if not weight_dtype_fits(a.dtype, weights.dtype):
+        raise ValueError(f"the CPU GEMM needs the weights in a's dtype (or bfloat16 under float32 a), got {a.dtype} "
+                         f"and {weights.dtype}.")
     ids = [] if rows is None else [("rows", rows), ("slots", slots)]
     for name, t in ids:
         if t.dim() != 1 or t.dtype != torch.long:
@@ -158,7 +167,7 @@ def _grouped(a: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, weights: 
     num_slots, n_out, k_dim = weights.shape
     out = torch.empty(rows.shape[0], n_out, dtype=a.dtype)
     _ext.grouped_gemm(
-        _DTYPE_CODES[a.dtype], a.data_ptr(), a.shape[0], a.stride(0), weights.data_ptr(), num_slots, weights.stride(0),
+        _DTYPE_CODES[a.dtype], _DTYPE_CODES[weights.dtype], a.data_ptr(), a.shape[0], a.stride(0), weights.data_ptr(), num_slots, weights.stride(0),
         n_out, k_dim, rows.data_ptr(), slots.data_ptr(), rows.shape[0], out.data_ptr(), torch.get_num_threads(),
     )
     return out
@@ -169,7 +178,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n_out, k_dim = weight.shape
     out = torch.empty(x.shape[0], n_out, dtype=x.dtype)
     _ext.grouped_gemm(
-        _DTYPE_CODES[x.dtype], x.data_ptr(), x.shape[0], x.stride(0), weight.data_ptr(), 1, 0,
+        _DTYPE_CODES[x.dtype], _DTYPE_CODES[weight.dtype], x.data_ptr(), x.shape[0], x.stride(0), weight.data_ptr(), 1, 0,
         n_out, k_dim, 0, 0, x.shape[0], out.data_ptr(), torch.get_num_threads(),
     )
     return out

@@ -2,7 +2,9 @@
 
 In:  activations a [R, Kdim]; per pair p = 0..P-1 the row it reads (rows [P]) and the slot it uses
      (slots [P]), both long tensors on a's device; weights [S, N, Kdim], one matrix per slot, possibly
-     a strided view (experts.expert_rows: slot stride experts.expert_row_numel, inner dims contiguous).
+     a strided view (experts.expert_rows: slot stride experts.expert_row_numel, inner dims contiguous), in
+     a's dtype, or in bfloat16 under float32 a on the CPU kernel's path (an expert cache's bfloat16 slots,
+     offload/cache.py).
 Out: [P, N] in a's dtype, out[p] = a[rows[p]] @ weights[slots[p]].T accumulated in float32 (as F.linear).
 
 Nothing here reads a tensor's values on the host or makes a shape that depends on them, so the MoE block
@@ -138,8 +140,9 @@ def grouped_gemm(
         then down); built here when None (Triton path only; the reference path needs none).
     force_triton: take the Triton path on CPU tensors too (tests, under TRITON_INTERPRET=1).
     """
-    num_pairs, n_out = _check_shapes(a, rows, slots, weights, out, alignment)
-    if not force_triton and runs_cpu_kernel(a.device, a.dtype):
+    cpu_kernel = not force_triton and runs_cpu_kernel(a.device, a.dtype)
+    num_pairs, n_out = _check_shapes(a, rows, slots, weights, out, alignment, cpu_kernel)
+    if cpu_kernel:
         result = cpu_gemm.cpu_grouped_gemm(a, rows, slots, weights)  # [P, N]
         return result if out is None else out.copy_(result)
     if out is None:
@@ -168,14 +171,15 @@ def grouped_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """h [n, Kdim] @ weight [N, Kdim].T through grouped_gemm as one slot with rows 0..n-1: each row comes out
     bit for bit as it would among any other pairs of any other call. On the CPU kernel without index tensors
     (cpu_gemm.cpu_linear, the same bits)."""
-    if runs_cpu_kernel(h.device, h.dtype) and h.dim() == 2 and weight.dtype == h.dtype:
+    if runs_cpu_kernel(h.device, h.dtype) and h.dim() == 2 and cpu_gemm.weight_dtype_fits(h.dtype, weight.dtype):
         return cpu_gemm.cpu_linear(h, weight)
     rows = torch.arange(h.shape[0], device=h.device)  # [n]
     return grouped_gemm(h, rows, torch.zeros_like(rows), weight.unsqueeze(0))
 
 
-def _check_shapes(a, rows, slots, weights, out, alignment) -> tuple[int, int]:
-    """(P, N) after checking that the arguments fit together; a ValueError names the one that does not."""
+def _check_shapes(a, rows, slots, weights, out, alignment, cpu_kernel: bool) -> tuple[int, int]:
+    """(P, N) after checking that the arguments fit together; a ValueError names the one that does not.
+    `cpu_kernel`: the CPU kernel runs the call (it alone takes bfloat16 weights under float32 a)."""
     if a.dim() != 2 or weights.dim() != 3:
         raise ValueError(
             f"grouped_gemm needs a [R, Kdim] and weights [S, N, Kdim], got {tuple(a.shape)} and {tuple(weights.shape)}."
@@ -183,9 +187,11 @@ def _check_shapes(a, rows, slots, weights, out, alignment) -> tuple[int, int]:
     num_slots, n_out, k_dim = weights.shape
     if a.shape[1] != k_dim:
         raise ValueError(f"grouped_gemm: a has {a.shape[1]} features but weights take {k_dim}.")
-    if a.dtype != weights.dtype or a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    mixed_fits = cpu_kernel and cpu_gemm.weight_dtype_fits(a.dtype, weights.dtype)
+    if (a.dtype != weights.dtype and not mixed_fits) or a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
-            f"grouped_gemm needs a and weights in one of float32, bfloat16, float16, got {a.dtype} and {weights.dtype}."
+            f"grouped_gemm needs a and weights in one of float32, bfloat16, float16 (or bfloat16 weights under "
+            f"float32 a, on the CPU kernel), got {a.dtype} and {weights.dtype}."
         )
     if weights.stride(2) != 1 or (n_out > 1 and weights.stride(1) != k_dim):
         raise ValueError(f"grouped_gemm needs each slot's [N, Kdim] matrix contiguous, got strides {weights.stride()}.")

@@ -315,9 +315,7 @@ def gate_and_up(h: torch.Tensor, w: ExpertWeights, grouped: bool) -> tuple[torch
     if w.gate_up is not None:
         gate, up = expert_linear(h, w.gate_up, grouped).chunk(2, dim=-1)  # [n, 2I] → [n, I] twice
         return gate, up
-    if grouped:  # the kernel's rows are the fused product's rows, bit for bit
-        return expert_linear(h, w.gate, grouped), expert_linear(h, w.up, grouped)
-    return F.linear(h, w.gate), F.linear(h, w.up)
+    return expert_linear(h, w.gate, grouped), expert_linear(h, w.up, grouped)  # grouped: the fused product's rows
 
 
 def expert_linear(
@@ -327,10 +325,21 @@ def expert_linear(
     grouped GEMM kernel): through that kernel (grouped_gemm.grouped_linear), so each row comes out bit for
     bit as it would among a whole layer's pairs on the device path; otherwise F.linear (cuBLAS and MKL read
     a big step's weights once, the kernels once per few rows). `out` [n, Dout]: where the product goes (the
-    same matmul as F.linear's, writing there)."""
+    same matmul as F.linear's, writing there). `weight` may be narrower than h (an expert cache's bfloat16
+    slot under float32 compute, offload/cache.py): the kernel widens it itself, F.linear gets a widened copy."""
     if grouped:
         return grouped_linear(h, weight) if out is None else out.copy_(grouped_linear(h, weight))
+    weight = in_compute_dtype(weight, h.dtype)
     return F.linear(h, weight) if out is None else torch.mm(h, weight.t(), out=out)
+
+
+def in_compute_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight [N, Kdim] in `dtype`: itself, or widened (exactly: a bfloat16 slot under float32 compute) into a
+    contiguous copy that starts 64-byte aligned like the resident matrix it equals (alignment.py), so a BLAS
+    whose rounding depends on an operand's address rounds it alike."""
+    if weight.dtype == dtype:
+        return weight
+    return aligned_empty(tuple(weight.shape), dtype, weight.device).copy_(weight)
 
 
 def _gather_rows(

@@ -1,8 +1,10 @@
 """The expert cache: a pool of decoded-expert slots allocated once, and who occupies each slot.
 
-Memory: one tensor [num_slots, slot_numel] in the compute dtype on the compute device, sized so
-that num_slots * slot bytes <= the byte budget; every slot, and each matrix in it, starts 64-byte
-aligned (alignment.py), like the resident experts it stands in for. Nothing else ever holds decoded experts. The
+Memory: one tensor [num_slots, slot_numel] on the compute device, sized so that num_slots * slot bytes <=
+the byte budget; every slot, and each matrix in it, starts 64-byte aligned (alignment.py), like the
+resident experts it stands in for. Its dtype is the compute dtype, or a narrower one that holds every
+decoded value exactly (`slot_dtype`: bfloat16 slots for bfloat16-stored experts computed in float32 on
+the CPU kernel, which widens them exactly), so the same bytes cache more experts and compute the same bits. Nothing else ever holds decoded experts. The
 host's compressed copy is immutable, so evicting a slot only forgets it (no write-back).
 
 Eviction is pluggable (LRU by default, LFU); a slot that is pinned (in use by the current layer)
@@ -17,12 +19,15 @@ import itertools
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Container, Sequence
+from typing import TYPE_CHECKING, Callable, Container, Iterable, Sequence
 
 import torch
 
 from moeserve.alignment import aligned_empty
+from moeserve.codecs import Blob
+from moeserve.codecs.registry import get as codec
 from moeserve.experts import ExpertWeights, apart_rows, expert_row_numel, expert_rows, keeps_gate_up_apart
+from moeserve.layers import cpu_gemm
 
 if TYPE_CHECKING:
     from moeserve.offload.store import PackedExpert
@@ -87,14 +92,34 @@ class LfuEviction:
 EVICTION_POLICIES = {"lru": LruEviction, "lfu": LfuEviction}
 
 
+def slot_dtype(blobs: Iterable[Blob], dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype slots hold experts in: bfloat16 where every blob is bfloat16 and decodes to values bfloat16
+    holds exactly (`Codec.decodes_in_stored_dtype`), the model computes in float32, and the CPU kernel, which
+    takes bfloat16 weights under float32 activations and widens them exactly, computes them (so a bfloat16
+    slot gives the bits a float32 one gives, in half the bytes); `dtype` otherwise."""
+    narrow = (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and cpu_gemm.available(dtype)
+        and all(blob.dtype == torch.bfloat16 and codec(blob.codec).decodes_in_stored_dtype for blob in blobs)
+    )
+    return torch.bfloat16 if narrow else dtype
+
+
 class SlotPool:
     """The decoded-expert memory: every slot holds one expert's gate, up and down matrices."""
 
-    def __init__(self, num_slots: int, hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, num_slots: int, hidden: int, intermediate: int, dtype: torch.dtype, device: torch.device,
+                 storage_dtype: torch.dtype | None = None):
+        """`dtype`: the model's compute dtype; `storage_dtype`: the slots' (`slot_dtype`), `dtype` when None."""
         self.hidden, self.intermediate = hidden, intermediate
+        self.dtype = dtype
+        storage_dtype = dtype if storage_dtype is None else storage_dtype
         # [S, expert_row_numel]: per slot gate | up | down (experts.expert_rows, the layout of stacked
         # resident experts), each matrix contiguous so it decodes straight into place.
-        self.memory = aligned_empty((num_slots, expert_row_numel(intermediate, hidden, dtype)), dtype, device)
+        self.memory = aligned_empty(
+            (num_slots, expert_row_numel(intermediate, hidden, storage_dtype)), storage_dtype, device
+        )
         self.num_slots = num_slots
         # The views are made once: building them per use costs more than a small expert's matmuls.
         # Each slot serves both layouts of gate and up (fused, or apart like a mapped unfused
@@ -122,7 +147,7 @@ class SlotPool:
         resident model loads it (keeps_gate_up_apart). Decoding and computing must agree on it: the up
         matrix lies elsewhere in the slot in each layout."""
         stored = [(torch.device("cpu"), blob.dtype) for blob in packed.blobs]
-        return keeps_gate_up_apart(packed.gate_up_apart, stored, self.memory.device, self.memory.dtype)
+        return keeps_gate_up_apart(packed.gate_up_apart, stored, self.memory.device, self.dtype)
 
 
 class ExpertCache:

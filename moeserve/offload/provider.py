@@ -91,7 +91,7 @@ class OffloadedExpertProvider:
         # them from a stack instead would part raw offloading from resident results in the last bit).
         apart_layers = {key[0] for key, apart in self._gate_up_apart.items() if apart}
         converted_layers = {layer for (layer, _), packed in store.experts.items()
-                            if any(blob.codec != "raw" or blob.dtype != pool.memory.dtype for blob in packed.blobs)}
+                            if any(blob.codec != "raw" or blob.dtype != pool.dtype for blob in packed.blobs)}
         mapped_layers = set(cycle) - converted_layers
         self._held_layers = set() if self._stack is None else set(cycle) - apart_layers - mapped_layers
         self._native = None

@@ -22,7 +22,7 @@ import torch
 
 from moeserve.config import ModelConfig
 from moeserve.loader import LoadedModel, iter_stored_experts
-from moeserve.offload.cache import ExpertCache, SlotPool
+from moeserve.offload.cache import ExpertCache, SlotPool, slot_dtype
 from moeserve.offload.filler import CpuSlotFiller
 from moeserve.offload.gpu_filler import GpuSlotFiller
 from moeserve.offload.options import OffloadError, OffloadOptions
@@ -138,10 +138,14 @@ def provider_for_store(
     """Slot pool, cache, filler and provider over a store already in memory; also the budget in bytes.
     Public so that benchmarks can serve a store they built without a checkpoint on disk; `timeline`
     (GPU) times copies, decodes and compute's waits with events, for the throughput benchmark."""
-    slot_bytes = SlotPool.slot_nbytes(config.hidden_size, config.moe_intermediate_size, config.dtype)
+    # A share is of every expert as the model computes it; the slots may hold them narrower (cache.slot_dtype),
+    # so the same bytes cache more of them.
+    computed_bytes = SlotPool.slot_nbytes(config.hidden_size, config.moe_intermediate_size, config.dtype)
+    storage_dtype = slot_dtype((blob for packed in store.experts.values() for blob in packed.blobs), config.dtype, device)
+    slot_bytes = SlotPool.slot_nbytes(config.hidden_size, config.moe_intermediate_size, storage_dtype)
     total_experts = len(store.experts)
     expert_cache = options.expert_cache if options.expert_cache is not None else "100%"
-    budget = parse_budget(expert_cache, total_experts * slot_bytes)
+    budget = parse_budget(expert_cache, total_experts * computed_bytes)
     num_slots = min(budget // slot_bytes, total_experts)
     if num_slots < config.top_k:
         raise OffloadError(
@@ -149,7 +153,7 @@ def provider_for_store(
             f"{config.top_k}; give at least {config.top_k * slot_bytes} bytes."
         )
     stats = OffloadStats(bits_per_value={layer: s.bits_per_value for layer, s in store.layer_sizes().items()})
-    pool = SlotPool(num_slots, config.hidden_size, config.moe_intermediate_size, config.dtype, device)
+    pool = SlotPool(num_slots, config.hidden_size, config.moe_intermediate_size, config.dtype, device, storage_dtype)
     if device.type == "cuda":
         filler = GpuSlotFiller(pool, stats, max(p.nbytes for p in store.experts.values()), CudaStreams(device), timeline=timeline)
     else:
