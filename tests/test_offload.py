@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moeserve import LLM, MoeServeError, SamplingParams
+from moeserve.layers.grouped_gemm import GROUPED_GEMM_MAX_TOKENS
 from moeserve.layers.moe import MoeBlock
 from moeserve.offload.cache import ExpertCache, SlotPool
 from moeserve.offload.runtime import parse_budget
@@ -36,6 +37,12 @@ def _slot_bytes(llm) -> int:
 
 def _run(llm):
     return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)], llm.score(PROMPTS[1])
+
+
+def _run_long(llm):
+    """_run, and the scores of a prompt longer than GROUPED_GEMM_MAX_TOKENS: a step whose experts F.linear computes."""
+    tokens, logits = _run(llm)
+    return tokens, torch.cat([logits, llm.score([(7 * i) % 100 + 2 for i in range(2 * GROUPED_GEMM_MAX_TOKENS)])])
 
 
 def _budgets(llm):
@@ -83,6 +90,55 @@ def test_raw_policy_is_bit_identical_for_every_family(checkpoint_factory, model_
         assert (served.gate_up is None) == apart
         got_tokens, got_logits = _run(llm)
         assert got_tokens == tokens and torch.equal(got_logits, logits), budget
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize(
+    "policy, eager",
+    # raw eagerly, against the resident model too (test_raw_policy_is_bit_identical_for_every_family runs its
+    # compiled step on bfloat16 slots); szp through the C++ cache and a compiled step, the CPU's default
+    [(RAW, True), ({"default": {"codec": "szp", "mode": "rel", "error_bound": 1e-3}}, False)],
+    ids=["raw-eager", "szp-compiled"],
+)
+def test_bfloat16_stored_experts_fill_bfloat16_slots_with_the_float32_slots_bits(checkpoint_factory, monkeypatch,
+                                                                                policy, eager):
+    # A bfloat16 checkpoint computed in float32 decodes to bfloat16-exact weights: the slots hold them as
+    # bfloat16, twice as many in a budget, and every step must give the bits float32 slots give.
+    directory, _ = checkpoint_factory("qwen3_moe", num_hidden_layers=4, num_experts=8, seed=3, dtype=torch.bfloat16)
+    kwargs = dict(device="cpu", dtype="float32", policy=policy, expert_cache="25%", enforce_eager=eager, progress=False)
+    narrow = LLM(directory, **kwargs)
+    pool = narrow.offload.provider.pool
+    assert pool.memory.dtype == torch.bfloat16 and pool.dtype == torch.float32
+    assert pool.num_slots == narrow.offload.budget_bytes // (_slot_bytes(narrow) // 2) == 16  # 25% of 32 experts
+    assert pool.nbytes <= narrow.offload.budget_bytes
+    assert narrow.offload.provider.slots_in_cpp == (policy is not RAW)  # the C++ cache decodes szp
+    tokens, logits = _run_long(narrow)
+    with monkeypatch.context() as m:
+        m.setattr("moeserve.offload.runtime.slot_dtype", lambda blobs, dtype, device: dtype)
+        wide = LLM(directory, **kwargs)
+    assert wide.offload.provider.pool.memory.dtype == torch.float32 and wide.offload.provider.pool.num_slots == 8
+    want_tokens, want_logits = _run_long(wide)
+    assert tokens == want_tokens and torch.equal(logits, want_logits)
+    if policy is RAW:
+        want_tokens, want_logits = _run_long(LLM(directory, device="cpu", dtype="float32", enforce_eager=eager))
+        assert tokens == want_tokens and torch.equal(logits, want_logits)
+
+
+def test_slots_are_narrow_only_where_every_decode_is_exact_and_the_cpu_kernel_computes(monkeypatch):
+    from moeserve.codecs import encode
+    from moeserve.offload.cache import slot_dtype
+
+    x = torch.randn(16, 32)
+    narrow = [encode(x.bfloat16(), "szp", "rel", 1e-3), encode(x.bfloat16(), "raw"), encode(x.bfloat16(), "int8")]
+    cpu = torch.device("cpu")
+    assert slot_dtype(narrow, torch.float32, cpu) == torch.bfloat16
+    assert slot_dtype(narrow + [encode(x, "szp", "rel", 1e-3)], torch.float32, cpu) == torch.float32  # a float32 blob
+    assert slot_dtype(narrow + [encode(x.bfloat16(), "mxfp4")], torch.float32, cpu) == torch.float32  # not exact
+    assert slot_dtype(narrow, torch.bfloat16, cpu) == torch.bfloat16
+    assert slot_dtype(narrow, torch.float16, cpu) == torch.float16
+    assert slot_dtype(narrow, torch.float32, torch.device("cuda")) == torch.float32  # no GPU kernel takes them
+    monkeypatch.setattr("moeserve.layers.cpu_gemm.available", lambda dtype: False)
+    assert slot_dtype(narrow, torch.float32, cpu) == torch.float32  # F.linear alone would widen every expert
 
 
 @pytest.mark.exact
