@@ -159,5 +159,6 @@ class CompiledDecode:
 
 
 def _stack_shape(stack: StackedExperts | None) -> tuple | None:
-    """What a trace bakes in of a held stack: its shapes (its tensors are inputs, read afresh by every call)."""
-    return None if stack is None else (tuple(stack.gate_up.shape), tuple(stack.down.shape))
+    """What a trace bakes in of a held stack: its shapes and dtype (its tensors are inputs, read afresh by every
+    call; a policy switch may bring slots of another dtype, offload/cache.py slot_dtype)."""
+    return None if stack is None else (tuple(stack.gate_up.shape), tuple(stack.down.shape), stack.gate_up.dtype)
