@@ -464,7 +464,8 @@ void grouped_gemm(const Problem& p, Isa isa, int threads) {
     const int w_dtype = p.w_dtype < 0 ? p.dtype : p.w_dtype;
     if (p.dtype != kF32 && p.dtype != kBF16) throw std::invalid_argument("cpu_gemm: unknown dtype code");
     if (w_dtype != p.dtype && !(p.dtype == kF32 && w_dtype == kBF16))
-        throw std::invalid_argument("cpu_gemm: the weights must be in the activations' dtype, or bfloat16 under float32");
+        throw std::invalid_argument(
+            "cpu_gemm: the weights must be in the activations' dtype, or bfloat16 under float32");
     if (p.pairs < 0 || p.n < 0 || p.k < 0 || p.slots < 0 || p.a_rows < 0)
         throw std::invalid_argument("cpu_gemm: sizes must not be negative");
     if (p.rows == nullptr && p.pairs > p.a_rows)

@@ -167,8 +167,9 @@ def _grouped(a: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, weights: 
     num_slots, n_out, k_dim = weights.shape
     out = torch.empty(rows.shape[0], n_out, dtype=a.dtype)
     _ext.grouped_gemm(
-        _DTYPE_CODES[a.dtype], _DTYPE_CODES[weights.dtype], a.data_ptr(), a.shape[0], a.stride(0), weights.data_ptr(), num_slots, weights.stride(0),
-        n_out, k_dim, rows.data_ptr(), slots.data_ptr(), rows.shape[0], out.data_ptr(), torch.get_num_threads(),
+        _DTYPE_CODES[a.dtype], _DTYPE_CODES[weights.dtype], a.data_ptr(), a.shape[0], a.stride(0), weights.data_ptr(),
+        num_slots, weights.stride(0), n_out, k_dim, rows.data_ptr(), slots.data_ptr(), rows.shape[0], out.data_ptr(),
+        torch.get_num_threads(),
     )
     return out
 
@@ -178,8 +179,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n_out, k_dim = weight.shape
     out = torch.empty(x.shape[0], n_out, dtype=x.dtype)
     _ext.grouped_gemm(
-        _DTYPE_CODES[x.dtype], _DTYPE_CODES[weight.dtype], x.data_ptr(), x.shape[0], x.stride(0), weight.data_ptr(), 1, 0,
-        n_out, k_dim, 0, 0, x.shape[0], out.data_ptr(), torch.get_num_threads(),
+        _DTYPE_CODES[x.dtype], _DTYPE_CODES[weight.dtype], x.data_ptr(), x.shape[0], x.stride(0), weight.data_ptr(),
+        1, 0, n_out, k_dim, 0, 0, x.shape[0], out.data_ptr(), torch.get_num_threads(),
     )
     return out
 

@@ -4,8 +4,9 @@ Memory: one tensor [num_slots, slot_numel] on the compute device, sized so that 
 the byte budget; every slot, and each matrix in it, starts 64-byte aligned (alignment.py), like the
 resident experts it stands in for. Its dtype is the compute dtype, or a narrower one that holds every
 decoded value exactly (`slot_dtype`: bfloat16 slots for bfloat16-stored experts computed in float32 on
-the CPU kernel, which widens them exactly), so the same bytes cache more experts and compute the same bits. Nothing else ever holds decoded experts. The
-host's compressed copy is immutable, so evicting a slot only forgets it (no write-back).
+the CPU kernel, which widens them exactly), so the same bytes cache more experts and compute the same
+bits. Nothing else ever holds decoded experts. The host's compressed copy is immutable, so evicting a
+slot only forgets it (no write-back).
 
 Eviction is pluggable (LRU by default, LFU); a slot that is pinned (in use by the current layer)
 or still being filled is never chosen. A caller that knows more (the provider knows the cycle of MoE

@@ -141,7 +141,8 @@ def provider_for_store(
     # A share is of every expert as the model computes it; the slots may hold them narrower (cache.slot_dtype),
     # so the same bytes cache more of them.
     computed_bytes = SlotPool.slot_nbytes(config.hidden_size, config.moe_intermediate_size, config.dtype)
-    storage_dtype = slot_dtype((blob for packed in store.experts.values() for blob in packed.blobs), config.dtype, device)
+    blobs = (blob for packed in store.experts.values() for blob in packed.blobs)
+    storage_dtype = slot_dtype(blobs, config.dtype, device)
     slot_bytes = SlotPool.slot_nbytes(config.hidden_size, config.moe_intermediate_size, storage_dtype)
     total_experts = len(store.experts)
     expert_cache = options.expert_cache if options.expert_cache is not None else "100%"
