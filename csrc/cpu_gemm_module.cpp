@@ -80,8 +80,8 @@ PYBIND11_MODULE(_cpu_gemm, m) {
         throw std::invalid_argument(std::string("MOESERVE_CPU_ISA: ") + e.what());
     }
     m.def("grouped_gemm", &grouped_gemm, py::arg("dtype"), py::arg("w_dtype"), py::arg("a"), py::arg("a_rows"),
-          py::arg("a_row_stride"), py::arg("w"), py::arg("slots"), py::arg("slot_stride"), py::arg("n"), py::arg("k"), py::arg("rows"),
-          py::arg("pair_slots"), py::arg("pairs"), py::arg("out"), py::arg("threads"),
+          py::arg("a_row_stride"), py::arg("w"), py::arg("slots"), py::arg("slot_stride"), py::arg("n"), py::arg("k"),
+          py::arg("rows"), py::arg("pair_slots"), py::arg("pairs"), py::arg("out"), py::arg("threads"),
           "out[p] = a[rows[p]] @ w[pair_slots[p]].T for p < pairs; pointers as integers (rows 0: row p, pair_slots "
           "0: slot 0), strides in elements");
     m.def("entry_address", [] { return reinterpret_cast<uintptr_t>(&entry); },
