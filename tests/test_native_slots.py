@@ -36,8 +36,9 @@ def helpers(request, monkeypatch):
     return request.param
 
 
-def _provider(store, slots: int, native: bool = True, eviction: str = "lru", **options) -> OffloadedExpertProvider:
-    pool = SlotPool(slots, D, I, torch.float32, torch.device("cpu"))
+def _provider(store, slots: int, native: bool = True, eviction: str = "lru", storage_dtype: torch.dtype | None = None,
+              **options) -> OffloadedExpertProvider:
+    pool = SlotPool(slots, D, I, torch.float32, torch.device("cpu"), storage_dtype)
     stats = OffloadStats()
     filler = CpuSlotFiller(pool, stats, workers=1)
     return OffloadedExpertProvider(store, pool, ExpertCache(slots, eviction), filler, stats, TOP_K, native=native,
@@ -88,7 +89,21 @@ def _requests(seed: int, steps: int) -> list[tuple[str, int, list[int], list[tup
 
 @pytest.mark.parametrize("slots", [EXPERTS, 10, 13, 24, LAYERS * EXPERTS])
 def test_cpp_and_python_give_the_same_slots_hits_misses_and_values(store, slots, helpers):
-    native, python = _provider(store, slots), _provider(store, slots, native=False)
+    _compare_cpp_and_python(store, slots)
+
+
+@pytest.mark.parametrize("slots", [10, 13])
+def test_cpp_and_python_give_the_same_bfloat16_slots(slots, helpers):
+    # bfloat16-stored experts under float32 compute live in bfloat16 slots (offload/cache.py slot_dtype): the C++
+    # cache's decodes write them as the Python provider's do
+    store = random_store(LAYERS, EXPERTS, D, I, SZP, fused=True, dtype=torch.bfloat16)
+    _compare_cpp_and_python(store, slots, torch.bfloat16)
+
+
+def _compare_cpp_and_python(store, slots: int, storage_dtype: torch.dtype | None = None) -> None:
+    native = _provider(store, slots, storage_dtype=storage_dtype)
+    python = _provider(store, slots, native=False, storage_dtype=storage_dtype)
+    assert native.pool.memory.dtype == (storage_dtype or torch.float32)
     assert native.slots_in_cpp and not python.slots_in_cpp
     for step, (kind, layer, experts, guesses) in enumerate(_requests(slots, 40)):
         results = []
