@@ -68,7 +68,8 @@ def main() -> None:
           f"{uncompressed / 2**20:.1f} MiB of experts ({config.dtype}); batch {args.batch}, {args.new_tokens} new tokens, "
           f"torch threads {torch.get_num_threads()}")
     print(f"all resident, uncompressed: {base:.1f} tok/s")
-    header = f"{'policy':<14} {'cache':>5} {'tok/s':>7} {'x resident':>10} {'hit rate':>8} {'pf used/issued':>14} {'wait s':>7} {'expert mem':>10}"
+    header = (f"{'policy':<14} {'cache':>5} {'slots':>5} {'tok/s':>7} {'x resident':>10} {'hit rate':>8} "
+              f"{'pf used/issued':>14} {'wait s':>7} {'expert mem':>10}")
     print(header)
     if not args.threads:
         leave_cores_for_decoding(default_decode_workers())
@@ -78,8 +79,9 @@ def main() -> None:
             llm.offload.stats.reset()
             speed = tokens_per_second(llm, prompts, params, args.repeats)
             stats = llm.offload.stats
-            memory = llm.offload.provider.pool.nbytes + llm.offload.store.nbytes
-            print(f"{name:<14} {cache:>5} {speed:>7.1f} {speed / base:>9.2f}x {stats.hit_rate:>8.2f} "
+            pool = llm.offload.provider.pool  # slots: experts the cache holds (bfloat16 slots hold twice as many)
+            memory = pool.nbytes + llm.offload.store.nbytes
+            print(f"{name:<14} {cache:>5} {pool.num_slots:>5} {speed:>7.1f} {speed / base:>9.2f}x {stats.hit_rate:>8.2f} "
                   f"{stats.prefetches_used:>6}/{stats.prefetches_issued:<7} {stats.wait_seconds:>7.3f} "
                   f"{memory / uncompressed:>9.0%}")
             llm.offload.provider.close()
