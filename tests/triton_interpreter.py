@@ -23,13 +23,31 @@ requires_cuda_triton = pytest.mark.skipif(
 )
 
 
+# Every test file with kernel tests for the interpreter: one TRITON_INTERPRET=1 interpreter runs them all (each
+# run starts torch and imports triton, seconds on a 2-core machine), and each file's driver test checks its own.
+INTERPRETED_FILES = ("test_grouped_gemm.py", "test_paged_attention.py")
+_runs: dict[str, subprocess.CompletedProcess] = {}
+OUTCOMES = {"PASSED", "FAILED", "ERROR", "SKIPPED", "XFAIL", "XPASS"}
+
+
+def _interpreted_run(keyword: str) -> subprocess.CompletedProcess:
+    if keyword not in _runs:
+        tests = Path(__file__).resolve().parent
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        _runs[keyword] = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "-k", keyword,
+             *(str(tests / name) for name in INTERPRETED_FILES)],
+            env=env, capture_output=True, text=True, cwd=tests.parent,
+        )  # fmt: skip
+    return _runs[keyword]
+
+
 def assert_interpreted_tests_pass(test_file: Path, keyword: str) -> None:
     """Every test of `test_file` selected by `keyword` passes on CPU tensors in Triton's interpreter, none skipped."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", keyword, str(test_file)],
-        env=env, capture_output=True, text=True, cwd=test_file.parent.parent,
-    )
-    assert result.returncode == 0, f"TRITON_INTERPRET=1 run:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
-    last = result.stdout.splitlines()[-1]
-    assert " passed" in last and "skipped" not in last, last
+    assert test_file.name in INTERPRETED_FILES, f"add {test_file.name} to INTERPRETED_FILES"
+    result = _interpreted_run(keyword)
+    report = f"TRITON_INTERPRET=1 run:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
+    # -rA: a summary line per test, "PASSED tests/test_x.py::test_y[...]", "SKIPPED [1] tests/test_x.py:12: why", ...
+    outcomes = [line.split(" ", 1)[0] for line in result.stdout.splitlines()
+                if line.split(" ", 1)[0] in OUTCOMES and f" tests/{test_file.name}" in line]
+    assert outcomes and set(outcomes) == {"PASSED"}, report
