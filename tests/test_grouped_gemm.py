@@ -151,14 +151,32 @@ def test_reference_path_rows_are_independent(threads, dtype):
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2"])
-def test_reference_path_rows_are_independent_at_another_cpu_capability(capability):
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "rows_are_independent and not capability",
-         str(TESTS / "test_grouped_gemm.py")],
-        env=env, capture_output=True, text=True, cwd=TESTS.parent,
-    )
+CAPABILITIES = ("default", "avx2")
+
+
+@pytest.fixture(scope="module")
+def capability_runs() -> dict[str, subprocess.CompletedProcess]:
+    """One run per capability, started together: each spends seconds starting torch and collecting on one core,
+    so side by side on 2 cores they take little more than one."""
+    started = {
+        capability: subprocess.Popen(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+             "rows_are_independent and not capability", str(TESTS / "test_grouped_gemm.py")],
+            env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent,
+        )  # fmt: skip
+        for capability in CAPABILITIES
+    }
+    finished = {}
+    for capability, process in started.items():
+        stdout, stderr = process.communicate()
+        finished[capability] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    return finished
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_reference_path_rows_are_independent_at_another_cpu_capability(capability_runs, capability):
+    result = capability_runs[capability]
     assert result.returncode == 0, f"at ATEN_CPU_CAPABILITY={capability}:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"
     assert "6 passed" in result.stdout.splitlines()[-1]
 
