@@ -104,6 +104,25 @@ if "MOESERVE_TEST_THREADS" in os.environ:
     torch.set_num_threads(int(os.environ["MOESERVE_TEST_THREADS"]))
 
 
+def pytest_collection_finish(session):
+    """Give a collected test module's `start_early()` its start now, before the first test runs (see
+    tests/test_exact_everywhere.py); its `stop_early()` runs when the session ends."""
+    if session.config.option.collectonly:
+        return
+    for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:
+        if hasattr(module, "start_early"):
+            module.start_early()
+            _early.append(module)
+
+
+def pytest_sessionfinish(session):
+    for module in _early:
+        module.stop_early()
+
+
+_early: list = []
+
+
 def pytest_terminal_summary(terminalreporter):
     if "MOESERVE_TEST_THREADS" in os.environ:
         terminalreporter.write_line(f"torch threads: {torch.get_num_threads()}")
