@@ -29,6 +29,7 @@ from moeserve.codecs import Blob
 from moeserve.codecs.registry import get as codec
 from moeserve.experts import ExpertWeights, apart_rows, expert_row_numel, expert_rows, keeps_gate_up_apart
 from moeserve.layers import cpu_gemm
+from moeserve.layers.grouped_gemm import runs_cpu_kernel
 
 if TYPE_CHECKING:
     from moeserve.offload.store import PackedExpert
@@ -99,9 +100,8 @@ def slot_dtype(blobs: Iterable[Blob], dtype: torch.dtype, device: torch.device) 
     takes bfloat16 weights under float32 activations and widens them exactly, computes them (so a bfloat16
     slot gives the bits a float32 one gives, in half the bytes); `dtype` otherwise."""
     narrow = (
-        device.type == "cpu"
-        and dtype == torch.float32
-        and cpu_gemm.available(dtype)
+        runs_cpu_kernel(device, dtype)
+        and cpu_gemm.weight_dtype_fits(dtype, torch.bfloat16)
         and all(blob.dtype == torch.bfloat16 and codec(blob.codec).decodes_in_stored_dtype for blob in blobs)
     )
     return torch.bfloat16 if narrow else dtype
