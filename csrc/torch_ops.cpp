@@ -15,6 +15,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -158,6 +161,26 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight) {
     return run(x, nullptr, nullptr, weight, 1, 0, weight.size(0), weight.size(1));
 }
 
+// act(gate) * up through ATen's own kernels, those the eager expert runs (layers/moe.py MoeBlock._activate; the
+// product here in place, which rounds alike): an opaque call keeps inductor from generating its own activation
+// code, which rounds differently, so an expert a compiled step computes from a stack equals one computed
+// through the host path bit for bit.
+at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, c10::string_view act) {
+    at::Tensor activated;
+    if (act == "silu") {
+        activated = at::silu(gate);
+    } else if (act == "gelu") {
+        activated = at::gelu(gate);
+    } else if (act == "gelu_pytorch_tanh") {
+        activated = at::gelu(gate, "tanh");
+    } else if (act == "relu") {
+        activated = at::relu(gate);
+    } else {
+        TORCH_CHECK_VALUE(false, "gated_activation: unknown activation ", act, "; expected silu, gelu, gelu_pytorch_tanh or relu");
+    }
+    return activated.mul_(up);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moeserve_native, m) {
@@ -167,6 +190,7 @@ TORCH_LIBRARY(moeserve_native, m) {
     m.def("cpu_linear(Tensor x, Tensor weight) -> Tensor");
     m.def("bind_held_slots(int address) -> ()", &bind_held_slots);
     m.def("held_expert_slots(Tensor ids, int layer, Tensor[] predicted, int[] predicted_layers) -> Tensor");
+    m.def("gated_activation(Tensor gate, Tensor up, str act) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeserve_native, CPU, m) {
@@ -174,4 +198,5 @@ TORCH_LIBRARY_IMPL(moeserve_native, CPU, m) {
     m.impl("cpu_grouped_gemm", &cpu_grouped_gemm);
     m.impl("cpu_linear", &cpu_linear);
     m.impl("held_expert_slots", &held_expert_slots);
+    m.impl("gated_activation", &gated_activation);
 }

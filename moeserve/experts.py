@@ -41,13 +41,9 @@ class ExpertWeights:
         return cls(gate=gate_up[:i], up=gate_up[i:], down=down, gate_up=gate_up)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
-        """These weights on `device` in `dtype`, every matrix a matmul reads starting 64-byte aligned
-        (alignment.py). A tensor already where, what and aligned as it must be is kept (a memory-mapped
-        checkpoint stays mapped); another is copied. Converting fuses gate and up; a copy made only
-        to align keeps the stored layout (see keeps_gate_up_apart)."""
-        stored = [(t.device, t.dtype) for t in (self.gate, self.up, self.down)]
-        if keeps_gate_up_apart(self.gate_up is None, stored, device, dtype):
-            return ExpertWeights(*(ensure_aligned(t) for t in (self.gate, self.up, self.down)))
+        """These weights on `device` in `dtype`, gate and up fused, every matrix a matmul reads starting
+        64-byte aligned (alignment.py). A tensor already where, what and aligned as it must be is kept;
+        another is copied."""
         down = ensure_aligned(self.down.to(device=device, dtype=dtype))
         if self.gate_up is not None:
             return ExpertWeights.fused(ensure_aligned(self.gate_up.to(device=device, dtype=dtype)), down)
@@ -72,21 +68,6 @@ class Mxfp4ExpertWeights:
         """On `device`, in the tensors' dtype, decoded there, gate and up fused as in a cache slot."""
         gate_up = torch.cat((self.gate.dequantize(device), self.up.dequantize(device)))  # [2I, D]
         return ExpertWeights.fused(gate_up, self.down.dequantize(device))
-
-
-def keeps_gate_up_apart(
-    stored_apart: bool, stored: Iterable[tuple[torch.device, torch.dtype]], device: torch.device, dtype: torch.dtype
-) -> bool:
-    """Whether loading an expert onto `device` in `dtype` leaves gate and up as two tensors.
-
-    Only a load that converts nothing does: a checkpoint that stores them apart (`stored_apart`), whose
-    tensors (`stored`: device and dtype of gate, up and down) are already where and what they must be.
-    Such a load copies a tensor only to align it (alignment.py), in place in the layout; every
-    conversion fuses them. The expert cache asks the same question of each stored expert, so a slot holds
-    an expert in the layout the resident model would use, and both run the same arithmetic: SiLU
-    over a strided half of a fused [n, 2I] product does not round like SiLU over a contiguous
-    [n, I] one on every CPU (AVX-512 kernels differ)."""
-    return stored_apart and all(d == device and t == dtype for d, t in stored)
 
 
 @dataclass(frozen=True)
@@ -121,15 +102,6 @@ def expert_rows(memory: torch.Tensor, intermediate: int, hidden: int) -> tuple[t
     down_start = 2 * aligned_numel(numel, memory.dtype)
     gate_up = memory[:, : 2 * numel].view(rows, 2 * intermediate, hidden)
     return gate_up, memory[:, down_start : down_start + numel].view(rows, hidden, intermediate)
-
-
-def apart_rows(memory: torch.Tensor, intermediate: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """memory [S, expert_row_numel] → views gate [S, I, D] and up [S, I, D], each at its own region's start:
-    where a slot holds an expert whose gate and up stay apart (two matmuls), each one aligned."""
-    rows, numel = memory.shape[0], intermediate * hidden
-    up_start = aligned_numel(numel, memory.dtype)
-    gate = memory[:, :numel].view(rows, intermediate, hidden)
-    return gate, memory[:, up_start : up_start + numel].view(rows, intermediate, hidden)
 
 
 def stack_experts(
@@ -168,8 +140,8 @@ class ExpertProvider(Protocol):
 class DenseExpertProvider:
     """All experts resident on the compute device: the uncompressed, unlimited-memory baseline.
 
-    A layer is held as a list of experts (a memory-mapped checkpoint stays mapped) or stacked; a
-    stacked layer's experts are views of its rows, so it is held once."""
+    A layer is stacked (what the loader gives: its experts are views of the stack's rows, so it is held
+    once), or held as a list of experts (`with_overrides`, which serves some experts from elsewhere)."""
 
     prediction_depth = 0
 
@@ -194,7 +166,7 @@ class DenseExpertProvider:
 
     def restacked(self) -> DenseExpertProvider:
         """This provider with every layer stacked (layers that are not get copied into rows): what a
-        sync-free decode step needs (a mapped checkpoint's experts are not stacked where they lie)."""
+        sync-free decode step needs."""
         if len(self._stacked) == len(self._experts):
             return self
         stacked = dict(self._stacked)

@@ -84,24 +84,20 @@ def load_model(model_dir: Path, device: torch.device, dtype: torch.dtype | None 
 
 def load_dense_experts(loaded: LoadedModel, device: torch.device) -> DenseExpertProvider:
     """Every routed expert on the device in the compute dtype (no offloading); MXFP4 experts are
-    dequantized there, exactly as transformers dequantizes them. A layer whose experts must be copied
-    anyway is copied into one stacked tensor (the layout of the offload cache's slots, which lets the
-    MoE block route on the device); one already where and what it must be (a mapped checkpoint in
-    the compute dtype on a CPU) stays mapped, except each tensor the file does not start 64-byte
-    aligned, which is copied on its own (ExpertWeights.to), keeping gate and up as stored."""
+    dequantized there, exactly as transformers dequantizes them. Each layer is copied into one stacked
+    tensor (the layout of the offload cache's slots), gate and up fused, even a checkpoint a CPU could
+    compute from where it is mapped: a stacked layer lets the MoE block route on the device, and lets a
+    compiled CPU step compute the layer's experts in two grouped GEMM calls instead of going back to Python
+    for each expert (1.27x / 1.48x decode tok/s on a bfloat16 qwen3_moe of 8 layers, 32 experts, at one / two
+    threads; bench/README.md). The mapped pages stay in the page cache, which the kernel may reclaim."""
     dtype = loaded.config.dtype
-    experts: dict[int, list[ExpertWeights]] = {}
+    d, i = loaded.config.hidden_size, loaded.config.moe_intermediate_size
     stacked: dict[int, StackedExperts] = {}
     for layer, weights in iter_stored_experts(loaded.model, loaded.checkpoint, loaded.config, keep_mxfp4=True):
-        if all(isinstance(w, ExpertWeights) and _already_on(w, device, dtype) for w in weights):
-            experts[layer] = [w.to(device, dtype) for w in weights]
-        else:
-            d, i = loaded.config.hidden_size, loaded.config.moe_intermediate_size
-            # a generator: one expert converted at a time, never a second copy of the layer
-            converted = (_stackable(w, device) for w in weights)
-            stacked[layer] = stack_experts(converted, len(weights), i, d, device, dtype)
-            experts[layer] = [stacked[layer].expert(e) for e in range(len(weights))]
-    return DenseExpertProvider(experts, stacked)
+        # a generator: one expert converted at a time, never a second copy of the layer
+        converted = (_stackable(w, device) for w in weights)
+        stacked[layer] = stack_experts(converted, len(weights), i, d, device, dtype)
+    return DenseExpertProvider.from_stacked(stacked)
 
 
 def _stackable(w: ExpertWeights | Mxfp4ExpertWeights, device: torch.device) -> ExpertWeights:
@@ -111,10 +107,6 @@ def _stackable(w: ExpertWeights | Mxfp4ExpertWeights, device: torch.device) -> E
     for tensor in (w.gate, w.up, w.down):
         _require_float(tensor)
     return w
-
-
-def _already_on(w: ExpertWeights, device: torch.device, dtype: torch.dtype) -> bool:
-    return all(t.device == device and t.dtype == dtype for t in (w.gate, w.up, w.down))
 
 
 def iter_stored_experts(

@@ -1,8 +1,9 @@
 """moeserve's CPU kernels as C++ torch ops (library `moeserve_native`), built on first use for compiled steps.
 
 In:  csrc/torch_ops.cpp (shipped in the package as moeserve/_csrc when installed) and the installed torch.
-Out: torch.ops.moeserve_native.kv_write / cpu_grouped_gemm / cpu_linear, the C++ twins of moeserve::kv_write
-     (kv/cache.py) and of layers/cpu_gemm.py's ops: the same arguments, checks and kernel, so the same bits;
+Out: torch.ops.moeserve_native.kv_write / cpu_grouped_gemm / cpu_linear / gated_activation, the C++ twins of
+     moeserve::kv_write (kv/cache.py), of layers/cpu_gemm.py's ops and of layers/mlp.py's: the same arguments,
+     checks and kernels, so the same bits;
      and held_expert_slots, a compiled step's way into the C++ expert cache (offload/native_slots.py).
 
 Why: a compiled CPU decode step (engine/compiled_decode.py) calls these a few times per layer from inductor's
@@ -109,6 +110,9 @@ def _register_fakes() -> None:
         "moeserve_native::cpu_linear", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]), lib=lib
     )
     torch.library.register_fake("moeserve_native::held_expert_slots", lambda ids, *args: torch.empty_like(ids), lib=lib)
+    torch.library.register_fake(
+        "moeserve_native::gated_activation", lambda gate, up, act: gate.new_empty(gate.shape), lib=lib
+    )
     _state["library"] = lib  # a Library's registrations last as long as the object
 
 

@@ -10,11 +10,10 @@ from moeserve.offload.store import CompressedStore
 
 
 def random_store(
-    layers: int, experts: int, hidden: int, intermediate: int, policy: dict, fused: bool = False,
-    dtype: torch.dtype = torch.float32,
+    layers: int, experts: int, hidden: int, intermediate: int, policy: dict, dtype: torch.dtype = torch.float32,
 ) -> CompressedStore:
     """`layers` MoE layers of `experts` experts ([I, D] gate and up, [D, I] down) stored in `dtype`, seeded, encoded by
-    `policy`; `fused`: gate and up back to back in one [2I, D] tensor, as most checkpoints load them."""
+    `policy`."""
     generator = torch.Generator().manual_seed(0)
     shapes = ((intermediate, hidden), (intermediate, hidden), (hidden, intermediate))
 
@@ -22,8 +21,6 @@ def random_store(
         for layer in range(layers):
             weights = [ExpertWeights(*(torch.randn(shape, generator=generator).to(dtype) for shape in shapes))
                        for _ in range(experts)]
-            if fused:
-                weights = [ExpertWeights.fused(torch.cat([w.gate, w.up]), w.down) for w in weights]
             yield layer, weights
 
     loaded = load_policy(policy)

@@ -98,8 +98,7 @@ def test_every_slot_and_stacked_row_is_aligned_at_odd_sizes(dtype):
     # I * D values of 15 make no whole number of 64-byte lines in any dtype: rows must be padded.
     intermediate, hidden, count = 5, 3, 4
     pool = SlotPool(count, hidden, intermediate, dtype, torch.device("cpu"))
-    views = [pool.weights(slot, apart) for slot in range(count) for apart in (False, True)]
-    matrices = [t for w in views for t in ((w.gate_up, w.down) if w.gate_up is not None else (w.gate, w.up, w.down))]
+    matrices = [t for slot in range(count) for t in (pool.weights(slot).gate_up, pool.weights(slot).down)]
     assert all(is_aligned(t) for t in matrices)
     assert pool.nbytes == count * SlotPool.slot_nbytes(hidden, intermediate, dtype)
 
@@ -110,17 +109,6 @@ def test_every_slot_and_stacked_row_is_aligned_at_odd_sizes(dtype):
         assert is_aligned(stacked.gate_up[row]) and is_aligned(stacked.down[row])
         got = stacked.expert(row)
         assert torch.equal(got.gate, w.gate) and torch.equal(got.up, w.up) and torch.equal(got.down, w.down)
-
-
-def test_apart_and_fused_slot_layouts_keep_gate_and_down_in_place():
-    # A slot decodes into the layout compute reads: gate and down lie where both layouts read them,
-    # up where its own layout does (right after gate when fused, its own aligned region when apart).
-    pool = SlotPool(1, 3, 5, torch.float32, torch.device("cpu"))
-    fused, apart = pool.weights(0), pool.weights(0, gate_up_apart=True)
-    assert fused.gate.data_ptr() == apart.gate.data_ptr() and fused.down.data_ptr() == apart.down.data_ptr()
-    assert fused.up.data_ptr() == fused.gate.data_ptr() + 15 * 4 and is_aligned(apart.up)
-    gate_end, up_end = apart.gate.data_ptr() + 15 * 4, apart.up.data_ptr() + 15 * 4
-    assert gate_end <= apart.up.data_ptr() and up_end <= apart.down.data_ptr()  # no overlap
 
 
 def test_ensure_aligned_copies_only_what_starts_elsewhere():

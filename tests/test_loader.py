@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 
+import pytest
 import torch
 
 from moeserve import LLM
@@ -32,46 +33,40 @@ def test_same_dtype_cpu_load_keeps_aligned_weights_in_the_mapped_file(checkpoint
     experts = load_dense_experts(loaded, torch.device("cpu"))
     checkpoint = loaded.checkpoint
     pairs = [(p, checkpoint.get(name)) for name, p in loaded.model.named_parameters()]  # (loaded, as stored)
-    stored_experts = iter_stored_experts(loaded.model, checkpoint, loaded.config)
-    for layer, stored in stored_experts:
+    expert_pairs = []  # the routed experts are copied into the stack whatever their alignment
+    for layer, stored in iter_stored_experts(loaded.model, checkpoint, loaded.config):
         for loaded_w, stored_w in zip(experts._experts[layer], stored):
-            pairs += [(loaded_w.gate_up, stored_w.gate_up), (loaded_w.down, stored_w.down)]
-    assert {is_aligned(stored) for _, stored in pairs} == {True, False}, "the checkpoint exercises both cases"
+            expert_pairs += [(loaded_w.gate_up, stored_w.gate_up), (loaded_w.down, stored_w.down)]
+    stored_starts = {is_aligned(stored) for _, stored in pairs + expert_pairs}
+    assert stored_starts == {True, False}, "the checkpoint exercises both cases"
     for tensor, stored in pairs:
-        assert is_aligned(tensor)
         assert (tensor.data_ptr() == stored.data_ptr()) == is_aligned(stored), "mapped exactly where aligned"
-        assert torch.equal(tensor, stored)
+    for tensor, stored in pairs + expert_pairs:
+        assert is_aligned(tensor) and torch.equal(tensor, stored)
 
 
-def test_gate_and_up_stored_back_to_back_are_served_as_one_mapped_matrix(checkpoint_factory):
-    # qwen3_moe files store experts.N.gate_proj right before experts.N.up_proj (sorted names).
-    from moeserve.loader import load_dense_experts, load_model
-
+@pytest.mark.parametrize("model_type,prefix,names", [
+    ("qwen3_moe", "model.layers.0.mlp.experts.1.", ("gate_proj", "up_proj", "down_proj")),  # gate right before up
+    ("mixtral", "model.layers.0.block_sparse_moe.experts.1.", ("w1", "w3", "w2")),  # w1 (gate), w3 (up) apart
+])
+def test_resident_experts_are_stacked_with_gate_and_up_fused_whatever_the_checkpoint_layout(
+    checkpoint_factory, model_type, prefix, names
+):
+    # A same-dtype load on the CPU could compute the experts where they are mapped; it stacks them anyway (a
+    # compiled step computes a stacked layer in two calls), gate and up fused, as a converting load does.
     from safetensors.torch import load_file
 
-    directory, _ = checkpoint_factory("qwen3_moe")
-    loaded = load_model(directory, torch.device("cpu"))
-    w = load_dense_experts(loaded, torch.device("cpu")).expert(0, 1)
-    assert w.gate_up is not None and w.gate_up.shape == (2 * w.gate.shape[0], w.gate.shape[1])
-    assert w.gate_up.data_ptr() == w.gate.data_ptr() and w.gate_up[w.gate.shape[0]:].data_ptr() == w.up.data_ptr()
-    reference = load_file(directory / "model.safetensors")
-    assert torch.equal(w.gate, reference["model.layers.0.mlp.experts.1.gate_proj.weight"])
-    assert torch.equal(w.up, reference["model.layers.0.mlp.experts.1.up_proj.weight"])
-
-
-def test_experts_not_back_to_back_stay_mapped_unless_converted(checkpoint_factory):
-    # mixtral's w1 (gate), w2 (down), w3 (up): gate and up are apart, so a same-dtype load keeps the
-    # three mapped tensors; a converting load copies anyway and fuses gate and up on the way.
     from moeserve.loader import load_dense_experts, load_model
 
-    directory, _ = checkpoint_factory("mixtral")
-    mapped = load_dense_experts(load_model(directory, torch.device("cpu")), torch.device("cpu")).expert(0, 0)
-    assert mapped.gate_up is None
-    converted = load_dense_experts(
-        load_model(directory, torch.device("cpu"), torch.bfloat16), torch.device("cpu")
-    ).expert(0, 0)
-    assert converted.gate_up is not None and converted.gate_up.dtype == torch.bfloat16
-    assert torch.equal(converted.gate, mapped.gate.to(torch.bfloat16)) and torch.equal(converted.up, mapped.up.to(torch.bfloat16))
+    directory, _ = checkpoint_factory(model_type)
+    stored = load_file(directory / "model.safetensors")
+    for dtype in (None, torch.bfloat16):
+        experts = load_dense_experts(load_model(directory, torch.device("cpu"), dtype), torch.device("cpu"))
+        w = experts.expert(0, 1)
+        assert experts.stacked(0) is not None and w.gate_up is not None
+        assert w.gate_up.dtype == (dtype or torch.float32)
+        for got, name in zip((w.gate, w.up, w.down), names):
+            assert torch.equal(got, stored[prefix + name + ".weight"].to(got.dtype))
 
 
 def test_converted_load_frees_nothing_twice(checkpoint_factory):

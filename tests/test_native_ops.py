@@ -10,6 +10,7 @@ import torch
 from moeserve import LLM, SamplingParams, native_ops
 from moeserve.codecs.szp_cpu import held_slots_address
 from moeserve.layers import cpu_gemm
+from moeserve.layers.mlp import ACTIVATIONS
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(torch.float32), reason="the CPU GEMM extension is not built")
 
@@ -53,6 +54,30 @@ def test_the_gemm_ops_refuse_what_the_python_ops_refuse(native):
         native.cpu_grouped_gemm(a, torch.tensor([0]), torch.tensor([0]), weights.transpose(1, 2).contiguous().transpose(1, 2))
     with pytest.raises(ValueError, match="float32 and bfloat16"):
         native.cpu_linear(a.half(), weights[0].half())
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+def test_gated_activation_gives_the_eager_expression_bits_row_by_row(native, dtype, act):
+    # A compiled step applies it to the gate and up halves of a layer's fused [P, 2I] product; the host path to
+    # one expert's [n, 2I] rows. Each row must come out alike either way (I = 37 leaves a tail after any vector
+    # width), and as the eager `act(gate) * up` gives it. Not so for erf's gelu: torch hands larger tensors to
+    # oneDNN, whose rounding differs, so there a row's bits depend on the batch even in eager steps (none of
+    # the supported families uses it; they use silu).
+    g = torch.Generator().manual_seed(6)
+    intermediate = 37
+    fused = (4 * torch.randn(5, 2 * intermediate, generator=g)).to(dtype)  # [P, 2I]
+    gate, up = fused.chunk(2, dim=-1)
+    want = ACTIVATIONS[act](gate) * up
+    for op in (native.gated_activation, torch.ops.moeserve.gated_activation):
+        got = op(gate, up, act)
+        assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, want)
+        for row in range(fused.shape[0] if act != "gelu" else 0):
+            alone = fused[row : row + 1].chunk(2, dim=-1)
+            assert torch.equal(op(*alone, act), got[row : row + 1])
+    with pytest.raises(ValueError, match="unknown activation swish"):
+        native.gated_activation(gate, up, "swish")
 
 
 def test_kv_write_writes_what_the_python_op_writes(native):

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not hasattr(cpu_module(), "SlotCache"), reason="
 
 @pytest.fixture(scope="module")
 def store():
-    return random_store(LAYERS, EXPERTS, D, I, SZP, fused=True)
+    return random_store(LAYERS, EXPERTS, D, I, SZP)
 
 
 @pytest.fixture(params=[0, 1], ids=["alone", "one-helper"])
@@ -53,9 +53,8 @@ def test_the_cpu_default_configuration_runs_in_cpp_and_the_others_in_python(stor
     assert _provider(store, 10, prefetch_depth=1).slots_in_cpp  # guesses for the next layer too
     assert not _provider(store, 10, prefetch_depth=2).slots_in_cpp  # deeper ones are the Python provider's
     assert not _provider(store, EXPERTS - 1).slots_in_cpp  # a layer's experts must fit at once
-    raw = random_store(2, EXPERTS, D, I, {"default": {"codec": "raw"}}, fused=True)
+    raw = random_store(2, EXPERTS, D, I, {"default": {"codec": "raw"}})
     assert not _provider(raw, 10).slots_in_cpp
-    assert not _provider(random_store(2, EXPERTS, D, I, SZP), 10).slots_in_cpp  # gate and up apart
 
 
 def test_the_cpp_cache_guesses_the_next_layer_only_when_told_to(store, helpers):
@@ -96,7 +95,7 @@ def test_cpp_and_python_give_the_same_slots_hits_misses_and_values(store, slots,
 def test_cpp_and_python_give_the_same_bfloat16_slots(slots, helpers):
     # bfloat16-stored experts under float32 compute live in bfloat16 slots (offload/cache.py slot_dtype): the C++
     # cache's decodes write them as the Python provider's do
-    store = random_store(LAYERS, EXPERTS, D, I, SZP, fused=True, dtype=torch.bfloat16)
+    store = random_store(LAYERS, EXPERTS, D, I, SZP, dtype=torch.bfloat16)
     _compare_cpp_and_python(store, slots, torch.bfloat16)
 
 
@@ -141,7 +140,7 @@ def _compare_cpp_and_python(store, slots: int, storage_dtype: torch.dtype | None
 
 
 def test_a_malformed_payload_is_refused_and_nothing_stays_pinned_or_cached(helpers):
-    store = random_store(2, EXPERTS, D, I, SZP, fused=True)
+    store = random_store(2, EXPERTS, D, I, SZP)
     payload = store.experts[(1, 3)].blobs[2].payload_numpy()
     payload[cpu_module().layout(store.experts[(1, 3)].blobs[2].numel)["rates_off"]] = 77  # an invalid rate byte
     provider = _provider(store, 10)
@@ -159,7 +158,7 @@ def test_a_malformed_payload_is_refused_and_nothing_stays_pinned_or_cached(helpe
 
 
 def test_every_malformed_miss_and_guess_is_forgotten_and_refused_when_asked_for(helpers):
-    store = random_store(3, EXPERTS, D, I, SZP, fused=True)
+    store = random_store(3, EXPERTS, D, I, SZP)
     for key in ((1, 3), (1, 5), (2, 6)):
         blob = store.experts[key].blobs[0]
         blob.payload_numpy()[cpu_module().layout(blob.numel)["rates_off"]] = 77  # an invalid rate byte
@@ -220,7 +219,7 @@ def test_a_hold_outside_a_step_or_of_an_unknown_expert_says_so(store):
 
 def test_many_chunk_experts_decode_to_the_codec_values_with_and_without_helpers(helpers):
     # [512, 64] matrices: 32768 values, 4 szp chunks each, so one miss is 12 tasks for the team
-    store = random_store(3, 4, 64, 512, SZP, fused=True)
+    store = random_store(3, 4, 64, 512, SZP)
     pool = SlotPool(4, 64, 512, torch.float32, torch.device("cpu"))
     provider = OffloadedExpertProvider(store, pool, ExpertCache(4), CpuSlotFiller(pool, OffloadStats(), workers=1),
                                        OffloadStats(), TOP_K)

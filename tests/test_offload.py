@@ -64,30 +64,32 @@ def test_raw_policy_is_bit_identical_to_resident_under_every_budget(checkpoint):
 
 @pytest.mark.exact
 @pytest.mark.parametrize(
-    "model_type,stored_dtype,compute_dtype,apart",
+    "model_type,stored_dtype,compute_dtype",
     [
-        ("mixtral", torch.float32, None, True),  # gate (w1) and up (w3) apart on disk, served zero-copy
-        ("mixtral", torch.bfloat16, None, True),
-        ("mixtral", torch.bfloat16, "float32", False),  # converted on load, so fused
-        ("qwen3_moe", torch.float32, None, False),  # fused on disk
-        ("olmoe", torch.float32, None, False),
-        ("qwen2_moe", torch.float32, None, False),
+        ("mixtral", torch.float32, None),  # gate (w1) and up (w3) apart on disk
+        ("mixtral", torch.bfloat16, None),
+        ("mixtral", torch.bfloat16, "float32"),  # converted on load
+        ("qwen3_moe", torch.float32, None),  # gate right before up on disk
+        ("olmoe", torch.float32, None),
+        ("qwen2_moe", torch.float32, None),
     ],
     ids=lambda v: str(v).replace("torch.", ""),
 )
-def test_raw_policy_is_bit_identical_for_every_family(checkpoint_factory, model_type, stored_dtype, compute_dtype, apart):
-    # A slot holds gate and up in the layout the resident model loads them in, so a raw-offloaded
-    # expert runs the resident expert's arithmetic: same operators, same layouts, same order.
+def test_raw_policy_is_bit_identical_for_every_family(checkpoint_factory, model_type, stored_dtype, compute_dtype):
+    # A slot holds gate and up fused, as the resident model's stack does whatever the checkpoint's layout, so a
+    # raw-offloaded expert runs the resident expert's arithmetic: same operators, same layouts, same order. The
+    # smallest budgets send a batch's experts through the host in a compiled step while the resident step
+    # computes them from its stack: the two paths agree bit for bit (the activation is one opaque op in both).
     directory, _ = checkpoint_factory(model_type, seed=5, dtype=stored_dtype)
     resident = LLM(directory, device="cpu", dtype=compute_dtype)
     first = resident.config.moe_layer_ids[0]
-    assert (resident.experts.expert(first, 0).gate_up is None) == apart
+    assert resident.experts.stacked(first) is not None and resident.experts.expert(first, 0).gate_up is not None
     tokens, logits = _run(resident)
     budgets = _budgets(resident) if stored_dtype == torch.float32 else _budgets(resident)[:1]
     for budget in budgets:
         llm = LLM(directory, device="cpu", dtype=compute_dtype, policy=RAW, expert_cache=budget, progress=False)
         served = next(iter(llm.experts.fetch(first, [0])))[1]
-        assert (served.gate_up is None) == apart
+        assert served.gate_up is not None
         got_tokens, got_logits = _run(llm)
         assert got_tokens == tokens and torch.equal(got_logits, logits), budget
 

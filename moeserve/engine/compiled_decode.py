@@ -23,10 +23,12 @@ Experts: a provider that holds a layer stacked is computed inside the compiled s
 too: one opaque op per MoE layer (`host_expert_slots`: the predictions to prefetch, then `hold`; or, for a
 cache kept in C++, `held_expert_slots`, the same without entering Python) returns the slots of the routed experts,
 and the step computes them from the pool in place, with the kernel resident experts use. Any other provider
-(a mapped checkpoint, a cache too small to hold a step's experts) is reached through the host in one opaque
-op per MoE layer (`host_routed_experts`: the predictions, then `fetch` and the experts), exactly as the eager
-forward reaches it. Either way the eager and compiled steps of an offloaded model agree bit for bit in their
-experts and the provider sees the same loads.
+(a cache too small to hold a step's experts, a resident provider with overrides) is reached through the host in
+one opaque op per MoE layer (`host_routed_experts`: the predictions, then `fetch` and the experts), exactly as the
+eager forward reaches it. The activation between an expert's two GEMMs is an opaque op too
+(`gated_activation`, torch's eager kernels): inductor's own code for it rounds differently, and an expert must
+come out of the compiled step's stack bit for bit as out of the host path. So the provider sees the same loads
+either way, and raw offload equals resident bit for bit whichever path a step takes.
 
 Compiling a key takes seconds (more on a loaded machine), so it happens on first use with a progress
 line on stderr; inductor's cache directory (`cache_dir`) keeps the generated code across processes.

@@ -14,6 +14,18 @@ ACTIVATIONS = {
 }
 
 
+def _gated_activation(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    return ACTIVATIONS[act](gate) * up
+
+
+# act(gate) * up as one opaque op (csrc/torch_ops.cpp has its C++ twin, moeserve_native::gated_activation): a
+# compiled step that calls it runs torch's eager kernels, as the eager path does, not inductor's own code
+_library = torch.library.Library("moeserve", "FRAGMENT")
+_library.define("gated_activation(Tensor gate, Tensor up, str act) -> Tensor")
+_library.impl("gated_activation", _gated_activation, "CPU")
+torch.library.register_fake("moeserve::gated_activation", lambda gate, up, act: gate.new_empty(gate.shape), lib=_library)
+
+
 class GatedMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act: str, bias: bool = False):
         super().__init__()

@@ -18,8 +18,9 @@ Whichever path a step takes, the step's token count and the device's grouped GEM
 the matmul (`expert_linear`): a step of at most GROUPED_GEMM_MAX_TOKENS tokens on a device with a kernel
 (a GPU with triton; a CPU in float32 or bfloat16 with the C++ extension built) runs it, whose rows do not
 depend on which other rows share a call, one expert at a time on the host path as every pair at once on
-the device path; F.linear otherwise. Both paths apply the same activation and the same weighted sum over
-the K slots in float32, so an offloaded expert equals a resident one bit for bit.
+the device path; F.linear otherwise. Both paths apply the same activation (a compiled CPU step calls torch's
+eager kernels for it as one opaque op, layers/mlp.py, where inductor's own code would round differently) and
+the same weighted sum over the K slots in float32, so an offloaded expert equals a resident one bit for bit.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class MoeBlock(nn.Module):
         self.layer_id = layer_id
         self.top_k = config.top_k
         self.num_experts = config.num_experts
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.act, self.act_name = ACTIVATIONS[config.hidden_act], config.hidden_act
         setattr(self, self.router_attr, build_router(config))
         self.shared_expert = self.shared_experts = None
         if config.shared_expert_intermediate_size:
@@ -114,6 +115,11 @@ class MoeBlock(nn.Module):
 
     def _activate(self, gate: torch.Tensor, up: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:
         """gate, up [n, I] of rows routed to `expert` (one id, or an id per row [n]) → [n, I]."""
+        if gate.is_cpu and torch.compiler.is_compiling():
+            # torch's eager kernels as one opaque op (layers/mlp.py): inductor's own code for the activation rounds
+            # differently, and an expert computed from a stack inside the step must equal one computed through
+            # `host_routed_experts` bit for bit (raw offload against resident)
+            return native_ops.ops().gated_activation(gate, up, self.act_name)
         return self.act(gate) * up
 
     def _finish(self, y: torch.Tensor, expert: int | torch.Tensor) -> torch.Tensor:

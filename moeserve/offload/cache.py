@@ -20,19 +20,16 @@ import itertools
 from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Container, Iterable, Sequence
+from typing import Callable, Container, Iterable, Sequence
 
 import torch
 
 from moeserve.alignment import aligned_empty
 from moeserve.codecs import Blob
 from moeserve.codecs.registry import get as codec
-from moeserve.experts import ExpertWeights, apart_rows, expert_row_numel, expert_rows, keeps_gate_up_apart
+from moeserve.experts import ExpertWeights, expert_row_numel, expert_rows
 from moeserve.layers import cpu_gemm
 from moeserve.layers.grouped_gemm import runs_cpu_kernel
-
-if TYPE_CHECKING:
-    from moeserve.offload.store import PackedExpert
 
 ExpertKey = tuple[int, int]  # (layer, expert)
 
@@ -122,13 +119,10 @@ class SlotPool:
             (num_slots, expert_row_numel(intermediate, hidden, storage_dtype)), storage_dtype, device
         )
         self.num_slots = num_slots
-        # The views are made once: building them per use costs more than a small expert's matmuls.
-        # Each slot serves both layouts of gate and up (fused, or apart like a mapped unfused
-        # checkpoint), so an expert is computed exactly as the resident model would compute it.
+        # The views are made once: building them per use costs more than a small expert's matmuls. Gate and
+        # up are fused, as in the resident model's stacked layers, so an expert is computed exactly as there.
         gate_up, down = expert_rows(self.memory, intermediate, hidden)  # [S, 2I, D], [S, D, I]
-        gate, up = apart_rows(self.memory, intermediate, hidden)  # [S, I, D] each
-        self._fused_views = [ExpertWeights.fused(gate_up[slot], down[slot]) for slot in range(num_slots)]
-        self._apart_views = [ExpertWeights(gate[slot], up[slot], down[slot]) for slot in range(num_slots)]
+        self._views = [ExpertWeights.fused(gate_up[slot], down[slot]) for slot in range(num_slots)]
 
     @staticmethod
     def slot_nbytes(hidden: int, intermediate: int, dtype: torch.dtype) -> int:
@@ -138,17 +132,9 @@ class SlotPool:
     def nbytes(self) -> int:
         return self.memory.numel() * self.memory.element_size()
 
-    def weights(self, slot: int, gate_up_apart: bool = False) -> ExpertWeights:
-        """The slot's gate, up and down; with `gate_up_apart`, gate and up as two matrices (two
-        matmuls), otherwise also as one [2I, D] matrix (one matmul)."""
-        return (self._apart_views if gate_up_apart else self._fused_views)[slot]
-
-    def serves_apart(self, packed: PackedExpert) -> bool:
-        """Whether a slot serves the packed expert with gate and up apart: as the
-        resident model loads it (keeps_gate_up_apart). Decoding and computing must agree on it: the up
-        matrix lies elsewhere in the slot in each layout."""
-        stored = [(torch.device("cpu"), blob.dtype) for blob in packed.blobs]
-        return keeps_gate_up_apart(packed.gate_up_apart, stored, self.memory.device, self.dtype)
+    def weights(self, slot: int) -> ExpertWeights:
+        """The slot's gate, up and down, gate and up also as one [2I, D] matrix (one matmul)."""
+        return self._views[slot]
 
 
 class ExpertCache:

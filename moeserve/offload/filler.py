@@ -69,41 +69,40 @@ class CpuSlotFiller:
         # machine the compute threads and the workers fill, the waiting thread decodes it itself.
         self._decoders = CpuDecodePool(workers, spare_cores=usable_cores() > torch.get_num_threads() + workers)
         self._running: list[DecodeHandle] = []
-        # What the native decoder reads per packed expert (id → the expert, its layout in a slot, the decoder,
-        # one source per blob) and writes per slot layout ((slot, apart) → one target per matrix), made on
-        # first use: the same experts go into the same slots over and over. None: no native decoder.
-        self._sources: dict[int, tuple[PackedExpert, bool, NativeDecoder | None, list]] = {}
-        self._targets: dict[tuple[int, bool], list] = {}
+        # What the native decoder reads per packed expert (id → the expert, the decoder, one source per blob)
+        # and writes per slot (slot → one target per matrix), made on first use: the same experts go into the
+        # same slots over and over. None: no native decoder.
+        self._sources: dict[int, tuple[PackedExpert, NativeDecoder | None, list]] = {}
+        self._targets: dict[int, list] = {}
 
     def start(self, packed: PackedExpert, slot: int, urgent: bool) -> CpuPending:
         """Queues the fill; an urgent one (a layer waits for it) is decoded before queued prefetches."""
         self._collect_timing()
-        _, apart, decoder, sources = self._source(packed)
-        weights = self.pool.weights(slot, apart)  # the layout compute will read
+        _, decoder, sources = self._source(packed)
+        weights = self.pool.weights(slot)
         outs = (weights.gate, weights.up, weights.down)
         if decoder is None:
             handle = self._decoders.submit(list(zip(packed.blobs, outs)), urgent)
         else:
-            targets = self._targets.get((slot, apart))
+            targets = self._targets.get(slot)
             if targets is None:
-                targets = self._targets[(slot, apart)] = [decoder.target(out) for out in outs]
+                targets = self._targets[slot] = [decoder.target(out) for out in outs]
             jobs = [decoder.job(source, target) for source, target in zip(sources, targets)]
             handle = self._decoders.submit_native(decoder, jobs, urgent)
         self._running.append(handle)
         self.stats.bytes_transferred += packed.nbytes
         return CpuPending(handle)
 
-    def _source(self, packed: PackedExpert) -> tuple[PackedExpert, bool, NativeDecoder | None, list]:
+    def _source(self, packed: PackedExpert) -> tuple[PackedExpert, NativeDecoder | None, list]:
         known = self._sources.get(id(packed))
         if known is None or known[0] is not packed:
-            apart = self.pool.serves_apart(packed)
-            weights = self.pool.weights(0, apart)
+            weights = self.pool.weights(0)
             for blob, out in zip(packed.blobs, (weights.gate, weights.up, weights.down)):
                 check_decode_target(blob, out, cpu_only=True)  # every slot's views share these shapes
             # an empty matrix would not reach the native pool (submit drops it); such experts go through submit
             decoder = shared_native_decoder(packed.blobs) if all(blob.numel for blob in packed.blobs) else None
             sources = [] if decoder is None else [decoder.source(blob) for blob in packed.blobs]
-            known = self._sources[id(packed)] = (packed, apart, decoder, sources)
+            known = self._sources[id(packed)] = (packed, decoder, sources)
         return known
 
     def release(self, slot: int) -> None:

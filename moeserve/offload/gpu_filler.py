@@ -131,7 +131,7 @@ class GpuSlotFiller:
         if self._slot_read[slot] is not None:
             streams.wait(self.decode_stream, self._slot_read[slot])
         decode_begin = self._mark(self.decode_stream)
-        weights = self.pool.weights(slot, self.pool.serves_apart(packed))  # the layout compute will read
+        weights = self.pool.weights(slot)
         for blob, out in zip(packed_payload_view(packed, staged), (weights.gate, weights.up, weights.down)):
             streams.decode(blob, out, self.decode_stream)
         streams.record(decoded, self.decode_stream)

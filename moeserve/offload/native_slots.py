@@ -4,8 +4,8 @@ In:  the provider's store, slot pool and cache policy, and the prefetch depth fo
 Out: a `SlotCache` (moeserve._szp_cpu) over the same pool, or None where the configuration
      needs the provider's Python: guesses more than one MoE layer ahead (a forced prefetch depth above 1),
      LFU eviction, a GPU pool, an expert not in
-     szp (the only codec with a native decoder) or not in the fused layout, a pool smaller than one layer's
-     experts, or an extension built without it.
+     szp (the only codec with a native decoder), a pool smaller than one layer's experts, or an extension
+     built without it.
 
 Why: with compiled steps the provider's Python per MoE layer (claiming slots, pinning, statistics, the call
 into the Python host op) cost more than the step's compute on a small model: the embedded model at a 25% cache
@@ -25,13 +25,11 @@ from moeserve.offload.store import CompressedStore
 
 
 def native_slot_cache(
-    store: CompressedStore, pool: SlotPool, cache: ExpertCache, forced_depth: int | None, fused_layers: set[int],
-    workers: int,
+    store: CompressedStore, pool: SlotPool, cache: ExpertCache, forced_depth: int | None, workers: int,
 ):
     """A SlotCache for this configuration, or None where it needs the provider's Python (module docstring).
     `forced_depth`: the prediction depth the user forced (None: the provider's choice, none on a CPU).
-    `fused_layers`: the MoE layers whose every expert a slot serves in the fused layout, converted from
-    its stored form (the provider's held layers). `workers`: the decode workers asked for; as many of them as
+    `workers`: the decode workers asked for; as many of them as
     there are cores beyond torch's threads become the cache's decode helpers (csrc/decode_team.h)."""
     layers = sorted({layer for layer, _ in store.experts})
     experts = len(store.experts) // len(layers)
@@ -39,7 +37,6 @@ def native_slot_cache(
         (forced_depth is None or forced_depth <= 1)
         and cache.eviction_name == "lru"
         and pool.memory.device.type == "cpu"
-        and set(layers) <= fused_layers
         and pool.num_slots >= experts
         and all(blob.codec == "szp" and blob.numel for packed in store.experts.values() for blob in packed.blobs)
     )
@@ -49,7 +46,7 @@ def native_slot_cache(
     helpers = max(0, min(workers, usable_cores() - torch.get_num_threads()))
     slots = extension.SlotCache(pool.num_slots, layers, experts, helpers)
     for slot in range(pool.num_slots):
-        weights = pool.weights(slot, gate_up_apart=False)
+        weights = pool.weights(slot)
         targets = [decode_target(matrix) for matrix in (weights.gate, weights.up, weights.down)]
         slots.set_target(slot, [bits for bits, _ in targets], targets[0][1])
     for (layer, expert), packed in store.experts.items():

@@ -55,8 +55,6 @@ class OffloadedExpertProvider:
     ):
         """`native`: the C++ cache where the configuration allows (native_slots.py); False keeps it in Python."""
         self.store, self.pool, self.cache, self.filler, self.stats = store, pool, cache, filler, stats
-        # Per expert, the layout of gate and up the resident model would load it in (see keeps_gate_up_apart).
-        self._gate_up_apart = {key: pool.serves_apart(packed) for key, packed in store.experts.items()}
         self._prefetch, self._forced_depth = prefetch, prefetch_depth  # None: automatic_prediction_depth
         # Per MoE layer, its latest prediction not yet fully issued, and the prediction's distance (MoE
         # layers from the first fetch after it to the predicted layer; None until that fetch).
@@ -80,25 +78,16 @@ class OffloadedExpertProvider:
         self._width = top_k  # experts the latest fetch asked for (its routing width), at least top_k
         self._top_k = top_k
         self._held: list[SlotEntry] = []  # pinned by the latest hold
-        # hold's stack: the pool as stacked experts (slot s in row s), and the layers whose every expert
-        # a slot serves in that (fused) layout
+        # hold's stack: the pool as stacked experts (slot s in row s), on a CPU (a GPU step routes on the device)
         self._stack = (
             StackedExperts.over(pool.memory, pool.intermediate, pool.hidden, torch.empty(0, dtype=torch.long))
             if pool.memory.device.type == "cpu" else None
         )
-        # Layers hold serves: every expert in the fused layout, and not a layer the resident model would compute
-        # through `fetch` (raw experts already in the compute dtype stay mapped there, not stacked; computing
-        # them from a stack instead would part raw offloading from resident results in the last bit).
-        apart_layers = {key[0] for key, apart in self._gate_up_apart.items() if apart}
-        converted_layers = {layer for (layer, _), packed in store.experts.items()
-                            if any(blob.codec != "raw" or blob.dtype != pool.dtype for blob in packed.blobs)}
-        mapped_layers = set(cycle) - converted_layers
-        self._held_layers = set() if self._stack is None else set(cycle) - apart_layers - mapped_layers
         self._native = None
         workers = getattr(filler, "workers", 0)  # CPU decode workers (a GPU filler has none)
         if native:
             forced_depth = prefetch_depth if prefetch else 0
-            self._native = native_slot_cache(store, pool, cache, forced_depth, self._held_layers, workers)
+            self._native = native_slot_cache(store, pool, cache, forced_depth, workers)
 
     @property
     def slots_in_cpp(self) -> bool:
@@ -172,15 +161,14 @@ class OffloadedExpertProvider:
                 self.release()
             return
         for entry in self._serve(layer, experts, hold=False):
-            yield entry.key[1], self.pool.weights(entry.slot, self._gate_up_apart[entry.key])
+            yield entry.key[1], self.pool.weights(entry.slot)
 
     def held_stack(self, layer: int, experts: int) -> StackedExperts | None:
         """The slot pool as one stack (gate_up [S, 2I, D], down [S, D, I]) for `hold`'s slots, where a compiled
-        CPU step can compute `layer` from it: the pool is on the CPU, every expert of the layer is served with
-        gate and up fused (the stack's layout), and `experts` (the most a step may route to at once) can be
-        pinned together. None otherwise: that layer goes through `fetch`."""
+        CPU step can compute MoE layer `layer` from it: the pool is on the CPU and `experts` (the most a step may
+        route to at once) can be pinned together. None otherwise: that layer goes through `fetch`."""
         fits = min(experts, self._experts_per_layer) <= self.pool.num_slots
-        return self._stack if fits and layer in self._held_layers else None
+        return self._stack if fits else None
 
     def hold(self, layer: int, experts: Sequence[int]) -> list[int]:
         """Load `experts` (ascending ids) of `layer` and pin all of them until the next `hold` or `release`

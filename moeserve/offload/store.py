@@ -40,9 +40,6 @@ class PackedExpert:
     data: torch.Tensor  # uint8 [nbytes]: the three payloads, aligned
     blobs: tuple[Blob, Blob, Blob]  # gate, up, down; payloads are views into `data`
     offsets: tuple[int, int, int]  # byte offset of each payload in `data`
-    # The checkpoint stores gate and up as two tensors that are not back to back: loading it without
-    # a copy keeps them apart, and the cache must then serve this expert the same way.
-    gate_up_apart: bool = False
     arena: HostArena | None = field(default=None, repr=False, compare=False)  # holds `data`'s memory
 
     @property
@@ -54,11 +51,11 @@ class PackedExpert:
         return sum(b.numel for b in self.blobs)
 
 
-def pack_experts(encoded: list[tuple[tuple[Blob, Blob, Blob], bool]], pin: bool = False) -> list[PackedExpert]:
-    """Experts (their gate, up and down blobs, and whether gate and up are stored apart) packed one after
-    another into one host arena of exactly their size (pinned when a GPU copies from it)."""
+def pack_experts(encoded: list[tuple[Blob, Blob, Blob]], pin: bool = False) -> list[PackedExpert]:
+    """Experts (their gate, up and down blobs) packed one after another into one host arena of exactly their
+    size (pinned when a GPU copies from it)."""
     layouts, end = [], 0
-    for blobs, _ in encoded:
+    for blobs in encoded:
         offsets = []
         for blob in blobs:
             offsets.append(end)
@@ -67,7 +64,7 @@ def pack_experts(encoded: list[tuple[tuple[Blob, Blob, Blob], bool]], pin: bool 
     arena = HostArena(end, pin)
     host = arena.data.numpy()
     packed = []
-    for (blobs, gate_up_apart), offsets in zip(encoded, layouts):
+    for blobs, offsets in zip(encoded, layouts):
         placed = []
         for blob, offset in zip(blobs, offsets):
             n = blob.payload_nbytes
@@ -79,7 +76,6 @@ def pack_experts(encoded: list[tuple[tuple[Blob, Blob, Blob], bool]], pin: bool 
                 data=arena.data[first:last],
                 blobs=tuple(placed),
                 offsets=tuple(o - first for o in offsets),
-                gate_up_apart=gate_up_apart,
                 arena=arena,
             )
         )
@@ -125,8 +121,7 @@ class CompressedStore:
                     blobs = []
                     for projection, tensor in zip(PROJECTIONS, (w.gate, w.up, w.down)):
                         blobs.append(_encode_stored(tensor, policy.setting(layer, expert, projection)))
-                    # MXFP4 experts dequantize fused, as every copied expert is
-                    encoded.append((tuple(blobs), isinstance(w, ExpertWeights) and w.gate_up is None))
+                    encoded.append(tuple(blobs))
                     bar.update()
                 # one arena per layer: exact size, and at most one layer's blobs held twice while packing
                 for expert, packed in enumerate(pack_experts(encoded, pin)):
@@ -148,12 +143,12 @@ class CompressedStore:
         return sum(arenas.values()) + sum(p.nbytes for p in self.experts.values() if p.arena is None)
 
     def save(self, path: Path) -> None:
-        """One file: magic, index length, JSON index (per expert: layer, expert, offset, blob lengths,
-        gate_up_apart), then each expert's three serialized blobs."""
+        """One file: magic, index length, JSON index (per expert: layer, expert, offset, blob lengths), then each
+        expert's three serialized blobs."""
         index, chunks, offset = [], [], 0
         for (layer, expert), packed in sorted(self.experts.items()):
             parts = [bytes(b) for b in packed.blobs]
-            index.append([layer, expert, offset, [len(p) for p in parts], packed.gate_up_apart])
+            index.append([layer, expert, offset, [len(p) for p in parts]])
             chunks.extend(parts)
             offset += sum(len(p) for p in parts)
         header = json.dumps({"policy_fingerprint": self.fingerprint, "policy": self.policy_yaml, "experts": index})
@@ -175,8 +170,10 @@ class CompressedStore:
         start = len(_MAGIC) + 8
         header = json.loads(bytes(mapped[start : start + header_len]))
         data = mapped[start + header_len :]
-        by_layer: dict[int, list[tuple[int, tuple[tuple[Blob, Blob, Blob], bool]]]] = {}
-        for layer, expert, offset, lengths, *layout in tqdm(
+        by_layer: dict[int, list[tuple[int, tuple[Blob, Blob, Blob]]]] = {}
+        # an older store adds a fifth field per expert (whether the checkpoint kept gate and up apart), read past:
+        # every slot now serves gate and up fused
+        for layer, expert, offset, lengths, *_ in tqdm(
             header["experts"], desc="loading compressed experts", unit="expert", disable=not progress
         ):
             blobs, at = [], offset
@@ -185,8 +182,7 @@ class CompressedStore:
                     raise ModelLoadError(f"{path} is truncated; recreate it with `moeserve compress`.")
                 blobs.append(Blob.from_bytes(data[at : at + n]))
                 at += n
-            # Stores written before the layout was recorded served every expert fused.
-            by_layer.setdefault(layer, []).append((expert, (tuple(blobs), bool(layout and layout[0]))))
+            by_layer.setdefault(layer, []).append((expert, tuple(blobs)))
         experts = {}
         for layer, entries in by_layer.items():
             for (expert, _), packed in zip(entries, pack_experts([e for _, e in entries], pin)):
