@@ -106,7 +106,7 @@ if "MOESERVE_TEST_THREADS" in os.environ:
 
 def pytest_collection_finish(session):
     """Give a collected test module's `start_early()` its start now, before the first test runs (see
-    tests/test_exact_everywhere.py); its `stop_early()` runs when the session ends."""
+    tests/early_runs.py); its `stop_early()` runs when the session ends."""
     if session.config.option.collectonly:
         return
     for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:

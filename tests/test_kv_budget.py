@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from early_runs import EarlyRun
 from moeserve import LLM, SamplingParams
 from moeserve.errors import MoeServeError
 
@@ -55,13 +53,23 @@ def test_a_load_over_budget_finishes_by_preempting_and_every_output_equals_the_r
         assert out.token_ids == alone.token_ids and len(out.token_ids) == sp.max_tokens
 
 
+# started when collection ends (conftest), beside the rest of the session: it takes ~40 s on 2 cores
+_AVX2_RUN = EarlyRun(["-k", "load_over_budget_finishes", __file__],
+                     {"ATEN_CPU_CAPABILITY": "avx2", "MOESERVE_TEST_THREADS": "1"})
+
+
+def start_early() -> None:
+    if os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        _AVX2_RUN.start()
+
+
+def stop_early() -> None:
+    _AVX2_RUN.stop()
+
+
 @pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") == "avx2", reason="this is the driver of the avx2 run")
 def test_the_load_over_budget_holds_under_avx2_kernels_at_one_thread():
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "MOESERVE_TEST_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "load_over_budget_finishes", __file__],
-        env=env, capture_output=True, text=True, cwd=Path(__file__).parent.parent,
-    )
+    result = _AVX2_RUN.result()
     assert result.returncode == 0, f"ATEN_CPU_CAPABILITY=avx2 run:\n{result.stdout[-4000:]}{result.stderr[-2000:]}"
     assert result.stdout.splitlines()[-1].startswith("1 passed")
 
