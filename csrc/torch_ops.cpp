@@ -23,6 +23,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <vector>
 
@@ -83,13 +84,37 @@ at::Tensor held_expert_slots(const at::Tensor& ids_in, int64_t layer, at::Tensor
     return out;
 }
 
+// pool [num_blocks, block_size, G, Dh] <- entries [N, G, Dh] at flat positions slots [N]: index_copy_'s result. Where
+// both are contiguous in one dtype the rows are copied here directly: a compiled step writes twice per layer, and
+// index_copy_'s dispatch and iterator setup cost more than copying a decode step's few rows.
+void write_rows(const at::Tensor& pool, const at::Tensor& slots, const at::Tensor& entries) {
+    at::Tensor rows = pool.view({-1, pool.size(2), pool.size(3)});
+    const bool direct = rows.is_contiguous() && entries.is_contiguous() && entries.dim() == 3 &&
+                        entries.scalar_type() == rows.scalar_type() && entries.size(1) == rows.size(1) &&
+                        entries.size(2) == rows.size(2) && slots.dim() == 1 && slots.is_contiguous() &&
+                        slots.scalar_type() == at::kLong && slots.size(0) == entries.size(0) &&
+                        slots.device().is_cpu() && entries.device().is_cpu() && rows.device().is_cpu();
+    if (!direct) {
+        rows.index_copy_(0, slots, entries);
+        return;
+    }
+    const int64_t n = slots.size(0), count = rows.size(0);
+    const int64_t* at_row = slots.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i)
+        TORCH_CHECK_INDEX(at_row[i] >= 0 && at_row[i] < count, "kv_write: slot ", at_row[i], " is out of range for a pool of ",
+                          count, " positions");
+    const int64_t row_bytes = entries.size(1) * entries.size(2) * int64_t(entries.element_size());
+    char* dst = static_cast<char*>(rows.data_ptr());
+    const char* src = static_cast<const char*>(entries.data_ptr());
+    for (int64_t i = 0; i < n; ++i) std::memcpy(dst + at_row[i] * row_bytes, src + i * row_bytes, size_t(row_bytes));
+}
+
 void kv_write(at::Tensor k_pool, std::optional<at::Tensor> v_pool, const at::Tensor& slots, const at::Tensor& keys,
               const std::optional<at::Tensor>& values) {
-    // pools [num_blocks, block_size, G, Dh] <- entries [N, G, Dh] at flat positions slots [N]
-    k_pool.view({-1, k_pool.size(2), k_pool.size(3)}).index_copy_(0, slots, keys);
+    write_rows(k_pool, slots, keys);
     if (v_pool.has_value()) {
         TORCH_CHECK_VALUE(values.has_value(), "kv_write: a value pool needs values");
-        v_pool->view({-1, v_pool->size(2), v_pool->size(3)}).index_copy_(0, slots, *values);
+        write_rows(*v_pool, slots, *values);
     }
 }
 

@@ -90,6 +90,14 @@ def test_kv_write_writes_what_the_python_op_writes(native):
     assert torch.equal(pools[0], pools[2]) and torch.equal(pools[1], pools[3]) and pools[0].abs().sum() > 0
     native.kv_write(pools[0], None, slots, keys * 2, None)  # MLA: latents only
     assert torch.equal(pools[0].view(-1, 2, 8)[slots], keys * 2)
+    # entries that are not contiguous take index_copy_'s path, with the same result
+    strided = torch.randn(3, 2, 16, generator=g)[:, :, ::2]
+    native.kv_write(pools[0], None, slots, strided, None)
+    torch.ops.moeserve.kv_write(pools[2], None, slots, strided, None)
+    assert torch.equal(pools[0], pools[2])
+    with pytest.raises(IndexError, match="slot 64 is out of range for a pool of 64 positions"):
+        native.kv_write(pools[0], None, torch.tensor([1, 64, 2]), keys, None)
+    assert torch.equal(pools[0], pools[2])  # a refused write writes nothing
 
 
 def test_a_failed_build_keeps_the_python_ops(monkeypatch, capfd, checkpoint_factory, tmp_path):
