@@ -88,8 +88,8 @@ def load_dense_experts(loaded: LoadedModel, device: torch.device) -> DenseExpert
     tensor (the layout of the offload cache's slots), gate and up fused, even a checkpoint a CPU could
     compute from where it is mapped: a stacked layer lets the MoE block route on the device, and lets a
     compiled CPU step compute the layer's experts in two grouped GEMM calls instead of going back to Python
-    for each expert (1.27x / 1.48x decode tok/s on a bfloat16 qwen3_moe of 8 layers, 32 experts, at one / two
-    threads; bench/README.md). The mapped pages stay in the page cache, which the kernel may reclaim."""
+    for each expert (1.3-1.5x the decode tok/s of a bfloat16 qwen3_moe of 8 layers and 32 experts; bench/README.md,
+    "Against llama.cpp"). The mapped pages stay in the page cache, which the kernel may reclaim."""
     dtype = loaded.config.dtype
     d, i = loaded.config.hidden_size, loaded.config.moe_intermediate_size
     stacked: dict[int, StackedExperts] = {}
