@@ -33,7 +33,8 @@ class EarlyRun:
         self._files = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
         self._process = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.args],
-            env={**os.environ, **self.env},
+            # passive: threads of a run that waits sleep instead of spinning, taking no core from the session's
+            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **self.env},
             stdout=self._files[0],
             stderr=self._files[1],
             text=True,
