@@ -104,14 +104,6 @@ if "MOESERVE_TEST_THREADS" in os.environ:
     torch.set_num_threads(int(os.environ["MOESERVE_TEST_THREADS"]))
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """Tests whose module starts a run early (tests/early_runs.py) go last, so that their runs overlap the whole
-    session instead of holding it up where those tests would otherwise come in the alphabet."""
-    waits = [item for item in items if hasattr(getattr(item, "module", None), "start_early")]
-    if waits:
-        items[:] = [item for item in items if item not in waits] + waits
-
-
 def pytest_collection_finish(session):
     """Give a collected test module's `start_early()` its start now, before the first test runs (see
     tests/early_runs.py); its `stop_early()` runs when the session ends."""
