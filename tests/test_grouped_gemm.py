@@ -7,15 +7,14 @@ on the CPU path at 1 and 2 threads and under other ATEN_CPU_CAPABILITY values, i
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from early_runs import EarlyRun
 from triton_interpreter import (
     HAS_TRITON,
     INTERPRETED,
@@ -158,20 +157,14 @@ CAPABILITIES = ("default", "avx2")
 def capability_runs() -> dict[str, subprocess.CompletedProcess]:
     """One run per capability, started together: each spends seconds starting torch and collecting on one core,
     so side by side on 2 cores they take little more than one."""
-    started = {
-        capability: subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-             "rows_are_independent and not capability", str(TESTS / "test_grouped_gemm.py")],
-            env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=TESTS.parent,
-        )  # fmt: skip
+    runs = {
+        capability: EarlyRun(["-k", "rows_are_independent and not capability", str(TESTS / "test_grouped_gemm.py")],
+                             {"ATEN_CPU_CAPABILITY": capability})
         for capability in CAPABILITIES
     }
-    finished = {}
-    for capability, process in started.items():
-        stdout, stderr = process.communicate()
-        finished[capability] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    return finished
+    for run in runs.values():
+        run.start()
+    return {capability: run.result() for capability, run in runs.items()}
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
