@@ -1,5 +1,5 @@
 """Build steps pyproject.toml cannot express: the szp CPU codec (C++/OpenMP extension moeserve._szp_cpu), the
-CPU grouped GEMM (moeserve._cpu_gemm, the same flags: built without -march, it picks AVX-512F, AVX2+FMA or
+CPU grouped GEMM and paged decode attention (moeserve._cpu_gemm, the same flags: built without -march, it picks AVX-512F, AVX2+FMA or
 scalar code at run time with per-function target attributes) and shipping the GPU kernel sources (kernels/,
 compiled at run time by cupy) inside the package as moeserve/_kernels.
 
@@ -60,7 +60,7 @@ class BuildPy(build_py):
                 shutil.copy2(src, dst / src.name)
         dst = Path(self.build_lib) / "moeserve" / "_csrc"
         dst.mkdir(parents=True, exist_ok=True)
-        for name in ("torch_ops.cpp", "cpu_gemm.h"):
+        for name in ("torch_ops.cpp", "cpu_gemm.h", "cpu_attention.h"):
             shutil.copy2(Path("csrc") / name, dst / name)
 
 
@@ -77,9 +77,9 @@ setup(
         ),
         Extension(
             "moeserve._cpu_gemm",
-            sources=["csrc/cpu_gemm_module.cpp", "csrc/cpu_gemm.cpp"],
+            sources=["csrc/cpu_gemm_module.cpp", "csrc/cpu_gemm.cpp", "csrc/cpu_attention.cpp"],
             include_dirs=["csrc", pybind11.get_include()],
-            depends=["csrc/cpu_gemm.h"],
+            depends=["csrc/cpu_gemm.h", "csrc/cpu_attention.h", "csrc/cpu_numbers.h"],
             language="c++",
         ),
     ],

@@ -15,6 +15,8 @@
 // place. Tile shapes decide only which outputs are computed together: none changes how one is summed.
 #include "cpu_gemm.h"
 
+#include "cpu_numbers.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -56,26 +58,10 @@ constexpr int64_t kParallelMinBytes = int64_t(1) << 18;
 // Activation values to widen before packing them is worth a parallel region.
 constexpr int64_t kParallelMinPacked = int64_t(1) << 16;
 
-typedef uint16_t bf16;
-
-inline float widen(float v) { return v; }
-inline float widen(bf16 v) {
-    const uint32_t u = uint32_t(v) << 16;  // bfloat16 is the high half of a float32: exact
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-// torch's c10::BFloat16 rounding: nearest, ties to even; any NaN becomes the canonical 0x7fc0.
-inline bf16 round_bf16(float f) {
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return bf16((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-inline void store(float* dst, float v) { *dst = v; }
-inline void store(bf16* dst, float v) { *dst = round_bf16(v); }
+using cpu_numbers::bf16;
+using cpu_numbers::lane_tree;
+using cpu_numbers::store;
+using cpu_numbers::widen;
 
 // A weight row's K tail (K mod 16 values) copied into 16 values whose missing lanes hold -0. The packed
 // activations hold +0 there, and fma(+0, -0, acc) = acc + (-0) = acc for every acc (+0 and -0 included),
@@ -98,14 +84,6 @@ inline void prefetch_next(const T* next, int64_t chunk) {
     constexpr int kBytes = TN * kLanes * int(sizeof(T));
     const char* p = reinterpret_cast<const char*>(next) + chunk * kBytes;
     for (int b = 0; b < kBytes; b += 64) __builtin_prefetch(p + b, 0, 2);  // prefetcht1
-}
-
-// The lane tree of cpu_gemm.h on 16 values.
-inline float lane_tree(float* l) {
-    for (int i = 0; i < 8; ++i) l[i] = l[i] + l[i + 8];
-    for (int i = 0; i < 4; ++i) l[i] = l[i] + l[i + 4];
-    for (int i = 0; i < 2; ++i) l[i] = l[i] + l[i + 2];
-    return l[0] + l[1];
 }
 
 // ---- scalar: the definition, in plain C++ (std::fmaf is a correctly rounded fused multiply-add) ---------

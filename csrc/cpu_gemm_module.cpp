@@ -13,9 +13,11 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "cpu_attention.h"
 #include "cpu_gemm.h"
 
 namespace py = pybind11;
@@ -56,6 +58,50 @@ void grouped_gemm(int dtype, int w_dtype, uintptr_t a, int64_t a_rows, int64_t a
 // Called without the GIL (from a compiled step's C++ code), it never touches Python.
 void entry(const cpu_gemm::Problem* p, int threads) { cpu_gemm::grouped_gemm(*p, cpu_gemm::Isa(g_isa.load()), threads); }
 
+// Paged decode attention (cpu_attention.h) on the same path; pointers as integers, checked by the caller
+// (layers/cpu_attention.py) on the torch side.
+void paged_decode(int dtype, uintptr_t query, int64_t batch, int64_t heads, int64_t key_dim, uintptr_t k_pool,
+                  uintptr_t v_pool, int64_t num_blocks, int64_t block_size, int64_t kv_heads, int64_t value_dim,
+                  std::vector<int64_t> k_strides, std::vector<int64_t> v_strides, uintptr_t tables, int64_t table_width,
+                  int64_t table_stride, uintptr_t positions, float scale, int64_t window, uintptr_t sinks, uintptr_t out,
+                  int threads) {
+    if (k_strides.size() != 3 || v_strides.size() != 3)
+        throw std::invalid_argument("paged_decode: strides are (block, token, head)");
+    cpu_attention::Problem p;
+    p.dtype = dtype;
+    p.query = pointer<const void>(query);
+    p.batch = batch;
+    p.heads = heads;
+    p.key_dim = key_dim;
+    p.k_pool = pointer<const void>(k_pool);
+    p.v_pool = pointer<const void>(v_pool);
+    p.num_blocks = num_blocks;
+    p.block_size = block_size;
+    p.kv_heads = kv_heads;
+    p.value_dim = value_dim;
+    p.k_block_stride = k_strides[0];
+    p.k_token_stride = k_strides[1];
+    p.k_head_stride = k_strides[2];
+    p.v_block_stride = v_strides[0];
+    p.v_token_stride = v_strides[1];
+    p.v_head_stride = v_strides[2];
+    p.tables = pointer<const int64_t>(tables);
+    p.table_width = table_width;
+    p.table_stride = table_stride;
+    p.positions = pointer<const int64_t>(positions);
+    p.scale = scale;
+    p.window = window;
+    p.sinks = pointer<const float>(sinks);
+    p.out = pointer<void>(out);
+    const auto isa = cpu_gemm::Isa(g_isa.load());
+    py::gil_scoped_release nogil;
+    cpu_attention::paged_decode(p, isa, threads);
+}
+
+void attention_entry(const cpu_attention::Problem* p, int threads) {
+    cpu_attention::paged_decode(*p, cpu_gemm::Isa(g_isa.load()), threads);
+}
+
 void set_isa(const std::string& name) { g_isa.store(int(cpu_gemm::parse_isa(name))); }
 
 std::string isa() { return cpu_gemm::isa_name(cpu_gemm::Isa(g_isa.load())); }
@@ -70,7 +116,8 @@ std::vector<std::string> supported_isas() {
 }  // namespace
 
 PYBIND11_MODULE(_cpu_gemm, m) {
-    m.doc() = "CPU grouped GEMM with one summation order on every instruction set (csrc/cpu_gemm.h)";
+    m.doc() = "CPU grouped GEMM and paged decode attention, each with one summation order on every instruction set "
+            "(csrc/cpu_gemm.h, csrc/cpu_attention.h)";
     m.attr("F32") = int(cpu_gemm::kF32);
     m.attr("BF16") = int(cpu_gemm::kBF16);
     const char* forced = std::getenv("MOESERVE_CPU_ISA");
@@ -86,6 +133,15 @@ PYBIND11_MODULE(_cpu_gemm, m) {
           "0: slot 0), strides in elements");
     m.def("entry_address", [] { return reinterpret_cast<uintptr_t>(&entry); },
           "the address of void entry(const cpu_gemm::Problem*, int threads), for moeserve_native's C++ ops");
+    m.def("paged_decode", &paged_decode, py::arg("dtype"), py::arg("query"), py::arg("batch"), py::arg("heads"),
+          py::arg("key_dim"), py::arg("k_pool"), py::arg("v_pool"), py::arg("num_blocks"), py::arg("block_size"),
+          py::arg("kv_heads"), py::arg("value_dim"), py::arg("k_strides"), py::arg("v_strides"), py::arg("tables"),
+          py::arg("table_width"), py::arg("table_stride"), py::arg("positions"), py::arg("scale"), py::arg("window"),
+          py::arg("sinks"), py::arg("out"), py::arg("threads"),
+          "paged decode attention (csrc/cpu_attention.h); pointers as integers (v_pool 0: values from the keys, "
+          "sinks 0: none), strides in elements");
+    m.def("attention_entry_address", [] { return reinterpret_cast<uintptr_t>(&attention_entry); },
+          "the address of void attention_entry(const cpu_attention::Problem*, int threads), for moeserve_native");
     m.def("set_isa", &set_isa, py::arg("name"), "the path later calls take: scalar, avx2, avx512 or auto");
     m.def("isa", &isa, "the path calls take now");
     m.def("supported_isas", &supported_isas, "the paths this CPU can run");

@@ -2,6 +2,7 @@
 //
 // In:  tensors from a compiled step's C++ wrapper (inductor cpp_wrapper), through the dispatcher.
 // Out: kv_write writes the KV pools in place; cpu_grouped_gemm / cpu_linear return new [P, N] / [M, N] tensors;
+//      cpu_paged_decode returns decode attention [B, H, Dv];
 //      held_expert_slots returns the expert cache slots [T, K] of a MoE layer's routed experts.
 //
 // The same ops exist as Python kernels (moeserve::kv_write, layers/cpu_gemm.py); a compiled step calling one
@@ -9,9 +10,10 @@
 // arithmetic. This file is compiled at run time against the installed torch (moeserve/native_ops.py), because the
 // extensions built at install time must not depend on torch's headers. The GEMM itself is not compiled here:
 // moeserve._cpu_gemm hands over the address of its entry point (bind_cpu_gemm), so both ops run the one kernel,
-// with the one instruction-set choice, that the Python ops run. Likewise moeserve._szp_cpu hands over its expert
-// cache's entry point (bind_held_slots; csrc/slot_cache.h), which has no Python twin here: moeserve::host_expert_slots
-// is the op for providers without that cache.
+// with the one instruction-set choice, that the Python ops run, and so does its paged attention kernel
+// (bind_cpu_attention). Likewise moeserve._szp_cpu hands over its expert cache's entry point (bind_held_slots;
+// csrc/slot_cache.h), which has no Python twin here: moeserve::host_expert_slots is the op for providers without
+// that cache.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -27,6 +29,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_attention.h"
 #include "cpu_gemm.h"
 
 namespace {
@@ -35,6 +38,13 @@ using GemmEntry = void (*)(const cpu_gemm::Problem*, int threads);
 std::atomic<GemmEntry> g_gemm{nullptr};
 
 void bind_cpu_gemm(int64_t address) { g_gemm.store(reinterpret_cast<GemmEntry>(static_cast<uintptr_t>(address))); }
+
+using AttentionEntry = void (*)(const cpu_attention::Problem*, int threads);
+std::atomic<AttentionEntry> g_attention{nullptr};
+
+void bind_cpu_attention(int64_t address) {
+    g_attention.store(reinterpret_cast<AttentionEntry>(static_cast<uintptr_t>(address)));
+}
 
 // The signatures of csrc/decode_team.h ThreadsRunner and csrc/slot_cache.h held_slots_entry (this file is built
 // alone at run time, without the extension's headers): they must stay the same.
@@ -206,6 +216,66 @@ at::Tensor gated_activation(const at::Tensor& gate, const at::Tensor& up, c10::s
     return activated.mul_(up);
 }
 
+// layers/cpu_attention.py paged_decode's twin: the same checks, the one kernel (moeserve._cpu_gemm's entry).
+at::Tensor cpu_paged_decode(const at::Tensor& query_in, const at::Tensor& k_pool, const std::optional<at::Tensor>& v_pool,
+                            const at::Tensor& tables_in, const at::Tensor& positions_in, double scale, int64_t window,
+                            const std::optional<at::Tensor>& sinks_in, int64_t value_dim) {
+    AttentionEntry attention = g_attention.load();
+    TORCH_CHECK(attention != nullptr, "moeserve_native: bind_cpu_attention was not called");
+    const int dtype = dtype_code(query_in);
+    TORCH_CHECK_VALUE(query_in.dim() == 3 && k_pool.dim() == 4 && tables_in.dim() == 2 && positions_in.dim() == 1,
+                      "the CPU paged attention needs query [B, H, Dk], pools [blocks, block_size, G, D], tables [B, n] "
+                      "and positions [B]");
+    const at::Tensor& values = v_pool.has_value() ? *v_pool : k_pool;
+    TORCH_CHECK_VALUE(k_pool.scalar_type() == query_in.scalar_type() && values.scalar_type() == query_in.scalar_type(),
+                      "the CPU paged attention needs query and pools of one dtype");
+    TORCH_CHECK_VALUE(k_pool.size(3) == query_in.size(2) && query_in.size(1) % k_pool.size(2) == 0,
+                      "the CPU paged attention: the query does not fit the K pool");
+    TORCH_CHECK_VALUE(!v_pool.has_value() || (values.dim() == 4 && values.size(0) == k_pool.size(0) &&
+                                              values.size(1) == k_pool.size(1) && values.size(2) == k_pool.size(2) &&
+                                              values.size(3) == value_dim),
+                      "the CPU paged attention: the V pool does not match the K pool and value size");
+    TORCH_CHECK_VALUE(k_pool.stride(3) == 1 && values.stride(3) == 1,
+                      "the CPU paged attention needs each pool entry's values contiguous");
+    TORCH_CHECK_VALUE(tables_in.scalar_type() == at::kLong && positions_in.scalar_type() == at::kLong &&
+                          tables_in.size(0) == query_in.size(0) && positions_in.size(0) == query_in.size(0),
+                      "the CPU paged attention needs long tables and positions with one row per query row");
+    for (const at::Tensor* t : {&query_in, &k_pool, &values, &tables_in, &positions_in})
+        TORCH_CHECK_VALUE(t->device().is_cpu(), "the CPU paged attention needs CPU tensors");
+    const at::Tensor query = query_in.contiguous(), tables = tables_in.contiguous(), positions = positions_in.contiguous();
+    at::Tensor sinks;
+    if (sinks_in.has_value()) sinks = sinks_in->to(at::kFloat).contiguous();
+    at::Tensor out = at::empty({query.size(0), query.size(1), value_dim}, query.options());
+    cpu_attention::Problem p;
+    p.dtype = dtype;
+    p.query = query.data_ptr();
+    p.batch = query.size(0);
+    p.heads = query.size(1);
+    p.key_dim = query.size(2);
+    p.k_pool = k_pool.data_ptr();
+    p.v_pool = v_pool.has_value() ? values.data_ptr() : nullptr;
+    p.num_blocks = k_pool.size(0);
+    p.block_size = k_pool.size(1);
+    p.kv_heads = k_pool.size(2);
+    p.value_dim = value_dim;
+    p.k_block_stride = k_pool.stride(0);
+    p.k_token_stride = k_pool.stride(1);
+    p.k_head_stride = k_pool.stride(2);
+    p.v_block_stride = values.stride(0);
+    p.v_token_stride = values.stride(1);
+    p.v_head_stride = values.stride(2);
+    p.tables = tables.data_ptr<int64_t>();
+    p.table_width = tables.size(1);
+    p.table_stride = tables.stride(0);
+    p.positions = positions.data_ptr<int64_t>();
+    p.scale = float(scale);
+    p.window = window;
+    p.sinks = sinks.defined() ? sinks.data_ptr<float>() : nullptr;
+    p.out = out.data_ptr();
+    attention(&p, at::get_num_threads());  // checks every position and block before reading
+    return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moeserve_native, m) {
@@ -216,6 +286,9 @@ TORCH_LIBRARY(moeserve_native, m) {
     m.def("bind_held_slots(int address) -> ()", &bind_held_slots);
     m.def("held_expert_slots(Tensor ids, int layer, Tensor[] predicted, int[] predicted_layers) -> Tensor");
     m.def("gated_activation(Tensor gate, Tensor up, str act) -> Tensor");
+    m.def("bind_cpu_attention(int address) -> ()", &bind_cpu_attention);
+    m.def("cpu_paged_decode(Tensor query, Tensor k_pool, Tensor? v_pool, Tensor tables, Tensor positions, float scale, "
+          "int window, Tensor? sinks, int value_dim) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeserve_native, CPU, m) {
@@ -224,4 +297,5 @@ TORCH_LIBRARY_IMPL(moeserve_native, CPU, m) {
     m.impl("cpu_linear", &cpu_linear);
     m.impl("held_expert_slots", &held_expert_slots);
     m.impl("gated_activation", &gated_activation);
+    m.impl("cpu_paged_decode", &cpu_paged_decode);
 }

@@ -1,8 +1,9 @@
 """moeserve's CPU kernels as C++ torch ops (library `moeserve_native`), built on first use for compiled steps.
 
 In:  csrc/torch_ops.cpp (shipped in the package as moeserve/_csrc when installed) and the installed torch.
-Out: torch.ops.moeserve_native.kv_write / cpu_grouped_gemm / cpu_linear / gated_activation, the C++ twins of
-     moeserve::kv_write (kv/cache.py), of layers/cpu_gemm.py's ops and of layers/mlp.py's: the same arguments,
+Out: torch.ops.moeserve_native.kv_write / cpu_grouped_gemm / cpu_linear / gated_activation / cpu_paged_decode, the
+     C++ twins of moeserve::kv_write (kv/cache.py), of layers/cpu_gemm.py's ops, of layers/mlp.py's and of
+     layers/cpu_attention.py's: the same arguments,
      checks and kernels, so the same bits;
      and held_expert_slots, a compiled step's way into the C++ expert cache (offload/native_slots.py).
 
@@ -28,6 +29,7 @@ from moeserve.paths import cache_root
 # -fopenmp: at::parallel_for (held_expert_slots hands the step's idle intra-op threads its decodes) is an OpenMP
 # pragma in torch's headers, a no-op without it; it binds to the OpenMP runtime torch loaded (same soname).
 _CFLAGS = ["-O2", "-ffp-contract=off", "-fopenmp"]
+_SOURCES = ("torch_ops.cpp", "cpu_gemm.h", "cpu_attention.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "loaded": bool once tried; "failure": why not
 
@@ -35,7 +37,7 @@ _state: dict[str, object] = {}  # "loaded": bool once tried; "failure": why not
 def _source_dir() -> Path | None:
     here = Path(__file__).resolve()
     for candidate in (here.parent / "_csrc", here.parents[1] / "csrc"):
-        if (candidate / "torch_ops.cpp").is_file() and (candidate / "cpu_gemm.h").is_file():
+        if all((candidate / name).is_file() for name in _SOURCES):
             return candidate
     return None
 
@@ -44,7 +46,7 @@ def build_dir(sources: Path) -> Path:
     """Where the library is built: per torch version and CPU capability, and per source content."""
     root = cache_root() / "native-ops"
     digest = hashlib.sha256()
-    for name in ("torch_ops.cpp", "cpu_gemm.h"):
+    for name in _SOURCES:
         digest.update((sources / name).read_bytes())
     digest.update(" ".join(_CFLAGS).encode())
     capability = torch.backends.cpu.get_cpu_capability().lower()
@@ -56,9 +58,10 @@ def loaded() -> bool:
     return bool(_state.get("loaded"))
 
 
-def load(gemm_entry: int | None, held_slots_entry: int | None, progress: bool = True) -> bool:
-    """Build (first time) and load the C++ ops; True when they are usable. `gemm_entry`: the address of the CPU
-    GEMM's entry point (layers/cpu_gemm.py `entry_address`; None when that extension is not built);
+def load(gemm_entry: int | None, attention_entry: int | None, held_slots_entry: int | None, progress: bool = True) -> bool:
+    """Build (first time) and load the C++ ops; True when they are usable. `gemm_entry`, `attention_entry`: the
+    addresses of the CPU GEMM's and paged attention's entry points (layers/cpu_gemm.py and layers/cpu_attention.py
+    `entry_address`; None when that extension is not built);
     `held_slots_entry`: the C++ expert cache's (codecs/szp_cpu.py `held_slots_address`). Never raises: a
     failure is one line on stderr, said once, and the Python ops stay in use."""
     with _lock:
@@ -66,7 +69,7 @@ def load(gemm_entry: int | None, held_slots_entry: int | None, progress: bool = 
             return bool(_state["loaded"])
         _state["loaded"] = False
         try:
-            if gemm_entry is None or held_slots_entry is None:
+            if gemm_entry is None or attention_entry is None or held_slots_entry is None:
                 raise RuntimeError("the CPU GEMM or szp extension is not built")
             sources = _source_dir()
             if sources is None:
@@ -89,6 +92,7 @@ def load(gemm_entry: int | None, held_slots_entry: int | None, progress: bool = 
                 verbose=False,
             )
             torch.ops.moeserve_native.bind_cpu_gemm(gemm_entry)
+            torch.ops.moeserve_native.bind_cpu_attention(attention_entry)
             torch.ops.moeserve_native.bind_held_slots(held_slots_entry)
             _register_fakes()
             _state["loaded"] = True
@@ -112,6 +116,13 @@ def _register_fakes() -> None:
     torch.library.register_fake("moeserve_native::held_expert_slots", lambda ids, *args: torch.empty_like(ids), lib=lib)
     torch.library.register_fake(
         "moeserve_native::gated_activation", lambda gate, up, act: gate.new_empty(gate.shape), lib=lib
+    )
+    torch.library.register_fake(
+        "moeserve_native::cpu_paged_decode",
+        lambda query, k_pool, v_pool, tables, positions, scale, window, sinks, value_dim: query.new_empty(
+            query.shape[0], query.shape[1], value_dim
+        ),
+        lib=lib,
     )
     _state["library"] = lib  # a Library's registrations last as long as the object
 

@@ -9,7 +9,7 @@ import torch
 
 from moeserve import LLM, SamplingParams, native_ops
 from moeserve.codecs.szp_cpu import held_slots_address
-from moeserve.layers import cpu_gemm
+from moeserve.layers import cpu_attention, cpu_gemm
 from moeserve.layers.mlp import ACTIVATIONS
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.available(torch.float32), reason="the CPU GEMM extension is not built")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not cpu_gemm.available(torch.float32), reason="t
 
 @pytest.fixture(scope="module")
 def native():
-    if not native_ops.load(cpu_gemm.entry_address(), held_slots_address(), progress=False):
+    if not native_ops.load(cpu_gemm.entry_address(), cpu_attention.entry_address(), held_slots_address(), progress=False):
         pytest.fail(f"the C++ ops did not build: {native_ops._state.get('failure')}")
     return torch.ops.moeserve_native
 
@@ -98,6 +98,25 @@ def test_kv_write_writes_what_the_python_op_writes(native):
     with pytest.raises(IndexError, match="slot 64 is out of range for a pool of 64 positions"):
         native.kv_write(pools[0], None, torch.tensor([1, 64, 2]), keys, None)
     assert torch.equal(pools[0], pools[2])  # a refused write writes nothing
+
+
+@pytest.mark.exact
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_gives_the_python_op_bits(native, dtype):
+    g = torch.Generator().manual_seed(5)
+    k_pool, v_pool = torch.randn(2, 9, 4, 2, 24, generator=g).to(dtype)
+    tables = torch.tensor([[3, 1, 4, 0], [8, 2, 6, 5], [0, 0, 0, 0]])
+    positions = torch.tensor([9, 15, 0])
+    query = torch.randn(3, 6, 24, generator=g).to(dtype)
+    sinks = torch.randn(6, generator=g).to(dtype)
+    for v, window, sink, value_dim in [(v_pool, None, None, 24), (v_pool, 5, sinks, 24), (None, None, None, 16)]:
+        want = torch.ops.moeserve.cpu_paged_decode(query, k_pool, v, tables, positions, 0.2, window or 0, sink, value_dim)
+        got = native.cpu_paged_decode(query, k_pool, v, tables, positions, 0.2, window or 0, sink, value_dim)
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="outside its block table"):
+        native.cpu_paged_decode(query, k_pool, v_pool, tables, torch.tensor([9, 16, 0]), 0.2, 0, None, 24)
+    with pytest.raises(ValueError, match="one dtype"):
+        native.cpu_paged_decode(query, k_pool.double(), v_pool, tables, positions, 0.2, 0, None, 24)
 
 
 def test_a_failed_build_keeps_the_python_ops(monkeypatch, capfd, checkpoint_factory, tmp_path):

@@ -189,9 +189,9 @@ def test_a_hold_outside_a_step_or_of_an_unknown_expert_says_so(store):
     ids = torch.zeros(1, TOP_K, dtype=torch.long)
     from moeserve import native_ops
     from moeserve.codecs.szp_cpu import held_slots_address
-    from moeserve.layers import cpu_gemm
+    from moeserve.layers import cpu_attention, cpu_gemm
 
-    if not native_ops.load(cpu_gemm.entry_address(), held_slots_address(), progress=False):
+    if not native_ops.load(cpu_gemm.entry_address(), cpu_attention.entry_address(), held_slots_address(), progress=False):
         pytest.skip(f"the C++ ops did not build: {native_ops._state.get('failure')}")
     with pytest.raises(ValueError, match="outside a step"):
         torch.ops.moeserve_native.held_expert_slots(ids, 0, [], [])

@@ -1,9 +1,11 @@
-"""Decode attention over paged KV blocks: the CPU gather path and the Triton kernel against a plain reference.
+"""Decode attention over paged KV blocks: the CPU gather path, the CPU kernel and the Triton kernel against a
+plain reference.
 
 Fresh random pools, block tables that scatter each sequence over the pool in random order, positions that
-end mid-block and on block edges, GQA, sliding windows, sinks and MLA's latent-as-value layout. The kernel
-runs in the Triton interpreter (a TRITON_INTERPRET=1 subprocess, since the variable must be set before
-triton is imported) and on CUDA when there is one.
+end mid-block and on block edges, GQA, sliding windows, sinks and MLA's latent-as-value layout. The Triton
+kernel runs in the Triton interpreter (a TRITON_INTERPRET=1 subprocess, since the variable must be set before
+triton is imported) and on CUDA when there is one; the CPU kernel (csrc/cpu_attention.cpp) on every path this
+CPU has.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from triton_interpreter import (
 )
 from moeserve.kv.cache import KvLayout, PagedKVCache
 from moeserve.kv.context import DecodeContext, Part
-from moeserve.layers.paged_attention import paged_decode_attention, paged_decode_reference
+from moeserve.layers import cpu_attention, cpu_gemm
+from moeserve.layers.paged_attention import paged_decode_attention, paged_decode_reference, triton_paged_decode
 from moeserve.layers.sinks import sink_attention
 
 # (heads, kv heads, key dim, value dim or None for separate V of the key's size, window, sinks)
@@ -104,13 +107,18 @@ def test_the_gather_workspace_is_kept_between_steps():
     assert cache.workspace_nbytes == workspace > 0
 
 
-def _check_kernel(device, dtype, rtol):
+def _triton(query, k_pool, v_pool, tables, positions, scale, window, sinks, value_dim):
+    values = k_pool if v_pool is None else v_pool
+    return triton_paged_decode(query, k_pool, values, tables, positions, scale, window, sinks, value_dim or values.shape[-1])
+
+
+def _check_kernel(kernel, device, dtype, rtol):
     for seed, (heads, kv_heads, key_dim, value_dim, window, sinks) in enumerate(CASES):
         query, k_pool, v_pool, tables, positions, sink = random_case(
             heads, kv_heads, key_dim, value_dim, sinks, dtype, device, seed
         )
         scale = key_dim**-0.5
-        got = paged_decode_attention(query, k_pool, v_pool, tables, positions, scale, window, sink, value_dim)
+        got = kernel(query, k_pool, v_pool, tables, positions, scale, window, sink, value_dim)
         want = paged_decode_reference(query, k_pool, v_pool, tables, positions, scale, window, sink, value_dim)
         assert got.shape == want.shape and got.dtype == dtype
         assert torch.allclose(got.float(), want.float(), rtol=rtol, atol=rtol), (heads, kv_heads, window, sinks)
@@ -125,11 +133,94 @@ def test_triton_interpreter_subprocess():
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_interpreted_kernel_matches_the_reference(dtype):
-    _check_kernel("cpu", dtype, 1e-5 if dtype == torch.float32 else 2**-7)
+    _check_kernel(_triton, "cpu", dtype, 1e-5 if dtype == torch.float32 else 2**-7)
 
 
 @pytest.mark.gpu
 @requires_cuda_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_on_cuda_matches_the_reference(dtype):
-    _check_kernel("cuda", dtype, 1e-5 if dtype == torch.float32 else 2**-8)
+    _check_kernel(paged_decode_attention, "cuda", dtype, 1e-5 if dtype == torch.float32 else 2**-8)
+
+
+requires_cpu_kernel = pytest.mark.skipif(not cpu_attention.available(torch.float32),
+                                         reason="the CPU kernel extension is not built")
+
+
+@pytest.fixture
+def each_isa():
+    """Runs the test body once per instruction-set path this CPU has (they must agree bit for bit)."""
+    before = cpu_gemm.isa()
+    yield cpu_gemm.supported_isas()
+    cpu_gemm.set_isa(before)
+
+
+@requires_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_matches_the_reference(dtype, each_isa):
+    for isa in each_isa:
+        cpu_gemm.set_isa(isa)
+        _check_kernel(paged_decode_attention, "cpu", dtype, 1e-5 if dtype == torch.float32 else 2**-8)
+
+
+def _random_calls(dtype):
+    """Fresh random cases of odd sizes (a key size off the 16 lanes, one KV head per query head, MLA values)
+    with their kernel arguments."""
+    gen = torch.Generator().manual_seed(1234)
+    for heads, kv_heads, key_dim, value_dim, window, sinks in [*CASES, (6, 3, 37, None, 3, True), (2, 2, 80, 33, None, False)]:
+        query, k_pool, v_pool, tables, positions, sink = random_case(
+            heads, kv_heads, key_dim, value_dim, sinks, dtype, "cpu", int(torch.randint(1 << 20, (1,), generator=gen))
+        )
+        yield query, k_pool, v_pool, tables, positions, key_dim**-0.5, window, sink, value_dim
+
+
+@requires_cpu_kernel
+@pytest.mark.exact
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_paths_agree_and_rows_stand_alone(dtype, each_isa):
+    """Every path writes the same bits, and a row alone gives the bits it gives within the batch."""
+    for args in _random_calls(dtype):
+        query, k_pool, v_pool, tables, positions, scale, window, sink, value_dim = args
+        results = []
+        for isa in each_isa:
+            cpu_gemm.set_isa(isa)
+            results.append(paged_decode_attention(*args))
+        assert all(torch.equal(results[0], r) for r in results[1:]), each_isa
+        for row in range(query.shape[0]):
+            alone = paged_decode_attention(query[row : row + 1], k_pool, v_pool, tables[row : row + 1],
+                                           positions[row : row + 1], scale, window, sink, value_dim)
+            assert torch.equal(alone, results[0][row : row + 1])
+
+
+@requires_cpu_kernel
+@pytest.mark.exact
+def test_cpu_kernel_threads_do_not_change_a_bit():
+    """A call large enough to run on several threads gives the single thread's bits."""
+    gen = torch.Generator().manual_seed(7)
+    k_pool, v_pool = torch.randn(2, 33, 64, 4, 64, generator=gen)
+    tables = torch.randperm(33, generator=gen)[:32].reshape(4, 8) + 0
+    query, positions = torch.randn(4, 8, 64, generator=gen), torch.tensor([511, 300, 17, 0])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = paged_decode_attention(query, k_pool, v_pool, tables, positions, 0.125, None, None)
+        torch.set_num_threads(max(2, threads))
+        assert torch.equal(paged_decode_attention(query, k_pool, v_pool, tables, positions, 0.125, None, None), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@requires_cpu_kernel
+def test_cpu_kernel_refuses_what_it_cannot_read():
+    query, k_pool, v_pool, tables, positions, _ = random_case(4, 2, 16, None, False, torch.float32, "cpu", seed=3)
+    with pytest.raises(ValueError, match="outside its block table"):
+        paged_decode_attention(query, k_pool, v_pool, tables, torch.tensor([0, 9, 32]), 0.25, None, None)
+    bad = tables.clone()
+    bad[1, 0] = k_pool.shape[0]
+    with pytest.raises(ValueError, match="reads block 17, outside the pools' 17 blocks"):
+        paged_decode_attention(query, k_pool, v_pool, bad, positions, 0.25, None, None)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        paged_decode_attention(query.half(), k_pool.half(), v_pool.half(), tables, positions, 0.25, None, None)
+    with pytest.raises(ValueError, match="does not fit the K pool"):
+        paged_decode_attention(query[:, :3], k_pool, v_pool, tables, positions, 0.25, None, None)
+    assert not cpu_attention.available(torch.float16)

@@ -54,7 +54,7 @@ from moeserve.engine.direct_graph import CapturingInductor, DirectGraph
 from moeserve.engine.sequence import Sequence
 from moeserve.experts import ExpertProvider, StackedExperts
 from moeserve.kv.context import DecodeContext
-from moeserve.layers import cpu_gemm
+from moeserve.layers import cpu_attention, cpu_gemm
 from moeserve.layers.moe import held_stack, host_experts
 from moeserve.models.decoder import MoeCausalLM
 
@@ -99,7 +99,7 @@ class CompiledDecode:
         blocks = runner.decode_blocks(seqs)
         inputs = runner.step_inputs(seqs, bucket)  # [2 + groups, bucket]: token ids, positions, write slots
         tables = runner.block_tables(seqs, bucket, blocks)  # [groups, bucket, blocks]; padding: null block
-        ctx = padded_context(runner.cache, inputs, tables, use_kernel=False)
+        ctx = padded_context(runner.cache, inputs, tables, use_kernel=runner.paged_kernel)
         # what the trace bakes in of the provider: its class (where its stacked experts live), which
         # layers it holds stacked, how far ahead it wants predictions, and whether its cache is in C++
         stacked = tuple(experts.stacked(layer) is not None for layer in self._blocks)
@@ -116,7 +116,7 @@ class CompiledDecode:
         """Compile `key`'s region by running it once; that run's logits [bucket, V]."""
         bucket, blocks = key[:2]
         # the kernels' C++ ops (built on the very first compile), before the first trace bakes in which ops it calls
-        native_ops.load(cpu_gemm.entry_address(), held_slots_address(), self.progress)
+        native_ops.load(cpu_gemm.entry_address(), cpu_attention.entry_address(), held_slots_address(), self.progress)
         directory = cache_dir()
         os.environ[CACHE_DIR_ENV] = str(directory)
         span = blocks * self.runner.cache.block_size

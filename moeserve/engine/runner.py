@@ -47,7 +47,7 @@ class ModelRunner:
         self.max_len = max_len
         self.cache = PagedKVCache(kv_layout(model), num_blocks, block_size, device)
         self.max_blocks = blocks_for(max_len, block_size)  # of one sequence's table
-        self.paged_kernel = runs_paged_kernel(device)
+        self.paged_kernel = runs_paged_kernel(device, self.cache.dtype)
         # decode steps replay CUDA graphs where they can (engine/decode_graphs.py)
         # (they need the grouped GEMM's kernel: without triton, MoE blocks on a GPU read routing on the host)
         capturable = device.type == "cuda" and runs_kernel(device) and not enforce_eager

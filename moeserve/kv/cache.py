@@ -140,7 +140,14 @@ class PagedKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The blocks `index` [rows * n] names (row-major), in order, of one layer's keys and values:
         [rows, n * block_size, G, Dh] each (values None for MLA), into `out` (`workspace`) when given."""
-        pools = self._blocks[self.slot_of_layer[layer]]
+        slot = self.slot_of_layer[layer]
+        if torch.compiler.is_compiling():
+            # the block views made in the graph from the pools kv_write writes: a view handed in beside its
+            # pool makes two aliased inputs of a mutated tensor, which the compiled step's wrapper then
+            # rebuilds on every call (~60 us a step for 8 layers)
+            pools = [p[slot].view(self.num_blocks, -1) for p in (self.k, self.v) if p]
+        else:
+            pools = self._blocks[slot]
         if out is None:
             gathered = [pool[index] for pool in pools]
         else:
