@@ -49,8 +49,10 @@ def test_compiled_steps_match_eager_steps(checkpoint, capfd):
     assert "reading 128 positions" in progress  # the longest sequence crossed into the next span
     keys = set(compiled.engine.runner.compiled._steps)
     assert {key[:2] for key in keys} >= {(4, 4), (4, 8)}
-    # every step's graph is called directly (engine/direct_graph.py), not back through torch.compile
-    assert all(isinstance(step, DirectGraph) for step in compiled.engine.runner.compiled._steps.values())
+    # every step's graph is called directly (engine/direct_graph.py), not back through torch.compile, and
+    # inductor's code itself, past AOT autograd's wrappers
+    steps = compiled.engine.runner.compiled._steps.values()
+    assert all(isinstance(step, DirectGraph) and step.code is not None for step in steps)
     # the same shapes again: no new compile, no progress line
     assert _tokens(compiled) == _tokens(eager)
     assert set(compiled.engine.runner.compiled._steps) == keys
@@ -95,7 +97,7 @@ def test_offloaded_experts_from_a_compiled_step(checkpoint, policy, cache, held)
     assert offloaded.offload.stats.misses > 0  # experts were loaded by the opaque op's fetches, not baked into the step
     steps = offloaded.engine.runner.compiled._steps
     assert {key[2] for key in steps} == {type(offloaded.experts)}
-    assert all(isinstance(step, DirectGraph) for step in steps.values())
+    assert all(isinstance(step, DirectGraph) and step.code is not None for step in steps.values())
     held_by_bucket = {key[0]: all(shape is not None for shape in key[4]) for key in steps}
     assert held_by_bucket == {4: held, 1: True}
     assert offloaded.experts.pinned_slots() == 0  # released after each step

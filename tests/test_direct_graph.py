@@ -35,6 +35,17 @@ class Pure(nn.Module):
         return self.proj(x) * inputs.scale + self.offset
 
 
+class ScalesItsInput(Pure):
+    def forward(self, x: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+        inputs.scale.mul_(2)  # an input mutation, which inductor's code does in place for inference graphs
+        return self.proj(x) * inputs.scale
+
+
+class ViewOfItsInput(Pure):
+    def forward(self, x: torch.Tensor, inputs: Inputs) -> torch.Tensor:
+        return inputs.scale[:4]  # an output aliasing an input: AOT autograd's wrapper remakes the view
+
+
 class WritesItsInputs(Pure):
     def forward(self, x: torch.Tensor, inputs: Inputs) -> torch.Tensor:
         y = self.proj(x)
@@ -61,7 +72,7 @@ def test_direct_call_gives_the_compiled_call_s_results_and_reads_what_the_model_
     x, inputs = torch.randn(3, 8), Inputs(torch.randn(8))
     backend, step, result = _compiled(module, x, inputs)
     direct = DirectGraph.checked(backend, module, (x, inputs), result)
-    assert direct is not None
+    assert direct is not None and direct.code is not None  # inductor's code itself, past AOT autograd's wrappers
     for _ in range(3):  # fresh inputs each call, as each decode step brings
         x, inputs = torch.randn(3, 8), Inputs(torch.randn(8))
         assert torch.equal(direct(x, inputs), step(x, inputs))
@@ -70,6 +81,29 @@ def test_direct_call_gives_the_compiled_call_s_results_and_reads_what_the_model_
     module.offset = torch.randn(8)
     expected = module.proj(x) * inputs.scale + module.offset
     assert torch.allclose(direct(x, inputs), expected, atol=1e-6)
+
+
+def test_inductor_s_code_is_called_where_it_does_all_the_step_does():
+    module = ScalesItsInput().eval()
+    x, inputs = torch.randn(3, 8), Inputs(torch.randn(8))
+    backend, step, result = _compiled(module, x, inputs)
+    direct = DirectGraph.checked(backend, module, (x, inputs), result)
+    assert direct is not None and direct.code is not None  # the in-place write runs inside inductor's code
+    scale = torch.randn(8)
+    direct_inputs, step_inputs = Inputs(scale.clone()), Inputs(scale.clone())
+    assert torch.equal(direct(x, direct_inputs), step(x, step_inputs))
+    assert torch.equal(direct_inputs.scale, scale * 2) and torch.equal(step_inputs.scale, scale * 2)
+
+
+def test_the_wrapped_graph_is_called_where_aot_autograd_s_wrapper_does_work():
+    module = ViewOfItsInput().eval()
+    x, inputs = torch.randn(3, 8), Inputs(torch.randn(8))
+    backend, step, result = _compiled(module, x, inputs)
+    direct = DirectGraph.checked(backend, module, (x, inputs), result)
+    assert direct is not None and direct.code is None  # the wrapper, not inductor's code, makes the view
+    inputs = Inputs(torch.randn(8))
+    viewed = direct(x, inputs)
+    assert torch.equal(viewed, step(x, inputs)) and viewed._base is inputs.scale
 
 
 def test_no_direct_call_where_the_forward_has_side_effects():
