@@ -76,6 +76,9 @@ struct Scalar {
     static void add_scaled(float e, const T* v, float* acc, int64_t n) {
         for (int64_t i = 0; i < n; ++i) acc[i] = std::fmaf(e, widen(v[i]), acc[i]);
     }
+
+    template <class T>
+    static void attend(const Problem& p, int64_t b, int64_t h);
 };
 
 #if CPU_ATTENTION_X86
@@ -88,10 +91,18 @@ AVX512 inline __m512 load16_512(const bf16* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// cpu_numbers::lane_tree on lanes 0-7 (`lo`) and 8-15 (`hi`) in registers: the same additions of the same
+// operands in the same order (lane i + lane i + 8, then + 4, + 2, + 1), so the same bits, without a round
+// trip through memory per key.
+__attribute__((target("avx"))) inline float tree_8x2(__m256 lo, __m256 hi) {
+    const __m256 s8 = _mm256_add_ps(lo, hi);
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
 AVX512 inline float tree_512(__m512 v) {
-    float lanes[kLanes];
-    _mm512_storeu_ps(lanes, v);
-    return cpu_numbers::lane_tree(lanes);
+    return tree_8x2(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
 struct Avx512 {
@@ -116,6 +127,9 @@ struct Avx512 {
             _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(ev, load16_512(v + i), _mm512_loadu_ps(acc + i)));
         for (int64_t i = full; i < n; ++i) acc[i] = std::fmaf(e, widen(v[i]), acc[i]);
     }
+
+    template <class T>
+    AVX512 static void attend(const Problem& p, int64_t b, int64_t h);
 };
 
 #define AVX2 __attribute__((target("avx2,fma")))
@@ -141,10 +155,7 @@ struct Avx2 {
             lo = _mm256_fmadd_ps(_mm256_loadu_ps(q + full), load8_256(buf), lo);
             hi = _mm256_fmadd_ps(_mm256_loadu_ps(q + full + 8), load8_256(buf + 8), hi);
         }
-        float lanes[kLanes];
-        _mm256_storeu_ps(lanes, lo);
-        _mm256_storeu_ps(lanes + 8, hi);
-        return cpu_numbers::lane_tree(lanes);
+        return tree_8x2(lo, hi);
     }
 
     template <class T>
@@ -155,6 +166,9 @@ struct Avx2 {
             _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(ev, load8_256(v + i), _mm256_loadu_ps(acc + i)));
         for (int64_t i = full; i < n; ++i) acc[i] = std::fmaf(e, widen(v[i]), acc[i]);
     }
+
+    template <class T>
+    AVX2 static void attend(const Problem& p, int64_t b, int64_t h);
 };
 
 #endif  // CPU_ATTENTION_X86
@@ -163,9 +177,11 @@ inline int64_t first_position(const Problem& p, int64_t position) {
     return p.window > 0 ? std::max<int64_t>(0, position - p.window + 1) : 0;
 }
 
-// One (row b, head h) item, as cpu_attention.h defines it.
+// One (row b, head h) item, as cpu_attention.h defines it. Inlined into each kernel's own `attend`, compiled
+// for that kernel's instruction set, so that its dot and add_scaled inline too (a function of the default
+// target cannot inline them: a call per key and value).
 template <class T, class Kern>
-void attend(const Problem& p, int64_t b, int64_t h) {
+__attribute__((always_inline)) inline void attend_item(const Problem& p, int64_t b, int64_t h) {
     Scratch& s = scratch();
     const int64_t key_dim = p.key_dim, value_dim = p.value_dim;
     const int64_t g = h / (p.heads / p.kv_heads);
@@ -209,6 +225,23 @@ void attend(const Problem& p, int64_t b, int64_t h) {
     for (int64_t i = 0; i < value_dim; ++i) store(out + i, acc[i] / total);
 }
 
+template <class T>
+void Scalar::attend(const Problem& p, int64_t b, int64_t h) {
+    attend_item<T, Scalar>(p, b, h);
+}
+
+#if CPU_ATTENTION_X86
+template <class T>
+AVX512 void Avx512::attend(const Problem& p, int64_t b, int64_t h) {
+    attend_item<T, Avx512>(p, b, h);
+}
+
+template <class T>
+AVX2 void Avx2::attend(const Problem& p, int64_t b, int64_t h) {
+    attend_item<T, Avx2>(p, b, h);
+}
+#endif
+
 template <class T, class Kern>
 void run(const Problem& p, int threads) {
     const int64_t items = p.batch * p.heads;
@@ -218,7 +251,7 @@ void run(const Problem& p, int threads) {
     const bool parallel = threads > 1 && items > 1 && work >= kParallelMinWork;
     (void)parallel;
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
-    for (int64_t item = 0; item < items; ++item) attend<T, Kern>(p, item / p.heads, item % p.heads);
+    for (int64_t item = 0; item < items; ++item) Kern::template attend<T>(p, item / p.heads, item % p.heads);
 }
 
 template <class T>
