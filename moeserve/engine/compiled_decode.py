@@ -30,6 +30,10 @@ eager forward reaches it. The activation between an expert's two GEMMs is an opa
 come out of the compiled step's stack bit for bit as out of the host path. So the provider sees the same loads
 either way, and raw offload equals resident bit for bit whichever path a step takes.
 
+Attention: each layer writes the step's K/V rows into the pools (`kv_write`) and reads every row's blocks in
+place through the CPU paged decode kernel (layers/cpu_attention.py, csrc/cpu_attention.cpp), an opaque op with
+a C++ twin like the GEMM's; the pools' block views are made inside the graph, so inductor sees no aliased inputs.
+
 Compiling a key takes seconds (more on a loaded machine), so it happens on first use with a progress
 line on stderr; inductor's cache directory (`cache_dir`) keeps the generated code across processes.
 `enforce_eager` (LLM / --enforce-eager / MOESERVE_ENFORCE_EAGER=1) turns all of this off.
