@@ -373,12 +373,16 @@ void run(const Problem& p, int threads) {
     const int64_t* order = s.order.data();
     const float* const* act = s.act.data();
 
-    // Block-major items: a static split gives each thread a range of row blocks of every group, so groups of
-    // different sizes spread evenly.
+    // Groups of one size (every slot of a batch-1 step has one pair): group-major items, so each thread reads
+    // whole matrices or long runs of one, sequential streams. Groups of different sizes: block-major items, a
+    // static split giving each thread a range of row blocks of every group, so they spread evenly.
+    bool one_size = true;
+    for (int64_t i = 1; i < num_groups; ++i)
+        one_size = one_size && groups[i].end - groups[i].begin == groups[0].end - groups[0].begin;
 #pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
     for (int64_t item = 0; item < items; ++item) {
-        const Group& g = groups[item % num_groups];
-        const int64_t n0 = (item / num_groups) * kBlockRows, n1 = std::min(N, n0 + kBlockRows);
+        const Group& g = groups[one_size ? item / blocks : item % num_groups];
+        const int64_t n0 = (one_size ? item % blocks : item / num_groups) * kBlockRows, n1 = std::min(N, n0 + kBlockRows);
         const W* slot_w = w + g.slot * p.slot_stride;
         const float* ap[Kern::kMaxPairs] = {};
         T* op[Kern::kMaxPairs] = {};
