@@ -21,7 +21,8 @@ from typing import Iterable, Protocol, Sequence
 
 import torch
 
-from moeserve.alignment import aligned_empty, aligned_numel, ensure_aligned
+from moeserve.alignment import aligned_numel, ensure_aligned
+from moeserve.huge_pages import weight_buffer
 from moeserve.codecs.mxfp4 import Mxfp4Tensor
 
 
@@ -109,7 +110,7 @@ def stack_experts(
 ) -> StackedExperts:
     """Copy `count` experts (any device, dtype and layout) into one stacked tensor on `device` in
     `dtype`, expert e in row e."""
-    memory = aligned_empty((count, expert_row_numel(intermediate, hidden, dtype)), dtype, device)
+    memory = weight_buffer((count, expert_row_numel(intermediate, hidden, dtype)), dtype, device)
     stacked = StackedExperts.over(memory, intermediate, hidden, torch.arange(count, device=device))
     for e, w in enumerate(experts):
         stacked.gate_up[e, :intermediate].copy_(w.gate)

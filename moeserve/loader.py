@@ -23,6 +23,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from moeserve import huge_pages
 from moeserve.alignment import ensure_aligned
 from moeserve.checkpoint import CheckpointTensors
 from moeserve.config import ModelConfig, parse_model_config, read_config_json
@@ -177,4 +178,7 @@ def _require_float(tensor: torch.Tensor) -> None:
 
 def _convert(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     _require_float(tensor)
+    if torch.device(device).type == "cpu" and tensor.numel() * dtype.itemsize >= huge_pages.MIN_BYTES:
+        # read every step: a copy on huge pages rather than the mapped file's 4 KiB pages (huge_pages.py)
+        return huge_pages.weight_buffer(tuple(tensor.shape), dtype, device).copy_(tensor)
     return ensure_aligned(tensor.to(device=device, dtype=dtype))

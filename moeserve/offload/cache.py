@@ -24,7 +24,7 @@ from typing import Callable, Container, Iterable, Sequence
 
 import torch
 
-from moeserve.alignment import aligned_empty
+from moeserve.huge_pages import weight_buffer
 from moeserve.codecs import Blob
 from moeserve.codecs.registry import get as codec
 from moeserve.experts import ExpertWeights, expert_row_numel, expert_rows
@@ -115,7 +115,7 @@ class SlotPool:
         storage_dtype = dtype if storage_dtype is None else storage_dtype
         # [S, expert_row_numel]: per slot gate | up | down (experts.expert_rows, the layout of stacked
         # resident experts), each matrix contiguous so it decodes straight into place.
-        self.memory = aligned_empty(
+        self.memory = weight_buffer(
             (num_slots, expert_row_numel(intermediate, hidden, storage_dtype)), storage_dtype, device
         )
         self.num_slots = num_slots
