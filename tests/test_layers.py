@@ -15,7 +15,8 @@ PACKAGE = ROOT / "moeserve"
 
 # Bottom to top. A module belongs to the layer of its longest matching prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("moeserve.errors", "moeserve.devices", "moeserve.sizes", "moeserve.alignment", "moeserve.native_ops", "moeserve.paths")),
+    ("foundation", ("moeserve.errors", "moeserve.devices", "moeserve.sizes", "moeserve.alignment", "moeserve.huge_pages",
+                    "moeserve.native_ops", "moeserve.paths")),
     ("codecs", ("moeserve.codecs", "moeserve._szp_cpu")),
     ("checkpoint", ("moeserve.config", "moeserve.config_families", "moeserve.checkpoint", "moeserve.tokenizer",
                     "moeserve.assets")),
