@@ -140,6 +140,7 @@ def iter_stored_experts(
 
 
 def _fill_resident(model: MoeCausalLM, checkpoint: CheckpointTensors, config: ModelConfig, device: torch.device):
+    converted: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # a tied lm_head shares the embeddings' tensor
     for name, param in list(model.named_parameters()):
         source = name
         if name == "lm_head.weight" and (config.tie_word_embeddings or name not in checkpoint):
@@ -153,7 +154,9 @@ def _fill_resident(model: MoeCausalLM, checkpoint: CheckpointTensors, config: Mo
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         dtype = torch.float32 if model.keeps_float32(name) else config.dtype
-        setattr(module, attr, nn.Parameter(_convert(tensor, device, dtype), requires_grad=False))
+        if (source, dtype) not in converted:
+            converted[source, dtype] = _convert(tensor, device, dtype)
+        setattr(module, attr, nn.Parameter(converted[source, dtype], requires_grad=False))
 
 
 def _checked(checkpoint: CheckpointTensors, name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -23,7 +23,8 @@ def _mapped_ranges(checkpoint: CheckpointTensors) -> list[tuple[int, int]]:
 
 def test_same_dtype_cpu_load_keeps_aligned_weights_in_the_mapped_file(checkpoint_factory):
     # safetensors aligns tensor data to 8 bytes only. A weight the file starts on a 64-byte boundary stays
-    # a view of the mapped file; any other is copied once, to memory that starts aligned (alignment.py).
+    # a view of the mapped file; any other is copied once, to memory that starts aligned (alignment.py). (Weights
+    # of 2 MiB or more are copied to huge pages whatever their alignment: the next test.)
     from moeserve.alignment import is_aligned
     from moeserve.loader import iter_stored_experts, load_dense_experts, load_model
 
@@ -43,6 +44,22 @@ def test_same_dtype_cpu_load_keeps_aligned_weights_in_the_mapped_file(checkpoint
         assert (tensor.data_ptr() == stored.data_ptr()) == is_aligned(stored), "mapped exactly where aligned"
     for tensor, stored in pairs + expert_pairs:
         assert is_aligned(tensor) and torch.equal(tensor, stored)
+
+
+def test_large_cpu_weights_are_copied_to_huge_pages_and_a_tied_lm_head_shares_the_embeddings(checkpoint_factory):
+    from moeserve import huge_pages
+    from moeserve.loader import load_model
+
+    vocab = huge_pages.MIN_BYTES // (32 * 4)  # embeddings of hidden 32 in float32: exactly MIN_BYTES
+    directory, _ = checkpoint_factory("qwen3_moe", vocab_size=vocab, tie_word_embeddings=True)
+    model = load_model(directory, torch.device("cpu")).model
+    embeddings = model.get_parameter("model.embed_tokens.weight")
+    lm_head = dict(model.named_parameters(remove_duplicate=False)).get("lm_head.weight", embeddings)
+    assert lm_head.data_ptr() == embeddings.data_ptr()  # one copy, not two
+    if hasattr(huge_pages.mmap, "MADV_HUGEPAGE"):
+        assert embeddings.data_ptr() % huge_pages.HUGE_PAGE == 0
+    stored = CheckpointTensors(directory).get("model.embed_tokens.weight")
+    assert torch.equal(embeddings, stored) and embeddings.data_ptr() != stored.data_ptr()
 
 
 @pytest.mark.parametrize("model_type,prefix,names", [
