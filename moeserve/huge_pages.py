@@ -15,6 +15,7 @@ arithmetic is the same: only where the bytes sit changes.
 
 from __future__ import annotations
 
+import math
 import mmap
 from typing import Sequence
 
@@ -31,10 +32,8 @@ def weight_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device
     """A zeroed, contiguous, writable tensor for weights read every step: on a CPU and at least `MIN_BYTES`,
     starting on a 2 MiB boundary of a mapping advised to use huge pages; else `aligned_empty` zeroed."""
     device = torch.device(device)
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    nbytes = numel * dtype.itemsize
+    shape = tuple(int(size) for size in shape)
+    nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE") or not hasattr(mmap, "MAP_ANONYMOUS"):
         return aligned_empty(shape, dtype, device).zero_()
     # private and anonymous (Python's default for -1 is a shared mapping, which is shmem: no huge pages there);
@@ -46,4 +45,4 @@ def weight_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device
         pass
     raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps `mapping` alive as long as any view of it
     start = -raw.data_ptr() % HUGE_PAGE
-    return raw[start : start + nbytes].view(dtype).view(tuple(int(s) for s in shape))
+    return raw[start : start + nbytes].view(dtype).view(shape)

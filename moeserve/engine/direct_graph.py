@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -57,7 +57,7 @@ class _Compiled:
     first_args: list | None = None
     first_outputs: Any = None
     grad_after: bool | None = None
-    inner: list[_Inner] | None = None  # every inner graph inductor compiled for it
+    inner: list[_Inner] = field(default_factory=list)  # every inner graph inductor compiled for it
 
 
 class CapturingInductor:
@@ -167,7 +167,7 @@ class DirectGraph:
 def _inner_code(record: _Compiled, gathered: tuple, result) -> Any:
     """Inductor's code of `record` where its first run shows that AOT autograd's wrappers around it did nothing:
     it was given the very tensors gathered, in order, and returned the step's result as its one output."""
-    if record.inner is None or len(record.inner) != 1:
+    if len(record.inner) != 1:
         return None
     inner = record.inner[0]
     args, outputs = inner.first_args, inner.first_outputs

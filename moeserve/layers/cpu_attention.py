@@ -29,13 +29,14 @@ import torch
 from moeserve import native_ops
 from moeserve.layers import cpu_gemm
 
-_ext = cpu_gemm._ext  # one extension holds the CPU GEMM and this kernel
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+# one extension holds the CPU GEMM and this kernel, with one set of dtype codes
+_ext, _DTYPE_CODES = cpu_gemm._ext, cpu_gemm._DTYPE_CODES
 
 
 def available(dtype: torch.dtype) -> bool:
-    """Whether the kernel runs for a KV cache of `dtype`: the extension is built and takes the dtype."""
-    return _ext is not None and dtype in _DTYPE_CODES
+    """Whether the kernel runs for a KV cache of `dtype`: the extension is built and takes the dtype (the GEMM's
+    condition: both kernels take the same dtypes)."""
+    return cpu_gemm.available(dtype)
 
 
 def entry_address() -> int | None:
