@@ -57,16 +57,16 @@ inline void plane_magnitudes(const szp_u8* planes, int n_planes, u32x4 mag[kVecs
 }
 
 // The portable block: magnitudes from the bit-planes, signs from the spread sign mask, then the
-// reconstruction rule. Writes all 32 values to dst.
+// reconstruction rule. Writes all 32 values to dst; returns the sign bits it took.
 struct PortableBlock {
-    static szp_u32 spread(szp_u64 window, szp_u32 nz) { return spread_signs_by_table(window, nz); }
-
     template <class S, class O>
-    static void run(const szp_u8* planes, int n_planes, szp_u32 signs, float step, typename O::bits* dst) {
+    static int run(const szp_u8* planes, int n_planes, szp_u64 window, float step, typename O::bits* dst) {
+        szp_u32 nz = 0;  // bit i set iff value i is nonzero: the OR of the planes
+        for (int p = 0; p < n_planes; ++p) nz |= load_u32(planes + 4 * p);
         u32x4 mag[kVecs];
         plane_magnitudes(planes, n_planes, mag);
         float v[kBlockValues];
-        const u32x4 s = splat(signs);
+        const u32x4 s = splat(spread_signs_by_table(window, nz));
         for (int j = 0; j < kVecs; ++j) {
             const i32x4 neg = (s & kLaneBit[j]) != 0;  // -1 where negative
             const f32x4 f = __builtin_convertvector((i32x4(mag[j]) ^ neg) - neg, f32x4) * step;
@@ -75,6 +75,7 @@ struct PortableBlock {
         }
         if constexpr (!kVectorEmit<S, O>)
             for (int i = 0; i < kBlockValues; ++i) dst[i] = emit<S, O>(v[i]);
+        return __builtin_popcount(nz);
     }
 };
 
@@ -107,7 +108,7 @@ void decode_all(ChunkDecoder decode_one, const szp_u8* payload, const Layout& l,
 bool decode_path_supported(DecodePath path) {
 #if defined(__x86_64__) && defined(__GNUC__)
     if (path == DecodePath::kAvx512)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                __builtin_cpu_supports("bmi2") && chunk_decoder_avx512(kF32, kF32) != nullptr;
     if (path == DecodePath::kAvx2) return __builtin_cpu_supports("avx2") && chunk_decoder_avx2(kF32, kF32) != nullptr;
 #endif

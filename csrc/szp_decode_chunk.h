@@ -1,8 +1,8 @@
 // The szp chunk loop, shared by the decoder's instruction-set paths (szp_decode.cpp, szp_decode_x86.cpp).
 //
 // In:  one chunk of a payload (its table entries, rate bytes, planes and sign stream) and a Block policy that
-//      decodes one coded block: Block::spread(window, nz) places the sign bits, Block::run<S, O>(planes,
-//      n_planes, signs, step, dst) writes its 32 values.
+//      decodes one coded block: Block::run<S, O>(planes, n_planes, window, step, dst) writes its 32 values, taking
+//      one sign bit from the low end of window per nonzero value, and returns how many it took.
 // Out: the chunk's values in out, or false where the chunk's bytes disagree with its rates and table.
 //
 // Everything here is in an anonymous namespace and included after an ISA file's `#pragma GCC target`, so each
@@ -95,21 +95,20 @@ bool decode_chunk(const szp_u8* payload, const Layout& l, const Header& h, szp_u
             continue;
         }
         const int n_planes = rates[b] & kMaxRate;
-        szp_u32 nz = 0;  // bit i set iff value i is nonzero: the OR of the planes
-        for (int p = 0; p < n_planes; ++p) nz |= load_u32(cursor + 4 * p);
-        const int nnz = __builtin_popcount(nz);
-        if (sign_pos + nnz > 8 * sign_len) return false;
-        const szp_u64 window = nnz ? sign_window(signs, sign_pos >> 3, sign_len) >> (sign_pos & 7) : 0;
+        // the sign bits from this block's first on; the block takes one per nonzero value
+        const szp_u64 window = sign_window(signs, sign_pos >> 3, sign_len) >> (sign_pos & 7);
         const float step = block_step(rates[b], h.step);
+        int nnz;
         if (count == kBlockValues) {
-            Block::template run<S, O>(cursor, n_planes, Block::spread(window, nz), step, dst);
+            nnz = Block::template run<S, O>(cursor, n_planes, window, step, dst);
         } else {
             typename O::bits tail[kBlockValues];
-            Block::template run<S, O>(cursor, n_planes, Block::spread(window, nz), step, tail);
+            nnz = Block::template run<S, O>(cursor, n_planes, window, step, tail);
             std::memcpy(dst, tail, count * sizeof(tail[0]));
         }
-        cursor += 4 * n_planes;
         sign_pos += nnz;
+        if (sign_pos > 8 * sign_len) return false;
+        cursor += 4 * n_planes;
     }
     return 4 * ((sign_pos + 31) / 32) == sign_len;
 }

@@ -253,6 +253,32 @@ def test_every_decode_path_agrees_on_a_payload_whose_step_is_infinite():
         module.set_isa(chosen)
 
 
+@pytest.mark.exact
+def test_every_decode_path_agrees_on_a_payload_whose_step_is_denormal():
+    # A grid step below float32's normal range (a damaged header, or the half step of FLT_MIN) makes denormal
+    # products q * step. The AVX-512 path rounds to bfloat16 with an instruction that flushes denormal inputs to
+    # zero; it must keep such blocks on the exact rounding, as the portable path rounds them.
+    module = cpu_module()
+    chosen = module.isa()
+    try:
+        for stored in STORED:
+            blob = encode(torch.tensor([0.0, 1.0, -2.0, 0.5, 3.0, -7.0] * 40, dtype=stored), codec="szp", mode="abs",
+                          error_bound=0.25)
+            blob.payload_numpy()[16:20] = np.frombuffer(np.float32(3e-39).tobytes(), np.uint8)
+            for out_dtype in STORED:
+                decoded = {}
+                for path in DECODE_PATHS:
+                    module.set_isa(path)
+                    decoded[path] = _bits(decode_into(blob, torch.zeros(blob.shape, dtype=out_dtype)))
+                if stored != torch.float16 and out_dtype != torch.float16:  # float16 flushes them to zero
+                    values = decoded["scalar"].view(out_dtype).float()
+                    assert ((values != 0) & (values.abs() < 1.1754944e-38)).any()  # denormal products
+                for path in DECODE_PATHS:
+                    assert torch.equal(decoded[path], decoded["scalar"]), (path, stored, out_dtype)
+    finally:
+        module.set_isa(chosen)
+
+
 def test_a_decode_path_the_cpu_lacks_or_an_unknown_one_is_refused():
     module = cpu_module()
     with pytest.raises(ValueError, match="unknown szp decode path 'sse'"):
