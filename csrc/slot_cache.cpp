@@ -20,8 +20,9 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
 
 }  // namespace
 
-SlotCache::SlotCache(int num_slots, const std::vector<int64_t>& cycle, int64_t experts, int helpers)
-    : slots_(num_slots), cycle_(cycle), experts_(experts), team_(helpers) {
+SlotCache::SlotCache(int num_slots, const std::vector<int64_t>& cycle, int64_t experts, int helpers,
+                     Eviction eviction)
+    : slots_(num_slots), cycle_(cycle), experts_(experts), eviction_(eviction), team_(helpers) {
     if (num_slots < 1 || cycle.empty() || experts < 1)
         throw std::invalid_argument("a slot cache needs at least one slot, one MoE layer and one expert per layer");
     for (int64_t s = num_slots - 1; s >= 0; --s) free_.push_back(s);
@@ -35,6 +36,7 @@ SlotCache::SlotCache(int num_slots, const std::vector<int64_t>& cycle, int64_t e
     slot_of_.assign(layers * experts, -1);
     sources_.resize(layers * experts);
     passes_.assign(layers, 0);
+    uses_.assign(layers * experts, 0);
     pending_.resize(layers);
     guessing_.assign(layers * experts, 0);
     counters_.prefetches_issued_at.assign(layers + 1, 0);
@@ -78,6 +80,7 @@ void SlotCache::touch(int slot, int64_t pos) {
 void SlotCache::use(int slot, int64_t pos) {
     touch(slot, pos);
     Slot& s = slots_[slot];
+    uses_[s.key] += kUse;
     if (s.guessed) {
         s.guessed = false;
         ++counters_.prefetches_used;
@@ -109,6 +112,11 @@ int64_t SlotCache::distance(int64_t from, int64_t to) const {
     return ((to - from - 1) % layers + layers) % layers + 1;
 }
 
+bool SlotCache::evict_before(const Slot& a, const Slot& b) const {
+    if (eviction_ == Eviction::kLfu && uses_[a.key] != uses_[b.key]) return uses_[a.key] < uses_[b.key];
+    return a.used < b.used;
+}
+
 int SlotCache::claim(int64_t pos, bool may_evict, int64_t guess_distance) {
     const bool guess = guess_distance > 0;
     if (!free_.empty()) {
@@ -119,21 +127,21 @@ int SlotCache::claim(int64_t pos, bool may_evict, int64_t guess_distance) {
     auto takeable = [&](const Slot& slot) {
         return slot.key >= 0 && slot.pins == 0 && (!guess || (!slot.pending && !guessing_[slot.key]));
     };
-    // The least recently used takeable slot among the stale ones, else among each layer's in give-up order.
+    // The first takeable slot in eviction order among the stale ones, else among each layer's in give-up order.
     int best = -1;
     for (int s = 0; s < num_slots(); ++s) {
         const Slot& slot = slots_[s];
         const int64_t layer = slot.key / experts_;
         // a deeper guess leaves the stale slots of the layers that run before its own to them
         if (takeable(slot) && slot.pass_used < passes_[layer] && (!guess || distance(layer, pos) >= guess_distance) &&
-            (best < 0 || slot.used < slots_[best].used))
+            (best < 0 || evict_before(slot, slots_[best])))
             best = s;
     }
     for (size_t i = 0; may_evict && best < 0 && i < give_up_[pos].size(); ++i) {
         const int64_t layer = give_up_[pos][i];
         for (int s = 0; s < num_slots(); ++s) {
             const Slot& slot = slots_[s];
-            if (takeable(slot) && slot.key / experts_ == layer && (best < 0 || slot.used < slots_[best].used))
+            if (takeable(slot) && slot.key / experts_ == layer && (best < 0 || evict_before(slot, slots_[best])))
                 best = s;
         }
     }
@@ -249,7 +257,8 @@ std::vector<int64_t> SlotCache::hold(int64_t layer, const std::vector<int64_t>& 
             if (experts[j] == experts[i]) throw std::invalid_argument("a hold names each expert once");
     }
     finish_guesses(threads);
-    ++passes_[pos];
+    if (++passes_[pos] % kAgingPasses == 0 && eviction_ == Eviction::kLfu)
+        for (int64_t key = pos * experts_; key < (pos + 1) * experts_; ++key) uses_[key] >>= 1;
     hints_.erase(std::remove_if(hints_.begin(), hints_.end(), [&](const auto& h) { return h.first == pos; }),
                  hints_.end());  // the layer asks for its experts itself now
     std::vector<int64_t>& keys = wanted_keys_;

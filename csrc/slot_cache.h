@@ -6,22 +6,22 @@
 //      hidden states).
 // Out: the slot of each expert, every one decoded and pinned until release(); counters for OffloadStats.
 //
-// Why: moeserve/offload/provider.py does this in Python, ~55 us per layer with every expert cached and
-// ~80 us per miss on top of its decode; on a small model that was more than the step's own compute. This is
-// the same policy, for the configuration the CPU serves by default (moeserve/offload/native_slots.py says which):
-// LRU eviction, a pool that holds a layer's experts at once. The provider's Python is the reference it is tested
-// against (tests/test_native_slots.py): same hits, misses, guesses and slots for the same requests.
+// Why: moeserve/offload/provider.py does this in Python, ~55 us per layer with every expert cached and ~80 us per
+// miss on top of its decode; on a small model that was more than the step's own compute. This is the same policy,
+// for the configuration the CPU serves by default (moeserve/offload/native_slots.py says which): LFU or LRU
+// eviction, a pool that holds a layer's experts at once. The provider's Python is the reference it is tested against
+// (tests/test_native_slots.py): same hits, misses, guesses and slots for the same requests.
 //
-// Policy (provider.py `_serve`, `_issue_hints` and `_start`): a hit is pinned; a miss takes a free slot, else
-// the least recently used unpinned expert among those its layer did not use on its latest pass ("stale"),
-// else the least recently used unpinned expert of the layers in give-up order (the miss's own layer first,
-// then the layers that ran most recently). Once a hold has claimed its misses it issues the guesses it was given:
-// each takes a slot as a miss of its layer would, never another guess's, the next layer's from any layer in its
-// give-up order, a deeper one only a free or stale slot of a layer that does not run before it. A guess is for its
-// layer's next pass; the guesses that pass does not ask for turn stale. Misses are decoded by the calling thread,
-// torch's intra-op threads where the op lends them, and spinning helpers (decode_team.h; hold says why not the
-// decode pool's workers); guesses by the helpers while the step computes, and what is left of them by the next hold.
-// Used from one thread at a time (the model's).
+// Policy (provider.py `_serve`, `_issue_hints` and `_start`; the eviction order of offload/cache.py): a hit is
+// pinned; a miss takes a free slot, else the first unpinned expert in eviction order among those its layer did not
+// use on its latest pass ("stale"), else the first unpinned expert in eviction order of the layers in give-up order
+// (the miss's own layer first, then the layers that ran most recently). Once a hold has claimed its misses it issues
+// the guesses it was given: each takes a slot as a miss of its layer would, never another guess's, the next layer's
+// from any layer in its give-up order, a deeper one only a free or stale slot of a layer that does not run before
+// it. A guess is for its layer's next pass; the guesses that pass does not ask for turn stale. Misses are decoded by
+// the calling thread, torch's intra-op threads where the op lends them, and spinning helpers (decode_team.h; hold
+// says why not the decode pool's workers); guesses by the helpers while the step computes, and what is left of them
+// by the next hold. Used from one thread at a time (the model's).
 #pragma once
 
 #include <cstdint>
@@ -38,9 +38,17 @@ class SlotCache {
   public:
     static constexpr int kMatrices = 3;  // gate, up, down
 
+    // Eviction order (offload/cache.py's policies of the same names): least recently used first; or least
+    // frequently used first, ties least recently used, where a use adds kUse to its expert's count and every
+    // kAgingPasses passes of a layer halve its experts' counts.
+    enum class Eviction { kLru, kLfu };
+    static constexpr int64_t kUse = 256;
+    static constexpr int64_t kAgingPasses = 4;
+
     // cycle: the MoE layer ids in the order a step runs them; experts: per layer; helpers: decode threads beside
     // the caller's, for cores nothing else computes on (0: the caller decodes alone).
-    SlotCache(int num_slots, const std::vector<int64_t>& cycle, int64_t experts, int helpers);
+    SlotCache(int num_slots, const std::vector<int64_t>& cycle, int64_t experts, int helpers,
+              Eviction eviction = Eviction::kLru);
 
     // Where expert (layer, expert)'s compressed matrices are (payload, bytes), and its compressed size for the counters.
     void set_source(int64_t layer, int64_t expert, const std::vector<const szp_u8*>& payloads,
@@ -104,8 +112,9 @@ class SlotCache {
     // takes no pending guess's slot nor one of guessing_'s, and no stale slot of a layer that runs before its own.
     int claim(int64_t position, bool may_evict, int64_t guess_distance);
     void evict(int slot);  // frees an unpinned slot for claim
-    void touch(int slot, int64_t position);
+    void touch(int slot, int64_t position);  // recent: claimed or used
     void use(int slot, int64_t position);  // a hold's use of a cached expert
+    bool evict_before(const Slot& a, const Slot& b) const;  // a is the better victim
     void unpin();
     void forget(int slot);
     void drop_guesses(int64_t position, const std::vector<int64_t>& keep);  // pending guesses not in keep turn stale
@@ -122,6 +131,8 @@ class SlotCache {
     std::vector<int64_t> slot_of_;  // key -> slot, -1 when not cached
     std::vector<Source> sources_;  // per key
     std::vector<int64_t> passes_;  // per position: holds of that layer so far
+    Eviction eviction_;
+    std::vector<int64_t> uses_;  // per key: the LFU count (kept across evictions)
     std::vector<std::vector<int64_t>> give_up_;  // per position: positions in the order their slots are taken
     std::vector<int> held_;  // slots pinned by the latest hold
     std::vector<std::pair<int64_t, std::vector<int64_t>>> hints_;  // (position, experts) given to guess since

@@ -174,8 +174,14 @@ std::vector<std::string> supported_isas() {
 // as it is.
 class PySlotCache {
   public:
-    PySlotCache(int num_slots, const std::vector<int64_t>& cycle, int64_t experts, int helpers)
-        : cache_(num_slots, cycle, experts, helpers) {}
+    PySlotCache(int num_slots, const std::vector<int64_t>& cycle, int64_t experts, int helpers,
+                const std::string& eviction)
+        : cache_(num_slots, cycle, experts, helpers, eviction_order(eviction)) {}
+    static szp::SlotCache::Eviction eviction_order(const std::string& name) {
+        if (name == "lru") return szp::SlotCache::Eviction::kLru;
+        if (name == "lfu") return szp::SlotCache::Eviction::kLfu;
+        throw std::invalid_argument("eviction '" + name + "' is not known; use lru or lfu");
+    }
     // matrices: slot's gate, up and down as writable C-contiguous arrays of the pool's memory (one dtype code).
     void set_target(int slot, const py::list& matrices, int out_dtype) {
         std::vector<void*> out;
@@ -275,8 +281,8 @@ PYBIND11_MODULE(_szp_cpu, m) {
         .def("wait", &PendingDecode::wait, "Blocks until decoded; raises FormatError for a malformed payload.")
         .def_property_readonly("seconds", &PendingDecode::seconds);
     py::class_<PySlotCache>(m, "SlotCache", "The expert cache's bookkeeping for compiled CPU steps (csrc/slot_cache.h).")
-        .def(py::init<int, const std::vector<int64_t>&, int64_t, int>(), py::arg("num_slots"), py::arg("cycle"),
-             py::arg("experts"), py::arg("helpers"))
+        .def(py::init<int, const std::vector<int64_t>&, int64_t, int, const std::string&>(), py::arg("num_slots"),
+             py::arg("cycle"), py::arg("experts"), py::arg("helpers"), py::arg("eviction") = "lru")
         .def("set_target", &PySlotCache::set_target, py::arg("slot"), py::arg("matrices"), py::arg("out_dtype"))
         .def("set_source", &PySlotCache::set_source, py::arg("layer"), py::arg("expert"), py::arg("payloads"),
              py::arg("nbytes"))

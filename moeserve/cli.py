@@ -33,7 +33,7 @@ def _add_model_options(parser: argparse.ArgumentParser, policy_variants: bool = 
     else:
         parser.add_argument("--policy", default=None, help="per-layer error-bound policy YAML: keep experts compressed")
     parser.add_argument("--expert-cache", default=None, help="decoded-expert budget: '25%%', '512MiB' or bytes")
-    parser.add_argument("--eviction", default="lru", choices=["lru", "lfu"])
+    parser.add_argument("--eviction", default="lfu", choices=["lfu", "lru"])
     parser.add_argument("--no-prefetch", action="store_true", help="load experts only when a layer asks for them")
     parser.add_argument("--enforce-eager", action="store_true", help="run decode steps eagerly: never from CUDA graphs (GPU) or compiled (CPU)")
     parser.add_argument(

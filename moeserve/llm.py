@@ -42,7 +42,8 @@ class LLM:
         compressed in host memory and decoded into a bounded cache. None = lossless (`codec: raw`)
         when offloading, or no offloading at all when `expert_cache` is None too.
     expert_cache: decoded-expert budget: "25%" of all experts, "512MiB", or bytes; None = all.
-    eviction: "lru" or "lfu". prefetch: predict and load the next layers' experts ahead of time.
+    eviction: "lfu" (least frequently used, with aging; offload/cache.py) or "lru". prefetch: predict and load
+        the next layers' experts ahead of time.
     prefetch_depth: MoE layers ahead to predict; None = on a GPU as many as the expert cache has room
         for, on a CPU 0 (no guesses: they cost a CPU more than they save, see docs/offload.md).
     decode_workers: CPU threads decoding experts; None = one per 8 cores, at least two.
@@ -66,7 +67,7 @@ class LLM:
         seed: int = 0,
         policy: str | Path | dict | None = None,
         expert_cache: str | int | None = None,
-        eviction: str = "lru",
+        eviction: str = "lfu",
         prefetch: bool = True,
         decode_workers: int | None = None,
         prefetch_depth: int | None = None,

@@ -36,7 +36,7 @@ def helpers(request, monkeypatch):
     return request.param
 
 
-def _provider(store, slots: int, native: bool = True, eviction: str = "lru", storage_dtype: torch.dtype | None = None,
+def _provider(store, slots: int, native: bool = True, eviction: str = "lfu", storage_dtype: torch.dtype | None = None,
               **options) -> OffloadedExpertProvider:
     pool = SlotPool(slots, D, I, torch.float32, torch.device("cpu"), storage_dtype)
     stats = OffloadStats()
@@ -49,7 +49,7 @@ def test_the_cpu_default_configuration_runs_in_cpp_and_the_others_in_python(stor
     assert _provider(store, 10).slots_in_cpp
     assert _provider(store, 10, prefetch_depth=0).slots_in_cpp  # no guesses either way
     assert not _provider(store, 10, native=False).slots_in_cpp
-    assert not _provider(store, 10, eviction="lfu").slots_in_cpp
+    assert _provider(store, 10, eviction="lru").slots_in_cpp
     assert _provider(store, 10, prefetch_depth=1).slots_in_cpp  # guesses for the next layer too
     assert not _provider(store, 10, prefetch_depth=2).slots_in_cpp  # deeper ones are the Python provider's
     assert not _provider(store, EXPERTS - 1).slots_in_cpp  # a layer's experts must fit at once
@@ -86,9 +86,10 @@ def _requests(seed: int, steps: int) -> list[tuple[str, int, list[int], list[tup
     return out
 
 
+@pytest.mark.parametrize("eviction", ["lfu", "lru"])
 @pytest.mark.parametrize("slots", [EXPERTS, 10, 13, 24, LAYERS * EXPERTS])
-def test_cpp_and_python_give_the_same_slots_hits_misses_and_values(store, slots, helpers):
-    _compare_cpp_and_python(store, slots)
+def test_cpp_and_python_give_the_same_slots_hits_misses_and_values(store, slots, eviction, helpers):
+    _compare_cpp_and_python(store, slots, eviction=eviction)
 
 
 @pytest.mark.parametrize("slots", [10, 13])
@@ -99,9 +100,9 @@ def test_cpp_and_python_give_the_same_bfloat16_slots(slots, helpers):
     _compare_cpp_and_python(store, slots, torch.bfloat16)
 
 
-def _compare_cpp_and_python(store, slots: int, storage_dtype: torch.dtype | None = None) -> None:
-    native = _provider(store, slots, storage_dtype=storage_dtype)
-    python = _provider(store, slots, native=False, storage_dtype=storage_dtype)
+def _compare_cpp_and_python(store, slots: int, storage_dtype: torch.dtype | None = None, eviction: str = "lfu") -> None:
+    native = _provider(store, slots, eviction=eviction, storage_dtype=storage_dtype)
+    python = _provider(store, slots, native=False, eviction=eviction, storage_dtype=storage_dtype)
     assert native.pool.memory.dtype == (storage_dtype or torch.float32)
     assert native.slots_in_cpp and not python.slots_in_cpp
     for step, (kind, layer, experts, guesses) in enumerate(_requests(slots, 40)):

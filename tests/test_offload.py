@@ -258,8 +258,9 @@ def test_budget_parsing():
             parse_budget(bad, 1000)
 
 
-def test_eviction_skips_pinned_and_loading_slots():
-    cache = ExpertCache(2, "lru")
+@pytest.mark.parametrize("eviction", ["lru", "lfu"])
+def test_eviction_skips_pinned_and_loading_slots(eviction):
+    cache = ExpertCache(2, eviction)
     a, b = cache.claim((0, 0), False), cache.claim((0, 1), False)
     a.pins = 1
     c = cache.claim((0, 2), False)  # evicts b, the only unpinned slot
@@ -267,6 +268,29 @@ def test_eviction_skips_pinned_and_loading_slots():
     c.pins = 1
     assert cache.claim((0, 3), False) is None  # everything pinned: no slot, nothing evicted
     assert len(cache) == 2
+
+
+def test_lfu_keeps_what_is_used_most_and_lets_old_favourites_age_out():
+    cache = ExpertCache(2, "lfu")
+    cache.begin_pass(0, 1)
+    popular, rare = cache.claim((0, 0), False), cache.claim((0, 1), False)
+    for _ in range(3):
+        cache.touch((0, 0))
+    cache.touch((0, 1))
+    assert cache.claim((0, 2), False).slot == rare.slot  # fewer uses go first, even if more recent
+    for number in range(2, 2 + 3 * 4):  # three halvings of layer 0's counts: 3 uses weigh 3/8 of one
+        cache.begin_pass(0, number)
+    cache.touch((0, 2))
+    assert cache.claim((0, 3), False).slot == popular.slot
+    assert cache.get((0, 0)) is None and cache.get((0, 2)) is not None
+    cache.touch((0, 3))
+    cache.begin_pass(1, 4)  # another layer's pass ages only that layer's counts
+    back = cache.claim((0, 0), False)  # (0, 2) and (0, 3) are used once each: the less recent goes
+    assert cache.get((0, 2)) is None and back.slot == cache.get((0, 0)).slot
+    cache.touch((0, 0))
+    cache.touch((0, 0))
+    cache.touch((0, 3))  # two uses each, (0, 3) the more recent, but (0, 0) kept 3/8 of a use from before
+    assert cache.claim((0, 4), False).slot == cache.get((0, 4)).slot and cache.get((0, 3)) is None
 
 
 def test_more_experts_than_slots_in_one_layer(checkpoint):

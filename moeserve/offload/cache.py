@@ -8,7 +8,7 @@ the CPU kernel, which widens them exactly), so the same bytes cache more experts
 bits. Nothing else ever holds decoded experts. The host's compressed copy is immutable, so evicting a
 slot only forgets it (no write-back).
 
-Eviction is pluggable (LRU by default, LFU); a slot that is pinned (in use by the current layer)
+Eviction is pluggable (LFU with aging by default, LRU); a slot that is pinned (in use by the current layer)
 or still being filled is never chosen. A caller that knows more (the provider knows the cycle of MoE
 layers) names entries to evict first and the order in which layers give up slots after them; the
 policy orders the experts within each group.
@@ -16,6 +16,7 @@ policy orders the experts within each group.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -46,46 +47,89 @@ class SlotEntry:
 
 
 class LruEviction:
+    """Least recently used: a slot's claim and every use of its expert count as recent."""
+
     def __init__(self):
         self._order: OrderedDict[ExpertKey, None] = OrderedDict()
         self._by_layer: dict[int, OrderedDict[ExpertKey, None]] = {}
 
     def touch(self, key: ExpertKey) -> None:
+        """A use of the expert (a fetch or hold that asked for it)."""
         for order in (self._order, self._by_layer.setdefault(key[0], OrderedDict())):
             order[key] = None
             order.move_to_end(key)
+
+    admit = touch  # the expert's claim of a slot (for a miss or a guess)
+
+    def begin_pass(self, layer: int, number: int) -> None:
+        """MoE layer `layer` starts its pass `number` (1, 2, ...)."""
 
     def forget(self, key: ExpertKey) -> None:
         self._order.pop(key, None)
         self._by_layer.get(key[0], {}).pop(key, None)
 
-    def victims(self, layer: int | None = None) -> list[ExpertKey]:
-        """Keys (all, or one layer's) in eviction order, best victim first."""
-        return list(self._order if layer is None else self._by_layer.get(layer, ()))
+    def best_victim(self, takeable: Callable[[ExpertKey], bool], layer: int | None = None) -> ExpertKey | None:
+        """The first key (of all, or of one layer's) in eviction order that is `takeable`; None if none is."""
+        return next((key for key in (self._order if layer is None else self._by_layer.get(layer, ())) if takeable(key)),
+                    None)
 
 
 class LfuEviction:
-    """Least frequently used; ties go to the least recently used. Counts persist across evictions
-    so a popular expert that was pushed out wins its slot back quickly."""
+    """Least frequently used, with aging; ties go to the least recently used (used or claimed).
+
+    Each use adds `USE` to the expert's count, and every `AGING_PASSES` passes of its layer halve the counts of
+    that layer's experts, so a count weighs recent passes most (a use's weight halves every 4 passes). Counts
+    persist across evictions: a popular expert that was pushed out wins its slot back quickly. A claim alone (a
+    miss before its use, a guess) counts as recent but adds nothing.
+
+    Why aging (docs/offload.md, Eviction): the embedded model at a 25% cache, six greedy generations of 65
+    tokens in one process, missed 1513 times under LRU and 1276 times under this order; counts that never age
+    did worse than LRU (1645, replaying the same routing through these rules)."""
+
+    USE = 256  # a use's weight: 8 bits of fraction survive the halvings
+    AGING_PASSES = 4
 
     def __init__(self):
-        self._uses: dict[ExpertKey, int] = {}
-        self._recency: dict[ExpertKey, int] = {}
+        self._uses: dict[int, dict[ExpertKey, int]] = {}  # layer -> key -> count, for every key ever seen
+        self._rank: dict[ExpertKey, tuple[int, int]] = {}  # cached keys: (count, recency)
+        # cached keys as (count, recency, key), best victim first: kept sorted as counts change, so a victim
+        # search stops at the first takeable key (a sort or a full scan per claim cost ~0.2 ms at 768 slots)
+        self._order: list[tuple[int, int, ExpertKey]] = []
         self._clock = itertools.count()
-        self._resident: dict[int, set[ExpertKey]] = {}
 
     def touch(self, key: ExpertKey) -> None:
-        self._uses[key] = self._uses.get(key, 0) + 1
-        self._recency[key] = next(self._clock)
-        self._resident.setdefault(key[0], set()).add(key)
+        uses = self._uses.setdefault(key[0], {})
+        uses[key] = uses.get(key, 0) + self.USE
+        self.admit(key)
+
+    def admit(self, key: ExpertKey) -> None:
+        self._unlist(key)
+        rank = self._rank[key] = (self._uses.setdefault(key[0], {}).setdefault(key, 0), next(self._clock))
+        bisect.insort(self._order, (*rank, key))
+
+    def begin_pass(self, layer: int, number: int) -> None:
+        if number % self.AGING_PASSES:
+            return
+        uses = self._uses.get(layer, {})
+        for key in uses:
+            uses[key] >>= 1
+        cached = [key for key in uses if key in self._rank]
+        for key in cached:
+            self._unlist(key)
+            rank = self._rank[key] = (uses[key], self._rank[key][1])
+            bisect.insort(self._order, (*rank, key))
 
     def forget(self, key: ExpertKey) -> None:
-        self._resident.get(key[0], set()).discard(key)
+        self._unlist(key)
+        self._rank.pop(key, None)
 
-    def victims(self, layer: int | None = None) -> list[ExpertKey]:
-        groups = self._resident.values() if layer is None else [self._resident.get(layer, ())]
-        keys = itertools.chain.from_iterable(groups)
-        return sorted(keys, key=lambda k: (self._uses[k], self._recency[k]))
+    def _unlist(self, key: ExpertKey) -> None:
+        rank = self._rank.get(key)
+        if rank is not None:
+            del self._order[bisect.bisect_left(self._order, (*rank, key))]
+
+    def best_victim(self, takeable: Callable[[ExpertKey], bool], layer: int | None = None) -> ExpertKey | None:
+        return next((key for _, _, key in self._order if (layer is None or key[0] == layer) and takeable(key)), None)
 
 
 EVICTION_POLICIES = {"lru": LruEviction, "lfu": LfuEviction}
@@ -140,7 +184,7 @@ class SlotPool:
 class ExpertCache:
     """Which expert occupies which slot. Used from the model's thread only."""
 
-    def __init__(self, num_slots: int, eviction: str = "lru"):
+    def __init__(self, num_slots: int, eviction: str = "lfu"):
         self.entries: dict[ExpertKey, SlotEntry] = {}
         self._free = list(range(num_slots - 1, -1, -1))
         self.eviction_name = eviction
@@ -150,7 +194,12 @@ class ExpertCache:
         return self.entries.get(key)
 
     def touch(self, key: ExpertKey) -> None:
+        """A use of the expert."""
         self._eviction.touch(key)
+
+    def begin_pass(self, layer: int, number: int) -> None:
+        """MoE layer `layer` starts its pass `number` (its fetches and holds, counted from 1)."""
+        self._eviction.begin_pass(layer, number)
 
     def claim(
         self,
@@ -167,13 +216,16 @@ class ExpertCache:
         if self._free:
             slot = self._free.pop()
         else:
-            groups = [self._eviction.victims()] if layer_order is None else map(self._eviction.victims, layer_order)
+            def takeable(k: ExpertKey) -> bool:
+                return k not in keep and self._evictable(self.entries[k])
+
+            victim = None
             if stale is not None:
-                # lazily: the oldest entries are usually stale, so the scan stops early
-                groups = itertools.chain([(k for k in self._eviction.victims() if stale(self.entries[k]))], groups)
-            victim = next(
-                (k for group in groups for k in group if k not in keep and self._evictable(self.entries[k])), None
-            )
+                victim = self._eviction.best_victim(lambda k: takeable(k) and stale(self.entries[k]))
+            for layer in [None] if layer_order is None else layer_order:
+                if victim is not None:
+                    break
+                victim = self._eviction.best_victim(takeable, layer)
             if victim is None:
                 return None
             gone = self.entries.pop(victim)
@@ -183,7 +235,7 @@ class ExpertCache:
                 evicted(gone)
         entry = SlotEntry(key=key, slot=slot, ready=None, prefetched=prefetched)
         self.entries[key] = entry
-        self._eviction.touch(key)
+        self._eviction.admit(key)
         return entry
 
     @staticmethod

@@ -3,7 +3,7 @@
 In:  the provider's store, slot pool and cache policy, and the prefetch depth forced on it (if any).
 Out: a `SlotCache` (moeserve._szp_cpu) over the same pool, or None where the configuration
      needs the provider's Python: guesses more than one MoE layer ahead (a forced prefetch depth above 1),
-     LFU eviction, a GPU pool, an expert not in szp (the only codec with a native decoder), a pool smaller than
+     an eviction policy it does not know (it knows LRU and LFU), a GPU pool, an expert not in szp (the only codec with a native decoder), a pool smaller than
      one layer's experts, or an extension built without it.
 
 Why: with compiled steps the provider's Python per MoE layer (claiming slots, pinning, statistics, the call
@@ -34,7 +34,7 @@ def native_slot_cache(
     experts = len(store.experts) // len(layers)
     eligible = (
         (forced_depth is None or forced_depth <= 1)
-        and cache.eviction_name == "lru"
+        and cache.eviction_name in ("lru", "lfu")
         and pool.memory.device.type == "cpu"
         and pool.num_slots >= experts
         and all(blob.codec == "szp" and blob.numel for packed in store.experts.values() for blob in packed.blobs)
@@ -43,7 +43,7 @@ def native_slot_cache(
     if extension is None or not hasattr(extension, "SlotCache"):
         return None
     helpers = max(0, min(workers, usable_cores() - torch.get_num_threads()))
-    slots = extension.SlotCache(pool.num_slots, layers, experts, helpers)
+    slots = extension.SlotCache(pool.num_slots, layers, experts, helpers, cache.eviction_name)
     for slot in range(pool.num_slots):
         weights = pool.weights(slot)
         targets = [decode_target(matrix) for matrix in (weights.gate, weights.up, weights.down)]

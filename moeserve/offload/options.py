@@ -25,7 +25,7 @@ class OffloadOptions:
     # when offloading, or no offloading at all when `expert_cache` is None too.
     policy: str | Path | dict | None = None
     expert_cache: str | int | None = None  # decoded-expert budget: "25%", "512MiB" or bytes; None = all
-    eviction: str = "lru"  # "lru" or "lfu"
+    eviction: str = "lfu"  # "lfu" (with aging) or "lru"
     prefetch: bool = True  # predict and load the next MoE layers' experts ahead of time
     decode_workers: int | None = None  # CPU decode threads; None: default_decode_workers()
     # MoE layers ahead to predict; None: as many as the cache has room for (offload/lookahead.py)

@@ -228,6 +228,7 @@ class OffloadedExpertProvider:
         self._current = layer
         self._hints.pop(layer, None)  # the layer asks for its experts itself now
         self._passes[layer] += 1
+        self.cache.begin_pass(layer, self._passes[layer])
         self._width = max(self._top_k, len(experts))
         # The layer's guesses it does not ask for were wrong: their slots are the first to give back.
         self._drop_guesses(layer, keep={(layer, expert) for expert in experts})
