@@ -27,20 +27,11 @@ namespace {
 
 constexpr float kMinNormal = 1.17549435e-38f, kMaxFinite = 3.40282347e+38f;
 
-// Planes [0, n) of 8 (n <= 8) to the 8-bit magnitudes they make, value i in byte i, as plane_bytes
-// (szp_plane_bytes.h) computes them, with GFNI: qword j gathers byte j of every plane, highest plane first, and
-// one affine transform over GF(2) against the unit vectors transposes each qword's 8x8 bit matrix (byte b, bit p
-// := plane p's bit for value 8j + b), where plane_bytes takes three rounds of swaps.
+// plane_bytes (szp_plane_bytes.h) with GFNI: one affine transform over GF(2) against the unit vectors transposes
+// each qword's 8x8 bit matrix, where plane_bytes takes three rounds of swaps. Byte b of the result, bit i:
+// parity(byte 7 - i of the columns AND byte b of the unit vectors) = plane i's bit of value 8j + b.
 inline __m256i plane_bytes_gfni(const szp_u8* planes, int n) {
-    const __m256i present = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256i words = _mm256_maskload_epi32(reinterpret_cast<const int*>(planes), present);  // dword p: plane p
-    // in each half, dword j := byte j of its 4 planes, highest first; then qword j := planes 7..0's byte j
-    const __m256i by_byte = _mm256_shuffle_epi8(
-        words, _mm256_setr_epi8(12, 8, 4, 0, 13, 9, 5, 1, 14, 10, 6, 2, 15, 11, 7, 3,
-                                12, 8, 4, 0, 13, 9, 5, 1, 14, 10, 6, 2, 15, 11, 7, 3));
-    const __m256i x = _mm256_permutevar8x32_epi32(by_byte, _mm256_setr_epi32(4, 0, 5, 1, 6, 2, 7, 3));
-    // byte b of the result, bit i: parity(byte 7 - i of x AND byte b of the unit vectors) = plane i's bit b
-    return _mm256_gf2p8affine_epi64_epi8(_mm256_set1_epi64x(0x8040201008040201LL), x, 0);
+    return _mm256_gf2p8affine_epi64_epi8(_mm256_set1_epi64x(0x8040201008040201LL), plane_byte_columns<true>(planes, n), 0);
 }
 
 // kBf16Insn: the CPU has AVX512-BF16, whose vcvtne2ps2bf16 rounds two vectors of float32 to bfloat16 in one

@@ -11,18 +11,27 @@
 namespace szp {
 namespace {
 
-// Planes [0, n) of 8 (n <= 8; the others read as zero) to the 8-bit magnitudes they make: value i in byte i.
-// Qword j gathers byte j of every plane (an 8x8 bit matrix, a plane per byte), and three rounds of swaps
-// transpose it, so byte b holds value 8j + b's bits of every plane: ~20 instructions for 8 planes against ~7 a
-// plane for one plane at a time (at rel 1e-3 nearly every block has 7 or 8).
-inline __m256i plane_bytes(const szp_u8* planes, int n) {
+// Planes [0, n) of 8 (n <= 8; the others read as zero) as columns of bytes: qword j gathers byte j of every plane,
+// plane p in byte p (kHighestFirst: in byte 7 - p), an 8x8 bit matrix (bit b of byte p: plane p's bit of value 8j + b).
+template <bool kHighestFirst>
+inline __m256i plane_byte_columns(const szp_u8* planes, int n) {
     const __m256i present = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256i words = _mm256_maskload_epi32(reinterpret_cast<const int*>(planes), present);  // dword p: plane p
-    // in each half, dword j := byte j of its 4 planes; then qword j := (planes 0-3, planes 4-7) of byte j
-    const __m256i by_byte = _mm256_shuffle_epi8(
-        words, _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
-                                0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
-    __m256i x = _mm256_permutevar8x32_epi32(by_byte, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // in each half, dword j := byte j of its 4 planes (highest first if asked); then qword j := byte j of all 8
+    const __m256i by_byte = kHighestFirst
+        ? _mm256_shuffle_epi8(words, _mm256_setr_epi8(12, 8, 4, 0, 13, 9, 5, 1, 14, 10, 6, 2, 15, 11, 7, 3,
+                                                      12, 8, 4, 0, 13, 9, 5, 1, 14, 10, 6, 2, 15, 11, 7, 3))
+        : _mm256_shuffle_epi8(words, _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                                      0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+    return kHighestFirst ? _mm256_permutevar8x32_epi32(by_byte, _mm256_setr_epi32(4, 0, 5, 1, 6, 2, 7, 3))
+                         : _mm256_permutevar8x32_epi32(by_byte, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// Planes [0, n) of 8 (n <= 8; the others read as zero) to the 8-bit magnitudes they make: value i in byte i.
+// Three rounds of swaps transpose each qword's bit matrix, so byte b holds value 8j + b's bits of every plane: ~20
+// instructions for 8 planes against ~7 a plane for one plane at a time (at rel 1e-3 nearly every block has 7 or 8).
+inline __m256i plane_bytes(const szp_u8* planes, int n) {
+    __m256i x = plane_byte_columns<false>(planes, n);
     // transpose each qword's 8x8 bit matrix (row = byte, column = bit): swap 1x1, then 2x2, then 4x4 blocks
     __m256i t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 7)), _mm256_set1_epi64x(0x00AA00AA00AA00AALL));
     x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64(t, 7));
