@@ -72,6 +72,15 @@ DecodePath parse_decode_path(const char* name);  // "auto" = best; throws std::i
 typedef bool (*ChunkDecoder)(const szp_u8* payload, const Layout& l, const Header& h, szp_u64 chunk, void* out);
 // The x86 paths' chunk decoders (szp_decode_x86.cpp) for stored dtype s and output dtype o; null off x86-64.
 ChunkDecoder chunk_decoder_avx2(int s, int o);
-ChunkDecoder chunk_decoder_avx512(int s, int o);
+ChunkDecoder chunk_decoder_avx512(int s, int o);  // the unit of avx512_level() (below)
+ChunkDecoder chunk_decoder_avx512_gfni(int s, int o);
+ChunkDecoder chunk_decoder_avx512_gfni_bf16(int s, int o);
+
+// The AVX-512 path's instruction sets beyond AVX-512F/BW/VL (szp_decode_avx512.cpp): every level writes the same
+// bytes; later decodes take the level set last (set only one the CPU has: up to widest_avx512_level()).
+enum class Avx512Level : int { kBase = 0, kGfni = 1, kGfniBf16 = 2 };
+Avx512Level widest_avx512_level();
+void set_avx512_level(Avx512Level level);
+Avx512Level avx512_level();
 
 }  // namespace szp

@@ -170,6 +170,25 @@ std::vector<std::string> supported_isas() {
     return names;
 }
 
+// The avx512 path's levels (szp_codec.h Avx512Level) by name: what it adds to AVX-512F/BW/VL.
+constexpr const char* kAvx512LevelNames[] = {"base", "gfni", "gfni+bf16"};
+
+std::vector<std::string> avx512_levels() {
+    std::vector<std::string> names;
+    if (szp::decode_path_supported(szp::DecodePath::kAvx512))
+        for (int level = 0; level <= int(szp::widest_avx512_level()); ++level) names.push_back(kAvx512LevelNames[level]);
+    return names;
+}
+
+void set_avx512_level(const std::string& name) {
+    const std::vector<std::string> names = avx512_levels();
+    for (size_t level = 0; level < names.size(); ++level)
+        if (names[level] == name) return szp::set_avx512_level(szp::Avx512Level(level));
+    throw std::invalid_argument("the avx512 decode path has no level '" + name + "' on this CPU");
+}
+
+std::string avx512_level() { return kAvx512LevelNames[int(szp::avx512_level())]; }
+
 // SlotCache plus the Python objects it points into (payload arrays, the slot pool's memory), kept alive as long
 // as it is.
 class PySlotCache {
@@ -271,6 +290,9 @@ PYBIND11_MODULE(_szp_cpu, m) {
     m.def("set_isa", &set_isa, py::arg("name"), "the decode path later calls take: scalar, avx2, avx512 or auto");
     m.def("isa", &isa, "the decode path calls take now");
     m.def("supported_isas", &supported_isas, "the decode paths this CPU can run");
+    m.def("avx512_levels", &avx512_levels, "the avx512 path's levels this CPU can run, narrowest first");
+    m.def("set_avx512_level", &set_avx512_level, py::arg("name"), "the level the avx512 path takes from now on");
+    m.def("avx512_level", &avx512_level, "the level the avx512 path takes now");
     py::class_<szp::DecodePool>(m, "DecodePool", "Threads that decode szp payloads without holding the GIL.")
         .def(py::init<int, bool>(), py::arg("threads"), py::arg("spare_cores") = true)
         .def("submit", &submit, py::arg("jobs"), py::arg("urgent") = false,

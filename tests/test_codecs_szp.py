@@ -185,6 +185,27 @@ def test_ratio_within_20_percent_of_sz3_on_weight_like_tensors():
 # -- the decode paths (scalar, avx2, avx512): one set of bytes -------------------------------------------------
 
 DECODE_PATHS = cpu_module().supported_isas()
+AVX512_LEVELS = cpu_module().avx512_levels()  # what the avx512 path adds (GFNI, AVX512-BF16), each compiled apart
+# every path, and the avx512 path at each level this CPU has: (path, level)
+DECODE_CONFIGS = [(path, None) for path in DECODE_PATHS if path != "avx512"] + [("avx512", level) for level in AVX512_LEVELS]
+
+
+def _decode_with_each_config(blob: Blob, out_dtype: torch.dtype, fill: float) -> dict:
+    """The bits every decode config writes for blob (into a tensor of `fill`), keyed by config; restores the choice."""
+    module = cpu_module()
+    chosen, level = module.isa(), module.avx512_level()
+    decoded = {}
+    try:
+        for path, avx512_level in DECODE_CONFIGS:
+            module.set_isa(path)
+            if avx512_level is not None:
+                module.set_avx512_level(avx512_level)
+            decoded[(path, avx512_level)] = _bits(decode_into(blob, torch.full(blob.shape, fill, dtype=out_dtype)))
+    finally:
+        module.set_isa(chosen)
+        if AVX512_LEVELS:
+            module.set_avx512_level(level)
+    return decoded
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -212,16 +233,14 @@ def test_every_decode_path_writes_the_same_bytes():
     module = cpu_module()
     chosen = module.isa()
     assert "scalar" in DECODE_PATHS and chosen == os.environ.get("MOESERVE_CPU_ISA", DECODE_PATHS[-1])  # the widest
+    if "avx512" in DECODE_PATHS:
+        assert module.avx512_level() == AVX512_LEVELS[-1]  # the widest level too
     try:
         for blob in _path_cases():
             for out_dtype in STORED:
-                decoded = {}
-                for path in DECODE_PATHS:
-                    module.set_isa(path)
-                    assert module.isa() == path
-                    decoded[path] = _bits(decode_into(blob, torch.full(blob.shape, float("nan"), dtype=out_dtype)))
-                for path in DECODE_PATHS:
-                    assert torch.equal(decoded[path], decoded["scalar"]), (path, blob.dtype, out_dtype)
+                decoded = _decode_with_each_config(blob, out_dtype, float("nan"))
+                for config, bits in decoded.items():
+                    assert torch.equal(bits, decoded[("scalar", None)]), (config, blob.dtype, out_dtype)
                 module.set_isa("scalar")
                 assert torch.equal(decode(blob), spec_decode(blob.payload_numpy()))
     finally:
@@ -246,24 +265,16 @@ def test_every_decode_path_agrees_on_a_payload_whose_step_is_extreme(step, produ
     # stored and output dtypes as the portable path does, not take its finite-step shortcut. Denormal (also the
     # half step of FLT_MIN): the products are denormal, and the AVX-512 path's bfloat16 rounding instruction, which
     # flushes denormal inputs to zero, must leave such blocks to the exact rounding.
-    module = cpu_module()
-    chosen = module.isa()
-    try:
-        for stored in STORED:
-            blob = encode(torch.tensor([0.0, 1.0, -2.0, 0.5, 3.0, -7.0] * 40, dtype=stored), codec="szp", mode="abs",
-                          error_bound=0.25)
-            blob.payload_numpy()[16:20] = np.frombuffer(np.float32(step).tobytes(), np.uint8)
-            for out_dtype in STORED:
-                decoded = {}
-                for path in DECODE_PATHS:
-                    module.set_isa(path)
-                    decoded[path] = _bits(decode_into(blob, torch.zeros(blob.shape, dtype=out_dtype)))
-                values = decoded["scalar"].view(out_dtype).float()
-                assert produces(values, torch.float16 in (stored, out_dtype))
-                for path in DECODE_PATHS:
-                    assert torch.equal(decoded[path], decoded["scalar"]), (path, stored, out_dtype)
-    finally:
-        module.set_isa(chosen)
+    for stored in STORED:
+        blob = encode(torch.tensor([0.0, 1.0, -2.0, 0.5, 3.0, -7.0] * 40, dtype=stored), codec="szp", mode="abs",
+                      error_bound=0.25)
+        blob.payload_numpy()[16:20] = np.frombuffer(np.float32(step).tobytes(), np.uint8)
+        for out_dtype in STORED:
+            decoded = _decode_with_each_config(blob, out_dtype, 0.0)
+            values = decoded[("scalar", None)].view(out_dtype).float()
+            assert produces(values, torch.float16 in (stored, out_dtype))
+            for config, bits in decoded.items():
+                assert torch.equal(bits, decoded[("scalar", None)]), (config, stored, out_dtype)
 
 
 def test_a_decode_path_the_cpu_lacks_or_an_unknown_one_is_refused():

@@ -3,8 +3,8 @@
 In:  the provider's store, slot pool and cache policy, and the prefetch depth forced on it (if any).
 Out: a `SlotCache` (moeserve._szp_cpu) over the same pool, or None where the configuration
      needs the provider's Python: guesses more than one MoE layer ahead (a forced prefetch depth above 1),
-     an eviction policy it does not know (it knows LRU and LFU), a GPU pool, an expert not in szp (the only codec with a native decoder), a pool smaller than
-     one layer's experts, or an extension built without it.
+     an eviction policy it does not know (it knows LRU and LFU), a GPU pool, an expert not in szp (the only codec
+     with a native decoder), a pool smaller than one layer's experts, or an extension built without it.
 
 Why: with compiled steps the provider's Python per MoE layer (claiming slots, pinning, statistics, the call
 into the Python host op) cost more than the step's compute on a small model: the embedded model at a 25% cache
