@@ -20,7 +20,6 @@
 namespace szp {
 namespace {
 
-
 constexpr float kMinNormal = 1.17549435e-38f, kMaxFinite = 3.40282347e+38f;
 
 // plane_bytes (szp_plane_bytes.h) with GFNI: one affine transform over GF(2) against the unit vectors transposes
@@ -35,6 +34,7 @@ inline __m256i plane_bytes_gfni(const szp_u8* planes, int n) {
 // kBf16Insn: the CPU has AVX512-BF16, whose vcvtne2ps2bf16 rounds two vectors of float32 to bfloat16 in one
 // instruction. It rounds as BF16::from_float does (to nearest even) except that it flushes denormal inputs to zero,
 // so it is used only for blocks whose step is a normal float: every nonzero product q * step is then normal.
+// kGfni: the unit has GFNI, and up to 8 planes are transposed by plane_bytes_gfni.
 template <bool kBf16Insn, bool kGfni>
 struct Avx512Block {
     // BF16::from_float's rounding of 16 products q * step: the result in the high 16 bits of each lane, above
