@@ -70,7 +70,8 @@ DecodePath parse_decode_path(const char* name);  // "auto" = best; throws std::i
 
 // One chunk of a payload into out (the whole output array); false where its bytes disagree with its rates.
 typedef bool (*ChunkDecoder)(const szp_u8* payload, const Layout& l, const Header& h, szp_u64 chunk, void* out);
-// The x86 paths' chunk decoders (szp_decode_x86.cpp) for stored dtype s and output dtype o; null off x86-64.
+// The x86 paths' chunk decoders (szp_decode_avx2.cpp, szp_decode_avx512*.cpp) for stored dtype s and output dtype o;
+// null off x86-64.
 ChunkDecoder chunk_decoder_avx2(int s, int o);
 ChunkDecoder chunk_decoder_avx512(int s, int o);  // the unit of avx512_level() (below)
 ChunkDecoder chunk_decoder_avx512_gfni(int s, int o);

@@ -1,8 +1,9 @@
 // szp CPU decoder: chunks in parallel (OpenMP), blocks in order inside a chunk, on the chosen decode path.
 //
 // This file holds the portable ("scalar") path, the choice of path and the parallel loop; the chunk loop is
-// szp_decode_chunk.h, the AVX2 and AVX-512 blocks are szp_decode_x86.cpp. Every path reconstructs each value
-// with the same integer steps, one float32 multiply and the same rounding, so all write identical bytes.
+// szp_decode_chunk.h, the AVX2 and AVX-512 blocks are szp_decode_avx2.cpp and szp_decode_avx512_block.h. Every
+// path reconstructs each value with the same integer steps, one float32 multiply and the same rounding, so all
+// write identical bytes.
 // Every offset read from the payload is bounds-checked, so a malformed payload raises FormatError instead of
 // reading out of bounds; well-formedness beyond that is the Blob checksum's job.
 #include <atomic>
@@ -61,8 +62,7 @@ inline void plane_magnitudes(const szp_u8* planes, int n_planes, u32x4 mag[kVecs
 struct PortableBlock {
     template <class S, class O>
     static int run(const szp_u8* planes, int n_planes, szp_u64 window, float step, typename O::bits* dst) {
-        szp_u32 nz = 0;  // bit i set iff value i is nonzero: the OR of the planes
-        for (int p = 0; p < n_planes; ++p) nz |= load_u32(planes + 4 * p);
+        const szp_u32 nz = nonzero_mask(planes, n_planes);
         u32x4 mag[kVecs];
         plane_magnitudes(planes, n_planes, mag);
         float v[kBlockValues];
@@ -108,8 +108,9 @@ void decode_all(ChunkDecoder decode_one, const szp_u8* payload, const Layout& l,
 bool decode_path_supported(DecodePath path) {
 #if defined(__x86_64__) && defined(__GNUC__)
     if (path == DecodePath::kAvx512)
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-               __builtin_cpu_supports("bmi2") && chunk_decoder_avx512(kF32, kF32) != nullptr;
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2") &&
+               chunk_decoder_avx512(kF32, kF32) != nullptr;
     if (path == DecodePath::kAvx2) return __builtin_cpu_supports("avx2") && chunk_decoder_avx2(kF32, kF32) != nullptr;
 #endif
     return path == DecodePath::kScalar;

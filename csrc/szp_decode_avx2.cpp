@@ -58,10 +58,9 @@ struct Avx2Block {
     template <class S, class O>
     static int run(const szp_u8* planes, int n_planes, szp_u64 window, float step, typename O::bits* dst) {
         __m256i mag[4];  // value 8g + l in lane l of mag[g]
-        // bit i set iff value i is nonzero: the OR of the planes, in scalar code, so that the signs' table walk
-        // (spread_signs_by_table) need not wait for the transposes (a tenth slower when it took nz from them)
-        szp_u32 nz = 0;
-        for (int p = 0; p < n_planes; ++p) nz |= load_u32(planes + 4 * p);
+        // in scalar code, so that the signs' table walk (spread_signs_by_table) need not wait for the transposes
+        // (a tenth slower when it took nz from them)
+        const szp_u32 nz = nonzero_mask(planes, n_planes);
         const __m256i bits32 = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         if (n_planes <= 8) {
             const __m256i bytes = plane_bytes(planes, n_planes);

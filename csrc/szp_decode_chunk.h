@@ -1,4 +1,5 @@
-// The szp chunk loop, shared by the decoder's instruction-set paths (szp_decode.cpp, szp_decode_x86.cpp).
+// The szp chunk loop, shared by the decoder's instruction-set paths (szp_decode.cpp, szp_decode_avx2.cpp,
+// szp_decode_avx512*.cpp).
 //
 // In:  one chunk of a payload (its table entries, rate bytes, planes and sign stream) and a Block policy that
 //      decodes one coded block: Block::run<S, O>(planes, n_planes, window, step, dst) writes its 32 values, taking
@@ -27,6 +28,13 @@ inline szp_u64 load_u64(const szp_u8* p) {
     szp_u64 v;
     std::memcpy(&v, p, 8);
     return v;
+}
+
+// Bit i set iff value i of a block is nonzero: the OR of its planes, in scalar code.
+inline szp_u32 nonzero_mask(const szp_u8* planes, int n_planes) {
+    szp_u32 nz = 0;
+    for (int p = 0; p < n_planes; ++p) nz |= load_u32(planes + 4 * p);
+    return nz;
 }
 
 // 64 bits of the sign stream starting at byte `byte`, zero past `len` (the stream is only 4-byte padded).
