@@ -7,7 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# Before torch loads its OpenMP runtime, which reads this once. Early and side runs (tests/early_runs.py,
+# tests/side_run.py) share the cores with this session, and an OpenMP thread that spins at a barrier while its
+# partner waits for a core took tests 10-30x their time (a bench test 95 s against 3.5 s alone).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import side_run  # noqa: E402
+import torch  # noqa: E402
 
 # Decode steps run eagerly unless a test asks for compiled ones (LLM(enforce_eager=False)): compiling a
 # step through inductor takes seconds per shape, and tests/test_compiled_decode.py checks that path.
@@ -106,9 +113,11 @@ if "MOESERVE_TEST_THREADS" in os.environ:
 
 def pytest_collection_finish(session):
     """Give a collected test module's `start_early()` its start now, before the first test runs (see
-    tests/early_runs.py); its `stop_early()` runs when the session ends."""
+    tests/early_runs.py); its `stop_early()` runs when the session ends. Modules marked
+    `RUN_BESIDE_THE_SESSION` go to a subprocess now (tests/side_run.py)."""
     if session.config.option.collectonly:
         return
+    side_run.start(session)
     for module in {item.module for item in session.items if getattr(item, "module", None) is not None}:
         if hasattr(module, "start_early"):
             module.start_early()
@@ -118,6 +127,11 @@ def pytest_collection_finish(session):
 def pytest_sessionfinish(session):
     for module in _early:
         module.stop_early()
+    side_run.stop()
+
+
+def pytest_runtest_logreport(report):
+    side_run.record(report)  # in a side run only
 
 
 _early: list = []

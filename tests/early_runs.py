@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 TESTS = Path(__file__).parent
+IN_EARLY_RUN_ENV = "MOESERVE_IN_EARLY_RUN"  # set in every early run's environment
 
 
 class EarlyRun:
@@ -34,7 +35,7 @@ class EarlyRun:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *self.args],
             # passive: threads of a run that waits sleep instead of spinning, taking no core from the session's
-            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **self.env},
+            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE", IN_EARLY_RUN_ENV: "1", **self.env},
             stdout=self._files[0],
             stderr=self._files[1],
             text=True,

@@ -21,6 +21,7 @@ import torch._dynamo
 from conftest import FAMILY_CONFIGS
 from moeserve import LLM, SamplingParams
 
+RUN_BESIDE_THE_SESSION = True  # its inductor compiles run on the other core (tests/side_run.py)
 PROMPTS = [[5, 6, 7], [10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 11], [1, 2]]
 # float32 rounding, accumulated over the layers of a tiny model whose logits are O(1)
 TOLERANCE = 1e-5

@@ -50,11 +50,13 @@ def test_urgent_units_run_before_queued_ones():
 @pytest.mark.parametrize("spare_cores", [True, False])
 def test_a_unit_no_worker_has_started_runs_on_the_waiting_thread(spare_cores):
     # The only worker is busy with a big unit: an urgent unit (or any unit) waited for runs on the waiter's
-    # thread instead of queueing behind it, and runs once (a worker popping it later skips it).
+    # thread instead of queueing behind it, and runs once (a worker popping it later skips it). The big unit is
+    # four 4M-value matrices (~40 ms), so that the worker still holds it when this thread, descheduled now and
+    # then on a loaded machine, has decoded both small ones (with one matrix it once finished first).
     pool = CpuDecodePool(threads=1, spare_cores=spare_cores)
     big = encode(_weights(0, (4096, 1024)), codec="szp", error_bound=1e-4)
     small = encode(_weights(1), codec="szp", error_bound=1e-3)
-    busy = pool.submit([(big, torch.empty(big.shape))])
+    busy = pool.submit([(big, torch.empty(big.shape)) for _ in range(4)])
     outs = [torch.full(small.shape, float("nan")) for _ in range(2)]
     urgent = pool.submit([(small, outs[0])], urgent=True)
     queued = pool.submit([(small, outs[1])])

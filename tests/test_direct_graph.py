@@ -16,6 +16,7 @@ from torch import nn
 
 from moeserve.engine.direct_graph import CapturingInductor, DirectGraph
 
+RUN_BESIDE_THE_SESSION = True  # its inductor compiles run on the other core (tests/side_run.py)
 PATCHES = {"size_asserts": False, "cpp_wrapper": True}
 
 
