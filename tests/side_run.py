@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -54,9 +55,11 @@ def start(session) -> None:
 
 
 def stop() -> None:
+    """At the session's end: end the subprocess if no test waited for it, and remove its results."""
     process = _run.get("process")
     if process is not None:
         process.stop()
+        shutil.rmtree(_run["results"].parent, ignore_errors=True)
 
 
 def record(report) -> None:
