@@ -1,6 +1,6 @@
 """Whole test modules run in a subprocess beside the session, each test still reported under its own name.
 
-Why: the session keeps about one core busy (measured on the 2-core CI machine, cold caches: 117% CPU over a
+Why: the session keeps about one core busy (measured on a 2-core machine with cold caches: 117% CPU over a
 632 s run), and the modules that compile decode steps through inductor spend most of their time in a
 single-threaded C++ compile (~10 s per step shape on a fresh machine). A module that sets
 `RUN_BESIDE_THE_SESSION = True` runs on the other core from the start of the session instead.
@@ -68,6 +68,8 @@ def record(report) -> None:
     if not path:
         return
     entry = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome}
+    if hasattr(report, "wasxfail"):  # an expected failure (skipped) or an unexpected pass (passed)
+        entry["xfail"] = report.wasxfail
     if report.skipped and isinstance(report.longrepr, tuple):
         entry["text"] = report.longrepr[2]  # (file, line, "Skipped: reason")
     elif not report.passed:
@@ -112,6 +114,8 @@ class SideResult(pytest.Item):
         if failed:
             raise SideRunFailure("\n".join(f"[side run, {phase['when']}]\n{phase['text']}" for phase in failed))
         skipped = [phase for phase in phases if phase["outcome"] == "skipped"]
+        if skipped and "xfail" in skipped[0]:
+            pytest.xfail(skipped[0]["xfail"])
         if skipped:
             reason = skipped[0].get("text", "skipped in the side run").removeprefix("Skipped: ")
             raise pytest.skip.Exception(reason, _use_item_location=True)  # reported at the test, not here
