@@ -11,7 +11,7 @@ Data flow:
   in `session.items` is replaced by a `SideResult` of the same node id, moved to the end of the session.
 - In the subprocess, MOESERVE_SIDE_RESULTS names a file; `record` appends each test phase's outcome there.
 - `SideResult.runtest` waits for the subprocess, then passes, fails with the subprocess's report, or skips with
-  its reason. A test the subprocess never reported fails, naming the subprocess's exit status and output.
+  its reason. A test the subprocess did not finish (a crash) fails, with the subprocess's exit status and output.
 A session that collected only such modules (`pytest tests/test_compiled_decode.py`) runs them as usual.
 """
 
@@ -93,7 +93,7 @@ def _outcomes() -> dict[str, list[dict]]:
 
 
 class SideRunFailure(Exception):
-    """A test that failed (or was never reported) in the side run; its text is the subprocess's report."""
+    """A test that failed (or did not finish) in the side run; its text is the subprocess's report."""
 
 
 class SideResult(pytest.Item):
@@ -105,11 +105,15 @@ class SideResult(pytest.Item):
         self.own_markers = list(original.own_markers)
 
     def runtest(self) -> None:
-        phases = _outcomes().get(self.nodeid)
-        if not phases:
+        phases = _outcomes().get(self.nodeid, [])
+        if not any(phase["when"] == "teardown" for phase in phases):  # every test that ends reports a teardown
             completed = _run["completed"]
-            raise SideRunFailure(f"the side run (exit status {completed.returncode}) did not report this test:\n"
-                                 f"{completed.stdout[-3000:]}{completed.stderr[-2000:]}")
+            # a crash's stderr starts with what failed and where ("Fatal Python error: ...", the threads' stacks)
+            # and ends with a list of the loaded extension modules
+            stderr = completed.stderr if len(completed.stderr) <= 8000 else (
+                f"{completed.stderr[:6000]}\n[...]\n{completed.stderr[-2000:]}")
+            raise SideRunFailure(f"the side run (exit status {completed.returncode}) did not finish this test; "
+                                 f"its output ends:\n{completed.stdout[-2000:]}\nits stderr:\n{stderr}")
         failed = [phase for phase in phases if phase["outcome"] == "failed"]
         if failed:
             raise SideRunFailure("\n".join(f"[side run, {phase['when']}]\n{phase['text']}" for phase in failed))
