@@ -16,7 +16,6 @@ import decode_step  # noqa: E402
 from decode_step_profile import copy_bandwidth, count_per_step  # noqa: E402
 from throughput_models import preset_config  # noqa: E402
 
-RUN_BESIDE_THE_SESSION = True  # its inductor compiles run on the other core (tests/side_run.py)
 CPU = torch.device("cpu")
 
 
