@@ -69,11 +69,11 @@ setup(
         Extension(
             "moeserve._szp_cpu",
             sources=["csrc/szp_module.cpp", "csrc/szp_header.cpp", "csrc/szp_encode.cpp", "csrc/szp_decode.cpp",
-                     "csrc/szp_decode_avx2.cpp", "csrc/szp_decode_avx512.cpp", "csrc/szp_decode_avx512_gfni.cpp",
-                     "csrc/szp_decode_avx512_gfni_bf16.cpp", "csrc/szp_decode_pool.cpp",
+                     "csrc/szp_decode_avx2.cpp", "csrc/szp_decode_avx2_bmi2.cpp", "csrc/szp_decode_avx512.cpp",
+                     "csrc/szp_decode_avx512_gfni.cpp", "csrc/szp_decode_avx512_gfni_bf16.cpp", "csrc/szp_decode_pool.cpp",
                      "csrc/slot_cache.cpp", "csrc/decode_team.cpp"],
             include_dirs=["csrc", "kernels", pybind11.get_include()],
-            depends=["csrc/szp_codec.h", "csrc/szp_simd.h", "csrc/szp_decode_chunk.h", "csrc/szp_decode_pool.h", "csrc/slot_cache.h", "csrc/decode_team.h", "csrc/szp_plane_bytes.h", "csrc/szp_decode_avx512_block.h", "kernels/szp_format.h"],  # rebuild when they change
+            depends=["csrc/szp_codec.h", "csrc/szp_simd.h", "csrc/szp_decode_chunk.h", "csrc/szp_decode_pool.h", "csrc/slot_cache.h", "csrc/decode_team.h", "csrc/szp_plane_bytes.h", "csrc/szp_decode_avx2_block.h", "csrc/szp_decode_avx512_block.h", "kernels/szp_format.h"],  # rebuild when they change
             language="c++",
         ),
         Extension(

@@ -58,8 +58,8 @@ szp_u64 decode_chunk_count(const szp_u8* payload, size_t size);
 void decode_chunks(const szp_u8* payload, size_t size, void* out, int out_dtype, szp_u64 first, szp_u64 last);
 
 // ---- decode paths: one per instruction set, chosen at run time ----------------------------------------------
-// scalar: the portable code (4-lane vector extensions, every target); avx2: AVX2 with table-placed signs (no
-// pdep, which is slow on AMD before Zen 3); avx512: AVX-512F/BW with BMI2's pdep.
+// scalar: the portable code (4-lane vector extensions, every target); avx2: AVX2, signs placed by BMI2's pdep
+// where it is fast or by table (Avx2Level, below); avx512: AVX-512F/BW with BMI2's pdep.
 enum class DecodePath : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 bool decode_path_supported(DecodePath path);  // the CPU (and its OS) can run it
 DecodePath best_decode_path();
@@ -72,10 +72,20 @@ DecodePath parse_decode_path(const char* name);  // "auto" = best; throws std::i
 typedef bool (*ChunkDecoder)(const szp_u8* payload, const Layout& l, const Header& h, szp_u64 chunk, void* out);
 // The x86 paths' chunk decoders (szp_decode_avx2.cpp, szp_decode_avx512*.cpp) for stored dtype s and output dtype o;
 // null off x86-64.
-ChunkDecoder chunk_decoder_avx2(int s, int o);
+ChunkDecoder chunk_decoder_avx2(int s, int o);  // the unit of avx2_level() (below)
+ChunkDecoder chunk_decoder_avx2_bmi2(int s, int o);
 ChunkDecoder chunk_decoder_avx512(int s, int o);  // the unit of avx512_level() (below)
 ChunkDecoder chunk_decoder_avx512_gfni(int s, int o);
 ChunkDecoder chunk_decoder_avx512_gfni_bf16(int s, int o);
+
+// The AVX2 path's levels (szp_decode_avx2.cpp): signs placed by table (base) or by BMI2's pdep (bmi2). Both write
+// the same bytes; the default is pdep where the CPU runs it fast. Later decodes take the level set last (set only
+// a supported one).
+enum class Avx2Level : int { kBase = 0, kBmi2 = 1 };
+bool avx2_level_supported(Avx2Level level);
+Avx2Level default_avx2_level();
+void set_avx2_level(Avx2Level level);
+Avx2Level avx2_level();
 
 // The AVX-512 path's instruction sets beyond AVX-512F/BW/VL (szp_decode_avx512.cpp): every level writes the same
 // bytes; later decodes take the level set last (set only one the CPU has: up to widest_avx512_level()).

@@ -170,6 +170,27 @@ std::vector<std::string> supported_isas() {
     return names;
 }
 
+// The avx2 path's levels (szp_codec.h Avx2Level) by name: how it places the signs.
+constexpr const char* kAvx2LevelNames[] = {"base", "bmi2"};
+
+std::vector<std::string> avx2_levels() {
+    std::vector<std::string> names;
+    if (szp::decode_path_supported(szp::DecodePath::kAvx2))
+        for (szp::Avx2Level level : {szp::Avx2Level::kBase, szp::Avx2Level::kBmi2})
+            if (szp::avx2_level_supported(level)) names.push_back(kAvx2LevelNames[int(level)]);
+    return names;
+}
+
+void set_avx2_level(const std::string& name) {
+    for (szp::Avx2Level level : {szp::Avx2Level::kBase, szp::Avx2Level::kBmi2})
+        if (name == kAvx2LevelNames[int(level)] && szp::decode_path_supported(szp::DecodePath::kAvx2) &&
+            szp::avx2_level_supported(level))
+            return szp::set_avx2_level(level);
+    throw std::invalid_argument("the avx2 decode path has no level '" + name + "' on this CPU");
+}
+
+std::string avx2_level() { return kAvx2LevelNames[int(szp::avx2_level())]; }
+
 // The avx512 path's levels (szp_codec.h Avx512Level) by name: what it adds to AVX-512F/BW/VL.
 constexpr const char* kAvx512LevelNames[] = {"base", "gfni", "gfni+bf16"};
 
@@ -290,6 +311,9 @@ PYBIND11_MODULE(_szp_cpu, m) {
     m.def("set_isa", &set_isa, py::arg("name"), "the decode path later calls take: scalar, avx2, avx512 or auto");
     m.def("isa", &isa, "the decode path calls take now");
     m.def("supported_isas", &supported_isas, "the decode paths this CPU can run");
+    m.def("avx2_levels", &avx2_levels, "the avx2 path's levels this CPU can run: base (signs by table), bmi2 (by pdep)");
+    m.def("set_avx2_level", &set_avx2_level, py::arg("name"), "the level the avx2 path takes from now on");
+    m.def("avx2_level", &avx2_level, "the level the avx2 path takes now (by default bmi2 where pdep is fast)");
     m.def("avx512_levels", &avx512_levels, "the avx512 path's levels this CPU can run, narrowest first");
     m.def("set_avx512_level", &set_avx512_level, py::arg("name"), "the level the avx512 path takes from now on");
     m.def("avx512_level", &avx512_level, "the level the avx512 path takes now");

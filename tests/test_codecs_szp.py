@@ -185,26 +185,33 @@ def test_ratio_within_20_percent_of_sz3_on_weight_like_tensors():
 # -- the decode paths (scalar, avx2, avx512): one set of bytes -------------------------------------------------
 
 DECODE_PATHS = cpu_module().supported_isas()
-AVX512_LEVELS = cpu_module().avx512_levels()  # what the avx512 path adds (GFNI, AVX512-BF16), each compiled apart
-# every path, and the avx512 path at each level this CPU has: (path, level)
-DECODE_CONFIGS = [(path, None) for path in DECODE_PATHS if path != "avx512"] + [("avx512", level) for level in AVX512_LEVELS]
+# each path's levels, each compiled apart: how the avx2 path places signs (table, BMI2's pdep), and what the avx512
+# path adds (GFNI, AVX512-BF16)
+PATH_LEVELS = {"avx2": cpu_module().avx2_levels(), "avx512": cpu_module().avx512_levels()}
+# every path, at each level this CPU has: (path, level)
+DECODE_CONFIGS = [(path, level) for path in DECODE_PATHS for level in PATH_LEVELS.get(path) or [None]]
+
+
+def _set_level(path: str, level: str) -> None:
+    getattr(cpu_module(), f"set_{path}_level")(level)
 
 
 def _decode_with_each_config(blob: Blob, out_dtype: torch.dtype, fill: float) -> dict:
     """The bits every decode config writes for blob (into a tensor of `fill`), keyed by config; restores the choice."""
     module = cpu_module()
-    chosen, level = module.isa(), module.avx512_level()
+    chosen = module.isa()
+    levels = {path: getattr(module, f"{path}_level")() for path, names in PATH_LEVELS.items() if names}
     decoded = {}
     try:
-        for path, avx512_level in DECODE_CONFIGS:
+        for path, level in DECODE_CONFIGS:
             module.set_isa(path)
-            if avx512_level is not None:
-                module.set_avx512_level(avx512_level)
-            decoded[(path, avx512_level)] = _bits(decode_into(blob, torch.full(blob.shape, fill, dtype=out_dtype)))
+            if level is not None:
+                _set_level(path, level)
+            decoded[(path, level)] = _bits(decode_into(blob, torch.full(blob.shape, fill, dtype=out_dtype)))
     finally:
         module.set_isa(chosen)
-        if AVX512_LEVELS:
-            module.set_avx512_level(level)
+        for path, level in levels.items():
+            _set_level(path, level)
     return decoded
 
 
@@ -234,7 +241,7 @@ def test_every_decode_path_writes_the_same_bytes():
     chosen = module.isa()
     assert "scalar" in DECODE_PATHS and chosen == os.environ.get("MOESERVE_CPU_ISA", DECODE_PATHS[-1])  # the widest
     if "avx512" in DECODE_PATHS:
-        assert module.avx512_level() == AVX512_LEVELS[-1]  # the widest level too
+        assert module.avx512_level() == PATH_LEVELS["avx512"][-1]  # the widest level too
     try:
         for blob in _path_cases():
             for out_dtype in STORED:
@@ -284,6 +291,19 @@ def test_a_decode_path_the_cpu_lacks_or_an_unknown_one_is_refused():
     for missing in {"avx2", "avx512"} - set(DECODE_PATHS):
         with pytest.raises(ValueError, match="cannot run"):
             module.set_isa(missing)
+
+
+def test_a_level_the_cpu_lacks_or_an_unknown_one_is_refused():
+    module = cpu_module()
+    for path in ("avx2", "avx512"):
+        with pytest.raises(ValueError, match=f"the {path} decode path has no level 'sse'"):
+            _set_level(path, "sse")
+    if PATH_LEVELS["avx2"]:
+        # pdep where it is fast, the table on Zen 1 and 2 (pdep in microcode there): one of the levels it has
+        assert module.avx2_level() in PATH_LEVELS["avx2"] and PATH_LEVELS["avx2"][0] == "base"
+    if "bmi2" not in PATH_LEVELS["avx2"]:
+        with pytest.raises(ValueError, match="no level 'bmi2'"):
+            _set_level("avx2", "bmi2")
 
 
 def test_moeserve_cpu_isa_picks_the_decode_path_at_import():
