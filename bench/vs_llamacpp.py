@@ -230,8 +230,13 @@ def machine_line() -> str:
         pass
     import llama_cpp
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    # what decides the instruction sets each engine runs, when set (an AVX2-only host emulated on a wider one:
+    # bench/README.md, "Against llama.cpp")
+    chosen = [f"{name}={os.environ[name]}" for name in ("LLAMA_CPP_LIB_PATH", "MOESERVE_CPU_ISA", "ATEN_CPU_CAPABILITY")
+              if os.environ.get(name)]
     return (f"{cpu}, {os.cpu_count()} cores visible, load average {load:.1f} at the start; "
-            f"llama-cpp-python {llama_cpp.__version__}; Python {platform.python_version()}")
+            f"llama-cpp-python {llama_cpp.__version__}; Python {platform.python_version()}"
+            + (f"; {', '.join(chosen)}" if chosen else ""))
 
 
 def moeserve_options(args) -> dict:
