@@ -288,7 +288,7 @@ def test_kernel_compiles_for_hopper(dtype, n_out, k_dim):
     constants = dict(BLOCK_M=16, BLOCK_N=config.block_n, BLOCK_K=config.block_k, DOT_IN_FP32=dtype == torch.float32)
     signature = {**dict(zip(names, types)), **{name: "constexpr" for name in constants}}
     source = ASTSource(_grouped_gemm_kernel, signature, {(names.index(n),): v for n, v in constants.items()})
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": False}  # as launched
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
     assert ("mma.sync" in ptx) == (dtype != torch.float32)
     assert "tf32" not in ptx

@@ -110,4 +110,7 @@ def launch(a: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, out: torc
         BLOCK_M=alignment.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_IN_FP32=a.dtype == torch.float32 or (INTERPRETED and a.dtype == torch.bfloat16),
         num_warps=config.num_warps, num_stages=config.num_stages,
+        # each multiply and add rounded on its own, as the CPU kernels (-ffp-contract=off); said explicitly, because
+        # triton's default is changing (3.9 warns, 3.10 turns fusion off), which would move the bits silently
+        enable_fp_fusion=False,
     )

@@ -105,5 +105,6 @@ def paged_decode(
         HEADS_PER_GROUP=H // G,
         DK=Dk, DV=value_dim, BLOCK_DK=triton.next_power_of_2(Dk), BLOCK_DV=triton.next_power_of_2(value_dim),
         BLOCK_SIZE=k_pool.shape[1], HAS_WINDOW=window is not None, HAS_SINKS=sinks is not None,
+        enable_fp_fusion=False,  # as grouped_gemm_triton.py's launch says why
     )
     return out
