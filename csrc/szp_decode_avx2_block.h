@@ -21,19 +21,20 @@ namespace {
 // kPdep: the unit has BMI2, and signs are placed by pdep instead of the table (spread_signs_by_table).
 template <bool kPdep>
 struct Avx2Block {
-    // Rounds 8 float32 products to bfloat16 as BF16::from_float does, the result in the low 16 bits of each lane.
-    // No NaN case: only 0 * inf makes a NaN here (the header refuses a NaN step), and x86 makes it the default NaN
-    // 0xffc00000, which this rounds to the quiet NaN BF16::from_float gives (tests/test_codecs_szp.py).
-    static __m256i bf16_round_low(__m256 f) {
+    // BF16::from_float's rounding of 8 float32 products: the rounded value is in the high 16 bits of each lane,
+    // above 16 bits to ignore. No NaN case: only 0 * inf makes a NaN here (the header refuses a NaN step), and x86
+    // makes it the default NaN 0xffc00000, which this rounds to the quiet NaN BF16::from_float gives
+    // (tests/test_codecs_szp.py).
+    static __m256i bf16_round_high(__m256 f) {
         const __m256i u = _mm256_castps_si256(f);
-        return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
-                                                  _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))),
-                                 16);
+        return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
     }
 
     // Bit 31 of lane l: bit 8g + l of signs32's lanes (the other bits are not cleared).
     static __m256i sign_bits32(__m256i signs32, int g) {
-        const __m256i shift = _mm256_sub_epi32(_mm256_set1_epi32(31 - 8 * g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256i shift =
+            _mm256_sub_epi32(_mm256_set1_epi32(31 - 8 * g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         return _mm256_sllv_epi32(signs32, shift);
     }
 
@@ -57,10 +58,12 @@ struct Avx2Block {
             for (int i = 0; i < kBlockValues; ++i) dst[i] = emit<S, O>(v[i]);
         } else if constexpr (O::kCode == kF32) {
             const __m256i sign_bit = _mm256_set1_epi32(int(0x80000000u));
+            const __m256i high_half = _mm256_set1_epi32(int(0xffff0000u));
             for (int g = 0; g < 4; ++g) {
                 const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(mag[g]), step8);
                 // float32 stored: the product; bfloat16 stored: its rounding, widened exactly
-                const __m256i bits = S::kCode == kF32 ? _mm256_castps_si256(f) : _mm256_slli_epi32(bf16_round_low(f), 16);
+                const __m256i bits = S::kCode == kF32 ? _mm256_castps_si256(f)
+                                                      : _mm256_and_si256(bf16_round_high(f), high_half);
                 _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst) + g,
                                     _mm256_or_si256(bits, _mm256_and_si256(sign_bits32(signs32, g), sign_bit)));
             }
@@ -70,8 +73,10 @@ struct Avx2Block {
                                                      8, 4, 2, 1);
             const __m256i sign_bit = _mm256_set1_epi16(-32768);
             for (int h = 0; h < 2; ++h) {
-                const __m256i low = bf16_round_low(_mm256_mul_ps(_mm256_cvtepi32_ps(mag[2 * h]), step8));
-                const __m256i high = bf16_round_low(_mm256_mul_ps(_mm256_cvtepi32_ps(mag[2 * h + 1]), step8));
+                const __m256 first = _mm256_mul_ps(_mm256_cvtepi32_ps(mag[2 * h]), step8);
+                const __m256 second = _mm256_mul_ps(_mm256_cvtepi32_ps(mag[2 * h + 1]), step8);
+                const __m256i low = _mm256_srli_epi32(bf16_round_high(first), 16);
+                const __m256i high = _mm256_srli_epi32(bf16_round_high(second), 16);
                 // packus interleaves the 128-bit halves (values 0-3, 8-11, 4-7, 12-15); the permute restores order
                 const __m256i rounded = _mm256_permute4x64_epi64(_mm256_packus_epi32(low, high), 0xd8);
                 const __m256i neg = _mm256_and_si256(

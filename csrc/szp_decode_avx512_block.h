@@ -38,7 +38,7 @@ inline __m256i plane_bytes_gfni(const szp_u8* planes, int n) {
 template <bool kBf16Insn, bool kGfni>
 struct Avx512Block {
     // BF16::from_float's rounding of 16 products q * step: the result in the high 16 bits of each lane, above
-    // bits to ignore. No NaN case, as on the AVX2 path (szp_decode_avx2_block.h bf16_round_low says why).
+    // bits to ignore. No NaN case, as on the AVX2 path (szp_decode_avx2_block.h bf16_round_high says why).
     static __m512i bf16_round_high(__m512i u) {
         return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));

@@ -182,10 +182,9 @@ std::vector<std::string> avx2_levels() {
 }
 
 void set_avx2_level(const std::string& name) {
-    for (szp::Avx2Level level : {szp::Avx2Level::kBase, szp::Avx2Level::kBmi2})
-        if (name == kAvx2LevelNames[int(level)] && szp::decode_path_supported(szp::DecodePath::kAvx2) &&
-            szp::avx2_level_supported(level))
-            return szp::set_avx2_level(level);
+    const std::vector<std::string> names = avx2_levels();  // base, then bmi2 where supported: index = level
+    for (size_t level = 0; level < names.size(); ++level)
+        if (names[level] == name) return szp::set_avx2_level(szp::Avx2Level(level));
     throw std::invalid_argument("the avx2 decode path has no level '" + name + "' on this CPU");
 }
 
