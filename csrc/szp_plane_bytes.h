@@ -15,8 +15,11 @@ namespace {
 // plane p in byte p (kHighestFirst: in byte 7 - p), an 8x8 bit matrix (bit b of byte p: plane p's bit of value 8j + b).
 template <bool kHighestFirst>
 inline __m256i plane_byte_columns(const szp_u8* planes, int n) {
-    const __m256i present = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256i words = _mm256_maskload_epi32(reinterpret_cast<const int*>(planes), present);  // dword p: plane p
+    // dword p: plane p (a plain load where all 8 are there: half the blocks at rel 1e-3)
+    const __m256i words =
+        n == 8 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(planes))
+               : _mm256_maskload_epi32(reinterpret_cast<const int*>(planes),
+                                       _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
     // in each half, dword j := byte j of its 4 planes (highest first if asked); then qword j := byte j of all 8
     const __m256i by_byte = kHighestFirst
         ? _mm256_shuffle_epi8(words, _mm256_setr_epi8(12, 8, 4, 0, 13, 9, 5, 1, 14, 10, 6, 2, 15, 11, 7, 3,

@@ -229,6 +229,9 @@ def _path_cases() -> list[Blob]:
     for block, k in zip(wide, range(30)):
         block[0] = 2**k
     blobs.append(encode(torch.cat(wide).float(), codec="szp", mode="abs", error_bound=0.5))  # 1..31 planes
+    # the same plane counts with their top plane half full (above, it holds one bit): every bit of every plane counts
+    dense = [torch.randint(-(2**k) + 1, 2**k, (32,), generator=g) for k in range(1, 31) for _ in range(4)]
+    blobs.append(encode(torch.cat(dense).float(), codec="szp", mode="abs", error_bound=0.5))
     blobs.append(encode(torch.tensor([1e30, -3e29] + [0.01, -0.02] * 31 + [0.5] * 7), codec="szp", error_bound=1e-6))
     return blobs
 
