@@ -81,13 +81,26 @@ def _answers(server: ServeProcess, model: str, questions: list[str]) -> list[str
         return list(pool.map(ask, questions))
 
 
+def _successes_by_replica(server: ServeProcess) -> dict[str, float]:
+    by_replica: dict[str, float] = {}
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith("moeserve:request_success_total"):
+            replica = line.split('replica="')[1].split('"')[0]
+            by_replica[replica] = by_replica.get(replica, 0.0) + float(line.rsplit(" ", 1)[1])
+    return by_replica
+
+
 def test_two_replicas_answer_32_concurrent_requests_as_one_process_does(cluster, one_process):
     questions = QUESTIONS * 4
+    before = sum(_successes_by_replica(cluster).values())
     assert _answers(cluster, MODEL, questions) == _answers(one_process, MODEL, questions)
-    served = httpx.get(f"{cluster.url}/metrics").text
-    replicas = {line.split('replica="')[1].split('"')[0] for line in served.splitlines()
-                if line.startswith("moeserve:generation_tokens_total")}
-    assert len(replicas) == 2  # both replicas answered some
+    # a replica's metrics reach the scrape at its next sync with the Board (ray_board.SYNC_SECONDS): right after
+    # the answers, one that answered may not show yet
+    deadline = time.monotonic() + 30
+    while sum((served := _successes_by_replica(cluster)).values()) < before + len(questions):
+        assert time.monotonic() < deadline, f"the scrape counts {served} successes, not {before} + {len(questions)}"
+        time.sleep(0.25)
+    assert len(served) == 2  # both replicas answered some
 
 
 def test_streaming_and_the_policy_variant(cluster, one_process):
