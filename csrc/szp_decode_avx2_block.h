@@ -87,8 +87,9 @@ struct Avx2Block {
         }
     }
 
-    // One plane's bits as bytes: byte i is 1 where value i's bit is set. The 9th plane alone (a third of the blocks
-    // at rel 1e-3 on bfloat16 weights have 9 planes) this way costs ~5 instructions, its transpose ~25.
+    // One plane's bits as bytes: byte i is 1 where value i's bit is set. A 9th plane alone costs ~5 instructions
+    // this way against ~25 for its transpose as one of 8 (a third of the embedded model's bfloat16 blocks at rel
+    // 1e-3 have 9 planes: the half-step grid's extra bit).
     static __m256i plane_bits(const szp_u8* plane) {
         szp_u32 word;
         std::memcpy(&word, plane, 4);
