@@ -10,7 +10,8 @@
 // value's sign is applied after both, which are symmetric, so the bits are those of the signed product.
 // Decode speed, the embedded model's experts at rel 1e-3 (bfloat16 stored and out, one thread, Zen 4): 24.8 us an
 // expert with the sign applied before the multiply and 8 values a store, 21.7 us after (table), 21.0 us (pdep); 19.4
-// and 18.6 us with a 9th plane spread on its own (plane_bits) and 8 planes read by a plain load (szp_plane_bytes.h).
+// and 18.6 us with a lone 9th plane spread to bytes without a transpose and 8 planes read by a plain load
+// (szp_plane_bytes.h).
 #pragma once
 
 // <immintrin.h>, <cstring> and szp_codec.h come before the unit's pragma (shared headers must not be compiled for
@@ -87,20 +88,6 @@ struct Avx2Block {
         }
     }
 
-    // One plane's bits as bytes: byte i is 1 where value i's bit is set. A 9th plane alone costs ~5 instructions
-    // this way against ~25 for its transpose as one of 8 (a third of the embedded model's bfloat16 blocks at rel
-    // 1e-3 have 9 planes: the half-step grid's extra bit).
-    static __m256i plane_bits(const szp_u8* plane) {
-        szp_u32 word;
-        std::memcpy(&word, plane, 4);
-        // byte i := byte i / 8 of the word, then its bit i % 8
-        const __m256i spread = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(int(word)), _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2,
-                                                           2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-        const __m256i bit = _mm256_set1_epi64x(int64_t(0x8040201008040201ull));
-        return _mm256_min_epu8(_mm256_and_si256(spread, bit), _mm256_set1_epi8(1));
-    }
-
     template <class S, class O>
     static int run(const szp_u8* planes, int n_planes, szp_u64 window, float step, typename O::bits* dst) {
         __m256i mag[4];  // value 8g + l in lane l of mag[g]
@@ -120,8 +107,7 @@ struct Avx2Block {
             nz = nonzero_mask(planes, n_planes);
             // planes 0-7 and 8-15 to bytes, then (low, high) bytes to 16-bit magnitudes: values 0-7 | 16-23, then
             // 8-15 | 24-31
-            const __m256i low = plane_bytes(planes, 8);
-            const __m256i high = n_planes == 9 ? plane_bits(planes + 32) : plane_bytes(planes + 32, n_planes - 8);
+            const __m256i low = plane_bytes(planes, 8), high = plane_bytes(planes + 32, n_planes - 8);
             const __m256i first = _mm256_unpacklo_epi8(low, high), second = _mm256_unpackhi_epi8(low, high);
             mag[0] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(first));
             mag[1] = _mm256_cvtepu16_epi32(_mm256_castsi256_si128(second));
