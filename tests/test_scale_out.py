@@ -100,7 +100,7 @@ def test_two_replicas_answer_32_concurrent_requests_as_one_process_does(cluster,
     while sum((served := _successes_by_replica(cluster)).values()) < before + len(questions):
         assert time.monotonic() < deadline, f"the scrape counts {served} successes, not {before} + {len(questions)}"
         time.sleep(0.25)
-    assert len(served) == 2  # both replicas answered some
+    assert sum(count > 0 for count in served.values()) == 2  # both replicas answered some
 
 
 def test_streaming_and_the_policy_variant(cluster, one_process):
@@ -161,9 +161,7 @@ def test_a_replica_killed_under_load_fails_its_requests_cleanly_and_comes_back(c
 
 
 def _served_by(server: ServeProcess, replica_ids: set[str]) -> bool:
-    text = httpx.get(f"{server.url}/metrics").text
-    return any(line.startswith("moeserve:generation_tokens_total") and f'replica="{rid}"' in line
-               for line in text.splitlines() for rid in replica_ids)
+    return any(_successes_by_replica(server).get(rid, 0.0) > 0 for rid in replica_ids)
 
 
 def test_sigterm_stops_the_application_and_every_process_it_started(cluster):
